@@ -1,0 +1,31 @@
+"""fastpeft: fused kernels and memory-lean autograd for low-rank adapters (LoRA family).
+
+>>> import torch, fastpeft
+>>> model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+>>> model = fastpeft.inject(model, fastpeft.AdapterConfig(method="lamda", r=4, target_modules=["0", "2"]))
+>>> model(torch.randn(5, 32)).shape
+torch.Size([5, 8])
+"""
+
+from ._backend import get_backend, use_backend
+from .config import AdapterConfig
+from .inject import adapter_state_dict, inject, load_adapter, save_adapter, trainable_parameter_count
+from .nn import LowRankLinear
+from .ops.lowrank import LowRankLinearFunction, lowrank_linear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig",
+    "LowRankLinear",
+    "LowRankLinearFunction",
+    "adapter_state_dict",
+    "get_backend",
+    "inject",
+    "load_adapter",
+    "lowrank_linear",
+    "save_adapter",
+    "trainable_parameter_count",
+    "use_backend",
+    "__version__",
+]

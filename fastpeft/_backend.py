@@ -1,0 +1,132 @@
+"""Choosing the implementation of an op: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+
+Every op has a pure-torch implementation (the reference and the fallback). Kernel backends
+register on top of it with :func:`register_impl`. :func:`use_backend` forces one of them for a
+block of code; ``"auto"`` picks the fastest one that can run on the tensors' device.
+
+The choice is made once in the forward pass and remembered for the backward pass, so both
+halves of a step always use the same implementation (and the same dropout mask stream).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+__all__ = ["BACKENDS", "use_backend", "get_backend", "register_impl", "resolve_backend", "get_impl"]
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+# The requested backend. A plain module attribute (not a ContextVar) so that torch.compile can
+# read it and guard on it, and so that autograd's device threads see the same value.
+_requested = "auto"
+
+
+@dataclass(frozen=True)
+class _Impl:
+    loader: Callable[[], object]  # returns an object with the op's functions as attributes
+    available: Callable[[torch.device], str | None]  # None if usable, else the reason it is not
+
+
+_IMPLS: dict[tuple[str, str], _Impl] = {}
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the fastpeft ops inside the block with the named backend.
+
+    ``"torch"`` is the pure-torch implementation (any device); ``"triton"`` the fused Triton
+    kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``); ``"cuda"`` the compiled
+    extension ``fastpeft._C`` where an op has one; ``"auto"`` (the default) the fastest available.
+
+    >>> import torch, fastpeft
+    >>> x, w = torch.randn(4, 8), torch.randn(6, 8)
+    >>> a, b = torch.randn(2, 8), torch.randn(6, 2)
+    >>> with fastpeft.use_backend("torch"):
+    ...     y = fastpeft.lowrank_linear(x, w, None, a, b)
+    """
+    global _requested
+    previous = _requested
+    _requested = _check_name(name)
+    try:
+        yield
+    finally:
+        _requested = previous
+
+
+def get_backend() -> str:
+    """The backend requested by the innermost :func:`use_backend` block (``"auto"`` outside)."""
+    return _requested
+
+
+def register_impl(op: str, backend: str, loader: Callable[[], object],
+                  available: Callable[[torch.device], str | None]) -> None:
+    """Register ``backend`` for ``op``. ``loader`` imports lazily; ``available(device)`` returns
+    ``None`` when the backend can run on ``device``, else a sentence saying why not."""
+    _IMPLS[(op, _check_name(backend))] = _Impl(loader, available)
+
+
+def _auto_order(device: torch.device) -> tuple[str, ...]:
+    return ("cuda", "triton", "torch") if device.type == "cuda" else ("torch",)
+
+
+def resolve_backend(op: str, device: torch.device, requested: str | None = None) -> str:
+    """The concrete backend that runs ``op`` on ``device``; a clear error if the requested one
+    cannot run there."""
+    requested = _check_name(requested or _requested)
+    if requested == "auto":
+        for name in _auto_order(device):
+            impl = _IMPLS.get((op, name))
+            if impl is not None and impl.available(device) is None:
+                return name
+        return "torch"
+    impl = _IMPLS.get((op, requested))
+    if impl is None:
+        have = sorted(b for (o, b) in _IMPLS if o == op)
+        raise RuntimeError(f"{op} has no {requested!r} implementation; available backends: {have}")
+    reason = impl.available(device)
+    if reason is not None:
+        raise RuntimeError(f"backend {requested!r} cannot run {op} on {device.type} tensors: {reason}")
+    return requested
+
+
+def get_impl(op: str, backend: str):
+    """The module (or object) holding ``backend``'s functions for ``op``."""
+    return _IMPLS[(op, backend)].loader()
+
+
+# -- availability checks shared by the kernel backends ---------------------------------------
+
+def triton_available(device: torch.device) -> str | None:
+    """``None`` if Triton kernels can run on ``device``, else why not."""
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return "triton is not installed (pip install 'fastpeft[triton]')"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return "Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before triton is imported)"
+
+
+def cuda_extension_available(device: torch.device) -> str | None:
+    """``None`` if the compiled extension ``fastpeft._C`` is loaded and ``device`` is CUDA."""
+    if device.type != "cuda":
+        return "the compiled extension runs on CUDA tensors only"
+    try:
+        importlib.import_module("fastpeft._C")
+    except ImportError as err:
+        return f"the compiled extension fastpeft._C is not available ({err}); build with FASTPEFT_BUILD_CUDA=1 pip install ."
+    return None

@@ -1,0 +1,5 @@
+"""Drop-in replacements for ``torch.nn.Linear`` with low-rank adapters."""
+
+from .linear import LowRankLinear
+
+__all__ = ["LowRankLinear"]

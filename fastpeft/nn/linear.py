@@ -1,0 +1,203 @@
+"""``LowRankLinear``: a drop-in ``nn.Linear`` with a low-rank adapter beside its frozen weight."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import AdapterConfig
+from ..ops.lowrank import lowrank_linear
+
+__all__ = ["LowRankLinear", "ADAPTER_PARAMS", "vera_projections"]
+
+ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_core", "lora_out_scale")
+
+
+def vera_projections(seed: int, r: int, max_in: int, max_out: int, device=None, dtype=None):
+    """VeRA's frozen random projections shared by every layer, drawn from ``seed``:
+    A [r, max_in] and B [max_out, r], Kaiming-uniform; each layer uses A[:, :k] and B[:d]."""
+    gen = torch.Generator().manual_seed(int(seed))
+    proj_a = torch.empty(r, max_in)
+    proj_b = torch.empty(max_out, r)
+    nn.init.kaiming_uniform_(proj_a, a=math.sqrt(5), generator=gen)
+    nn.init.kaiming_uniform_(proj_b, a=math.sqrt(5), generator=gen)
+    return proj_a.to(device=device, dtype=dtype), proj_b.to(device=device, dtype=dtype)
+
+
+class LowRankLinear(nn.Module):
+    """``y = x Wᵀ + b + s·(σ(D(x) Aᵀ) coreᵀ) Bᵀ ⊙ out_scale`` as a module.
+
+    Keeps ``nn.Linear``'s state-dict keys (``weight``, ``bias``) and adds ``lora_A`` [r, k],
+    ``lora_B`` [d, r], ``lora_core`` (``None``, [r] or [r, r]) and ``lora_out_scale``
+    (``None`` or [d]). Build one from an existing layer with :meth:`from_linear`, which shares
+    the base weight and bias (no copy).
+
+    ``merge()`` adds ``s·diag(out_scale)·B·core·A`` (computed in fp32) to the weight and
+    ``unmerge()`` subtracts it. In fp32 the round trip is exact to ~1e-7 relative; in fp16/bf16
+    each of the two roundings moves an element by at most half an ulp of its value, so the
+    drift is bounded by one ulp of ``|W| + |ΔW|`` per element (2⁻¹⁰ relative for fp16, 2⁻⁷ for
+    bf16); keep an fp32 copy if you need the exact weight back.
+
+    >>> import torch, fastpeft
+    >>> base = torch.nn.Linear(32, 16)
+    >>> layer = fastpeft.LowRankLinear.from_linear(base, fastpeft.AdapterConfig(method="lora", r=4))
+    >>> layer.weight is base.weight, layer(torch.randn(3, 32)).shape
+    (True, torch.Size([3, 16]))
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 config: Optional[AdapterConfig] = None, *, r: Optional[int] = None,
+                 device=None, dtype=None):
+        super().__init__()
+        base = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
+        self._setup(base.weight, base.bias, config or AdapterConfig(), r)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: AdapterConfig, *, r: Optional[int] = None,
+                    vera_shared: Optional[tuple[Tensor, Tensor]] = None) -> "LowRankLinear":
+        """Wrap ``linear`` (its weight and bias are shared, not copied) with an adapter of
+        ``config``'s method. ``r`` overrides ``config.r``; ``vera_shared`` passes VeRA's shared
+        projections (see :func:`vera_projections`)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._setup(linear.weight, linear.bias, config, r, vera_shared)
+        return layer
+
+    # -- construction ---------------------------------------------------------------------
+
+    def _setup(self, weight, bias, config, r, vera_shared=None, base_dtype=None):
+        if not isinstance(config, AdapterConfig):
+            raise TypeError(f"config must be a fastpeft.AdapterConfig, got {type(config).__name__}")
+        spec = config.spec
+        out_features, in_features = self._base_shape(weight)
+        r = config.r if r is None else r
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(in_features, out_features):
+            raise ValueError(f"r must be an int in [1, min(d={out_features}, k={in_features})], got {r!r}")
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.method = config.method
+        self.scale = config.scale_for(r)
+        self.dropout_p = float(config.dropout)
+        self.activation = config.effective_activation
+        self.merged = False
+        self.weight = weight
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = bias
+        weight.requires_grad_(False)
+        if bias is not None:
+            bias.requires_grad_(bool(config.train_bias or config.method == "bitfit"))
+
+        device = weight.device
+        dtype = config.torch_adapter_dtype or base_dtype or weight.dtype
+        lora_a, lora_b, core, out_scale = self._init_adapter(config, r, device, dtype, vera_shared)
+        self.lora_A = nn.Parameter(lora_a, requires_grad=spec.train_A)
+        self.lora_B = nn.Parameter(lora_b, requires_grad=spec.train_B)
+        self.lora_core = None if core is None else nn.Parameter(core)
+        self.lora_out_scale = None if out_scale is None else nn.Parameter(out_scale)
+
+    @staticmethod
+    def _base_shape(weight) -> tuple[int, int]:
+        return tuple(weight.shape)
+
+    def _dense_weight_fp32(self) -> Tensor:
+        """The base weight in fp32 (for SVD initialisation and merging)."""
+        return self.weight.detach().float()
+
+    def _init_adapter(self, config, r, device, dtype, vera_shared):
+        d, k = self.out_features, self.in_features
+        init = config.spec.init
+        core = out_scale = None
+        if init == "svd":
+            # LaMDA: A = top-r right singular vectors, B = top-r left singular vectors, core 0.
+            u, _, vh = torch.linalg.svd(self._dense_weight_fp32(), full_matrices=False)
+            lora_a, lora_b = vh[:r].clone(), u[:, :r].clone()
+            core = torch.zeros(r, r, device=device)
+        elif init == "vera":
+            if vera_shared is None:
+                vera_shared = vera_projections(config.seed, r, k, d, device, dtype)
+            proj_a, proj_b = vera_shared
+            if proj_a.shape[0] != r or proj_a.shape[1] < k or proj_b.shape[0] < d:
+                raise ValueError(f"vera_shared projections {tuple(proj_a.shape)}, {tuple(proj_b.shape)} "
+                                 f"are too small for r={r}, k={k}, d={d}")
+            lora_a, lora_b = proj_a[:, :k], proj_b[:d]           # views: storage shared by layers
+            core = torch.full((r,), float(config.vera_d_initial), device=device)
+            out_scale = torch.zeros(d, device=device)
+        elif init == "adalora":
+            gen_device = "cpu"
+            lora_a = torch.randn(r, k, device=gen_device) * 0.02
+            lora_b = torch.randn(d, r, device=gen_device) * 0.02
+            core = torch.zeros(r, device=device)
+        else:  # Kaiming-uniform A, zero B: the layer starts as the base layer
+            lora_a = torch.empty(r, k, device=device, dtype=torch.float32)
+            nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+            lora_b = torch.zeros(d, r, device=device)
+        cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)
+        if init == "vera":
+            return lora_a, lora_b, cast(core), cast(out_scale)
+        return cast(lora_a), cast(lora_b), cast(core), cast(out_scale)
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def adapter_tensors(self, dtype) -> tuple:
+        """(A, B, core, out_scale) in ``dtype`` (a differentiable cast where they differ)."""
+        cast = lambda t: None if t is None or t.dtype == dtype else t.to(dtype)
+        return tuple(t if cast(t) is None else cast(t)
+                     for t in (self.lora_A, self.lora_B, self.lora_core, self.lora_out_scale))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        lora_a, lora_b, core, out_scale = self.adapter_tensors(self.weight.dtype)
+        return lowrank_linear(x, self.weight, self.bias, lora_a, lora_b, core=core,
+                              out_scale=out_scale, scale=self.scale,
+                              dropout_p=self.dropout_p if self.training else 0.0,
+                              activation=self.activation)
+
+    # -- merging ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def delta_weight(self) -> Tensor:
+        """ΔW = s·diag(out_scale)·B·core·A in fp32, [d, k]."""
+        if self.activation is not None:
+            raise RuntimeError(f"a {self.method} adapter with activation {self.activation!r} is "
+                               "not linear in x and cannot be merged into the weight")
+        lora_b = self.lora_B.float()
+        if self.lora_core is not None:
+            core = self.lora_core.float()
+            lora_b = lora_b * core if core.dim() == 1 else lora_b @ core
+        if self.lora_out_scale is not None:
+            lora_b = lora_b * self.lora_out_scale.float()[:, None]
+        return (lora_b @ self.lora_A.float()) * self.scale
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the adapter into the base weight (in place, in fp32, rounded once)."""
+        if self.merged:
+            raise RuntimeError("the adapter is already merged; call unmerge() first")
+        delta = self.delta_weight()
+        self.weight.copy_(self.weight.float() + delta)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the merged adapter from the base weight."""
+        if not self.merged:
+            raise RuntimeError("the adapter is not merged; nothing to unmerge")
+        delta = self.delta_weight()
+        self.weight.copy_(self.weight.float() - delta)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, method={self.method}, r={self.r}, "
+                f"scale={self.scale:g}, dropout={self.dropout_p:g}"
+                + (f", activation={self.activation}" if self.activation else "")
+                + (", merged" if self.merged else ""))

@@ -1,0 +1,422 @@
+"""The low-rank adapter op ``Y = X Wᵀ + b + s·((D(X) Aᵀ) Sᵀ) Bᵀ ⊙ out_scale`` and its autograd.
+
+Names (x flattened to X [M, k]; σ the optional activation; D inverted dropout on the adapter
+input, its mask regenerated from a seed, never stored)::
+
+    T  = D(X) Aᵀ                 [M, r]   saved for backward (pre-activation)
+    Z  = σ(T)                    [M, r]
+    U  = Z Sᵀ   (full core)  |  Z ⊙ S (diagonal core)  |  Z (no core)
+    Y  = X Wᵀ + b + s·(U Bᵀ) ⊙ out_scale
+
+Backward, from dY [M, d] (each gradient only when needed)::
+
+    dYo = dY ⊙ out_scale;  G = dYo B;  H = G S | G ⊙ S | G;  dT = H ⊙ σ'(T)
+    dX  = dY W + s·D'(dT A)                  D' = the same mask and 1/(1-p) factor
+    dB  = s·dYoᵀ U                           [d, r]
+    dout_scale = s·rowsum(B ⊙ (dYᵀ U))       [d]   since Σ_m dY[m,j]·(U Bᵀ)[m,j]
+    dS  = s·Gᵀ Z  (full) | s·Σ_rows G ⊙ Z (diagonal)
+    dA  = s·dTᵀ D(X)                         [r, k]
+    db  = Σ_rows dY;   dW = dYᵀ X (only if the base weight trains)
+
+What backward keeps (the memory contract): T [M, r] and the seed; the caller's x itself only
+when A (or W) trains; never a dropped copy of x or a mask.
+
+The forward and backward halves are ``torch.library`` custom ops (``fastpeft::lowrank_fwd`` and
+``fastpeft::lowrank_bwd``) with fake implementations, so ``torch.compile(fullgraph=True)``
+traces models built from this op without graph breaks; the backend that runs them is chosen in
+the forward pass and reused in backward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _backend
+
+__all__ = [
+    "ACTIVATIONS",
+    "LowRankLinearFunction",
+    "lowrank_linear",
+    "lowrank_fwd_torch",
+    "lowrank_bwd_torch",
+    "dropout_keep_mask_torch",
+    "validate_lowrank_args",
+    "apply_core",
+    "activation_fn",
+]
+
+ACTIVATIONS = (None, "relu", "gelu", "silu")
+OP_NAME = "lowrank_linear"
+
+
+# --------------------------------------------------------------------------------------------
+# Pure-torch backend: the reference math and the fallback on every device.
+# --------------------------------------------------------------------------------------------
+
+def activation_fn(t: Tensor, activation: Optional[str]) -> Tensor:
+    """σ(t) for the supported activations (identity for ``None``)."""
+    if activation is None:
+        return t
+    if activation == "relu":
+        return F.relu(t)
+    if activation == "gelu":
+        return F.gelu(t)
+    if activation == "silu":
+        return F.silu(t)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _activation_grad(t: Tensor, activation: Optional[str]) -> Optional[Tensor]:
+    """σ'(t), or ``None`` for the identity."""
+    if activation is None:
+        return None
+    if activation == "relu":
+        return (t > 0).to(t.dtype)
+    tf = t.float()
+    if activation == "gelu":  # d/dt t·Φ(t) = Φ(t) + t·φ(t)
+        cdf = 0.5 * (1.0 + torch.erf(tf * (1.0 / math.sqrt(2.0))))
+        pdf = torch.exp(-0.5 * tf * tf) * (1.0 / math.sqrt(2.0 * math.pi))
+        return (cdf + tf * pdf).to(t.dtype)
+    if activation == "silu":  # d/dt t·sig(t) = sig(t)·(1 + t·(1 - sig(t)))
+        sig = torch.sigmoid(tf)
+        return (sig * (1.0 + tf * (1.0 - sig))).to(t.dtype)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def apply_core(z: Tensor, core: Optional[Tensor]) -> Tensor:
+    """U = Z Sᵀ for a full core [r, r], Z ⊙ S for a diagonal core [r], Z without a core."""
+    if core is None:
+        return z
+    if core.dim() == 1:
+        return z * core
+    return z @ core.t()
+
+
+def _apply_core_transposed(g: Tensor, core: Optional[Tensor]) -> Tensor:
+    """H = G S (the adjoint of :func:`apply_core`)."""
+    if core is None:
+        return g
+    if core.dim() == 1:
+        return g * core
+    return g @ core
+
+
+def dropout_keep_mask_torch(seed: int, m: int, k: int, dropout_p: float, device) -> Tensor:
+    """The keep-mask [m, k] that the torch backend draws for ``seed``: regenerated, never stored."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    return torch.rand(m, k, generator=gen, device=device) >= dropout_p
+
+
+def _dropped(x: Tensor, dropout_p: float, seed: int) -> Tensor:
+    """D(X): inverted dropout with the mask of ``seed``."""
+    if dropout_p == 0.0:
+        return x
+    keep = dropout_keep_mask_torch(seed, x.shape[0], x.shape[1], dropout_p, x.device)
+    return x * keep.to(x.dtype) * (1.0 / (1.0 - dropout_p))
+
+
+def lowrank_fwd_torch(x, weight, bias, lora_A, lora_B, core, out_scale, scale: float,
+                      dropout_p: float, seed: int, activation: Optional[str]):
+    """Forward on 2-D x [M, k]. Returns (Y [M, d], T [M, r]), both in x's dtype."""
+    y = F.linear(x, weight, bias)
+    t = _dropped(x, dropout_p, seed) @ lora_A.t()           # T = D(X) Aᵀ
+    u = apply_core(activation_fn(t, activation), core)       # U = σ(T) Sᵀ
+    delta = u @ lora_B.t()                                   # U Bᵀ
+    if out_scale is not None:
+        delta = delta * out_scale
+    y.add_(delta, alpha=scale)
+    return y, t
+
+
+def lowrank_bwd_torch(grad_y, x, weight, t, lora_A, lora_B, core, out_scale, scale: float,
+                      dropout_p: float, seed: int, activation: Optional[str], need_x: bool,
+                      need_A: bool, need_B: bool, need_core: bool, need_out_scale: bool,
+                      need_bias: bool):
+    """Backward on 2-D tensors. Returns (dX, dA, dB, dcore, dout_scale, dbias), ``None`` where a
+    gradient is not needed. See the module docstring for the derivation."""
+    dx = d_a = d_b = d_core = d_out_scale = d_bias = None
+    gy_o = grad_y * out_scale if out_scale is not None else grad_y     # dYo = dY ⊙ out_scale
+    z = activation_fn(t, activation)
+    if need_B or need_out_scale:
+        u = apply_core(z, core)
+        if need_B:
+            d_b = (gy_o.t() @ u) * scale                                # dB = s·dYoᵀ U
+        if need_out_scale:
+            d_out_scale = (lora_B * (grad_y.t() @ u)).sum(1) * scale    # s·rowsum(B ⊙ dYᵀU)
+    if need_x or need_A or need_core:
+        g = gy_o @ lora_B                                               # G = dYo B
+        if need_core:
+            if core.dim() == 1:
+                d_core = (g * z).sum(0) * scale                         # dS = s·Σ G ⊙ Z
+            else:
+                d_core = (g.t() @ z) * scale                            # dS = s·Gᵀ Z
+        if need_x or need_A:
+            d_t = _apply_core_transposed(g, core)                       # H = G S
+            act_grad = _activation_grad(t, activation)
+            if act_grad is not None:
+                d_t = d_t * act_grad                                    # dT = H ⊙ σ'(T)
+            if need_x:
+                dx = grad_y @ weight                                    # dY W
+                adapter = d_t @ lora_A
+                if dropout_p > 0.0:
+                    keep = dropout_keep_mask_torch(seed, *adapter.shape, dropout_p, adapter.device)
+                    adapter = adapter * keep.to(adapter.dtype) * (1.0 / (1.0 - dropout_p))
+                dx.add_(adapter, alpha=scale)                           # + s·D'(dT A)
+            if need_A:
+                d_a = (d_t.t() @ _dropped(x, dropout_p, seed)) * scale  # dA = s·dTᵀ D(X)
+    if need_bias:
+        d_bias = grad_y.sum(0)                                          # db = Σ dY
+    return dx, d_a, d_b, d_core, d_out_scale, d_bias
+
+
+# --------------------------------------------------------------------------------------------
+# Backends and the custom ops.
+# --------------------------------------------------------------------------------------------
+
+class _TorchBackend:
+    lowrank_fwd = staticmethod(lowrank_fwd_torch)
+    lowrank_bwd = staticmethod(lowrank_bwd_torch)
+
+
+def _triton_module():
+    from ..kernels import lowrank
+    return lowrank
+
+
+def _triton_available(device):
+    reason = _backend.triton_available(device)
+    if reason is None:
+        try:
+            _triton_module()
+        except ImportError as err:
+            return f"the Triton kernels failed to import ({err})"
+    return reason
+
+
+_backend.register_impl(OP_NAME, "torch", lambda: _TorchBackend, lambda device: None)
+_backend.register_impl(OP_NAME, "triton", _triton_module, _triton_available)
+
+
+@torch.library.custom_op("fastpeft::lowrank_fwd", mutates_args=())
+def _lowrank_fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                    lora_B: Tensor, core: Optional[Tensor], out_scale: Optional[Tensor],
+                    scale: float, dropout_p: float, seed: Tensor, activation: Optional[str],
+                    backend: str) -> tuple[Tensor, Tensor]:
+    impl = _backend.get_impl(OP_NAME, backend)
+    if x.shape[0] == 0:  # an empty batch needs no kernel
+        impl = _TorchBackend
+    return impl.lowrank_fwd(x, weight, bias, lora_A, lora_B, core, out_scale, float(scale),
+                            float(dropout_p), int(seed), activation)
+
+
+@_lowrank_fwd_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, core, out_scale, scale, dropout_p, seed, activation, backend):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.custom_op("fastpeft::lowrank_bwd", mutates_args=())
+def _lowrank_bwd_op(grad_y: Tensor, x: Optional[Tensor], weight: Tensor, t: Tensor,
+                    lora_A: Tensor, lora_B: Tensor, core: Optional[Tensor],
+                    out_scale: Optional[Tensor], scale: float, dropout_p: float, seed: Tensor,
+                    activation: Optional[str], needs: Sequence[bool], backend: str,
+                    deterministic: bool) -> list[Tensor]:
+    impl = _backend.get_impl(OP_NAME, backend)
+    args = (grad_y, x, weight, t, lora_A, lora_B, core, out_scale, float(scale),
+            float(dropout_p), int(seed), activation, *needs)
+    if grad_y.shape[0] == 0 or impl is _TorchBackend:
+        grads = lowrank_bwd_torch(*args)
+    else:
+        grads = impl.lowrank_bwd(*args, deterministic=deterministic)
+    # custom ops return tensors only: an unneeded gradient travels as an empty tensor
+    return [g if g is not None else grad_y.new_empty(0) for g in grads]
+
+
+@_lowrank_bwd_op.register_fake
+def _(grad_y, x, weight, t, lora_A, lora_B, core, out_scale, scale, dropout_p, seed, activation,
+      needs, backend, deterministic):
+    shapes = [(grad_y.shape[0], weight.shape[1]), lora_A.shape, lora_B.shape,
+              core.shape if core is not None else (0,),
+              out_scale.shape if out_scale is not None else (0,), (weight.shape[0],)]
+    dtypes = [grad_y.dtype, lora_A.dtype, lora_B.dtype,
+              core.dtype if core is not None else grad_y.dtype,
+              out_scale.dtype if out_scale is not None else grad_y.dtype, grad_y.dtype]
+    return [grad_y.new_empty(shape if need else (0,), dtype=dtype)
+            for shape, dtype, need in zip(shapes, dtypes, needs)]
+
+
+class LowRankLinearFunction(torch.autograd.Function):
+    """Autograd of the op; saves only what the memory contract allows (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
+                activation, backend):
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, x.shape[-1])
+        y, t = torch.ops.fastpeft.lowrank_fwd(x2d, weight, bias, lora_A, lora_B, core, out_scale,
+                                              scale, dropout_p, seed, activation, backend)
+        # x is kept only when a gradient needs it (dA = s·dTᵀ D(X), dW = dYᵀ X): the caller's
+        # own tensor, never a dropped copy; with A and W frozen nothing of size M×k is kept.
+        keep_x = lora_A.requires_grad or weight.requires_grad
+        ctx.save_for_backward(x if keep_x else None, weight, lora_A, lora_B, core, out_scale, t,
+                              seed)
+        ctx.scale, ctx.dropout_p, ctx.activation, ctx.backend = scale, dropout_p, activation, backend
+        ctx.has_bias = bias is not None
+        return y.reshape(*lead, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, lora_A, lora_B, core, out_scale, t, seed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_x, need_w, need_bias = need[0], need[1], need[2] and ctx.has_bias
+        need_A, need_B = need[3], need[4]
+        need_core, need_os = need[5] and core is not None, need[6] and out_scale is not None
+        grad_y = grad_out.reshape(-1, grad_out.shape[-1])
+        if grad_y.stride(-1) != 1:
+            grad_y = grad_y.contiguous()
+        x2d = x.reshape(-1, x.shape[-1]) if x is not None else None
+        grads = [None] * 12
+        if need_x or need_A or need_B or need_core or need_os or need_bias:
+            needs = [need_x, need_A, need_B, need_core, need_os, need_bias]
+            out = torch.ops.fastpeft.lowrank_bwd(
+                grad_y, x2d if need_A else None, weight, t, lora_A, lora_B, core, out_scale,
+                ctx.scale, ctx.dropout_p, seed, ctx.activation, needs, ctx.backend,
+                torch.are_deterministic_algorithms_enabled())
+            dx, d_a, d_b, d_core, d_os, d_bias = (g if n else None for g, n in zip(out, needs))
+            if dx is not None:
+                dx = dx.reshape(grad_out.shape[:-1] + (weight.shape[1],))
+            grads[0], grads[2], grads[3], grads[4], grads[5], grads[6] = dx, d_bias, d_a, d_b, d_core, d_os
+        if need_w:
+            grads[1] = grad_y.t() @ x2d                                   # dW = dYᵀ X
+        return tuple(grads)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point.
+# --------------------------------------------------------------------------------------------
+
+def _describe(t: Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def validate_lowrank_args(x, weight_shape, weight_dtype, weight_device, bias, lora_A, lora_B, core,
+                          out_scale, scale, dropout_p, activation, seed, weight_name="weight"):
+    """Check every argument of the op; raise a ValueError/TypeError that names the argument and
+    what was expected. ``weight_*`` describe the dense base weight (or the 4-bit one's shape)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., k], got a scalar")
+    if len(weight_shape) != 2:
+        raise ValueError(f"{weight_name} must be 2-D [d, k], got shape {tuple(weight_shape)}")
+    d, k = weight_shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x must have last dimension k={k} to match {weight_name} [d={d}, k={k}], "
+                         f"got x of shape {tuple(x.shape)}")
+    if weight_dtype is not None and weight_dtype != x.dtype:
+        raise TypeError(f"{weight_name} dtype {weight_dtype} must equal x dtype {x.dtype}")
+    if weight_device != x.device:
+        raise ValueError(f"{weight_name} is on {weight_device} but x is on {x.device}; "
+                         "all tensors must be on one device")
+    for name, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != k or lora_A.shape[0] < 1:
+        raise ValueError(f"lora_A must have shape [r, k={k}] with r >= 1, got {_describe(lora_A)}")
+    r = lora_A.shape[0]
+    if tuple(lora_B.shape) != (d, r):
+        raise ValueError(f"lora_B must have shape [d={d}, r={r}], got {_describe(lora_B)}")
+    optional = [("bias", bias, [(d,)]), ("core", core, [(r,), (r, r)]),
+                ("out_scale", out_scale, [(d,)])]
+    for name, tensor, shapes in optional:
+        if tensor is None:
+            continue
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(tensor).__name__}")
+        if tuple(tensor.shape) not in shapes:
+            want = " or ".join(str(list(s)) for s in shapes)
+            raise ValueError(f"{name} must have shape {want}, got {_describe(tensor)}")
+    for name, tensor in [("lora_A", lora_A), ("lora_B", lora_B)] + [(n, t) for n, t, _ in optional]:
+        if tensor is None:
+            continue
+        if tensor.dtype != x.dtype:
+            raise TypeError(f"{name} dtype {tensor.dtype} must equal x dtype {x.dtype} "
+                            "(cast the adapter, or run under torch.autocast)")
+        if tensor.device != x.device:
+            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}; "
+                             "all tensors must be on one device")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite Python number, got {scale!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+
+
+def seed_tensor(seed: Optional[int], dropout_p: float) -> Tensor:
+    """The dropout seed as a CPU int64 scalar (drawn from torch's generator when ``None``), so
+    that torch.compile traces it as data rather than a constant."""
+    if seed is None:
+        if dropout_p > 0.0:
+            return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+        seed = 0
+    return torch.tensor(seed & 0x7FFFFFFF, dtype=torch.int64)
+
+
+def autocast_args(x: Tensor, *tensors):
+    """Under torch.autocast, cast the floating tensors to the autocast dtype as F.linear would."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x, *tensors))
+
+
+def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                   lora_B: Tensor, *, core: Optional[Tensor] = None,
+                   out_scale: Optional[Tensor] = None, scale: float = 1.0,
+                   dropout_p: float = 0.0, activation: Optional[str] = None,
+                   seed: Optional[int] = None) -> Tensor:
+    """``Y = x Wᵀ + b + scale·(σ(D(x) Aᵀ) coreᵀ) Bᵀ ⊙ out_scale`` with memory-lean autograd.
+
+    Args:
+        x: input ``[..., k]``.
+        weight: base weight ``[d, k]`` (nn.Linear layout). bias: ``[d]`` or ``None``.
+        lora_A: ``[r, k]``. lora_B: ``[d, r]``.
+        core: ``None``, a diagonal ``[r]`` (VeRA λ_d, AdaLoRA Λ) or a full ``[r, r]`` (LaMDA).
+        out_scale: ``None`` or ``[d]`` (VeRA λ_b).
+        scale: the scalar s (alpha / r).
+        dropout_p: dropout on the adapter input; the mask is regenerated from ``seed`` in
+            backward, never stored. ``seed=None`` draws one from torch's generator.
+        activation: ``None``, ``"relu"``, ``"gelu"`` or ``"silu"`` on the r-dim intermediate.
+
+    Returns ``[..., d]`` in x's dtype. The backend is the one chosen by
+    :func:`fastpeft.use_backend` (``"auto"`` by default).
+
+    >>> import torch, fastpeft
+    >>> x = torch.randn(2, 5, 16)
+    >>> w, a, b = torch.randn(8, 16), torch.randn(4, 16), torch.zeros(8, 4)
+    >>> torch.equal(fastpeft.lowrank_linear(x, w, None, a, b, scale=2.0), x @ w.t())
+    True
+    """
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    x, weight, bias, lora_A, lora_B, core, out_scale = autocast_args(
+        x, weight, bias, lora_A, lora_B, core, out_scale)
+    validate_lowrank_args(x, weight.shape, weight.dtype, weight.device, bias, lora_A, lora_B, core,
+                          out_scale, scale, dropout_p, activation, seed)
+    backend = _backend.resolve_backend(OP_NAME, x.device)
+    seed_t = seed_tensor(seed, float(dropout_p))
+    with torch.autocast(x.device.type, enabled=False):
+        return LowRankLinearFunction.apply(x, weight, bias, lora_A, lora_B, core, out_scale,
+                                           float(scale), float(dropout_p), seed_t, activation,
+                                           backend)

@@ -1,0 +1,1 @@
+"""Triton kernel launchers of fastpeft (shipped as ``fastpeft.kernels``)."""
