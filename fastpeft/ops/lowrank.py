@@ -141,26 +141,33 @@ def lowrank_bwd_torch(grad_y, x, weight, t, lora_A, lora_B, core, out_scale, sca
     """Backward on 2-D tensors. Returns (dX, dA, dB, dcore, dout_scale, dbias), ``None`` where a
     gradient is not needed. See the module docstring for the derivation."""
     dx = d_a = d_b = d_core = d_out_scale = d_bias = None
-    gy_o = grad_y * out_scale if out_scale is not None else grad_y     # dYo = dY ⊙ out_scale
-    z = activation_fn(t, activation)
+    # the r-dim chain runs in fp32 for half inputs (as the kernels accumulate): dS and dout_scale
+    # are sums over M with cancellation, and rounding G to 16 bits would cost percents
+    acc = torch.float32 if grad_y.dtype in (torch.float16, torch.bfloat16) else grad_y.dtype
+    gy = grad_y.to(acc)
+    gy_o = gy * out_scale.to(acc) if out_scale is not None else gy     # dYo = dY ⊙ out_scale
+    lora_b = lora_B.to(acc)
+    z = activation_fn(t.to(acc), activation)
     if need_B or need_out_scale:
-        u = apply_core(z, core)
+        u = apply_core(z, None if core is None else core.to(acc))
         if need_B:
-            d_b = (gy_o.t() @ u) * scale                                # dB = s·dYoᵀ U
-        if need_out_scale:
-            d_out_scale = (lora_B * (grad_y.t() @ u)).sum(1) * scale    # s·rowsum(B ⊙ dYᵀU)
+            d_b = ((gy_o.t() @ u) * scale).to(lora_B.dtype)                # dB = s·dYoᵀ U
+        if need_out_scale:                                              # s·rowsum(B ⊙ dYᵀU)
+            d_out_scale = ((lora_b * (gy.t() @ u)).sum(1) * scale).to(out_scale.dtype)
     if need_x or need_A or need_core:
-        g = gy_o @ lora_B                                               # G = dYo B
+        g = gy_o @ lora_b                                               # G = dYo B
         if need_core:
             if core.dim() == 1:
                 d_core = (g * z).sum(0) * scale                         # dS = s·Σ G ⊙ Z
             else:
                 d_core = (g.t() @ z) * scale                            # dS = s·Gᵀ Z
+            d_core = d_core.to(core.dtype)
         if need_x or need_A:
-            d_t = _apply_core_transposed(g, core)                       # H = G S
-            act_grad = _activation_grad(t, activation)
+            d_t = _apply_core_transposed(g, None if core is None else core.to(acc))  # H = G S
+            act_grad = _activation_grad(t.to(acc), activation)
             if act_grad is not None:
                 d_t = d_t * act_grad                                    # dT = H ⊙ σ'(T)
+            d_t = d_t.to(grad_y.dtype)
             if need_x:
                 dx = grad_y @ weight                                    # dY W
                 adapter = d_t @ lora_A
