@@ -84,3 +84,13 @@ class saved_tensors:
             storage = t.untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()
         return sum(seen.values())
+
+
+def peft_layer(base: torch.nn.Linear, method: str = "lora", **config_kwargs):
+    """HF PEFT's adapter layer around ``base`` (built through get_peft_model, as users do)."""
+    import peft
+
+    config_cls = {"lora": peft.LoraConfig, "vera": peft.VeraConfig, "adalora": peft.AdaLoraConfig}[method]
+    model = torch.nn.Sequential(base)
+    wrapped = peft.get_peft_model(model, config_cls(target_modules=["0"], **config_kwargs))
+    return wrapped.base_model.model[0]
