@@ -257,50 +257,67 @@ def _(grad_y, x, weight, t, lora_A, lora_B, core, out_scale, scale, dropout_p, s
             for shape, dtype, need in zip(shapes, dtypes, needs)]
 
 
+def _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, core, out_scale, scale, dropout_p,
+                       seed, activation, backend, t):
+    # x is kept only when a gradient needs it (dA = s·dTᵀ D(X), dW = dYᵀ X): the caller's own
+    # tensor, never a dropped copy; with A and W frozen nothing of size M×k is kept.
+    keep_x = lora_A.requires_grad or weight.requires_grad
+    ctx.save_for_backward(x if keep_x else None, weight, lora_A, lora_B, core, out_scale, t, seed)
+    ctx.scale, ctx.dropout_p, ctx.activation, ctx.backend = scale, dropout_p, activation, backend
+    ctx.has_bias = bias is not None
+
+
+def _gradients(ctx, grad_out):
+    """(dx, dweight, dbias, dA, dB, dcore, dout_scale) from the saved state, ``None`` where the
+    input needs no gradient; x and grad_out may have any leading dims."""
+    x, weight, lora_A, lora_B, core, out_scale, t, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_x, need_w, need_bias = need[0], need[1], need[2] and ctx.has_bias
+    need_A, need_B = need[3], need[4]
+    need_core, need_os = need[5] and core is not None, need[6] and out_scale is not None
+    grad_y = grad_out.reshape(-1, grad_out.shape[-1])
+    if grad_y.stride(-1) != 1:
+        grad_y = grad_y.contiguous()
+    x2d = x.reshape(-1, x.shape[-1]) if x is not None else None
+    grads = [None] * 7
+    needs = [need_x, need_A, need_B, need_core, need_os, need_bias]
+    if any(needs):
+        out = torch.ops.fastpeft.lowrank_bwd(
+            grad_y, x2d if need_A else None, weight, t, lora_A, lora_B, core, out_scale,
+            ctx.scale, ctx.dropout_p, seed, ctx.activation, needs, ctx.backend,
+            torch.are_deterministic_algorithms_enabled())
+        dx, d_a, d_b, d_core, d_os, d_bias = (g if n else None for g, n in zip(out, needs))
+        if dx is not None:
+            dx = dx.reshape(grad_out.shape[:-1] + (weight.shape[1],))
+        grads[0], grads[2], grads[3], grads[4], grads[5], grads[6] = dx, d_bias, d_a, d_b, d_core, d_os
+    if need_w:
+        grads[1] = grad_y.t() @ x2d                                       # dW = dYᵀ X
+    return grads
+
+
+# The forward custom op is differentiable on its own (for users of torch.ops.fastpeft directly)
+torch.library.register_autograd(
+    "fastpeft::lowrank_fwd",
+    lambda ctx, grad_y, grad_t: (*_gradients(ctx, grad_y), None, None, None, None, None),
+    setup_context=lambda ctx, inputs, output: _save_for_backward(ctx, *inputs, output[1]))
+
+
 class LowRankLinearFunction(torch.autograd.Function):
     """Autograd of the op; saves only what the memory contract allows (module docstring)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
                 activation, backend):
-        lead = x.shape[:-1]
         x2d = x.reshape(-1, x.shape[-1])
         y, t = torch.ops.fastpeft.lowrank_fwd(x2d, weight, bias, lora_A, lora_B, core, out_scale,
                                               scale, dropout_p, seed, activation, backend)
-        # x is kept only when a gradient needs it (dA = s·dTᵀ D(X), dW = dYᵀ X): the caller's
-        # own tensor, never a dropped copy; with A and W frozen nothing of size M×k is kept.
-        keep_x = lora_A.requires_grad or weight.requires_grad
-        ctx.save_for_backward(x if keep_x else None, weight, lora_A, lora_B, core, out_scale, t,
-                              seed)
-        ctx.scale, ctx.dropout_p, ctx.activation, ctx.backend = scale, dropout_p, activation, backend
-        ctx.has_bias = bias is not None
-        return y.reshape(*lead, weight.shape[0])
+        _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, core, out_scale, scale,
+                           dropout_p, seed, activation, backend, t)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, lora_A, lora_B, core, out_scale, t, seed = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_x, need_w, need_bias = need[0], need[1], need[2] and ctx.has_bias
-        need_A, need_B = need[3], need[4]
-        need_core, need_os = need[5] and core is not None, need[6] and out_scale is not None
-        grad_y = grad_out.reshape(-1, grad_out.shape[-1])
-        if grad_y.stride(-1) != 1:
-            grad_y = grad_y.contiguous()
-        x2d = x.reshape(-1, x.shape[-1]) if x is not None else None
-        grads = [None] * 12
-        if need_x or need_A or need_B or need_core or need_os or need_bias:
-            needs = [need_x, need_A, need_B, need_core, need_os, need_bias]
-            out = torch.ops.fastpeft.lowrank_bwd(
-                grad_y, x2d if need_A else None, weight, t, lora_A, lora_B, core, out_scale,
-                ctx.scale, ctx.dropout_p, seed, ctx.activation, needs, ctx.backend,
-                torch.are_deterministic_algorithms_enabled())
-            dx, d_a, d_b, d_core, d_os, d_bias = (g if n else None for g, n in zip(out, needs))
-            if dx is not None:
-                dx = dx.reshape(grad_out.shape[:-1] + (weight.shape[1],))
-            grads[0], grads[2], grads[3], grads[4], grads[5], grads[6] = dx, d_bias, d_a, d_b, d_core, d_os
-        if need_w:
-            grads[1] = grad_y.t() @ x2d                                   # dW = dYᵀ X
-        return tuple(grads)
+        return (*_gradients(ctx, grad_out), None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------------------------
