@@ -12,6 +12,7 @@ from .config import AdapterConfig
 from .inject import adapter_state_dict, inject, load_adapter, save_adapter, trainable_parameter_count
 from .nn import LowRankLinear
 from .ops.lowrank import LowRankLinearFunction, lowrank_linear
+from .peft_compat import from_peft, to_peft
 
 __version__ = "0.1.0"
 
@@ -20,11 +21,13 @@ __all__ = [
     "LowRankLinear",
     "LowRankLinearFunction",
     "adapter_state_dict",
+    "from_peft",
     "get_backend",
     "inject",
     "load_adapter",
     "lowrank_linear",
     "save_adapter",
+    "to_peft",
     "trainable_parameter_count",
     "use_backend",
     "__version__",
