@@ -77,7 +77,7 @@ def _activation_grad(t: Tensor, activation: Optional[str]) -> Optional[Tensor]:
         return None
     if activation == "relu":
         return (t > 0).to(t.dtype)
-    tf = t.float()
+    tf = t if t.dtype == torch.float64 else t.float()  # float64 stays float64
     if activation == "gelu":  # d/dt t·Φ(t) = Φ(t) + t·φ(t)
         cdf = 0.5 * (1.0 + torch.erf(tf * (1.0 / math.sqrt(2.0))))
         pdf = torch.exp(-0.5 * tf * tf) * (1.0 / math.sqrt(2.0 * math.pi))
