@@ -272,6 +272,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if snapshot is not None:
             _restore(model, snapshot)
         raise
+    if not config.spec.has_adapter and getattr(model, "fastpeft_config", None) is None:
+        for param in model.parameters():  # BitFit alone, as after inject: only the saved biases train
+            param.requires_grad_(False)
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
