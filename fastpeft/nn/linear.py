@@ -118,7 +118,9 @@ class LowRankLinear(nn.Module):
         if init == "svd":
             # LaMDA: A = top-r right singular vectors, B = top-r left singular vectors, core 0.
             u, _, vh = torch.linalg.svd(self._dense_weight_fp32(), full_matrices=False)
-            lora_a, lora_b = vh[:r].clone(), u[:, :r].clone()
+            # contiguous copies: LAPACK returns column-major factors, and strided parameters
+            # break FSDP2 sharding and slow the kernels
+            lora_a, lora_b = vh[:r].contiguous().clone(), u[:, :r].contiguous().clone()
             core = torch.zeros(r, r, device=device)
         elif init == "vera":
             if vera_shared is None:
