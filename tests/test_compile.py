@@ -1,0 +1,156 @@
+"""torch.compile: no graph breaks through fastpeft layers (alone and inside a transformers model),
+Inductor results equal eager ones, and the custom ops pass ``torch.library.opcheck``."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastpeft
+from fastpeft import AdapterConfig
+
+PRESETS = [
+    dict(method="lora", dropout=0.1),
+    dict(method="lora_fa"),
+    dict(method="lamda", dropout=0.2),
+    dict(method="vera"),
+    dict(method="adalora"),
+    dict(method="parallel", activation="silu"),
+    dict(method="lora", train_bias=True),
+]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _stack(preset, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 24), nn.GELU(), nn.Linear(24, 8))
+    model = fastpeft.inject(model, AdapterConfig(r=4, alpha=8, target_modules=["0", "2", "4"], **preset))
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, fastpeft.LowRankLinear):
+                layer.lora_B.normal_(std=0.3)
+                if layer.lora_core is not None:
+                    layer.lora_core.normal_()
+    return model
+
+
+def _explain(fn, *args, **kwargs):
+    return torch._dynamo.explain(fn)(*args, **kwargs)
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: "-".join(str(v) for v in p.values()))
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_lowrank_layers_have_no_graph_breaks(preset, autocast):
+    model = _stack(preset).train()
+    x = torch.randn(3, 5, 24)
+
+    def step(x):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            return model(x).float().square().mean()
+
+    explanation = _explain(step, x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    # forward and backward traced whole (AOT autograd through the custom ops' autograd)
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_inductor_matches_eager_lowrank_stack():
+    preset = dict(method="lamda")
+    eager, compiled = _stack(preset).train(), _stack(preset).train()
+    x = torch.randn(4, 24)
+    step = lambda m: m(x).square().mean()
+    step(eager).backward()
+    loss = torch.compile(step, fullgraph=True)(compiled)
+    loss.backward()
+    torch.testing.assert_close(loss, eager(x).square().mean(), rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_transformers_model_compiles_fullgraph():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg)
+        model = fastpeft.inject(model, AdapterConfig(method="lora", r=4, target_modules=["q_proj", "v_proj",
+                                                                                        "down_proj"]))
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, fastpeft.LowRankLinear):
+                    m.lora_B.normal_(std=0.3)
+        models.append(model.train())
+    eager, compiled = models
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    explanation = _explain(compiled, input_ids=ids, labels=ids)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+
+    want = eager(input_ids=ids, labels=ids)
+    want.loss.backward()
+    got = torch.compile(compiled, fullgraph=True)(input_ids=ids, labels=ids)  # Inductor on CPU
+    got.loss.backward()
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _op_args(core_kind, with_os, with_bias, dropout_p, activation, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(dtype)
+    m, k, d, r = 6, 10, 7, 3
+    core = {None: None, "diag": rnd(r), "full": rnd(r, r)}[core_kind]
+    return dict(x=rnd(m, k), weight=rnd(d, k), bias=rnd(d) if with_bias else None, lora_A=rnd(r, k),
+                lora_B=rnd(d, r), core=core, out_scale=rnd(d) if with_os else None, scale=0.5,
+                dropout_p=dropout_p, seed=torch.tensor(17), activation=activation)
+
+
+OP_CASES = [
+    (None, False, True, 0.0, None),
+    ("diag", True, False, 0.0, None),
+    ("full", False, True, 0.25, None),
+    ("full", True, True, 0.1, "gelu"),
+    (None, False, False, 0.0, "relu"),
+]
+
+
+@pytest.mark.parametrize("core_kind,with_os,with_bias,dropout_p,activation", OP_CASES)
+def test_opcheck_lowrank_fwd(core_kind, with_os, with_bias, dropout_p, activation):
+    a = _op_args(core_kind, with_os, with_bias, dropout_p, activation)
+    for name in ("x", "lora_A", "lora_B", "core", "out_scale", "bias"):
+        if a[name] is not None:
+            a[name].requires_grad_()
+    args = (a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["core"], a["out_scale"], a["scale"],
+            a["dropout_p"], a["seed"], a["activation"], "torch")
+    torch.library.opcheck(torch.ops.fastpeft.lowrank_fwd.default, args)
+
+
+@pytest.mark.parametrize("core_kind,with_os,with_bias,dropout_p,activation", OP_CASES)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_opcheck_lowrank_bwd(core_kind, with_os, with_bias, dropout_p, activation, deterministic):
+    a = _op_args(core_kind, with_os, with_bias, dropout_p, activation)
+    _, t = torch.ops.fastpeft.lowrank_fwd(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["core"],
+                                          a["out_scale"], a["scale"], a["dropout_p"], a["seed"],
+                                          a["activation"], "torch")
+    grad_y = torch.randn(6, 7, generator=torch.Generator().manual_seed(1))
+    needs = [True, True, True, core_kind is not None, with_os, with_bias]
+    args = (grad_y, a["x"], a["weight"], t, a["lora_A"], a["lora_B"], a["core"], a["out_scale"], a["scale"],
+            a["dropout_p"], a["seed"], a["activation"], needs, "torch", deterministic)
+    torch.library.opcheck(torch.ops.fastpeft.lowrank_bwd.default, args)
+    # some gradients not needed: empty tensors in their places, in eager and fake modes alike
+    partial = [True, False, True, False, False, with_bias]
+    args = args[:12] + (partial,) + args[13:]
+    torch.library.opcheck(torch.ops.fastpeft.lowrank_bwd.default, args)
