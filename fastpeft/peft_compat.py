@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections import Counter
 from typing import Optional
 
@@ -313,6 +314,13 @@ def from_peft(peft_model) -> nn.Module:
         chosen = active[adapter] if adapter in active and not wrapper.disable_adapters else wrapper.original_module
         _set_submodule(inner, name, chosen)
     inner.fastpeft_config = config
+    odd = sorted(name for name, layer in new_layers.items()
+                 if not math.isclose(layer.scale, config.scale_for(layer.r), rel_tol=1e-9))
+    if odd:
+        warnings.warn(f"{len(odd)} converted layers (first: {odd[0]!r}) have a scale that fastpeft's "
+                      "AdapterConfig cannot record (per-layer alphas); the layers and to_peft keep it, "
+                      "but fastpeft.save_adapter -> load_adapter into a fresh model would not",
+                      stacklevel=2)
     return inner
 
 

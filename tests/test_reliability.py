@@ -123,8 +123,6 @@ def test_deterministic_mode_identical_runs(deterministic, method):
 
 
 def test_deterministic_flag_reaches_the_backward_op(deterministic, monkeypatch):
-    import fastpeft.ops.lowrank as lr
-
     seen = []
     real = torch.ops.fastpeft.lowrank_bwd
 
@@ -136,7 +134,7 @@ def test_deterministic_flag_reaches_the_backward_op(deterministic, monkeypatch):
     monkeypatch.setattr(torch.ops.fastpeft, "lowrank_bwd", Spy(), raising=False)
     x = torch.randn(4, 8, requires_grad=True)
     fastpeft.lowrank_linear(x, torch.randn(6, 8), None, torch.randn(2, 8), torch.randn(6, 2)).sum().backward()
-    assert seen == [True] and lr is not None
+    assert seen == [True]
 
 
 # -- NaN / Inf ------------------------------------------------------------------------------
