@@ -74,16 +74,21 @@ def _round_trip(tmp_path, saved, make=_llama, per_layer_alpha=False, **to_peft_k
     fastpeft.to_peft(model, tmp_path / "again", **to_peft_kwargs)
     assert sorted(os.listdir(tmp_path / "again")) == ["adapter_config.json", "adapter_model.safetensors"]
     back = peft.PeftModel.from_pretrained(make(), tmp_path / "again").eval()
+    if to_peft_kwargs.get("task_type") == "CAUSAL_LM":
+        assert isinstance(back, peft.PeftModelForCausalLM) and isinstance(loaded, peft.PeftModelForCausalLM)
     return model, want, got, _logits(back)
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(r=4, lora_alpha=8, lora_dropout=0.1),
+    dict(r=4, lora_alpha=8, lora_dropout=0.1, task_type="CAUSAL_LM"),
     dict(r=4, lora_alpha=6, use_rslora=True, rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 3}),
-], ids=["lora", "rslora-patterns"])
+], ids=["lora-causal-lm", "rslora-patterns"])
 def test_lora_trained_by_peft_round_trip(tmp_path, kwargs):
     saved = _peft_trained(tmp_path, peft.LoraConfig(target_modules=TARGETS, **kwargs))
-    model, want, got, back = _round_trip(tmp_path, saved, per_layer_alpha="alpha_pattern" in kwargs)
+    model, want, got, back = _round_trip(tmp_path, saved, per_layer_alpha="alpha_pattern" in kwargs,
+                                         task_type=kwargs.get("task_type"))
+    if "task_type" in kwargs:
+        assert json.load(open(tmp_path / "again" / "adapter_config.json"))["task_type"] == "CAUSAL_LM"
     assert not isinstance(model, peft.PeftModel)
     layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
     assert len(layers) == 12 and all(m.lora_B.abs().max() > 0 for m in layers)
