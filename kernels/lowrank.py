@@ -1,0 +1,1038 @@
+"""Fused Triton kernels of the dense low-rank adapter op (``fastpeft.kernels.lowrank``).
+
+For X [M, k], W [d, k], b [d], A [r, k], B [d, r], core S ([r] diagonal or [r, r]), out_scale
+o [d], scale s, activation σ and inverted dropout D (keep probability 1-p, kept values scaled by
+1/(1-p))::
+
+    T = D(X) Aᵀ;  Z = σ(T);  U = Z Sᵀ | Z ⊙ S | Z
+    Y = X Wᵀ + b + s·(U Bᵀ) ⊙ o
+
+Forward, two kernels:
+  * ``_lowrank_fwd_t_kernel``: one pass over X: T = D(X)Aᵀ (returned, saved by the caller) and
+    U = σ(T)Sᵀ ([M, r], a workspace);
+  * ``_lowrank_fwd_gemm_kernel``: Y = X Wᵀ whose epilogue adds b and s·(U Bᵀ)⊙o: Y written once.
+
+Backward from dY, with dYo = dY ⊙ o, G = dYo B, H = G S | G ⊙ S | G and dT = H ⊙ σ'(T):
+  * ``_lowrank_bwd_dy_kernel``: one pass over dY, split over M: G in registers, then dT (stored)
+    and per-block partials of dYᵀU [d, r], Σ_rows dY [d] and Gᵀ Z (or Σ_rows G ⊙ Z);
+    deterministic mode writes one partial per block, fast mode adds them with fp32 atomics;
+  * ``_lowrank_bwd_finalize_kernel``: reduces the partials in a fixed order:
+    dB = s·o ⊙ (dYᵀU) = s·dYoᵀU,  d_o = s·rowsum(B ⊙ dYᵀU),  db = Σ_rows dY;
+  * ``_lowrank_bwd_dx_kernel``: dX = dY W whose epilogue adds s·D'(dT A), the mask regenerated;
+  * ``_lowrank_bwd_da_kernel``: dA = s·dTᵀ D(X), a skinny split-M GEMM, the mask regenerated;
+  * ``_sum_partials_kernel``: fixed-order sums of split partials (dS = s·Gᵀ Z, dA).
+
+Dropout: element (m, c) of X is kept iff ``u >= p`` for the uniform ``u`` that Philox draws for
+``(seed, m·k + c)`` (the 64-bit offset split into two 32-bit counter words: equal to
+``tl.rand(seed, offset)`` for offsets below 2³²). The mask is regenerated in every kernel that
+needs it, never stored. Every accumulation is fp32. r is padded to ``BLOCK_R = max(16,
+next_pow2(r))`` (``tl.dot`` needs dims >= 16); r up to :data:`MAX_RANK`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._aot import SMEM_LIMIT, KernelSpec, dtype_name
+
+__all__ = ["lowrank_fwd", "lowrank_bwd", "dropout_keep_mask", "MAX_RANK", "KERNELS"]
+
+MAX_RANK = 128
+_ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
+_GROUP_M = 8
+
+# Tiles per architecture, in order of preference (the first that fits is the heuristic choice
+# when autotuning is off). GEMM: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+_GEMM_TILES_SM90 = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
+                    (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4)]
+_GEMM_TILES_SM80 = [(128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (64, 128, 32, 4, 4),
+                    (128, 64, 32, 4, 4), (64, 64, 64, 4, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4)]
+# T = D(X)Aᵀ: (BLOCK_M, BLOCK_K, num_warps, num_stages)
+_T_TILES_SM90 = [(64, 128, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4), (32, 128, 4, 3), (16, 128, 4, 3)]
+_T_TILES_SM80 = [(64, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3), (32, 128, 4, 3), (16, 128, 4, 3)]
+# one pass over dY (BLOCK_M chosen by the launcher): (BLOCK_N, num_warps, num_stages)
+_DY_TILES_SM90 = [(64, 4, 3), (128, 8, 3), (64, 8, 4), (32, 4, 4)]
+_DY_TILES_SM80 = [(64, 4, 3), (128, 8, 3), (64, 8, 3), (32, 4, 4)]
+# dA = s·dTᵀD(X): (BLOCK_M, BLOCK_K, num_warps, num_stages)
+_DA_TILES_SM90 = [(64, 128, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4), (32, 128, 4, 3)]
+_DA_TILES_SM80 = [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (32, 64, 4, 4)]
+
+
+def _unique(tiles):
+    return list(dict.fromkeys(tiles))
+
+
+_GEMM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                 for bm, bn, bk, w, s in _unique(_GEMM_TILES_SM90 + _GEMM_TILES_SM80)]
+_T_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+              for bm, bk, w, s in _unique(_T_TILES_SM90 + _T_TILES_SM80)]
+_DY_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bn, w, s in _unique(_DY_TILES_SM90 + _DY_TILES_SM80)]
+_DA_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+               for bm, bk, w, s in _unique(_DA_TILES_SM90 + _DA_TILES_SM80)]
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing configs (pure functions of the architecture and the problem, so the static tests
+# can replay what the prune functions keep on a GPU they do not have).
+# --------------------------------------------------------------------------------------------
+
+def _arch_of(major: int) -> int:
+    return 90 if major >= 9 else 80
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _fits_regs(acc_elems: int, num_warps: int, limit: int = 128) -> bool:
+    """fp32 accumulator values per thread (live at once) within ``limit`` registers."""
+    return acc_elems // (num_warps * 32) <= limit
+
+
+def _keep(configs, tiles, tile_of, ok, size_ok):
+    """Configs of this arch that fit (``ok``), preferring those not oversized for the problem."""
+    mine = [c for c in configs if tile_of(c) in tiles and ok(c)]
+    sized = [c for c in mine if size_ok(c)]
+    if sized:
+        return sized
+    if not mine:
+        return mine
+    smallest = min(mine, key=lambda c: sum(v for v in c.kwargs.values()))
+    return [smallest]
+
+
+def _gemm_keep(configs, arch, smem, M, N, block_r, elem):
+    tiles = _GEMM_TILES_SM90 if arch == 90 else _GEMM_TILES_SM80
+
+    def tile_of(c):
+        return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+
+    def ok(c):
+        bm, bn, bk, w, s = tile_of(c)
+        main = s * (bm * bk + bk * bn) * elem
+        epilogue = (bm * block_r + block_r * bn) * elem
+        return max(main, epilogue) <= smem and _fits_regs(bm * bn, w)
+
+    def size_ok(c):
+        return c.kwargs["BLOCK_M"] <= max(16, _pow2(M)) and c.kwargs["BLOCK_N"] <= max(16, _pow2(N))
+
+    return _keep(configs, tiles, tile_of, ok, size_ok)
+
+
+def _t_keep(configs, arch, smem, M, block_r, elem):
+    tiles = _T_TILES_SM90 if arch == 90 else _T_TILES_SM80
+
+    def tile_of(c):
+        return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+
+    def ok(c):
+        bm, bk, w, s = tile_of(c)
+        main = s * (bm * bk + bk * block_r) * elem
+        epilogue = (bm * block_r + block_r * block_r) * 4
+        # live at the end: T, Z/U (fp32, [BM, BR]) and the core's tile
+        return max(main, epilogue) <= smem and _fits_regs(2 * bm * block_r + block_r * block_r // 2, w)
+
+    def size_ok(c):
+        return c.kwargs["BLOCK_M"] <= max(16, _pow2(M))
+
+    return _keep(configs, tiles, tile_of, ok, size_ok)
+
+
+def _dy_keep(configs, arch, smem, block_m, N, block_r, elem):
+    tiles = _DY_TILES_SM90 if arch == 90 else _DY_TILES_SM80
+
+    def tile_of(c):
+        return (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+
+    def ok(c):
+        bn, w, s = tile_of(c)
+        main = s * (block_m * bn + bn * block_r) * elem + block_m * block_r * elem
+        # live in the loop: G [BM, BR], T and U [BM, BR], the partial dYᵀU [BN, BR]
+        return main <= smem and _fits_regs(3 * block_m * block_r + bn * block_r, w, 160)
+
+    def size_ok(c):
+        return c.kwargs["BLOCK_N"] <= max(16, _pow2(N))
+
+    return _keep(configs, tiles, tile_of, ok, size_ok)
+
+
+def _da_keep(configs, arch, smem, M, K, block_r, elem):
+    tiles = _DA_TILES_SM90 if arch == 90 else _DA_TILES_SM80
+
+    def tile_of(c):
+        return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+
+    def ok(c):
+        bm, bk, w, s = tile_of(c)
+        main = s * (block_r * bm + bm * bk) * elem
+        return main <= smem and _fits_regs(block_r * bk, w)
+
+    def size_ok(c):
+        return c.kwargs["BLOCK_M"] <= max(16, _pow2(M)) and c.kwargs["BLOCK_K"] <= max(16, _pow2(K))
+
+    return _keep(configs, tiles, tile_of, ok, size_ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(index: int) -> tuple[int, int, int]:
+    """(arch list, shared memory per block, SM count) of a CUDA device."""
+    props = torch.cuda.get_device_properties(index)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or SMEM_LIMIT[_arch_of(props.major)]
+    return _arch_of(props.major), int(smem), int(props.multi_processor_count)
+
+
+def _limits_of(tensor) -> tuple[int, int, int]:
+    return _device_limits(tensor.device.index if tensor.device.index is not None else torch.cuda.current_device())
+
+
+def _elem(args) -> int:
+    return args["x_ptr"].element_size() if "x_ptr" in args else args["dy_ptr"].element_size()
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    ref = args.get("x_ptr", args.get("dy_ptr"))
+    arch, smem, _ = _limits_of(ref)
+    return _gemm_keep(configs, arch, smem, args["M"], args["N"], args["BLOCK_R"], _elem(args))
+
+
+def _prune_t(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    arch, smem, _ = _limits_of(args["x_ptr"])
+    return _t_keep(configs, arch, smem, args["M"], args["BLOCK_R"], _elem(args))
+
+
+def _prune_dy(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    arch, smem, _ = _limits_of(args["dy_ptr"])
+    return _dy_keep(configs, arch, smem, args["BLOCK_M"], args["N"], args["BLOCK_R"], _elem(args))
+
+
+def _prune_da(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    arch, smem, _ = _limits_of(args["x_ptr"])
+    return _da_keep(configs, arch, smem, args["M"], args["K"], args["BLOCK_R"], _elem(args))
+
+
+# --------------------------------------------------------------------------------------------
+# Device helpers
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _op(v, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """A dot operand: in ``dtype`` (tensor cores), or fp32 under the interpreter (whose bf16
+    arithmetic is wrong)."""
+    if UPCAST:
+        out = v.to(tl.float32)
+    else:
+        out = v.to(dtype)
+    return out
+
+
+@triton.jit
+def _act_fwd(t, ACTIVATION: tl.constexpr):
+    """σ(t) on fp32: 0 identity, 1 relu, 2 gelu (erf), 3 silu."""
+    if ACTIVATION == 1:
+        z = tl.maximum(t, 0.0)
+    elif ACTIVATION == 2:
+        z = 0.5 * t * (1.0 + tl.erf(t * 0.7071067811865476))
+    elif ACTIVATION == 3:
+        z = t * tl.sigmoid(t)
+    else:
+        z = t
+    return z
+
+
+@triton.jit
+def _act_grad(t, ACTIVATION: tl.constexpr):
+    """σ'(t) on fp32: relu 1[t>0]; gelu Φ(t) + t·φ(t); silu sig(t)·(1 + t·(1 - sig(t)))."""
+    if ACTIVATION == 1:
+        g = tl.where(t > 0.0, 1.0, 0.0)
+    elif ACTIVATION == 2:
+        g = 0.5 * (1.0 + tl.erf(t * 0.7071067811865476)) + t * tl.exp(-0.5 * t * t) * 0.3989422804014327
+    elif ACTIVATION == 3:
+        sg = tl.sigmoid(t)
+        g = sg * (1.0 + t * (1.0 - sg))
+    else:
+        g = t * 0.0 + 1.0
+    return g
+
+
+@triton.jit
+def _keep_mask(seed, rows, cols, n_cols, dropout_p):
+    """Keep-mask [len(rows), len(cols)]: Philox uniform for offset row·n_cols + col >= p."""
+    offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    lo = offs.to(tl.uint32)
+    hi = (offs >> 32).to(tl.uint32)
+    zero = lo * 0
+    c0, _, _, _ = tl.philox(seed, lo, hi, zero, zero)
+    return tl.uint_to_uniform_float(c0) >= dropout_p
+
+
+@triton.jit
+def _grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id → (tile row, tile column), GROUP_M row tiles at a time (L2 reuse of W)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_m
+    pid_n = (pid % in_group) // group_m
+    return pid_m, pid_n
+
+
+# --------------------------------------------------------------------------------------------
+# Forward kernels
+# --------------------------------------------------------------------------------------------
+
+@triton.autotune(configs=_T_CONFIGS, key=["M_KEY", "K", "BLOCK_R"],
+                 prune_configs_by={"early_config_prune": _prune_t})
+@triton.jit(do_not_specialize=["seed"])
+def _lowrank_fwd_t_kernel(
+    x_ptr, a_ptr, core_ptr, t_ptr, u_ptr,
+    M, K, R, M_KEY,
+    stride_xm, stride_xk,
+    seed, dropout_p, inv_keep,
+    ACTIVATION: tl.constexpr, CORE: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_U: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """T = D(X)Aᵀ = (mask ⊙ X)Aᵀ / (1-p) and U = σ(T)Sᵀ | σ(T) ⊙ S for BLOCK_M rows."""
+    dtype = x_ptr.dtype.element_ty
+    p = tl.to_tensor(dropout_p).to(tl.float32)
+    pid = tl.program_id(0)
+    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K)
+    mask_m = rm < M
+    mask_r = rr < R
+    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
+    a_ptrs = a_ptr + rr[None, :] * K + rk[:, None]                      # Aᵀ tile [BK, BR]
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + rk) < K
+        xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            xt = tl.where(_keep_mask(seed, rm, k0 + rk, K, p), xt, 0.0)
+        at = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        acc = tl.dot(_op(xt, dtype, UPCAST), _op(at, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K
+    if HAS_DROPOUT:
+        acc = acc * tl.to_tensor(inv_keep).to(tl.float32)
+    out_offs = rm.to(tl.int64)[:, None] * R + rr[None, :]
+    out_mask = mask_m[:, None] & mask_r[None, :]
+    tl.store(t_ptr + out_offs, acc.to(t_ptr.dtype.element_ty), mask=out_mask)
+    if STORE_U:
+        z = _act_fwd(acc, ACTIVATION)
+        if CORE == 2:   # U = Z Sᵀ: Sᵀ[c, j] = S[j, c]
+            st = tl.load(core_ptr + rr[None, :] * R + rr[:, None], mask=mask_r[:, None] & mask_r[None, :], other=0.0)
+            u = tl.dot(z, st.to(tl.float32), input_precision=DOT_PRECISION)
+        elif CORE == 1:
+            u = z * tl.load(core_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+        else:
+            u = z
+        tl.store(u_ptr + out_offs, u.to(u_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R"],
+                 prune_configs_by={"early_config_prune": _prune_gemm})
+@triton.jit
+def _lowrank_fwd_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, os_ptr, y_ptr,
+    M, N, K, R, M_KEY,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+    scale,
+    HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Y = X Wᵀ, then in the epilogue + b + s·(U Bᵀ) ⊙ o; Y written once."""
+    dtype = x_ptr.dtype.element_ty
+    pid_m, pid_n = _grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mask_m = rm < M
+    mask_n = rn < N
+    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
+    w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * stride_wn + rk[:, None] * stride_wk   # Wᵀ tile
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + rk) < K
+        xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(_op(xt, dtype, UPCAST), _op(wt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    # epilogue: + s·(U Bᵀ) ⊙ o + b
+    rr = tl.arange(0, BLOCK_R)
+    mask_r = rr < R
+    u = tl.load(u_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    bt = tl.load(b_ptr + rn.to(tl.int64)[None, :] * R + rr[:, None], mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    delta = tl.dot(_op(u, dtype, UPCAST), _op(bt, dtype, UPCAST), input_precision=DOT_PRECISION)
+    if HAS_OUT_SCALE:
+        delta = delta * tl.load(os_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    acc += tl.to_tensor(scale).to(tl.float32) * delta
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Backward kernels
+# --------------------------------------------------------------------------------------------
+
+@triton.autotune(configs=_DY_CONFIGS, key=["M_KEY", "N", "BLOCK_R", "BLOCK_M"],
+                 prune_configs_by={"early_config_prune": _prune_dy},
+                 reset_to_zero=["p_ptr", "dbias_ptr", "ds_ptr"])
+@triton.jit
+def _lowrank_bwd_dy_kernel(
+    dy_ptr, t_ptr, core_ptr, b_ptr, os_ptr,
+    dt_ptr, p_ptr, dbias_ptr, ds_ptr,
+    M, N, R, M_KEY,
+    stride_dym, stride_dyn,
+    ACTIVATION: tl.constexpr, CORE: tl.constexpr, HAS_OUT_SCALE: tl.constexpr,
+    COMPUTE_DT: tl.constexpr, COMPUTE_P: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    COMPUTE_DS: tl.constexpr, ATOMIC: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One pass over BLOCK_M rows of dY.
+
+    G = dYo B is accumulated over d in registers; per d-tile the partial dYᵀU [BLOCK_N, r]
+    (for dB = s·o⊙dYᵀU and d_o = s·rowsum(B ⊙ dYᵀU)) and Σ_rows dY (db) go to this block's
+    partial slot (or, ATOMIC, are added to slot 0). After the loop: Gᵀ Z (full core) or
+    Σ_rows G ⊙ Z (diagonal) to the dS partials, and dT = (G S) ⊙ σ'(T) to dt_ptr.
+    """
+    dtype = dy_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    if ATOMIC:
+        part = pid * 0
+    else:
+        part = pid
+    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    mask_m = rm < M
+    mask_r = rr < R
+    mask_mr = mask_m[:, None] & mask_r[None, :]
+    mask_rr = mask_r[:, None] & mask_r[None, :]
+    t_offs = rm.to(tl.int64)[:, None] * R + rr[None, :]
+    tt = tl.load(t_ptr + t_offs, mask=mask_mr, other=0.0).to(tl.float32)
+    z = _act_fwd(tt, ACTIVATION)                     # padded rows / columns: σ(0) = 0
+    if COMPUTE_P:
+        if CORE == 2:
+            st = tl.load(core_ptr + rr[None, :] * R + rr[:, None], mask=mask_rr, other=0.0)
+            u = tl.dot(z, st.to(tl.float32), input_precision=DOT_PRECISION)
+        elif CORE == 1:
+            u = z * tl.load(core_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+        else:
+            u = z
+        u_op = _op(u, dtype, UPCAST)
+    g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    part_p = p_ptr + part.to(tl.int64) * N * R
+    part_db = dbias_ptr + part.to(tl.int64) * N
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        mask_n = rn < N
+        dyt = tl.load(dy_ptr + rm.to(tl.int64)[:, None] * stride_dym + rn[None, :] * stride_dyn,
+                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        if COMPUTE_DT or COMPUTE_DS:     # G += (dY ⊙ o) B
+            if HAS_OUT_SCALE:
+                osv = tl.load(os_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
+                dyo = dyt.to(tl.float32) * osv[None, :]
+            else:
+                dyo = dyt
+            bt = tl.load(b_ptr + rn.to(tl.int64)[:, None] * R + rr[None, :],
+                         mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+            g = tl.dot(_op(dyo, dtype, UPCAST), _op(bt, dtype, UPCAST), g, input_precision=DOT_PRECISION)
+        if COMPUTE_P:                    # partial dYᵀ U [BLOCK_N, r]
+            pp = tl.dot(tl.trans(_op(dyt, dtype, UPCAST)), u_op, input_precision=DOT_PRECISION)
+            p_ptrs = part_p + rn.to(tl.int64)[:, None] * R + rr[None, :]
+            p_mask = mask_n[:, None] & mask_r[None, :]
+            if ATOMIC:
+                tl.atomic_add(p_ptrs, pp, mask=p_mask)
+            else:
+                tl.store(p_ptrs, pp, mask=p_mask)
+        if COMPUTE_DB:                   # partial Σ_rows dY
+            cs = tl.sum(dyt.to(tl.float32), axis=0)
+            if ATOMIC:
+                tl.atomic_add(part_db + rn, cs, mask=mask_n)
+            else:
+                tl.store(part_db + rn, cs, mask=mask_n)
+    if COMPUTE_DS:
+        if CORE == 2:                    # Gᵀ Z [r, r]
+            ds = tl.dot(tl.trans(g), z, input_precision=DOT_PRECISION)
+            ds_ptrs = ds_ptr + part.to(tl.int64) * R * R + rr[:, None] * R + rr[None, :]
+            if ATOMIC:
+                tl.atomic_add(ds_ptrs, ds, mask=mask_rr)
+            else:
+                tl.store(ds_ptrs, ds, mask=mask_rr)
+        else:                            # Σ_rows G ⊙ Z [r]
+            ds = tl.sum(g * z, axis=0)
+            ds_ptrs = ds_ptr + part.to(tl.int64) * R + rr
+            if ATOMIC:
+                tl.atomic_add(ds_ptrs, ds, mask=mask_r)
+            else:
+                tl.store(ds_ptrs, ds, mask=mask_r)
+    if COMPUTE_DT:
+        if CORE == 2:                    # H = G S
+            sc = tl.load(core_ptr + rr[:, None] * R + rr[None, :], mask=mask_rr, other=0.0)
+            h = tl.dot(g, sc.to(tl.float32), input_precision=DOT_PRECISION)
+        elif CORE == 1:
+            h = g * tl.load(core_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+        else:
+            h = g
+        if ACTIVATION != 0:
+            h = h * _act_grad(tt, ACTIVATION)
+        tl.store(dt_ptr + t_offs, h.to(dt_ptr.dtype.element_ty), mask=mask_mr)
+
+
+@triton.jit
+def _lowrank_bwd_finalize_kernel(
+    p_ptr, dbias_part_ptr, b_ptr, os_ptr, db_ptr, dos_ptr, dbias_ptr,
+    NP, N, R, scale,
+    HAS_OUT_SCALE: tl.constexpr, NEED_B: tl.constexpr, NEED_OS: tl.constexpr, NEED_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Sum the NP partials in order: P = dYᵀU; dB = s·o ⊙ P; d_o = s·rowsum(B ⊙ P); db = Σ dY."""
+    s = tl.to_tensor(scale).to(tl.float32)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    mask_n = rn < N
+    mask = mask_n[:, None] & (rr < R)[None, :]
+    offs = rn.to(tl.int64)[:, None] * R + rr[None, :]
+    if NEED_B or NEED_OS:
+        acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        p_ptrs = p_ptr + offs
+        for _ in range(0, NP):
+            acc += tl.load(p_ptrs, mask=mask, other=0.0)
+            p_ptrs += N * R
+        if NEED_B:
+            d_b = acc * s
+            if HAS_OUT_SCALE:
+                d_b = d_b * tl.load(os_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+            tl.store(db_ptr + offs, d_b.to(db_ptr.dtype.element_ty), mask=mask)
+        if NEED_OS:
+            b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dos_ptr + rn, (tl.sum(b * acc, axis=1) * s).to(dos_ptr.dtype.element_ty), mask=mask_n)
+    if NEED_BIAS:
+        acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        db_ptrs = dbias_part_ptr + rn
+        for _ in range(0, NP):
+            acc_b += tl.load(db_ptrs, mask=mask_n, other=0.0)
+            db_ptrs += N
+        tl.store(dbias_ptr + rn, acc_b.to(dbias_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R"],
+                 prune_configs_by={"early_config_prune": _prune_gemm})
+@triton.jit(do_not_specialize=["seed"])
+def _lowrank_bwd_dx_kernel(
+    dy_ptr, w_ptr, dt_ptr, a_ptr, dx_ptr,
+    M, N, K, R, M_KEY,
+    stride_dym, stride_dyk, stride_wk, stride_wn, stride_dxm, stride_dxn,
+    seed, dropout_p, adapter_scale,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """dX [M, N=k] = dY W (reduction over K=d), then in the epilogue + s·D'(dT A):
+    D'(V) = mask ⊙ V / (1-p), ``adapter_scale`` = s/(1-p), the mask regenerated from the seed."""
+    dtype = dy_ptr.dtype.element_ty
+    pid_m, pid_n = _grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mask_m = rm < M
+    mask_n = rn < N
+    dy_ptrs = dy_ptr + rm.to(tl.int64)[:, None] * stride_dym + rk[None, :] * stride_dyk
+    w_ptrs = w_ptr + rk.to(tl.int64)[:, None] * stride_wk + rn[None, :] * stride_wn      # W tile [BK, BN]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + rk) < K
+        dyt = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(_op(dyt, dtype, UPCAST), _op(wt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
+        dy_ptrs += BLOCK_K * stride_dyk
+        w_ptrs += BLOCK_K * stride_wk
+    # epilogue: + s·D'(dT A)
+    rr = tl.arange(0, BLOCK_R)
+    mask_r = rr < R
+    dtt = tl.load(dt_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    at = tl.load(a_ptr + rr[:, None] * N + rn[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    adapter = tl.dot(_op(dtt, dtype, UPCAST), _op(at, dtype, UPCAST), input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        adapter = tl.where(_keep_mask(seed, rm, rn, N, tl.to_tensor(dropout_p).to(tl.float32)), adapter, 0.0)
+    acc += tl.to_tensor(adapter_scale).to(tl.float32) * adapter
+    dx_ptrs = dx_ptr + rm.to(tl.int64)[:, None] * stride_dxm + rn[None, :] * stride_dxn
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.autotune(configs=_DA_CONFIGS, key=["M_KEY", "K", "BLOCK_R"],
+                 prune_configs_by={"early_config_prune": _prune_da})
+@triton.jit(do_not_specialize=["seed"])
+def _lowrank_bwd_da_kernel(
+    dt_ptr, x_ptr, part_ptr,
+    M, K, R, M_KEY,
+    stride_xm, stride_xk,
+    seed, dropout_p,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Partial dTᵀ (mask ⊙ X) [r, BLOCK_K] over this program's share of the rows (grid axis 1
+    splits M); the scale s/(1-p) is applied when the partials are summed."""
+    dtype = x_ptr.dtype.element_ty
+    p = tl.to_tensor(dropout_p).to(tl.float32)
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    split = tl.num_programs(1)
+    rows = tl.cdiv(tl.cdiv(M, split), BLOCK_M) * BLOCK_M
+    m_start = pid_s * rows
+    m_end = tl.minimum(m_start + rows, M)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    mask_k = rk < K
+    mask_r = rr < R
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        mask_m = rm < m_end
+        dtt = tl.load(dt_ptr + rm.to(tl.int64)[None, :] * R + rr[:, None],       # dTᵀ tile [BR, BM]
+                      mask=mask_r[:, None] & mask_m[None, :], other=0.0)
+        xt = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk,
+                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            xt = tl.where(_keep_mask(seed, rm, rk, K, p), xt, 0.0)
+        acc = tl.dot(_op(dtt, dtype, UPCAST), _op(xt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
+    out = part_ptr + pid_s.to(tl.int64) * R * K + rr[:, None] * K + rk[None, :]
+    tl.store(out, acc, mask=mask_r[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def _sum_partials_kernel(part_ptr, out_ptr, NP, N, scale, BLOCK: tl.constexpr):
+    """out = s·Σ_i part[i] over NP partials of N values each, in index order (deterministic)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    ptrs = part_ptr + offs
+    for _ in range(0, NP):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += N
+    tl.store(out_ptr + offs, (acc * tl.to_tensor(scale).to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_mask_kernel(out_ptr, M, K, seed, dropout_p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The keep-mask the kernels use, written as int8 (tests and references)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = _keep_mask(seed, rm, rk, K, tl.to_tensor(dropout_p).to(tl.float32))
+    mask = (rm < M)[:, None] & (rk < K)[None, :]
+    tl.store(out_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], keep.to(tl.int8), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _autotuning() -> bool:
+    return not _interpreting() and os.environ.get("FASTPEFT_AUTOTUNE", "1") != "0"
+
+
+def _dot_precision(dtype) -> str:
+    """fp32 inputs: exact fp32 products unless torch allows TF32 for matmuls (as F.linear)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _block_r(r: int) -> int:
+    if r > MAX_RANK:
+        raise ValueError(f"the Triton low-rank kernels support r <= {MAX_RANK}, got r={r}; "
+                         "use fastpeft.use_backend('torch') for larger ranks")
+    return max(16, _pow2(r))
+
+
+def _interp_block(n: int, cap: int = 128) -> int:
+    """Under the interpreter: one block over small dims (cost grows with programs × steps)."""
+    return min(cap, max(16, _pow2(n)))
+
+
+def _launch(kernel, grid, args: dict, fallback: dict):
+    """Autotuned launch, or (autotuning off, and always under the interpreter) the heuristic
+    ``fallback`` meta-parameters (with ``num_warps``/``num_stages``) on the bare kernel."""
+    if _autotuning():
+        kernel[grid](**args)
+    else:
+        kernel.fn[grid](**args, **fallback)
+
+
+def _fallback(configs) -> dict:
+    c = configs[0]
+    return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+
+
+def _check_dtype(x):
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"the Triton low-rank kernels take float32, float16 or bfloat16, got {x.dtype}")
+
+
+class _device:
+    """The tensors' CUDA device as the current one while launching (no-op on CPU)."""
+
+    def __init__(self, t):
+        self.ctx = torch.cuda.device(t.device) if t.device.type == "cuda" else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+        return False
+
+
+def dropout_keep_mask(seed: int, M: int, k: int, dropout_p: float, device) -> torch.Tensor:
+    """bool [M, k]: the exact keep-mask of the kernels for ``seed`` (True = kept)."""
+    device = torch.device(device)
+    out = torch.empty((M, k), dtype=torch.int8, device=device)
+    if M == 0 or k == 0:
+        return out.bool()
+    bm, bk = (_interp_block(M, 256), _interp_block(k, 256)) if _interpreting() else (64, 64)
+    with _device(out):
+        _dropout_mask_kernel[(triton.cdiv(M, bm), triton.cdiv(k, bk))](
+            out, M, k, int(seed), float(dropout_p), BLOCK_M=bm, BLOCK_K=bk)
+    return out.bool()
+
+
+def lowrank_fwd(x, weight, bias, lora_A, lora_B, core, out_scale, scale: float, dropout_p: float,
+                seed: int, activation):
+    """Forward on 2-D x [M, k]: returns (Y [M, d], T [M, r]), both in x's dtype; T is the
+    pre-activation D(X)Aᵀ that backward needs."""
+    _check_dtype(x)
+    M, K = x.shape
+    N = weight.shape[0]
+    R = lora_A.shape[0]
+    BR = _block_r(R)
+    act = _ACTIVATIONS[activation]
+    core_kind = 0 if core is None else (1 if core.dim() == 1 else 2)
+    a = lora_A.contiguous()
+    b = lora_B.contiguous()
+    core_c = core.contiguous() if core is not None else a
+    t = torch.empty((M, R), dtype=x.dtype, device=x.device)
+    store_u = core_kind != 0 or act != 0
+    u = torch.empty((M, R), dtype=x.dtype, device=x.device) if store_u else t
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    interp = _interpreting()
+    common = dict(UPCAST=interp, DOT_PRECISION=_dot_precision(x.dtype), BLOCK_R=BR)
+    m_key = _pow2(M)
+    p = float(dropout_p)
+    with _device(x):
+        args = dict(x_ptr=x, a_ptr=a, core_ptr=core_c, t_ptr=t, u_ptr=u, M=M, K=K, R=R, M_KEY=m_key,
+                    stride_xm=x.stride(0), stride_xk=x.stride(1), seed=int(seed), dropout_p=p,
+                    inv_keep=1.0 / (1.0 - p), ACTIVATION=act, CORE=core_kind, HAS_DROPOUT=p > 0.0,
+                    STORE_U=store_u, **common)
+        if interp:
+            fb = dict(BLOCK_M=_interp_block(M), BLOCK_K=_interp_block(K), num_warps=4, num_stages=1)
+        elif not _autotuning():
+            arch, smem, _ = _limits_of(x)
+            fb = _fallback(_t_keep(_T_CONFIGS, arch, smem, M, BR, x.element_size()))
+        else:
+            fb = {}
+        _launch(_lowrank_fwd_t_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),), args, fb)
+
+        args = dict(x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else x, u_ptr=u, b_ptr=b,
+                    os_ptr=out_scale if out_scale is not None else x, y_ptr=y,
+                    M=M, N=N, K=K, R=R, M_KEY=m_key,
+                    stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=weight.stride(0),
+                    stride_wk=weight.stride(1), stride_ym=y.stride(0), stride_yn=y.stride(1),
+                    scale=float(scale), HAS_BIAS=bias is not None, HAS_OUT_SCALE=out_scale is not None,
+                    GROUP_M=_GROUP_M, **common)
+        if interp:
+            fb = dict(BLOCK_M=_interp_block(M), BLOCK_N=_interp_block(N), BLOCK_K=_interp_block(K),
+                      num_warps=4, num_stages=1)
+        elif not _autotuning():
+            arch, smem, _ = _limits_of(x)
+            fb = _fallback(_gemm_keep(_GEMM_CONFIGS, arch, smem, M, N, BR, x.element_size()))
+        else:
+            fb = {}
+        _launch(_lowrank_fwd_gemm_kernel,
+                lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),), args, fb)
+    return y, t
+
+
+def _dy_block_m(M: int, block_r: int) -> int:
+    """Rows per program of the pass over dY (fixed by the launcher: it sizes the partials)."""
+    if _interpreting():
+        return _interp_block(M)
+    return min(64, max(16, _pow2(M)))
+
+
+def lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
+                activation, need_x: bool, need_A: bool, need_B: bool, need_core: bool,
+                need_out_scale: bool, need_bias: bool, deterministic: bool = False):
+    """Backward on 2-D tensors: returns (dX, dA, dB, dcore, dout_scale, dbias), ``None`` where
+    not needed. ``x`` may be ``None`` unless ``need_A``. ``deterministic``: partials reduced in
+    a fixed order (bit-identical across runs) instead of fp32 atomics.
+
+    Derivation (module docstring names)::
+
+        dYo = dY ⊙ o;  G = dYo B;  H = G S | G ⊙ S | G;  dT = H ⊙ σ'(T)
+        dX = dY W + s·D'(dT A)                  (∂Y/∂X through the base and the adapter)
+        dB = s·dYoᵀ U                           (Y ∋ s·(U Bᵀ) ⊙ o)
+        d_o = s·rowsum(B ⊙ dYᵀU)               (Σ_m dY[m, j]·(U Bᵀ)[m, j])
+        dS = s·Gᵀ Z | s·Σ_rows G ⊙ Z            (U = Z Sᵀ | Z ⊙ S)
+        dA = s·dTᵀ D(X)                         (T = D(X) Aᵀ)
+        db = Σ_rows dY
+    """
+    _check_dtype(grad_y)
+    if need_A and x is None:
+        raise ValueError("lowrank_bwd needs x when need_A is True")
+    M, N = grad_y.shape
+    K = weight.shape[1]
+    R = lora_A.shape[0]
+    BR = _block_r(R)
+    dev = grad_y.device
+    act = _ACTIVATIONS[activation]
+    core_kind = 0 if core is None else (1 if core.dim() == 1 else 2)
+    need_core = bool(need_core and core is not None)
+    need_out_scale = bool(need_out_scale and out_scale is not None)
+    a = lora_A.contiguous()
+    b = lora_B.contiguous()
+    core_c = core.contiguous() if core is not None else a
+    t = T.contiguous()
+    interp = _interpreting()
+    precision = _dot_precision(grad_y.dtype)
+    p = float(dropout_p)
+    s = float(scale)
+    f32 = torch.float32
+    dx = d_a = d_b = d_core = d_os = d_bias = None
+    need_dt = need_x or need_A
+    need_p = need_B or need_out_scale
+    with _device(grad_y):
+        # one pass over dY
+        bm = _dy_block_m(M, BR)
+        np_ = 1 if not deterministic else triton.cdiv(M, bm)
+        alloc = torch.zeros if not deterministic else torch.empty
+        d_t = torch.empty((M, R), dtype=grad_y.dtype, device=dev) if need_dt else t
+        p_part = alloc((np_, N, R), dtype=f32, device=dev) if need_p else grad_y.new_empty(1, dtype=f32)
+        db_part = alloc((np_, N), dtype=f32, device=dev) if need_bias else grad_y.new_empty(1, dtype=f32)
+        ds_numel = (R * R if core_kind == 2 else R) if need_core else 1
+        ds_part = alloc((np_ if need_core else 1, ds_numel), dtype=f32, device=dev)
+        if need_dt or need_p or need_core or need_bias:
+            args = dict(dy_ptr=grad_y, t_ptr=t, core_ptr=core_c, b_ptr=b,
+                        os_ptr=out_scale if out_scale is not None else grad_y,
+                        dt_ptr=d_t, p_ptr=p_part, dbias_ptr=db_part, ds_ptr=ds_part,
+                        M=M, N=N, R=R, M_KEY=_pow2(M), stride_dym=grad_y.stride(0), stride_dyn=grad_y.stride(1),
+                        ACTIVATION=act, CORE=core_kind, HAS_OUT_SCALE=out_scale is not None,
+                        COMPUTE_DT=need_dt, COMPUTE_P=need_p, COMPUTE_DB=need_bias, COMPUTE_DS=need_core,
+                        ATOMIC=not deterministic, UPCAST=interp, DOT_PRECISION=precision,
+                        BLOCK_R=BR, BLOCK_M=bm)
+            if interp:
+                fb = dict(BLOCK_N=_interp_block(N), num_warps=4, num_stages=1)
+            elif not _autotuning():
+                arch, smem, _ = _limits_of(grad_y)
+                fb = _fallback(_dy_keep(_DY_CONFIGS, arch, smem, bm, N, BR, grad_y.element_size()))
+            else:
+                fb = {}
+            _launch(_lowrank_bwd_dy_kernel, (triton.cdiv(M, bm),), args, fb)
+
+        if need_p or need_bias:
+            d_b = torch.empty_like(lora_B) if need_B else None
+            d_os = torch.empty_like(out_scale) if need_out_scale else None
+            d_bias = torch.empty((N,), dtype=grad_y.dtype, device=dev) if need_bias else None
+            bn = _interp_block(N) if interp else 64
+            _lowrank_bwd_finalize_kernel[(triton.cdiv(N, bn),)](
+                p_part, db_part, b, out_scale if out_scale is not None else b,
+                d_b if d_b is not None else b, d_os if d_os is not None else b,
+                d_bias if d_bias is not None else b, np_, N, R, s,
+                HAS_OUT_SCALE=out_scale is not None, NEED_B=need_B, NEED_OS=need_out_scale,
+                NEED_BIAS=need_bias, BLOCK_R=BR, BLOCK_N=bn)
+
+        if need_core:
+            d_core = torch.empty_like(core_c)
+            _sum_partials(ds_part, d_core, np_, s)
+
+        if need_x:
+            dx = torch.empty((M, K), dtype=grad_y.dtype, device=dev)
+            args = dict(dy_ptr=grad_y, w_ptr=weight, dt_ptr=d_t, a_ptr=a, dx_ptr=dx,
+                        M=M, N=K, K=N, R=R, M_KEY=_pow2(M),
+                        stride_dym=grad_y.stride(0), stride_dyk=grad_y.stride(1),
+                        stride_wk=weight.stride(0), stride_wn=weight.stride(1),
+                        stride_dxm=dx.stride(0), stride_dxn=dx.stride(1),
+                        seed=int(seed), dropout_p=p, adapter_scale=s / (1.0 - p),
+                        HAS_DROPOUT=p > 0.0, UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR,
+                        GROUP_M=_GROUP_M)
+            if interp:
+                fb = dict(BLOCK_M=_interp_block(M), BLOCK_N=_interp_block(K), BLOCK_K=_interp_block(N),
+                          num_warps=4, num_stages=1)
+            elif not _autotuning():
+                arch, smem, _ = _limits_of(grad_y)
+                fb = _fallback(_gemm_keep(_GEMM_CONFIGS, arch, smem, M, K, BR, grad_y.element_size()))
+            else:
+                fb = {}
+            _launch(_lowrank_bwd_dx_kernel,
+                    lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),), args, fb)
+
+        if need_A:
+            if interp:
+                split = 1
+            else:
+                _, _, sms = _limits_of(grad_y)
+                split = max(1, min(triton.cdiv(2 * sms, triton.cdiv(K, 64)), triton.cdiv(M, 256)))
+            da_part = torch.empty((split, R * K), dtype=f32, device=dev)
+            args = dict(dt_ptr=d_t, x_ptr=x, part_ptr=da_part, M=M, K=K, R=R, M_KEY=_pow2(M),
+                        stride_xm=x.stride(0), stride_xk=x.stride(1), seed=int(seed), dropout_p=p,
+                        HAS_DROPOUT=p > 0.0, UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR)
+            if interp:
+                fb = dict(BLOCK_M=_interp_block(M), BLOCK_K=_interp_block(K), num_warps=4, num_stages=1)
+            elif not _autotuning():
+                arch, smem, _ = _limits_of(grad_y)
+                fb = _fallback(_da_keep(_DA_CONFIGS, arch, smem, M, K, BR, grad_y.element_size()))
+            else:
+                fb = {}
+            _launch(_lowrank_bwd_da_kernel, lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), split), args, fb)
+            d_a = torch.empty_like(a)
+            _sum_partials(da_part, d_a, split, s / (1.0 - p))
+    return dx, d_a, d_b, d_core, d_os, d_bias
+
+
+def _sum_partials(part, out, n_partials: int, scale: float):
+    n = out.numel()
+    block = _interp_block(n, 1 << 16) if _interpreting() else 1024
+    _sum_partials_kernel[(triton.cdiv(n, block),)](part, out, n_partials, n, scale, BLOCK=block)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel inventory for the static (ahead-of-time) checks
+# --------------------------------------------------------------------------------------------
+
+def _flags(problem):
+    dt = dtype_name(problem["dtype"])
+    return dt, {"UPCAST": False, "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32",
+                "BLOCK_R": max(16, _pow2(problem["R"]))}
+
+
+def _sig_fwd_t(problem, config):
+    dt, common = _flags(problem)
+    types = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "core_ptr": f"*{dt}", "t_ptr": f"*{dt}", "u_ptr": f"*{dt}",
+             "M": "i32", "K": "i32", "R": "i32", "M_KEY": "i32", "stride_xm": "i32",
+             "seed": "i32", "dropout_p": "fp32", "inv_keep": "fp32"}
+    cex = {"stride_xk": 1, "ACTIVATION": 2, "CORE": 2, "HAS_DROPOUT": True, "STORE_U": True, **common,
+           **config.kwargs}
+    return types, cex
+
+
+def _sig_fwd_gemm(problem, config):
+    dt, common = _flags(problem)
+    types = {k: f"*{dt}" for k in ("x_ptr", "w_ptr", "bias_ptr", "u_ptr", "b_ptr", "os_ptr", "y_ptr")}
+    types.update({k: "i32" for k in ("M", "N", "K", "R", "M_KEY", "stride_xm", "stride_wn", "stride_ym")})
+    types["scale"] = "fp32"
+    cex = {"stride_xk": 1, "stride_wk": 1, "stride_yn": 1, "HAS_BIAS": True, "HAS_OUT_SCALE": True,
+           "GROUP_M": _GROUP_M, **common, **config.kwargs}
+    return types, cex
+
+
+def _sig_bwd_dy(problem, config):
+    dt, common = _flags(problem)
+    types = {k: f"*{dt}" for k in ("dy_ptr", "t_ptr", "core_ptr", "b_ptr", "os_ptr", "dt_ptr")}
+    types.update({k: "*fp32" for k in ("p_ptr", "dbias_ptr", "ds_ptr")})
+    types.update({k: "i32" for k in ("M", "N", "R", "M_KEY", "stride_dym")})
+    cex = {"stride_dyn": 1, "ACTIVATION": 2, "CORE": 2, "HAS_OUT_SCALE": True, "COMPUTE_DT": True,
+           "COMPUTE_P": True, "COMPUTE_DB": True, "COMPUTE_DS": True,
+           "ATOMIC": problem.get("atomic", False), "BLOCK_M": problem["BLOCK_M_DY"], **common, **config.kwargs}
+    return types, cex
+
+
+def _sig_bwd_dx(problem, config):
+    dt, common = _flags(problem)
+    types = {k: f"*{dt}" for k in ("dy_ptr", "w_ptr", "dt_ptr", "a_ptr", "dx_ptr")}
+    types.update({k: "i32" for k in ("M", "N", "K", "R", "M_KEY", "stride_dym", "stride_wk", "stride_dxm", "seed")})
+    types.update({"dropout_p": "fp32", "adapter_scale": "fp32"})
+    cex = {"stride_dyk": 1, "stride_wn": 1, "stride_dxn": 1, "HAS_DROPOUT": True, "GROUP_M": _GROUP_M,
+           **common, **config.kwargs}
+    return types, cex
+
+
+def _sig_bwd_da(problem, config):
+    dt, common = _flags(problem)
+    types = {"dt_ptr": f"*{dt}", "x_ptr": f"*{dt}", "part_ptr": "*fp32", "M": "i32", "K": "i32", "R": "i32",
+             "M_KEY": "i32", "stride_xm": "i32", "seed": "i32", "dropout_p": "fp32"}
+    cex = {"stride_xk": 1, "HAS_DROPOUT": True, **common, **config.kwargs}
+    return types, cex
+
+
+def _sig_finalize(problem, config):
+    dt, common = _flags(problem)
+    types = {"p_ptr": "*fp32", "dbias_part_ptr": "*fp32", "b_ptr": f"*{dt}", "os_ptr": f"*{dt}",
+             "db_ptr": f"*{dt}", "dos_ptr": f"*{dt}", "dbias_ptr": f"*{dt}", "NP": "i32", "N": "i32",
+             "R": "i32", "scale": "fp32"}
+    cex = {"HAS_OUT_SCALE": True, "NEED_B": True, "NEED_OS": True, "NEED_BIAS": True,
+           "BLOCK_R": common["BLOCK_R"], **config.kwargs}
+    return types, cex
+
+
+def _sig_sum(problem, config):
+    dt, _ = _flags(problem)
+    return ({"part_ptr": "*fp32", "out_ptr": f"*{dt}", "NP": "i32", "N": "i32", "scale": "fp32"},
+            dict(config.kwargs))
+
+
+def _sig_mask(problem, config):
+    return ({"out_ptr": "*i8", "M": "i32", "K": "i32", "seed": "i32", "dropout_p": "fp32"}, dict(config.kwargs))
+
+
+def _elem_of(problem) -> int:
+    return {"fp16": 2, "bf16": 2, "fp32": 4}[dtype_name(problem["dtype"])]
+
+
+def _br(problem) -> int:
+    return max(16, _pow2(problem["R"]))
+
+
+# ``configs_for(arch, problem)``: the configs the prune function keeps on ``arch`` (device limit
+# SMEM_LIMIT[arch]); problem keys: M, N (= d), K (= k), R, dtype, and BLOCK_M_DY for the dY pass.
+KERNELS = [
+    KernelSpec("lowrank_fwd_t", _lowrank_fwd_t_kernel,
+               lambda arch, pr: _t_keep(_T_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], _br(pr), _elem_of(pr)),
+               _sig_fwd_t),
+    KernelSpec("lowrank_fwd_gemm", _lowrank_fwd_gemm_kernel,
+               lambda arch, pr: _gemm_keep(_GEMM_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["N"], _br(pr),
+                                           _elem_of(pr)),
+               _sig_fwd_gemm),
+    KernelSpec("lowrank_bwd_dy", _lowrank_bwd_dy_kernel,
+               lambda arch, pr: _dy_keep(_DY_CONFIGS, arch, SMEM_LIMIT[arch], pr["BLOCK_M_DY"], pr["N"], _br(pr),
+                                         _elem_of(pr)),
+               _sig_bwd_dy),
+    KernelSpec("lowrank_bwd_dx", _lowrank_bwd_dx_kernel,
+               lambda arch, pr: _gemm_keep(_GEMM_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["K"], _br(pr),
+                                           _elem_of(pr)),
+               _sig_bwd_dx),
+    KernelSpec("lowrank_bwd_da", _lowrank_bwd_da_kernel,
+               lambda arch, pr: _da_keep(_DA_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["K"], _br(pr),
+                                         _elem_of(pr)),
+               _sig_bwd_da),
+    KernelSpec("lowrank_bwd_finalize", _lowrank_bwd_finalize_kernel,
+               lambda arch, pr: [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=1)],
+               _sig_finalize, tensor_cores=False),
+    KernelSpec("sum_partials", _sum_partials_kernel,
+               lambda arch, pr: [triton.Config({"BLOCK": 1024}, num_warps=4, num_stages=1)],
+               _sig_sum, tensor_cores=False),
+    KernelSpec("dropout_mask", _dropout_mask_kernel,
+               lambda arch, pr: [triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)],
+               _sig_mask, tensor_cores=False),
+]
