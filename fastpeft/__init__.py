@@ -8,8 +8,10 @@ torch.Size([5, 8])
 """
 
 from ._backend import get_backend, use_backend
+from .adalora import AdaLoRABudget, budget_schedule, orthogonality_loss
 from .config import AdapterConfig
 from .inject import adapter_state_dict, inject, load_adapter, save_adapter, trainable_parameter_count
+from .lamda import PMBFreezer, energy_scores, lamda_plus_ranks, pmb_freezer_callback
 from .nn import LowRankLinear
 from .ops.lowrank import LowRankLinearFunction, lowrank_linear
 from .peft_compat import from_peft, to_peft
@@ -17,15 +19,22 @@ from .peft_compat import from_peft, to_peft
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoRABudget",
     "AdapterConfig",
     "LowRankLinear",
     "LowRankLinearFunction",
+    "PMBFreezer",
     "adapter_state_dict",
+    "budget_schedule",
+    "energy_scores",
     "from_peft",
     "get_backend",
     "inject",
+    "lamda_plus_ranks",
     "load_adapter",
     "lowrank_linear",
+    "orthogonality_loss",
+    "pmb_freezer_callback",
     "save_adapter",
     "to_peft",
     "trainable_parameter_count",
