@@ -26,7 +26,7 @@ from .config import AdapterConfig
 from .inject import _find_targets, lowrank_layers
 from .nn.linear import LowRankLinear
 
-__all__ = ["PMBFreezer", "pmb_freeze_step", "pmb_freezer_callback", "energy_scores",
+__all__ = ["PMBFreezer", "pmb_freeze_step", "pmb_freezer_callback", "energy_curve", "energy_scores",
            "lamda_plus_ranks"]
 
 
@@ -83,7 +83,8 @@ class PMBFreezer:
 
     Args:
         model: a model adapted by :func:`fastpeft.inject` (or any module holding fastpeft layers).
-        freeze_b_steps: T; defaults to the model's ``AdapterConfig.freeze_b_steps``.
+        freeze_b_steps: T; defaults to the ``AdapterConfig.freeze_b_steps`` that
+            :func:`fastpeft.inject` recorded on the model (or on an adapted submodule).
         layers: names of the layers to schedule; default: every fastpeft layer whose
             ``lora_B`` requires grad when the freezer is built.
         optimizer: optional ``torch.optim.Optimizer`` to step from (see above).
@@ -105,8 +106,9 @@ class PMBFreezer:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if freeze_b_steps is None:
-            config = getattr(model, "fastpeft_config", None)
-            freeze_b_steps = getattr(config, "freeze_b_steps", None)
+            # the config that inject recorded, on the model or on an adapted submodule
+            configs = [m.fastpeft_config for m in model.modules() if hasattr(m, "fastpeft_config")]
+            freeze_b_steps = next((c.freeze_b_steps for c in configs if c.freeze_b_steps is not None), None)
             if freeze_b_steps is None:
                 raise ValueError("freeze_b_steps is not given and the model's AdapterConfig has "
                                  "freeze_b_steps=None: pass freeze_b_steps=<steps>")
@@ -336,10 +338,23 @@ def _singular_values(name: str, module: nn.Module) -> Tensor:
     return torch.linalg.svdvals(weight.detach().to(torch.float64))
 
 
-def energy_scores(model: nn.Module, targets, energy_rank: int) -> dict[str, float]:
-    """The normalised energy score of each targeted layer's pretrained weight W:
+def energy_curve(name: str, module: nn.Module) -> Tensor:
+    """The normalised cumulative energy of one layer's weight, float64 [n + 1]:
 
-        e(W) = Σ_{i ≤ ρ} σ_i² / Σ_i σ_i²          σ_1 ≥ σ_2 ≥ …  the singular values of W
+        e(k) = Σ_{i ≤ k} σ_i² / Σ_i σ_i²          k = 0 … n = min(d, k_in),  e(0) = 0, e(n) = 1
+
+    σ_1 ≥ σ_2 ≥ … the singular values of W (a zero W counts as a flat spectrum)."""
+    sq = _singular_values(name, module) ** 2
+    total = sq.sum()
+    if total <= 0:
+        sq, total = torch.ones_like(sq), torch.tensor(float(sq.numel()), dtype=sq.dtype)
+    return torch.cat([sq.new_zeros(1), torch.cumsum(sq, 0) / total]).clamp_(max=1.0)
+
+
+def energy_scores(model: nn.Module, targets, energy_rank: int) -> dict[str, float]:
+    """The normalised energy score e(ρ) of each targeted layer's pretrained weight W:
+
+        e(ρ) = Σ_{i ≤ ρ} σ_i² / Σ_i σ_i²          σ_1 ≥ σ_2 ≥ …  the singular values of W
 
     the share of W's energy (squared Frobenius norm) in its top ρ = ``energy_rank`` singular
     directions; 1 means W is (numerically) of rank ≤ ρ. ``targets``: an AdapterConfig, or a
@@ -348,40 +363,49 @@ def energy_scores(model: nn.Module, targets, energy_rank: int) -> dict[str, floa
         raise ValueError(f"energy_rank must be an int >= 1, got {energy_rank!r}")
     scores = {}
     for name, module, _ in _target_layers(model, targets):
-        sq = _singular_values(name, module) ** 2
-        total = sq.sum().item()
-        scores[name] = sq[:energy_rank].sum().item() / total if total > 0 else 1.0
+        curve = energy_curve(name, module)
+        scores[name] = curve[min(energy_rank, curve.numel() - 1)].item()
     return scores
+
+
+def _rank_at_energy(curve: Tensor, tau: float) -> float:
+    """e⁻¹(τ) on the piecewise-linear curve through (k, e(k)): the (fractional) rank at which
+    the layer holds a share τ of its energy."""
+    if tau <= 0.0:
+        return 0.0
+    k = int(torch.searchsorted(curve, torch.tensor(tau, dtype=curve.dtype)).item())
+    k = min(max(k, 1), curve.numel() - 1)
+    lo, hi = curve[k - 1].item(), curve[k].item()
+    return (k - 1) + (0.0 if hi <= lo else min(1.0, max(0.0, (tau - lo) / (hi - lo))))
 
 
 def lamda_plus_ranks(model: nn.Module, targets: Union[AdapterConfig, list[str], str, None],
                      mean_rank: int, *, multiple: int = 8, min_rank: Optional[int] = None,
-                     max_rank: Optional[int] = None,
-                     energy_rank: Optional[int] = None) -> dict[str, int]:
+                     max_rank: Optional[int] = None) -> dict[str, int]:
     """LaMDA++: per-layer ranks from the spectrum of each pretrained weight, under the budget of
     ``mean_rank`` per layer. Returns ``{layer name: r}`` for ``fastpeft.inject(model, config,
     ranks=...)``.
 
     For the L targeted layers, with budget R = mean_rank · L:
 
-    1. normalised energy score  e_ℓ = Σ_{i ≤ ρ} σ_{ℓ,i}² / Σ_i σ_{ℓ,i}²  (:func:`energy_scores`,
-       ρ = ``energy_rank``, default ``mean_rank``): how much of W_ℓ the top ρ singular
-       directions already hold;
-    2. weight  w_ℓ = 1 − e_ℓ , the energy outside them: a layer whose energy concentrates in
-       few singular values (e_ℓ → 1) gets less rank, a layer with a flat spectrum more
-       (w_ℓ is floored at 10⁻¹², so layers of rank ≤ ρ fill up last);
-    3. continuous ranks  t_ℓ = clip(λ·w_ℓ, lo, hi_ℓ)  with λ chosen (bisection) so that
-       Σ t_ℓ = q·round(R/q) (water-filling: layers clipped at a bound keep it, the others share
-       the rest in proportion to w_ℓ); lo = ``min_rank`` (default ``multiple``), hi_ℓ = the largest multiple
-       of ``multiple`` ≤ min(``max_rank``, d_ℓ, k_ℓ) (``max_rank`` default 4·mean_rank);
-    4. rounding to multiples of q = ``multiple`` by largest remainders: every layer gets
+    1. normalised energy score of each layer, as a function of the rank (:func:`energy_curve`):
+       e_ℓ(k) = Σ_{i ≤ k} σ_{ℓ,i}² / Σ_i σ_{ℓ,i}², linear between integer k;
+    2. one energy level τ for all layers: every layer gets the rank at which it holds the share
+       τ of its energy,  t_ℓ = clip(e_ℓ⁻¹(τ), lo, hi_ℓ),  with τ ∈ [0, 1] found by bisection
+       so that Σ t_ℓ = q·round(R/q). A layer whose energy concentrates in few singular values
+       reaches τ early and gets less rank; a layer with a flat spectrum gets more.
+       lo = ``min_rank`` (default ``multiple``); hi_ℓ = the largest multiple of ``multiple``
+       ≤ min(``max_rank``, d_ℓ, k_ℓ) (``max_rank`` default 4·mean_rank);
+    3. rounding to multiples of q = ``multiple`` by largest remainders: every layer gets
        q·⌊t_ℓ/q⌋, then the U − Σ⌊t_ℓ/q⌋ units left (U = round(R / q)) go, one q each, to the
        layers with the largest fractional parts t_ℓ/q − ⌊t_ℓ/q⌋, earlier layers (module order)
        first on ties, never above hi_ℓ.
 
     So Σ r_ℓ = q·round(R/q) (exactly R when R is a multiple of q), every r_ℓ is a multiple of q
-    in [lo, hi_ℓ], and |r_ℓ − t_ℓ| < q. Deterministic: the same weights give the same ranks.
-    Singular values are computed in float64.
+    in [lo, hi_ℓ], and |r_ℓ − t_ℓ| < q (unless even τ = 1 leaves budget over, for weights of
+    rank below their share: step 3 then places the rest below the caps). Example: four 64×64 weights with flat spectra of rank
+    16, 32, 32 and 48 (e_ℓ(k) = k / rank_ℓ) and mean_rank 16 give τ = ½ and ranks 8, 16, 16,
+    24. Deterministic: the same weights give the same ranks. Singular values in float64.
 
     >>> import torch, fastpeft
     >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
@@ -402,8 +426,6 @@ def lamda_plus_ranks(model: nn.Module, targets: Union[AdapterConfig, list[str], 
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < lo:
         raise ValueError(f"max_rank must be an int >= min_rank={lo}, got {max_rank!r}")
     layers = _target_layers(model, targets)
-    scores = energy_scores(model, AdapterConfig(method="lamda", target_modules=[n for n, *_ in layers]),
-                           mean_rank if energy_rank is None else energy_rank)
     names = [n for n, *_ in layers]
     hi = {n: (min(cap, d, k) // q) * q for n, _, (d, k) in layers}
     small = [n for n in names if hi[n] < lo]
@@ -416,14 +438,10 @@ def lamda_plus_ranks(model: nn.Module, targets: Union[AdapterConfig, list[str], 
         raise ValueError(f"the budget mean_rank={mean_rank} × {len(names)} layers (rounded to "
                          f"{units * q}) lies outside [min_rank·L = {lo * len(names)}, "
                          f"Σ max ranks = {sum(hi.values())}]: change mean_rank, min_rank or max_rank")
+    curves = {n: energy_curve(n, module) for n, module, _ in layers}
+    target = _energy_fill(names, curves, lo, hi, float(units * q))
 
-    # a weight of exactly 0 (W of rank ≤ ρ) becomes tiny, so such layers are filled last
-    weight = {n: max(1e-12, 1.0 - scores[n]) for n in names}
-    target = _water_fill(names, weight, {n: float(lo) for n in names},
-                         {n: float(hi[n]) for n in names}, float(units * q))
-
-    base = {n: min(int(math.floor(target[n] / q + 1e-9)), hi[n] // q) for n in names}
-    base = {n: max(base[n], lo // q) for n in names}
+    base = {n: max(lo // q, min(int(math.floor(target[n] / q + 1e-9)), hi[n] // q)) for n in names}
     left = units - sum(base.values())
     order = sorted(range(len(names)), key=lambda i: (-(target[names[i]] / q - base[names[i]]), i))
     while left > 0:
@@ -436,7 +454,7 @@ def lamda_plus_ranks(model: nn.Module, targets: Union[AdapterConfig, list[str], 
                 progressed = True
         if not progressed:  # cannot happen: the budget check bounds units by Σ hi
             raise RuntimeError("LaMDA++ rounding could not place the budget")
-    while left < 0:  # rounding the budget down below Σ ⌊t/q⌋ (only through the 1e-9 guard)
+    while left < 0:  # only through the 1e-9 guard on ⌊t/q⌋
         for i in reversed(order):
             n = names[i]
             if left and base[n] > lo // q:
@@ -445,19 +463,16 @@ def lamda_plus_ranks(model: nn.Module, targets: Union[AdapterConfig, list[str], 
     return {n: base[n] * q for n in names}
 
 
-def _water_fill(names, weight, lo, hi, total) -> dict[str, float]:
-    """t_n = clip(λ·w_n, lo_n, hi_n) with Σ t_n = total, λ found by bisection (Σ t_n grows
-    monotonically with λ; the bounds are feasible and every w_n > 0)."""
-    def fill(lam):
-        return {n: min(hi[n], max(lo[n], lam * weight[n])) for n in names}
+def _energy_fill(names, curves, lo, hi, total) -> dict[str, float]:
+    """t_n = clip(e_n⁻¹(τ), lo, hi_n) with Σ t_n = total; Σ t_n grows with τ, so bisect τ."""
+    def fill(tau):
+        return {n: min(float(hi[n]), max(float(lo), _rank_at_energy(curves[n], tau))) for n in names}
 
-    lam_lo, lam_hi = 0.0, 1.0
-    while sum(fill(lam_hi).values()) < total and lam_hi < 1e300:
-        lam_hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lam_lo + lam_hi)
+    t_lo, t_hi = 0.0, 1.0
+    for _ in range(60):
+        mid = 0.5 * (t_lo + t_hi)
         if sum(fill(mid).values()) < total:
-            lam_lo = mid
+            t_lo = mid
         else:
-            lam_hi = mid
-    return fill(lam_hi)
+            t_hi = mid
+    return fill(t_hi)

@@ -243,10 +243,25 @@ def _with_spectrum(sigma, d=None, k=None, seed=0):
     return layer
 
 
-def _two_level(tail_energy, n=64, head=16):
-    """σ² = a on the first ``head`` values, b on the rest, Σσ² = 1, tail energy 1 − e."""
-    a, b = (1 - tail_energy) / head, tail_energy / (n - head)
-    return [math.sqrt(a)] * head + [math.sqrt(b)] * (n - head)
+def _flat(rank, n=64):
+    """A flat spectrum of the given rank: e(k) = k / rank for k ≤ rank."""
+    return [1.0] * rank + [0.0] * (n - rank)
+
+
+def _curve(sigma):
+    sq = [x * x for x in sigma]
+    total, acc, out = sum(sq), 0.0, [0.0]
+    for v in sq:
+        acc += v
+        out.append(acc / total)
+    return out
+
+
+def _inverse(curve, tau):
+    for k in range(1, len(curve)):
+        if curve[k] >= tau:
+            return (k - 1) + (tau - curve[k - 1]) / (curve[k] - curve[k - 1])
+    return len(curve) - 1
 
 
 def test_energy_scores_follow_formula():
@@ -260,11 +275,12 @@ def test_energy_scores_follow_formula():
 
 
 def test_lamda_plus_ranks_on_known_spectrum_exact():
-    # tail energies 0.1 : 0.2 : 0.2 : 0.3 at ρ = 16 → weights 1:2:2:3 of R = 64 → 8, 16, 16, 24
-    tails = [0.1, 0.2, 0.2, 0.3]
-    model = nn.Sequential(*[_with_spectrum(_two_level(t), seed=i) for i, t in enumerate(tails)])
+    # flat spectra of rank 16, 32, 32, 48: e(k) = k / rank; R = 64 → τ = ½ → 8, 16, 16, 24
+    model = nn.Sequential(*[_with_spectrum(_flat(n), seed=i) for i, n in enumerate([16, 32, 32, 48])])
     ranks = fastpeft.lamda_plus_ranks(model, ["0", "1", "2", "3"], mean_rank=16)
     assert ranks == {"0": 8, "1": 16, "2": 16, "3": 24}
+    assert fastpeft.energy_scores(model, ["0", "1", "2", "3"], energy_rank=16) == pytest.approx(
+        {"0": 1.0, "1": 0.5, "2": 0.5, "3": 1 / 3}, rel=1e-9)
     # the layer whose energy concentrates in its top singular values gets the least rank
     adapted = fastpeft.inject(model, fastpeft.AdapterConfig(method="lamda", target_modules=["0", "1", "2", "3"]),
                               ranks=ranks)
@@ -289,20 +305,20 @@ def test_lamda_plus_ranks_sum_to_budget_and_track_targets(mean_rank, L, seed):
     assert abs(sum(ranks.values()) - budget) <= q / 2
     assert sum(ranks.values()) == q * math.floor(budget / q + 0.5)
     assert all(r % q == 0 and q <= r <= cap for r in ranks.values())
-    # the documented formula: t = clip(λ·(1 − e), q, cap) with Σ t = q·round(R/q), |r − t| < q
-    e = [sum(x * x for x in s[:mean_rank]) / sum(x * x for x in s) for s in sigmas]
-    w = [1 - v for v in e]
+    # the documented formula: t = clip(e⁻¹(τ), q, cap) with Σ t = q·round(R/q), |r − t| < q
+    curves = [_curve(sg) for sg in sigmas]
     total = q * math.floor(budget / q + 0.5)
-    lo, hi = 0.0, 1e6
-    for _ in range(200):
-        lam = (lo + hi) / 2
-        if sum(min(cap, max(q, lam * wi)) for wi in w) < total:
-            lo = lam
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        tau = (lo + hi) / 2
+        if sum(min(cap, max(q, _inverse(c, tau))) for c in curves) < total:
+            lo = tau
         else:
-            hi = lam
-    t = [min(cap, max(q, hi * wi)) for wi in w]
+            hi = tau
+    t = [min(cap, max(q, _inverse(c, hi))) for c in curves]
     for i, name in enumerate(names):
         assert abs(ranks[name] - t[i]) < q, (name, ranks[name], t[i])
+    e = [c[mean_rank] for c in curves]
     # monotone: more concentrated energy never gets more rank
     order = sorted(range(L), key=lambda i: e[i])
     assert all(ranks[names[a]] >= ranks[names[b]] for a, b in zip(order, order[1:]))
