@@ -5,26 +5,27 @@ Used by the static tests of every kernel module: shared memory per block, local-
 sm_80). The version-sensitive parts of Triton's API (``ASTSource``, signatures, attributes) live
 here and nowhere else.
 
->>> from kernels import _aot, lowrank                                    # doctest: +SKIP
->>> mod = _aot.jit_module(lowrank)      # compiled (not interpreted) copy of the kernels
->>> res = _aot.compile_kernel(mod.KERNELS[0].kernel, signature, constexprs, arch=90)
->>> res.shared, res.spills, res.uses_tensor_cores
+>>> from fastpeft.kernels import _aot, lowrank                           # doctest: +SKIP
+>>> spec = lowrank.KERNELS[0]
+>>> problem = dict(M=4096, N=4096, K=4096, R=16, dtype="bf16", BLOCK_M_DY=64)
+>>> jobs = [spec.job(90, problem, c) for c in spec.configs_for(90, problem)]
+>>> [(r.shared, r.spills, r.uses_tensor_cores) for r in _aot.compile_kernels(jobs)]
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-__all__ = ["SMEM_LIMIT", "KernelSpec", "AotResult", "jit_module", "jit_function",
-           "compile_kernel", "cuobjdump", "dtype_name"]
+__all__ = ["SMEM_LIMIT", "KernelSpec", "AotResult", "AotJob", "jit_function", "compile_kernel",
+           "compile_kernels", "cuobjdump", "dtype_name"]
 
 # Largest dynamic shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin):
 # H100 (sm_90) 227 KB of the SM's 228 KB; A100 (sm_80) 163 KB of the SM's 164 KB.
@@ -43,18 +44,44 @@ def dtype_name(dtype) -> str:
 class KernelSpec:
     """One kernel of a module, described for static checks.
 
-    ``kernel`` is the autotuned kernel (``kernel.configs`` every config, ``kernel.fn`` the
-    ``@triton.jit`` function). ``configs_for(arch, problem)`` returns the configs the module's
+    ``attr`` names the kernel in its module: the autotuned kernel (``.configs`` every config,
+    ``.fn`` the ``@triton.jit`` function) or a bare ``@triton.jit`` one. ``configs_for(arch, problem)`` returns the configs the module's
     prune function keeps on that architecture for a problem (a dict of sizes, ``"dtype"``
     included). ``signature(problem, config)`` returns ``(types, constexprs)`` for
     :func:`compile_kernel`. ``tensor_cores``: whether the kernel's dots must run on tensor cores
     for 16-bit inputs.
     """
     name: str
-    kernel: Any
+    module: str
+    attr: str
     configs_for: Callable[[int, dict], list]
     signature: Callable[[dict, Any], tuple[dict, dict]]
     tensor_cores: bool = True
+
+    @property
+    def kernel(self):
+        return getattr(importlib.import_module(self.module), self.attr)
+
+    @property
+    def configs(self) -> list:
+        """Every autotune config declared on the kernel (empty for a kernel without autotuning)."""
+        return list(getattr(self.kernel, "configs", []))
+
+    def job(self, arch: int, problem: dict, config) -> "AotJob":
+        types, constexprs = self.signature(problem, config)
+        return AotJob(self.module, self.attr, types, constexprs, arch, config.num_warps, config.num_stages)
+
+
+@dataclass(frozen=True)
+class AotJob:
+    """One compilation: kernel ``module.attr`` with a signature, constexprs and launch options."""
+    module: str
+    attr: str
+    signature: dict
+    constexprs: dict
+    arch: int
+    num_warps: int = 4
+    num_stages: int = 3
 
 
 @dataclass
@@ -65,6 +92,7 @@ class AotResult:
     sass: str
     ptx: str
     resources: dict = field(default_factory=dict)   # cuobjdump -res-usage: REG, STACK, LOCAL, ...
+    error: str = ""                                  # the compiler's message when it failed
 
     @property
     def spills(self) -> list[str]:
@@ -83,37 +111,13 @@ class AotResult:
 
 
 # --------------------------------------------------------------------------------------------
-# Getting compiled (not interpreted) kernels under TRITON_INTERPRET=1
+# Under TRITON_INTERPRET=1 (set before triton was imported) every @triton.jit function of the
+# process, triton.language's own included, is an interpreted function that the compiler cannot
+# use: compilation then runs in a subprocess without the variable.
 # --------------------------------------------------------------------------------------------
 
-_import_lock = threading.Lock()
-_copies: dict[str, Any] = {}
-
-
-def jit_module(module):
-    """``module`` itself when its kernels are compiled ``@triton.jit`` functions, else (under
-    ``TRITON_INTERPRET=1``, where ``triton.jit`` returns interpreted functions) a private copy
-    of the module imported with the interpreter switched off. Cached per module."""
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        return module
-    name = module.__name__
-    with _import_lock:
-        if name in _copies:
-            return _copies[name]
-        spec = importlib.util.spec_from_file_location(
-            name + "__aot", module.__file__,
-            submodule_search_locations=None)
-        copy = importlib.util.module_from_spec(spec)
-        copy.__package__ = module.__package__
-        previous = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "0"
-        try:
-            sys.modules[spec.name] = copy
-            spec.loader.exec_module(copy)
-        finally:
-            os.environ["TRITON_INTERPRET"] = previous
-        _copies[name] = copy
-        return copy
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def jit_function(kernel):
@@ -125,7 +129,7 @@ def jit_function(kernel):
         inner = getattr(fn, "fn", None)
         if inner is None:
             raise TypeError(f"{kernel!r} is not a compiled @triton.jit kernel (under TRITON_INTERPRET=1 "
-                            "take the kernels from _aot.jit_module(module))")
+                            "use compile_kernels, which compiles in a subprocess)")
         fn = inner
     return fn
 
@@ -192,12 +196,44 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, arch: int, num_war
     missing = [n for n in fn.arg_names if n not in constexprs and n not in signature]
     if missing:
         raise KeyError(f"{fn.__name__}: no type for {missing}")
+    target = GPUTarget("cuda", arch, 32)
+    options = {"num_warps": num_warps, "num_stages": num_stages}
     try:
-        src = _ast_source(fn, full, constexprs, _pointer_attrs(fn, full))
-    except Exception:  # attribute format of another Triton version: compile without the hints
-        src = _ast_source(fn, full, constexprs, None)
-    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                        options={"num_warps": num_warps, "num_stages": num_stages})
+        ck = triton.compile(_ast_source(fn, full, constexprs, _pointer_attrs(fn, full)),
+                            target=target, options=options)
+    except (TypeError, KeyError, AttributeError):
+        # the attribute format of another Triton version: compile without alignment hints
+        ck = triton.compile(_ast_source(fn, full, constexprs, None), target=target, options=options)
     cubin = ck.asm["cubin"]
     return AotResult(name=fn.__name__, arch=arch, shared=int(ck.metadata.shared),
                      sass=cuobjdump(cubin), ptx=ck.asm.get("ptx", ""), resources=_resources(cubin))
+
+
+def _run_job(job: AotJob) -> AotResult:
+    try:
+        kernel = getattr(importlib.import_module(job.module), job.attr)
+        return compile_kernel(kernel, job.signature, job.constexprs, job.arch, job.num_warps, job.num_stages)
+    except Exception as err:  # reported per job: one bad config must not hide the others
+        return AotResult(name=job.attr, arch=job.arch, shared=-1, sass="", ptx="",
+                         error=f"{type(err).__name__}: {err}")
+
+
+def compile_kernels(jobs: list[AotJob]) -> list[AotResult]:
+    """Compile every job; in a subprocess without TRITON_INTERPRET when this process interprets.
+    A job that fails to compile comes back with ``error`` set."""
+    jobs = list(jobs)
+    if not jobs:
+        return []
+    if not _interpreting():
+        return [_run_job(job) for job in jobs]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", __name__], input=json.dumps([asdict(j) for j in jobs]),
+                         capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"ahead-of-time compilation subprocess failed:\n{out.stderr[-4000:]}")
+    return [AotResult(**r) for r in json.loads(out.stdout)]
+
+
+if __name__ == "__main__":   # worker: JSON list of jobs on stdin, JSON list of results on stdout
+    _jobs = [AotJob(**j) for j in json.loads(sys.stdin.read())]
+    json.dump([asdict(_run_job(j)) for j in _jobs], sys.stdout)

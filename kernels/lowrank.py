@@ -52,15 +52,20 @@ _GEMM_TILES_SM90 = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4,
                     (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4)]
 _GEMM_TILES_SM80 = [(128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (64, 128, 32, 4, 4),
                     (128, 64, 32, 4, 4), (64, 64, 64, 4, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4)]
-# T = D(X)Aᵀ: (BLOCK_M, BLOCK_K, num_warps, num_stages)
-_T_TILES_SM90 = [(64, 128, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4), (32, 128, 4, 3), (16, 128, 4, 3)]
-_T_TILES_SM80 = [(64, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3), (32, 128, 4, 3), (16, 128, 4, 3)]
+# dX GEMM: its prologue draws the dropout mask of a whole tile, so at most 64 values a thread
+_DX_TILES_SM90 = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
+                  (32, 64, 128, 4, 4), (16, 64, 128, 4, 4)]
+_DX_TILES_SM80 = [(128, 128, 64, 8, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 64, 64, 4, 4),
+                  (32, 64, 128, 4, 4), (16, 64, 128, 4, 4)]
+# T = D(X)Aᵀ: (BLOCK_M, BLOCK_K, num_warps, num_stages); the mask of an X tile is <= 32 values a thread
+_T_TILES_SM90 = [(64, 64, 4, 4), (128, 64, 8, 3), (64, 128, 8, 3), (32, 128, 4, 3), (16, 128, 4, 3)]
+_T_TILES_SM80 = [(64, 64, 4, 4), (128, 64, 8, 3), (64, 32, 4, 4), (32, 128, 4, 3), (16, 128, 4, 3)]
 # one pass over dY (BLOCK_M chosen by the launcher): (BLOCK_N, num_warps, num_stages)
 _DY_TILES_SM90 = [(64, 4, 3), (128, 8, 3), (64, 8, 4), (32, 4, 4)]
 _DY_TILES_SM80 = [(64, 4, 3), (128, 8, 3), (64, 8, 3), (32, 4, 4)]
 # dA = s·dTᵀD(X): (BLOCK_M, BLOCK_K, num_warps, num_stages)
-_DA_TILES_SM90 = [(64, 128, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4), (32, 128, 4, 3)]
-_DA_TILES_SM80 = [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (32, 64, 4, 4)]
+_DA_TILES_SM90 = [(64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 4), (32, 128, 4, 3)]
+_DA_TILES_SM80 = [(64, 64, 4, 4), (64, 128, 8, 3), (128, 64, 8, 3), (32, 64, 4, 4)]
 
 
 def _unique(tiles):
@@ -69,6 +74,8 @@ def _unique(tiles):
 
 _GEMM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                  for bm, bn, bk, w, s in _unique(_GEMM_TILES_SM90 + _GEMM_TILES_SM80)]
+_DX_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+               for bm, bn, bk, w, s in _unique(_DX_TILES_SM90 + _DX_TILES_SM80)]
 _T_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
               for bm, bk, w, s in _unique(_T_TILES_SM90 + _T_TILES_SM80)]
 _DY_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -90,42 +97,46 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def _fits_regs(acc_elems: int, num_warps: int, limit: int = 128) -> bool:
-    """fp32 accumulator values per thread (live at once) within ``limit`` registers."""
-    return acc_elems // (num_warps * 32) <= limit
+def _per_thread(elems: int, num_warps: int) -> int:
+    return elems // (num_warps * 32)
 
 
 def _keep(configs, tiles, tile_of, ok, size_ok):
     """Configs of this arch that fit (``ok``), preferring those not oversized for the problem."""
     mine = [c for c in configs if tile_of(c) in tiles and ok(c)]
     sized = [c for c in mine if size_ok(c)]
-    if sized:
+    if sized or not mine:
         return sized
-    if not mine:
-        return mine
-    smallest = min(mine, key=lambda c: sum(v for v in c.kwargs.values()))
-    return [smallest]
+    return [min(mine, key=lambda c: sum(c.kwargs.values()))]
 
 
-def _gemm_keep(configs, arch, smem, M, N, block_r, elem):
-    tiles = _GEMM_TILES_SM90 if arch == 90 else _GEMM_TILES_SM80
+def _gemm_tile(c):
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
 
-    def tile_of(c):
-        return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+
+def _gemm_keep(configs, arch, smem, M, N, block_r, elem, dx=False):
+    """Y and dX GEMMs: pipeline buffers and the r-wide prologue operands within shared memory; the
+    fp32 accumulator <= 128 values a thread, the prologue's U/B (dT/A) operands <= 64."""
+    if dx:
+        tiles = _DX_TILES_SM90 if arch == 90 else _DX_TILES_SM80
+    else:
+        tiles = _GEMM_TILES_SM90 if arch == 90 else _GEMM_TILES_SM80
 
     def ok(c):
-        bm, bn, bk, w, s = tile_of(c)
+        bm, bn, bk, w, s = _gemm_tile(c)
         main = s * (bm * bk + bk * bn) * elem
-        epilogue = (bm * block_r + block_r * bn) * elem
-        return max(main, epilogue) <= smem and _fits_regs(bm * bn, w)
+        prologue = (bm * block_r + block_r * bn) * elem
+        return (max(main, prologue) <= smem and _per_thread(bm * bn, w) <= 128
+                and _per_thread((bm + bn) * block_r * elem // 4, w) <= 64)
 
     def size_ok(c):
         return c.kwargs["BLOCK_M"] <= max(16, _pow2(M)) and c.kwargs["BLOCK_N"] <= max(16, _pow2(N))
 
-    return _keep(configs, tiles, tile_of, ok, size_ok)
+    return _keep(configs, tiles, _gemm_tile, ok, size_ok)
 
 
 def _t_keep(configs, arch, smem, M, block_r, elem):
+    """T pass: the [BLOCK_M, r] fp32 accumulator <= 64 values a thread."""
     tiles = _T_TILES_SM90 if arch == 90 else _T_TILES_SM80
 
     def tile_of(c):
@@ -134,9 +145,8 @@ def _t_keep(configs, arch, smem, M, block_r, elem):
     def ok(c):
         bm, bk, w, s = tile_of(c)
         main = s * (bm * bk + bk * block_r) * elem
-        epilogue = (bm * block_r + block_r * block_r) * 4
-        # live at the end: T, Z/U (fp32, [BM, BR]) and the core's tile
-        return max(main, epilogue) <= smem and _fits_regs(2 * bm * block_r + block_r * block_r // 2, w)
+        epilogue = (bm * block_r + block_r * block_r) * elem
+        return max(main, epilogue) <= smem and _per_thread(bm * block_r, w) <= 64
 
     def size_ok(c):
         return c.kwargs["BLOCK_M"] <= max(16, _pow2(M))
@@ -145,6 +155,7 @@ def _t_keep(configs, arch, smem, M, block_r, elem):
 
 
 def _dy_keep(configs, arch, smem, block_m, N, block_r, elem):
+    """dY pass: G [BLOCK_M, r] + the partial dYᵀU [BLOCK_N, r] (fp32) + U (input dtype) <= 96 a thread."""
     tiles = _DY_TILES_SM90 if arch == 90 else _DY_TILES_SM80
 
     def tile_of(c):
@@ -153,8 +164,8 @@ def _dy_keep(configs, arch, smem, block_m, N, block_r, elem):
     def ok(c):
         bn, w, s = tile_of(c)
         main = s * (block_m * bn + bn * block_r) * elem + block_m * block_r * elem
-        # live in the loop: G [BM, BR], T and U [BM, BR], the partial dYᵀU [BN, BR]
-        return main <= smem and _fits_regs(3 * block_m * block_r + bn * block_r, w, 160)
+        live = block_m * block_r + bn * block_r + block_m * block_r * elem // 4
+        return main <= smem and _per_thread(live, w) <= 96
 
     def size_ok(c):
         return c.kwargs["BLOCK_N"] <= max(16, _pow2(N))
@@ -163,6 +174,7 @@ def _dy_keep(configs, arch, smem, block_m, N, block_r, elem):
 
 
 def _da_keep(configs, arch, smem, M, K, block_r, elem):
+    """dA: the [r, BLOCK_K] fp32 accumulator <= 64 values a thread."""
     tiles = _DA_TILES_SM90 if arch == 90 else _DA_TILES_SM80
 
     def tile_of(c):
@@ -171,12 +183,17 @@ def _da_keep(configs, arch, smem, M, K, block_r, elem):
     def ok(c):
         bm, bk, w, s = tile_of(c)
         main = s * (block_r * bm + bm * bk) * elem
-        return main <= smem and _fits_regs(block_r * bk, w)
+        return main <= smem and _per_thread(block_r * bk, w) <= 64
 
     def size_ok(c):
         return c.kwargs["BLOCK_M"] <= max(16, _pow2(M)) and c.kwargs["BLOCK_K"] <= max(16, _pow2(K))
 
     return _keep(configs, tiles, tile_of, ok, size_ok)
+
+
+def _finalize_block_n(block_r: int) -> int:
+    """d rows per program of the reduction of the [d, r] partials: <= 16 values a thread."""
+    return max(16, 2048 // block_r)
 
 
 @functools.lru_cache(maxsize=None)
@@ -197,9 +214,14 @@ def _elem(args) -> int:
 
 def _prune_gemm(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    ref = args.get("x_ptr", args.get("dy_ptr"))
-    arch, smem, _ = _limits_of(ref)
+    arch, smem, _ = _limits_of(args["x_ptr"])
     return _gemm_keep(configs, arch, smem, args["M"], args["N"], args["BLOCK_R"], _elem(args))
+
+
+def _prune_dx(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    arch, smem, _ = _limits_of(args["dy_ptr"])
+    return _gemm_keep(configs, arch, smem, args["M"], args["N"], args["BLOCK_R"], _elem(args), dx=True)
 
 
 def _prune_t(configs, named_args, **kwargs):
@@ -314,15 +336,17 @@ def _lowrank_fwd_t_kernel(
     rk = tl.arange(0, BLOCK_K)
     mask_m = rm < M
     mask_r = rr < R
-    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
-    a_ptrs = a_ptr + rr[None, :] * K + rk[:, None]                      # Aᵀ tile [BK, BR]
+    # rows past M and columns past r read wrapped (valid) addresses and are never stored: the main
+    # loop masks only along k (whole-tile masks kept live across pipeline stages cost registers)
+    x_ptrs = x_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
+    a_ptrs = a_ptr + (rr % R)[None, :] * K + rk[:, None]                # Aᵀ tile [BK, BR]
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask_k = (k0 + rk) < K
-        xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        xt = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
             xt = tl.where(_keep_mask(seed, rm, k0 + rk, K, p), xt, 0.0)
-        at = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        at = tl.load(a_ptrs, mask=mask_k[:, None], other=0.0)
         acc = tl.dot(_op(xt, dtype, UPCAST), _op(at, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K
@@ -332,10 +356,10 @@ def _lowrank_fwd_t_kernel(
     out_mask = mask_m[:, None] & mask_r[None, :]
     tl.store(t_ptr + out_offs, acc.to(t_ptr.dtype.element_ty), mask=out_mask)
     if STORE_U:
-        z = _act_fwd(acc, ACTIVATION)
+        z = tl.where(mask_r[None, :], _act_fwd(acc, ACTIVATION), 0.0)   # padded columns: 0
         if CORE == 2:   # U = Z Sᵀ: Sᵀ[c, j] = S[j, c]
             st = tl.load(core_ptr + rr[None, :] * R + rr[:, None], mask=mask_r[:, None] & mask_r[None, :], other=0.0)
-            u = tl.dot(z, st.to(tl.float32), input_precision=DOT_PRECISION)
+            u = tl.dot(_op(z, dtype, UPCAST), _op(st, dtype, UPCAST), input_precision=DOT_PRECISION)
         elif CORE == 1:
             u = z * tl.load(core_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
         else:
@@ -355,35 +379,36 @@ def _lowrank_fwd_gemm_kernel(
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Y = X Wᵀ, then in the epilogue + b + s·(U Bᵀ) ⊙ o; Y written once."""
+    """Y = s·(U Bᵀ) ⊙ o + b + X Wᵀ; Y written once. The adapter term and the bias initialise the
+    accumulator (one [BLOCK_M, BLOCK_N] fp32 tile live, not two), then the main loop adds X Wᵀ."""
     dtype = x_ptr.dtype.element_ty
     pid_m, pid_n = _grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
     mask_m = rm < M
     mask_n = rn < N
-    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
-    w_ptrs = w_ptr + rn.to(tl.int64)[None, :] * stride_wn + rk[:, None] * stride_wk   # Wᵀ tile
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + rk) < K
-        xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wt = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(_op(xt, dtype, UPCAST), _op(wt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
-    # epilogue: + s·(U Bᵀ) ⊙ o + b
-    rr = tl.arange(0, BLOCK_R)
     mask_r = rr < R
     u = tl.load(u_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     bt = tl.load(b_ptr + rn.to(tl.int64)[None, :] * R + rr[:, None], mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-    delta = tl.dot(_op(u, dtype, UPCAST), _op(bt, dtype, UPCAST), input_precision=DOT_PRECISION)
+    acc = tl.dot(_op(u, dtype, UPCAST), _op(bt, dtype, UPCAST), input_precision=DOT_PRECISION)
+    col_scale = tl.zeros((BLOCK_N,), dtype=tl.float32) + tl.to_tensor(scale).to(tl.float32)
     if HAS_OUT_SCALE:
-        delta = delta * tl.load(os_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    acc += tl.to_tensor(scale).to(tl.float32) * delta
+        col_scale = col_scale * tl.load(os_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
+    acc = acc * col_scale[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    # rows past M / N read wrapped addresses and are never stored: the loop masks only along k
+    x_ptrs = x_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
+    w_ptrs = w_ptr + (rn % N).to(tl.int64)[None, :] * stride_wn + rk[:, None] * stride_wk   # Wᵀ tile
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + rk) < K
+        xt = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0)
+        acc = tl.dot(_op(xt, dtype, UPCAST), _op(wt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
     y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -426,12 +451,11 @@ def _lowrank_bwd_dy_kernel(
     mask_mr = mask_m[:, None] & mask_r[None, :]
     mask_rr = mask_r[:, None] & mask_r[None, :]
     t_offs = rm.to(tl.int64)[:, None] * R + rr[None, :]
-    tt = tl.load(t_ptr + t_offs, mask=mask_mr, other=0.0).to(tl.float32)
-    z = _act_fwd(tt, ACTIVATION)                     # padded rows / columns: σ(0) = 0
     if COMPUTE_P:
+        z = _act_fwd(tl.load(t_ptr + t_offs, mask=mask_mr, other=0.0).to(tl.float32), ACTIVATION)
         if CORE == 2:
             st = tl.load(core_ptr + rr[None, :] * R + rr[:, None], mask=mask_rr, other=0.0)
-            u = tl.dot(z, st.to(tl.float32), input_precision=DOT_PRECISION)
+            u = tl.dot(_op(z, dtype, UPCAST), _op(st, dtype, UPCAST), input_precision=DOT_PRECISION)
         elif CORE == 1:
             u = z * tl.load(core_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
         else:
@@ -440,19 +464,21 @@ def _lowrank_bwd_dy_kernel(
     g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     part_p = p_ptr + part.to(tl.int64) * N * R
     part_db = dbias_ptr + part.to(tl.int64) * N
+    # rows past M read wrapped addresses: their U and Z are 0 (T read masked), so they add nothing
+    # to dYᵀU or dS; Σ dY weights rows by valid_m; G, dT of those rows are never stored
+    valid_m = mask_m.to(tl.float32)
+    dy_rows = dy_ptr + (rm % M).to(tl.int64)[:, None] * stride_dym
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         mask_n = rn < N
-        dyt = tl.load(dy_ptr + rm.to(tl.int64)[:, None] * stride_dym + rn[None, :] * stride_dyn,
-                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        dyt = tl.load(dy_rows + rn[None, :] * stride_dyn, mask=mask_n[None, :], other=0.0)
         if COMPUTE_DT or COMPUTE_DS:     # G += (dY ⊙ o) B
             if HAS_OUT_SCALE:
                 osv = tl.load(os_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
                 dyo = dyt.to(tl.float32) * osv[None, :]
             else:
                 dyo = dyt
-            bt = tl.load(b_ptr + rn.to(tl.int64)[:, None] * R + rr[None, :],
-                         mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+            bt = tl.load(b_ptr + rn.to(tl.int64)[:, None] * R + (rr % R)[None, :], mask=mask_n[:, None], other=0.0)
             g = tl.dot(_op(dyo, dtype, UPCAST), _op(bt, dtype, UPCAST), g, input_precision=DOT_PRECISION)
         if COMPUTE_P:                    # partial dYᵀ U [BLOCK_N, r]
             pp = tl.dot(tl.trans(_op(dyt, dtype, UPCAST)), u_op, input_precision=DOT_PRECISION)
@@ -463,13 +489,16 @@ def _lowrank_bwd_dy_kernel(
             else:
                 tl.store(p_ptrs, pp, mask=p_mask)
         if COMPUTE_DB:                   # partial Σ_rows dY
-            cs = tl.sum(dyt.to(tl.float32), axis=0)
+            cs = tl.sum(dyt.to(tl.float32) * valid_m[:, None], axis=0)
             if ATOMIC:
                 tl.atomic_add(part_db + rn, cs, mask=mask_n)
             else:
                 tl.store(part_db + rn, cs, mask=mask_n)
+    # T again (read back rather than kept live across the loop); padded entries: σ(0) = 0
+    tt = tl.load(t_ptr + t_offs, mask=mask_mr, other=0.0).to(tl.float32)
     if COMPUTE_DS:
-        if CORE == 2:                    # Gᵀ Z [r, r]
+        z = _act_fwd(tt, ACTIVATION)     # 0 on padded rows and columns
+        if CORE == 2:                    # Gᵀ Z [r, r], fp32 operands (a sum over M with cancellation)
             ds = tl.dot(tl.trans(g), z, input_precision=DOT_PRECISION)
             ds_ptrs = ds_ptr + part.to(tl.int64) * R * R + rr[:, None] * R + rr[None, :]
             if ATOMIC:
@@ -486,7 +515,7 @@ def _lowrank_bwd_dy_kernel(
     if COMPUTE_DT:
         if CORE == 2:                    # H = G S
             sc = tl.load(core_ptr + rr[:, None] * R + rr[None, :], mask=mask_rr, other=0.0)
-            h = tl.dot(g, sc.to(tl.float32), input_precision=DOT_PRECISION)
+            h = tl.dot(_op(g, dtype, UPCAST), _op(sc, dtype, UPCAST), input_precision=DOT_PRECISION)
         elif CORE == 1:
             h = g * tl.load(core_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
         else:
@@ -533,8 +562,8 @@ def _lowrank_bwd_finalize_kernel(
         tl.store(dbias_ptr + rn, acc_b.to(dbias_ptr.dtype.element_ty), mask=mask_n)
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R"],
-                 prune_configs_by={"early_config_prune": _prune_gemm})
+@triton.autotune(configs=_DX_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R"],
+                 prune_configs_by={"early_config_prune": _prune_dx})
 @triton.jit(do_not_specialize=["seed"])
 def _lowrank_bwd_dx_kernel(
     dy_ptr, w_ptr, dt_ptr, a_ptr, dx_ptr,
@@ -545,34 +574,33 @@ def _lowrank_bwd_dx_kernel(
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """dX [M, N=k] = dY W (reduction over K=d), then in the epilogue + s·D'(dT A):
-    D'(V) = mask ⊙ V / (1-p), ``adapter_scale`` = s/(1-p), the mask regenerated from the seed."""
+    """dX [M, N=k] = s·D'(dT A) + dY W (reduction over K=d): D'(V) = mask ⊙ V / (1-p),
+    ``adapter_scale`` = s/(1-p), the mask regenerated from the seed. The adapter term initialises
+    the accumulator (one fp32 tile live), then the main loop adds dY W."""
     dtype = dy_ptr.dtype.element_ty
     pid_m, pid_n = _grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
     mask_m = rm < M
     mask_n = rn < N
-    dy_ptrs = dy_ptr + rm.to(tl.int64)[:, None] * stride_dym + rk[None, :] * stride_dyk
-    w_ptrs = w_ptr + rk.to(tl.int64)[:, None] * stride_wk + rn[None, :] * stride_wn      # W tile [BK, BN]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + rk) < K
-        dyt = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wt = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(_op(dyt, dtype, UPCAST), _op(wt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
-        dy_ptrs += BLOCK_K * stride_dyk
-        w_ptrs += BLOCK_K * stride_wk
-    # epilogue: + s·D'(dT A)
-    rr = tl.arange(0, BLOCK_R)
     mask_r = rr < R
     dtt = tl.load(dt_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     at = tl.load(a_ptr + rr[:, None] * N + rn[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-    adapter = tl.dot(_op(dtt, dtype, UPCAST), _op(at, dtype, UPCAST), input_precision=DOT_PRECISION)
+    acc = tl.dot(_op(dtt, dtype, UPCAST), _op(at, dtype, UPCAST), input_precision=DOT_PRECISION)
+    acc = acc * tl.to_tensor(adapter_scale).to(tl.float32)
     if HAS_DROPOUT:
-        adapter = tl.where(_keep_mask(seed, rm, rn, N, tl.to_tensor(dropout_p).to(tl.float32)), adapter, 0.0)
-    acc += tl.to_tensor(adapter_scale).to(tl.float32) * adapter
+        acc = tl.where(_keep_mask(seed, rm, rn, N, tl.to_tensor(dropout_p).to(tl.float32)), acc, 0.0)
+    dy_ptrs = dy_ptr + (rm % M).to(tl.int64)[:, None] * stride_dym + rk[None, :] * stride_dyk
+    w_ptrs = w_ptr + rk.to(tl.int64)[:, None] * stride_wk + (rn % N)[None, :] * stride_wn   # W tile [BK, BN]
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + rk) < K
+        dyt = tl.load(dy_ptrs, mask=mask_k[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0)
+        acc = tl.dot(_op(dyt, dtype, UPCAST), _op(wt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
+        dy_ptrs += BLOCK_K * stride_dyk
+        w_ptrs += BLOCK_K * stride_wk
     dx_ptrs = dx_ptr + rm.to(tl.int64)[:, None] * stride_dxm + rn[None, :] * stride_dxn
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -606,10 +634,10 @@ def _lowrank_bwd_da_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         mask_m = rm < m_end
-        dtt = tl.load(dt_ptr + rm.to(tl.int64)[None, :] * R + rr[:, None],       # dTᵀ tile [BR, BM]
-                      mask=mask_r[:, None] & mask_m[None, :], other=0.0)
-        xt = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk,
-                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        # dTᵀ tile [BR, BM], zero on rows past this split's end (and past r: wrapped, never stored);
+        # X rows and columns read wrapped addresses, their products are 0 or never stored
+        dtt = tl.load(dt_ptr + rm.to(tl.int64)[None, :] * R + (rr % R)[:, None], mask=mask_m[None, :], other=0.0)
+        xt = tl.load(x_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm + (rk % K)[None, :] * stride_xk)
         if HAS_DROPOUT:
             xt = tl.where(_keep_mask(seed, rm, rk, K, p), xt, 0.0)
         acc = tl.dot(_op(dtt, dtype, UPCAST), _op(xt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
@@ -855,7 +883,7 @@ def lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dr
             d_b = torch.empty_like(lora_B) if need_B else None
             d_os = torch.empty_like(out_scale) if need_out_scale else None
             d_bias = torch.empty((N,), dtype=grad_y.dtype, device=dev) if need_bias else None
-            bn = _interp_block(N) if interp else 64
+            bn = _interp_block(N) if interp else _finalize_block_n(BR)
             _lowrank_bwd_finalize_kernel[(triton.cdiv(N, bn),)](
                 p_part, db_part, b, out_scale if out_scale is not None else b,
                 d_b if d_b is not None else b, d_os if d_os is not None else b,
@@ -882,7 +910,7 @@ def lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dr
                           num_warps=4, num_stages=1)
             elif not _autotuning():
                 arch, smem, _ = _limits_of(grad_y)
-                fb = _fallback(_gemm_keep(_GEMM_CONFIGS, arch, smem, M, K, BR, grad_y.element_size()))
+                fb = _fallback(_gemm_keep(_DX_CONFIGS, arch, smem, M, K, BR, grad_y.element_size(), dx=True))
             else:
                 fb = {}
             _launch(_lowrank_bwd_dx_kernel,
@@ -1007,32 +1035,32 @@ def _br(problem) -> int:
 # ``configs_for(arch, problem)``: the configs the prune function keeps on ``arch`` (device limit
 # SMEM_LIMIT[arch]); problem keys: M, N (= d), K (= k), R, dtype, and BLOCK_M_DY for the dY pass.
 KERNELS = [
-    KernelSpec("lowrank_fwd_t", _lowrank_fwd_t_kernel,
+    KernelSpec("lowrank_fwd_t", __name__, "_lowrank_fwd_t_kernel",
                lambda arch, pr: _t_keep(_T_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], _br(pr), _elem_of(pr)),
                _sig_fwd_t),
-    KernelSpec("lowrank_fwd_gemm", _lowrank_fwd_gemm_kernel,
+    KernelSpec("lowrank_fwd_gemm", __name__, "_lowrank_fwd_gemm_kernel",
                lambda arch, pr: _gemm_keep(_GEMM_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["N"], _br(pr),
                                            _elem_of(pr)),
                _sig_fwd_gemm),
-    KernelSpec("lowrank_bwd_dy", _lowrank_bwd_dy_kernel,
+    KernelSpec("lowrank_bwd_dy", __name__, "_lowrank_bwd_dy_kernel",
                lambda arch, pr: _dy_keep(_DY_CONFIGS, arch, SMEM_LIMIT[arch], pr["BLOCK_M_DY"], pr["N"], _br(pr),
                                          _elem_of(pr)),
                _sig_bwd_dy),
-    KernelSpec("lowrank_bwd_dx", _lowrank_bwd_dx_kernel,
-               lambda arch, pr: _gemm_keep(_GEMM_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["K"], _br(pr),
-                                           _elem_of(pr)),
+    KernelSpec("lowrank_bwd_dx", __name__, "_lowrank_bwd_dx_kernel",
+               lambda arch, pr: _gemm_keep(_DX_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["K"], _br(pr),
+                                           _elem_of(pr), dx=True),
                _sig_bwd_dx),
-    KernelSpec("lowrank_bwd_da", _lowrank_bwd_da_kernel,
+    KernelSpec("lowrank_bwd_da", __name__, "_lowrank_bwd_da_kernel",
                lambda arch, pr: _da_keep(_DA_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["K"], _br(pr),
                                          _elem_of(pr)),
                _sig_bwd_da),
-    KernelSpec("lowrank_bwd_finalize", _lowrank_bwd_finalize_kernel,
-               lambda arch, pr: [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=1)],
+    KernelSpec("lowrank_bwd_finalize", __name__, "_lowrank_bwd_finalize_kernel",
+               lambda arch, pr: [triton.Config({"BLOCK_N": _finalize_block_n(_br(pr))}, num_warps=4, num_stages=1)],
                _sig_finalize, tensor_cores=False),
-    KernelSpec("sum_partials", _sum_partials_kernel,
+    KernelSpec("sum_partials", __name__, "_sum_partials_kernel",
                lambda arch, pr: [triton.Config({"BLOCK": 1024}, num_warps=4, num_stages=1)],
                _sig_sum, tensor_cores=False),
-    KernelSpec("dropout_mask", _dropout_mask_kernel,
+    KernelSpec("dropout_mask", __name__, "_dropout_mask_kernel",
                lambda arch, pr: [triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)],
                _sig_mask, tensor_cores=False),
 ]
