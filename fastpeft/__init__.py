@@ -15,6 +15,7 @@ from .lamda import PMBFreezer, energy_scores, lamda_plus_ranks, pmb_freezer_call
 from .nn import LowRankLinear
 from .ops.lowrank import LowRankLinearFunction, lowrank_linear
 from .peft_compat import from_peft, to_peft
+from .quant import dequantize_4bit, quantize_4bit
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "PMBFreezer",
     "adapter_state_dict",
     "budget_schedule",
+    "dequantize_4bit",
     "energy_scores",
     "from_peft",
     "get_backend",
@@ -35,6 +37,7 @@ __all__ = [
     "lowrank_linear",
     "orthogonality_loss",
     "pmb_freezer_callback",
+    "quantize_4bit",
     "save_adapter",
     "to_peft",
     "trainable_parameter_count",
