@@ -12,8 +12,9 @@ from .adalora import AdaLoRABudget, budget_schedule, orthogonality_loss
 from .config import AdapterConfig
 from .inject import adapter_state_dict, inject, load_adapter, save_adapter, trainable_parameter_count
 from .lamda import PMBFreezer, energy_scores, lamda_plus_ranks, pmb_freezer_callback
-from .nn import LowRankLinear
+from .nn import LowRankLinear, LowRankLinear4bit
 from .ops.lowrank import LowRankLinearFunction, lowrank_linear
+from .ops.lowrank_4bit import LowRankLinear4bitFunction, lowrank_linear_4bit
 from .peft_compat import from_peft, to_peft
 from .quant import dequantize_4bit, quantize_4bit
 
@@ -24,6 +25,8 @@ __all__ = [
     "AdapterConfig",
     "LowRankLinear",
     "LowRankLinearFunction",
+    "LowRankLinear4bit",
+    "LowRankLinear4bitFunction",
     "PMBFreezer",
     "adapter_state_dict",
     "budget_schedule",
@@ -35,6 +38,7 @@ __all__ = [
     "lamda_plus_ranks",
     "load_adapter",
     "lowrank_linear",
+    "lowrank_linear_4bit",
     "orthogonality_loss",
     "pmb_freezer_callback",
     "quantize_4bit",

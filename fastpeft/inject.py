@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from .config import AdapterConfig
 from .nn.linear import ADAPTER_PARAMS, LowRankLinear, vera_projections
+from .nn.linear4bit import LowRankLinear4bit, is_bnb_linear4bit
 
 __all__ = ["inject", "save_adapter", "load_adapter", "adapter_state_dict", "lowrank_layers",
            "register_converter", "trainable_parameter_count", "ADAPTER_FILE", "CONFIG_FILE"]
@@ -38,6 +39,8 @@ def register_converter(predicate: Callable[[nn.Module], bool], factory: Callable
 
 
 register_converter(lambda m: type(m) is nn.Linear, LowRankLinear.from_linear,
+                   lambda m: (m.out_features, m.in_features))
+register_converter(is_bnb_linear4bit, LowRankLinear4bit.from_bnb,
                    lambda m: (m.out_features, m.in_features))
 
 

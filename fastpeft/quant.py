@@ -243,6 +243,9 @@ def validate_4bit(packed: torch.Tensor, quant_state) -> tuple[torch.Size, int]:
         raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
     if quant_state is None:
         raise ValueError("quant_state is required (or pass a bitsandbytes Params4bit, which carries one)")
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        raise ValueError("quant_state is in bitsandbytes' CPU inference packing (packing_format_for_cpu), "
+                         "not the 4-bit layout; convert it back first (LowRankLinear4bit.from_bnb does)")
     quant_type = _get(quant_state, "quant_type", "quant_state")
     _check_quant_type(quant_type, "quant_state.quant_type")
     blocksize = _get(quant_state, "blocksize", "quant_state")

@@ -2,5 +2,6 @@
 ``fastpeft.kernels``)."""
 
 from .lowrank import LowRankLinearFunction, lowrank_linear
+from .lowrank_4bit import LowRankLinear4bitFunction, lowrank_linear_4bit
 
-__all__ = ["LowRankLinearFunction", "lowrank_linear"]
+__all__ = ["LowRankLinearFunction", "LowRankLinear4bitFunction", "lowrank_linear", "lowrank_linear_4bit"]

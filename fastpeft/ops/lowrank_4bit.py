@@ -1,0 +1,202 @@
+"""The low-rank adapter op over a 4-bit base weight (bitsandbytes' NF4/FP4 layout).
+
+Same math as :mod:`fastpeft.ops.lowrank` with ``W = dequant(packed, quant_state)``::
+
+    Y  = X Wᵀ + b + s·(σ(D(X) Aᵀ) Sᵀ) Bᵀ ⊙ out_scale
+    dX = dY W + s·D'(dT A)       (W dequantised again in backward)
+    dB, dS, dA, dout_scale, db   exactly as the dense op (they never read W)
+
+W is frozen (4-bit weights do not train), so there is no dW. What backward keeps: the packed
+weight and the tensors of its quant state (references to the caller's, no copies), plus what the
+dense contract keeps (T [M, r], the seed, and x only when A trains) — never a dense copy of W.
+The dense W exists only inside the forward call and inside the backward call (transiently, in
+the backends that dequantise to memory) and is freed before they return.
+
+Backends (``fastpeft.use_backend``): ``"torch"`` dequantises W to a transient dense tensor and
+runs the dense pure-torch op (any device); ``"triton"`` and ``"cuda"`` (when present) dequantise
+tiles in registers.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..quant import QuantState, dequantize_4bit, validate_4bit
+from .lowrank import (autocast_args, lowrank_bwd_torch, lowrank_fwd_torch, seed_tensor,
+                      validate_lowrank_args)
+
+__all__ = [
+    "LowRankLinear4bitFunction",
+    "lowrank_linear_4bit",
+    "lowrank_4bit_fwd_torch",
+    "lowrank_4bit_bwd_torch",
+    "dequantize_weight",
+]
+
+OP_NAME = "lowrank_linear_4bit"
+
+
+def dequantize_weight(packed: Tensor, quant_state, dtype: torch.dtype) -> Tensor:
+    """The dense W [d, k] in ``dtype``: bitsandbytes' dequantisation in the state's dtype, then
+    cast (as bitsandbytes' matmul_4bit does when the compute dtype differs)."""
+    w = dequantize_4bit(packed, quant_state)
+    return w if w.dtype == dtype else w.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure-torch backend: dequantise to a transient dense W, then the dense reference op.
+# --------------------------------------------------------------------------------------------
+
+def lowrank_4bit_fwd_torch(x, packed, quant_state, bias, lora_A, lora_B, core, out_scale,
+                           scale: float, dropout_p: float, seed: int, activation: Optional[str]):
+    """Forward on 2-D x [M, k]. Returns (Y [M, d], T [M, r]); W lives only inside this call."""
+    w = dequantize_weight(packed, quant_state, x.dtype)
+    return lowrank_fwd_torch(x, w, bias, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
+                             activation)
+
+
+def lowrank_4bit_bwd_torch(grad_y, x, packed, quant_state, t, lora_A, lora_B, core, out_scale,
+                           scale: float, dropout_p: float, seed: int, activation: Optional[str],
+                           need_x: bool, need_A: bool, need_B: bool, need_core: bool,
+                           need_out_scale: bool, need_bias: bool, deterministic: bool = False):
+    """Backward on 2-D tensors; (dX, dA, dB, dcore, dout_scale, dbias). W is dequantised again
+    only when dX is needed (dX = dY W + s·D'(dT A)); no other gradient reads it."""
+    w = dequantize_weight(packed, quant_state, grad_y.dtype) if need_x else None
+    return lowrank_bwd_torch(grad_y, x, w, t, lora_A, lora_B, core, out_scale, scale, dropout_p,
+                             seed, activation, need_x, need_A, need_B, need_core, need_out_scale,
+                             need_bias)
+
+
+class _TorchBackend:
+    lowrank_4bit_fwd = staticmethod(lowrank_4bit_fwd_torch)
+    lowrank_4bit_bwd = staticmethod(lowrank_4bit_bwd_torch)
+
+
+_backend.register_impl(OP_NAME, "torch", lambda: _TorchBackend, lambda device: None)
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd.
+# --------------------------------------------------------------------------------------------
+
+def _state_tensors(quant_state) -> tuple:
+    """The tensors of a quant state that dequantisation reads: (absmax, offset, absmax2, code2)."""
+    if quant_state.state2 is None:
+        return quant_state.absmax, None, None, None
+    s2 = quant_state.state2
+    return quant_state.absmax, quant_state.offset, s2.absmax, s2.code
+
+
+def _state_meta(quant_state) -> tuple:
+    s2 = quant_state.state2
+    return (torch.Size(quant_state.shape), quant_state.dtype, int(quant_state.blocksize),
+            quant_state.quant_type, None if s2 is None else (int(s2.blocksize), s2.dtype))
+
+
+def _rebuild_state(meta, absmax, offset, absmax2, code2) -> QuantState:
+    """A light QuantState over the saved tensors (no copies) for backward."""
+    shape, dtype, blocksize, quant_type, nested = meta
+    state2 = None
+    if nested is not None:
+        state2 = QuantState(absmax=absmax2, code=code2, blocksize=nested[0], dtype=nested[1])
+    return QuantState(absmax=absmax, shape=shape, blocksize=blocksize, quant_type=quant_type,
+                      dtype=dtype, offset=offset, state2=state2)
+
+
+class LowRankLinear4bitFunction(torch.autograd.Function):
+    """Autograd of the 4-bit op. ``save_for_backward`` receives the packed weight, the quant
+    state's tensors and the dense op's contract (x only if A trains, T, the seed): no dense W."""
+
+    @staticmethod
+    def forward(ctx, x, packed, quant_state, bias, lora_A, lora_B, core, out_scale, scale,
+                dropout_p, seed, activation, backend):
+        impl = _backend.get_impl(OP_NAME, backend)
+        x2d = x.reshape(-1, x.shape[-1])
+        d = quant_state.shape[0]
+        if x2d.shape[0] == 0:
+            impl = _TorchBackend
+        y, t = impl.lowrank_4bit_fwd(x2d, packed, quant_state, bias, lora_A, lora_B, core,
+                                     out_scale, scale, dropout_p, int(seed), activation)
+        keep_x = lora_A.requires_grad
+        ctx.save_for_backward(x if keep_x else None, packed, lora_A, lora_B, core, out_scale, t,
+                              seed, *_state_tensors(quant_state))
+        ctx.meta = _state_meta(quant_state)
+        ctx.scale, ctx.dropout_p, ctx.activation, ctx.backend = scale, dropout_p, activation, backend
+        ctx.has_bias = bias is not None
+        return y.reshape(*x.shape[:-1], d)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, packed, lora_A, lora_B, core, out_scale, t, seed, *state = ctx.saved_tensors
+        quant_state = _rebuild_state(ctx.meta, *state)
+        need = ctx.needs_input_grad
+        needs = [need[0], need[4], need[5], need[6] and core is not None,
+                 need[7] and out_scale is not None, need[3] and ctx.has_bias]
+        grads = [None] * 13
+        if not any(needs):
+            return tuple(grads)
+        grad_y = grad_out.reshape(-1, grad_out.shape[-1])
+        if grad_y.stride(-1) != 1:
+            grad_y = grad_y.contiguous()
+        x2d = x.reshape(-1, x.shape[-1]) if x is not None and needs[1] else None
+        impl = _backend.get_impl(OP_NAME, ctx.backend)
+        if grad_y.shape[0] == 0:
+            impl = _TorchBackend
+        dx, d_a, d_b, d_core, d_os, d_bias = impl.lowrank_4bit_bwd(
+            grad_y, x2d, packed, quant_state, t, lora_A, lora_B, core, out_scale, ctx.scale,
+            ctx.dropout_p, int(seed), ctx.activation, *needs,
+            deterministic=torch.are_deterministic_algorithms_enabled())
+        if dx is not None:
+            dx = dx.reshape(grad_out.shape[:-1] + (dx.shape[-1],))
+        grads[0], grads[3], grads[4], grads[5], grads[6], grads[7] = dx, d_bias, d_a, d_b, d_core, d_os
+        return tuple(grads)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point.
+# --------------------------------------------------------------------------------------------
+
+def lowrank_linear_4bit(x: Tensor, packed: Tensor, quant_state, bias: Optional[Tensor],
+                        lora_A: Tensor, lora_B: Tensor, *, core: Optional[Tensor] = None,
+                        out_scale: Optional[Tensor] = None, scale: float = 1.0,
+                        dropout_p: float = 0.0, activation: Optional[str] = None,
+                        seed: Optional[int] = None) -> Tensor:
+    """:func:`fastpeft.lowrank_linear` over a 4-bit base weight in bitsandbytes' layout.
+
+    Args:
+        x: input ``[..., k]`` in the compute dtype (fp32/fp16/bf16; W is dequantised to it).
+        packed: the packed weight (uint8 ``[(d·k + 1) // 2, 1]`` or a bitsandbytes
+            ``Params4bit``; other ``quant_storage`` dtypes are read as bytes).
+        quant_state: its QuantState (fastpeft's or bitsandbytes', read as it is); ``None`` takes
+            ``packed.quant_state`` (a ``Params4bit``). ``quant_state.shape`` is ``[d, k]``.
+        bias, lora_A, lora_B, core, out_scale, scale, dropout_p, activation, seed: as for
+            :func:`fastpeft.lowrank_linear`, in x's dtype.
+
+    Returns ``[..., d]`` in x's dtype. Backward dequantises W again; nothing dense of W is saved.
+
+    >>> import torch, fastpeft
+    >>> w = torch.randn(8, 16)
+    >>> packed, state = fastpeft.quantize_4bit(w)
+    >>> x, a, b = torch.randn(3, 16), torch.randn(4, 16), torch.zeros(8, 4)
+    >>> y = fastpeft.lowrank_linear_4bit(x, packed, state, None, a, b, scale=2.0)
+    >>> torch.equal(y, x @ fastpeft.dequantize_4bit(packed, state).t())
+    True
+    """
+    if quant_state is None:
+        quant_state = getattr(packed, "quant_state", None)
+    shape, _ = validate_4bit(packed, quant_state)
+    if len(shape) != 2:
+        raise ValueError(f"quant_state.shape must be the 2-D weight shape [d, k], got {tuple(shape)}")
+    x, bias, lora_A, lora_B, core, out_scale = autocast_args(x, bias, lora_A, lora_B, core, out_scale)
+    validate_lowrank_args(x, shape, None, packed.device, bias, lora_A, lora_B, core, out_scale,
+                          scale, dropout_p, activation, seed, weight_name="the 4-bit weight (quant_state.shape)")
+    backend = _backend.resolve_backend(OP_NAME, x.device)
+    seed_t = seed_tensor(seed, float(dropout_p))
+    with torch.autocast(x.device.type, enabled=False):
+        return LowRankLinear4bitFunction.apply(x, packed, quant_state, bias, lora_A, lora_B, core,
+                                               out_scale, float(scale), float(dropout_p), seed_t,
+                                               activation, backend)
