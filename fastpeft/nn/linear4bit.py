@@ -172,6 +172,9 @@ class LowRankLinear4bit(LowRankLinear):
         n_errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        for key in [qs_prefix + k for k in qs_items]:
+            if key in unexpected_keys:
+                unexpected_keys.remove(key)
         if qs_items and len(error_msgs) == n_errors:
             state = type(self.quant_state).from_dict(qs_items, device=self.weight.device)
             validate_4bit(self.weight, state)
