@@ -49,7 +49,8 @@ class KernelSpec:
     prune function keeps on that architecture for a problem (a dict of sizes, ``"dtype"``
     included). ``signature(problem, config)`` returns ``(types, constexprs)`` for
     :func:`compile_kernel`. ``tensor_cores``: whether the kernel's dots must run on tensor cores
-    for 16-bit inputs.
+    for 16-bit inputs. ``variants``: problem entries (e.g. ``{"dropout": False}``) under which the
+    prune keeps other configs, each to be checked.
     """
     name: str
     module: str
@@ -57,6 +58,7 @@ class KernelSpec:
     configs_for: Callable[[int, dict], list]
     signature: Callable[[dict, Any], tuple[dict, dict]]
     tensor_cores: bool = True
+    variants: tuple = ({},)
 
     @property
     def kernel(self):

@@ -47,25 +47,26 @@ _ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
 _GROUP_M = 8
 
 # Tiles per architecture, in order of preference (the first that fits is the heuristic choice
-# when autotuning is off). GEMM: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
-_GEMM_TILES_SM90 = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
-                    (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4)]
-_GEMM_TILES_SM80 = [(128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (64, 128, 32, 4, 4),
-                    (128, 64, 32, 4, 4), (64, 64, 64, 4, 4), (32, 64, 128, 4, 4), (16, 64, 128, 4, 4)]
-# dX GEMM: its prologue draws the dropout mask of a whole tile, so at most 64 values a thread
-_DX_TILES_SM90 = [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
-                  (32, 64, 128, 4, 4), (16, 64, 128, 4, 4)]
-_DX_TILES_SM80 = [(128, 128, 64, 8, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 64, 64, 4, 4),
-                  (32, 64, 128, 4, 4), (16, 64, 128, 4, 4)]
-# T = D(X)Aᵀ: (BLOCK_M, BLOCK_K, num_warps, num_stages); the mask of an X tile is <= 32 values a thread
-_T_TILES_SM90 = [(64, 64, 4, 4), (128, 64, 8, 3), (64, 128, 8, 3), (32, 128, 4, 3), (16, 128, 4, 3)]
-_T_TILES_SM80 = [(64, 64, 4, 4), (128, 64, 8, 3), (64, 32, 4, 4), (32, 128, 4, 3), (16, 128, 4, 3)]
+# when autotuning is off). The prune functions below keep, per r and dtype, the tiles whose
+# loaded tiles and accumulators fit in registers (the static tests compile every one of them and
+# check the SASS for spills). GEMM: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+_GEMM_TILES_SM90 = [(128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 4),
+                    (64, 64, 32, 4, 3), (32, 64, 64, 4, 4), (32, 64, 32, 4, 3), (16, 64, 64, 4, 4)]
+_GEMM_TILES_SM80 = [(128, 128, 32, 8, 4), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 64, 64, 4, 4),
+                    (64, 64, 32, 4, 3), (32, 64, 64, 4, 4), (32, 64, 32, 4, 3), (16, 64, 64, 4, 4)]
+# dX GEMM: its prologue also draws the dropout mask of a whole output tile
+_DX_TILES_SM90 = _GEMM_TILES_SM90
+_DX_TILES_SM80 = [(128, 128, 32, 8, 4), (64, 64, 64, 4, 4), (64, 64, 32, 4, 3), (32, 64, 64, 4, 4),
+                  (32, 64, 32, 4, 3), (16, 64, 64, 4, 4)]
+# T = D(X)Aᵀ: (BLOCK_M, BLOCK_K, num_warps, num_stages)
+_T_TILES_SM90 = [(64, 64, 4, 4), (128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 4, 4), (32, 64, 4, 3), (16, 32, 4, 4), (16, 16, 4, 4)]
+_T_TILES_SM80 = [(64, 64, 4, 4), (128, 64, 8, 3), (64, 32, 4, 4), (32, 64, 4, 3), (16, 32, 4, 4), (16, 16, 4, 4)]
 # one pass over dY (BLOCK_M chosen by the launcher): (BLOCK_N, num_warps, num_stages)
-_DY_TILES_SM90 = [(64, 4, 3), (128, 8, 3), (64, 8, 4), (32, 4, 4)]
-_DY_TILES_SM80 = [(64, 4, 3), (128, 8, 3), (64, 8, 3), (32, 4, 4)]
+_DY_TILES_SM90 = [(64, 8, 3), (128, 8, 3), (32, 8, 3), (32, 4, 4), (16, 4, 4)]
+_DY_TILES_SM80 = [(32, 4, 4), (32, 8, 3), (16, 4, 4)]
 # dA = s·dTᵀD(X): (BLOCK_M, BLOCK_K, num_warps, num_stages)
-_DA_TILES_SM90 = [(64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 4), (32, 128, 4, 3)]
-_DA_TILES_SM80 = [(64, 64, 4, 4), (64, 128, 8, 3), (128, 64, 8, 3), (32, 64, 4, 4)]
+_DA_TILES_SM90 = [(64, 128, 8, 3), (64, 64, 8, 3), (64, 64, 4, 4), (32, 64, 4, 4), (32, 32, 4, 4), (16, 32, 4, 4)]
+_DA_TILES_SM80 = [(64, 64, 4, 4), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 4), (32, 32, 4, 4), (16, 32, 4, 4)]
 
 
 def _unique(tiles):
@@ -76,6 +77,8 @@ _GEMM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, nu
                  for bm, bn, bk, w, s in _unique(_GEMM_TILES_SM90 + _GEMM_TILES_SM80)]
 _DX_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                for bm, bn, bk, w, s in _unique(_DX_TILES_SM90 + _DX_TILES_SM80)]
+# register budgets a thread (32-bit words): one loaded tile, fp32 accumulators, a Philox-masked tile
+_TILE_WORDS, _ACC_WORDS, _MASK_VALUES, _DX_MASK_VALUES = 32, 64, 16, 32
 _T_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
               for bm, bk, w, s in _unique(_T_TILES_SM90 + _T_TILES_SM80)]
 _DY_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -101,6 +104,11 @@ def _per_thread(elems: int, num_warps: int) -> int:
     return elems // (num_warps * 32)
 
 
+def _words(elems: int, elem: int, num_warps: int) -> int:
+    """Registers a thread for ``elems`` values, counted in 16-bit-value units (fp32 counts 2)."""
+    return _per_thread(elems, num_warps) * (2 if elem == 4 else 1)
+
+
 def _keep(configs, tiles, tile_of, ok, size_ok):
     """Configs of this arch that fit (``ok``), preferring those not oversized for the problem."""
     mine = [c for c in configs if tile_of(c) in tiles and ok(c)]
@@ -114,9 +122,8 @@ def _gemm_tile(c):
     return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
 
 
-def _gemm_keep(configs, arch, smem, M, N, block_r, elem, dx=False):
-    """Y and dX GEMMs: pipeline buffers and the r-wide prologue operands within shared memory; the
-    fp32 accumulator <= 128 values a thread, the prologue's U/B (dT/A) operands <= 64."""
+def _gemm_keep(configs, arch, smem, M, N, block_r, elem, dx=False, dropout=True):
+    """Y and dX GEMMs (the r-wide prologue runs R_CHUNK columns at a time, so r does not matter)."""
     if dx:
         tiles = _DX_TILES_SM90 if arch == 90 else _DX_TILES_SM80
     else:
@@ -125,9 +132,13 @@ def _gemm_keep(configs, arch, smem, M, N, block_r, elem, dx=False):
     def ok(c):
         bm, bn, bk, w, s = _gemm_tile(c)
         main = s * (bm * bk + bk * bn) * elem
-        prologue = (bm * block_r + block_r * bn) * elem
-        return (max(main, prologue) <= smem and _per_thread(bm * bn, w) <= 128
-                and _per_thread((bm + bn) * block_r * elem // 4, w) <= 64)
+        tiles = max(_words(bm * bk, elem, w), _words(bk * bn, elem, w))
+        acc = _per_thread(bm * bn, w) * (2 if elem == 4 else 1)
+        masked = dx and dropout and _per_thread(bm * bn, w) > _DX_MASK_VALUES
+        # mma.sync (sm_80) holds its operand fragments in registers: with an r >= 64 prologue the
+        # accumulator gets half the budget (sm_90's wgmma reads them from shared memory)
+        budget = _ACC_WORDS // 2 if arch == 80 and block_r >= 64 else _ACC_WORDS
+        return main <= smem and tiles <= _TILE_WORDS and acc <= budget and not masked
 
     def size_ok(c):
         return c.kwargs["BLOCK_M"] <= max(16, _pow2(M)) and c.kwargs["BLOCK_N"] <= max(16, _pow2(N))
@@ -135,8 +146,8 @@ def _gemm_keep(configs, arch, smem, M, N, block_r, elem, dx=False):
     return _keep(configs, tiles, _gemm_tile, ok, size_ok)
 
 
-def _t_keep(configs, arch, smem, M, block_r, elem):
-    """T pass: the [BLOCK_M, r] fp32 accumulator <= 64 values a thread."""
+def _t_keep(configs, arch, smem, M, block_r, elem, dropout=True):
+    """T pass: which configs fit on ``arch`` for this r."""
     tiles = _T_TILES_SM90 if arch == 90 else _T_TILES_SM80
 
     def tile_of(c):
@@ -145,8 +156,10 @@ def _t_keep(configs, arch, smem, M, block_r, elem):
     def ok(c):
         bm, bk, w, s = tile_of(c)
         main = s * (bm * bk + bk * block_r) * elem
-        epilogue = (bm * block_r + block_r * block_r) * elem
-        return max(main, epilogue) <= smem and _per_thread(bm * block_r, w) <= 64
+        tiles = max(_words(bm * bk, elem, w), _words(bk * block_r, elem, w))
+        acc = _per_thread(bm * block_r, w) * (2 if elem == 4 else 1)
+        return (main <= smem and tiles <= _TILE_WORDS and acc <= _ACC_WORDS
+                and not (dropout and _per_thread(bm * bk, w) > _MASK_VALUES))
 
     def size_ok(c):
         return c.kwargs["BLOCK_M"] <= max(16, _pow2(M))
@@ -155,7 +168,7 @@ def _t_keep(configs, arch, smem, M, block_r, elem):
 
 
 def _dy_keep(configs, arch, smem, block_m, N, block_r, elem):
-    """dY pass: G [BLOCK_M, r] + the partial dYᵀU [BLOCK_N, r] (fp32) + U (input dtype) <= 96 a thread."""
+    """dY pass: which configs fit on ``arch`` for this r and the launcher's BLOCK_M."""
     tiles = _DY_TILES_SM90 if arch == 90 else _DY_TILES_SM80
 
     def tile_of(c):
@@ -164,8 +177,12 @@ def _dy_keep(configs, arch, smem, block_m, N, block_r, elem):
     def ok(c):
         bn, w, s = tile_of(c)
         main = s * (block_m * bn + bn * block_r) * elem + block_m * block_r * elem
-        live = block_m * block_r + bn * block_r + block_m * block_r * elem // 4
-        return main <= smem and _per_thread(live, w) <= 96
+        tiles = max(_words(block_m * bn, elem, w), _words(bn * block_r, elem, w))
+        # 32-bit registers for G and the partial dYᵀU (fp32) and U together
+        live = _per_thread(block_m * block_r + bn * block_r, w) + _per_thread(block_m * block_r * elem // 4, w)
+        budget = _ACC_WORDS if arch == 90 else _ACC_WORDS // 2      # sm_80: operand fragments too
+        return (main <= smem and tiles <= _TILE_WORDS and live <= budget
+                and _per_thread(bn * block_r, w) <= 16)
 
     def size_ok(c):
         return c.kwargs["BLOCK_N"] <= max(16, _pow2(N))
@@ -173,8 +190,8 @@ def _dy_keep(configs, arch, smem, block_m, N, block_r, elem):
     return _keep(configs, tiles, tile_of, ok, size_ok)
 
 
-def _da_keep(configs, arch, smem, M, K, block_r, elem):
-    """dA: the [r, BLOCK_K] fp32 accumulator <= 64 values a thread."""
+def _da_keep(configs, arch, smem, M, K, block_r, elem, dropout=True):
+    """dA: which configs fit on ``arch`` for this r."""
     tiles = _DA_TILES_SM90 if arch == 90 else _DA_TILES_SM80
 
     def tile_of(c):
@@ -183,7 +200,10 @@ def _da_keep(configs, arch, smem, M, K, block_r, elem):
     def ok(c):
         bm, bk, w, s = tile_of(c)
         main = s * (block_r * bm + bm * bk) * elem
-        return main <= smem and _per_thread(block_r * bk, w) <= 64
+        tiles = max(_words(block_r * bm, elem, w), _words(bm * bk, elem, w))
+        acc = _per_thread(block_r * bk, w) * (2 if elem == 4 else 1)
+        return (main <= smem and tiles <= _TILE_WORDS and acc <= _ACC_WORDS
+                and not (dropout and _per_thread(bm * bk, w) > _MASK_VALUES))
 
     def size_ok(c):
         return c.kwargs["BLOCK_M"] <= max(16, _pow2(M)) and c.kwargs["BLOCK_K"] <= max(16, _pow2(K))
@@ -221,13 +241,14 @@ def _prune_gemm(configs, named_args, **kwargs):
 def _prune_dx(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     arch, smem, _ = _limits_of(args["dy_ptr"])
-    return _gemm_keep(configs, arch, smem, args["M"], args["N"], args["BLOCK_R"], _elem(args), dx=True)
+    return _gemm_keep(configs, arch, smem, args["M"], args["N"], args["BLOCK_R"], _elem(args), dx=True,
+                      dropout=args["HAS_DROPOUT"])
 
 
 def _prune_t(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     arch, smem, _ = _limits_of(args["x_ptr"])
-    return _t_keep(configs, arch, smem, args["M"], args["BLOCK_R"], _elem(args))
+    return _t_keep(configs, arch, smem, args["M"], args["BLOCK_R"], _elem(args), args["HAS_DROPOUT"])
 
 
 def _prune_dy(configs, named_args, **kwargs):
@@ -239,7 +260,7 @@ def _prune_dy(configs, named_args, **kwargs):
 def _prune_da(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     arch, smem, _ = _limits_of(args["x_ptr"])
-    return _da_keep(configs, arch, smem, args["M"], args["K"], args["BLOCK_R"], _elem(args))
+    return _da_keep(configs, arch, smem, args["M"], args["K"], args["BLOCK_R"], _elem(args), args["HAS_DROPOUT"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,6 +332,39 @@ def _grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
     return pid_m, pid_n
 
 
+@triton.jit
+def _core_tile(core_ptr, R, rows, cols, TRANSPOSED: tl.constexpr):
+    """S[rows, cols] (or Sᵀ[rows, cols] = S[cols, rows]) of a contiguous [R, R] core, 0 outside."""
+    mask = (rows < R)[:, None] & (cols < R)[None, :]
+    if TRANSPOSED:
+        tile = tl.load(core_ptr + cols[None, :] * R + rows[:, None], mask=mask, other=0.0)
+    else:
+        tile = tl.load(core_ptr + rows[:, None] * R + cols[None, :], mask=mask, other=0.0)
+    return tile
+
+
+@triton.jit
+def _store_u(z, core_ptr, u_ptr, rm, M, R, CORE: tl.constexpr, UPCAST: tl.constexpr,
+             DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr):
+    """U = Z Sᵀ | Z ⊙ S | Z for the rows ``rm`` (z: fp32 [BLOCK_M, BLOCK_R], 0 on padding). A full
+    core is applied R_CHUNK output columns at a time (the [r, r] operand never whole in registers)."""
+    dtype = u_ptr.dtype.element_ty
+    rr = tl.arange(0, BLOCK_R)
+    rows = rm.to(tl.int64)[:, None] * R
+    mask_m = (rm < M)[:, None]
+    if CORE == 2:
+        z_op = _op(z, dtype, UPCAST)
+        for j0 in tl.static_range(0, BLOCK_R, R_CHUNK):
+            rj = j0 + tl.arange(0, R_CHUNK)
+            u = tl.dot(z_op, _op(_core_tile(core_ptr, R, rr, rj, True), dtype, UPCAST),
+                       input_precision=DOT_PRECISION)
+            tl.store(u_ptr + rows + rj[None, :], u.to(dtype), mask=mask_m & (rj < R)[None, :])
+    else:
+        if CORE == 1:
+            z = z * tl.load(core_ptr + rr, mask=rr < R, other=0.0).to(tl.float32)[None, :]
+        tl.store(u_ptr + rows + rr[None, :], z.to(dtype), mask=mask_m & (rr < R)[None, :])
+
+
 # --------------------------------------------------------------------------------------------
 # Forward kernels
 # --------------------------------------------------------------------------------------------
@@ -324,7 +378,7 @@ def _lowrank_fwd_t_kernel(
     stride_xm, stride_xk,
     seed, dropout_p, inv_keep,
     ACTIVATION: tl.constexpr, CORE: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_U: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """T = D(X)Aᵀ = (mask ⊙ X)Aᵀ / (1-p) and U = σ(T)Sᵀ | σ(T) ⊙ S for BLOCK_M rows."""
@@ -336,35 +390,41 @@ def _lowrank_fwd_t_kernel(
     rk = tl.arange(0, BLOCK_K)
     mask_m = rm < M
     mask_r = rr < R
-    # rows past M and columns past r read wrapped (valid) addresses and are never stored: the main
-    # loop masks only along k (whole-tile masks kept live across pipeline stages cost registers)
-    x_ptrs = x_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
-    a_ptrs = a_ptr + (rr % R)[None, :] * K + rk[:, None]                # Aᵀ tile [BK, BR]
+    # rows past M and past r read wrapped (valid) addresses and are never stored; the loop masks
+    # only along k, and keeps [rows, 1] / [1, cols] base pointers, not whole tiles of pointers
+    x_rows = x_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm
+    a_cols = a_ptr + (rr % R)[None, :] * K                              # Aᵀ tile [BK, BR]
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + rk) < K
-        xt = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
+        kk = k0 + rk
+        mask_k = kk < K
+        xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
-            xt = tl.where(_keep_mask(seed, rm, k0 + rk, K, p), xt, 0.0)
-        at = tl.load(a_ptrs, mask=mask_k[:, None], other=0.0)
+            xt = tl.where(_keep_mask(seed, rm, kk, K, p), xt, 0.0)
+        at = tl.load(a_cols + kk[:, None], mask=mask_k[:, None], other=0.0)
         acc = tl.dot(_op(xt, dtype, UPCAST), _op(at, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        a_ptrs += BLOCK_K
     if HAS_DROPOUT:
         acc = acc * tl.to_tensor(inv_keep).to(tl.float32)
     out_offs = rm.to(tl.int64)[:, None] * R + rr[None, :]
-    out_mask = mask_m[:, None] & mask_r[None, :]
-    tl.store(t_ptr + out_offs, acc.to(t_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(t_ptr + out_offs, acc.to(t_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
     if STORE_U:
         z = tl.where(mask_r[None, :], _act_fwd(acc, ACTIVATION), 0.0)   # padded columns: 0
-        if CORE == 2:   # U = Z Sᵀ: Sᵀ[c, j] = S[j, c]
-            st = tl.load(core_ptr + rr[None, :] * R + rr[:, None], mask=mask_r[:, None] & mask_r[None, :], other=0.0)
-            u = tl.dot(_op(z, dtype, UPCAST), _op(st, dtype, UPCAST), input_precision=DOT_PRECISION)
-        elif CORE == 1:
-            u = z * tl.load(core_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
-        else:
-            u = z
-        tl.store(u_ptr + out_offs, u.to(u_ptr.dtype.element_ty), mask=out_mask)
+        _store_u(z, core_ptr, u_ptr, rm, M, R, CORE, UPCAST, DOT_PRECISION, BLOCK_R, R_CHUNK)
+
+
+@triton.jit
+def _lowrank_u_kernel(
+    t_ptr, core_ptr, u_ptr, M, R,
+    ACTIVATION: tl.constexpr, CORE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """U = σ(T)Sᵀ | σ(T) ⊙ S from the saved T (backward: dB, d_out_scale need U; T is all that
+    was kept)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    mask = (rm < M)[:, None] & (rr < R)[None, :]
+    tt = tl.load(t_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=mask, other=0.0).to(tl.float32)
+    _store_u(_act_fwd(tt, ACTIVATION), core_ptr, u_ptr, rm, M, R, CORE, UPCAST, DOT_PRECISION, BLOCK_R, R_CHUNK)
 
 
 @triton.autotune(configs=_GEMM_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R"],
@@ -376,23 +436,28 @@ def _lowrank_fwd_gemm_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     scale,
     HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Y = s·(U Bᵀ) ⊙ o + b + X Wᵀ; Y written once. The adapter term and the bias initialise the
-    accumulator (one [BLOCK_M, BLOCK_N] fp32 tile live, not two), then the main loop adds X Wᵀ."""
+    """Y = s·(U Bᵀ) ⊙ o + b + X Wᵀ; Y written once. The adapter term (R_CHUNK columns of r at a
+    time) and the bias initialise the accumulator, one [BLOCK_M, BLOCK_N] fp32 tile live, then
+    the main loop adds X Wᵀ."""
     dtype = x_ptr.dtype.element_ty
     pid_m, pid_n = _grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    rr = tl.arange(0, BLOCK_R)
     mask_m = rm < M
     mask_n = rn < N
-    mask_r = rr < R
-    u = tl.load(u_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-    bt = tl.load(b_ptr + rn.to(tl.int64)[None, :] * R + rr[:, None], mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-    acc = tl.dot(_op(u, dtype, UPCAST), _op(bt, dtype, UPCAST), input_precision=DOT_PRECISION)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    u_rows = u_ptr + rm.to(tl.int64)[:, None] * R
+    b_cols = b_ptr + rn.to(tl.int64)[None, :] * R
+    for r0 in tl.range(0, BLOCK_R, R_CHUNK, num_stages=1):   # not pipelined: registers
+        rc = r0 + tl.arange(0, R_CHUNK)
+        mask_c = rc < R
+        u = tl.load(u_rows + rc[None, :], mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+        bt = tl.load(b_cols + rc[:, None], mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(_op(u, dtype, UPCAST), _op(bt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
     col_scale = tl.zeros((BLOCK_N,), dtype=tl.float32) + tl.to_tensor(scale).to(tl.float32)
     if HAS_OUT_SCALE:
         col_scale = col_scale * tl.load(os_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
@@ -400,15 +465,14 @@ def _lowrank_fwd_gemm_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     # rows past M / N read wrapped addresses and are never stored: the loop masks only along k
-    x_ptrs = x_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk
-    w_ptrs = w_ptr + (rn % N).to(tl.int64)[None, :] * stride_wn + rk[:, None] * stride_wk   # Wᵀ tile
+    x_rows = x_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + (rn % N).to(tl.int64)[None, :] * stride_wn                      # Wᵀ tile
     for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + rk) < K
-        xt = tl.load(x_ptrs, mask=mask_k[None, :], other=0.0)
-        wt = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0)
+        kk = k0 + rk
+        mask_k = kk < K
+        xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_k[None, :], other=0.0)
+        wt = tl.load(w_cols + kk[:, None] * stride_wk, mask=mask_k[:, None], other=0.0)
         acc = tl.dot(_op(xt, dtype, UPCAST), _op(wt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
     y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -422,21 +486,23 @@ def _lowrank_fwd_gemm_kernel(
                  reset_to_zero=["p_ptr", "dbias_ptr", "ds_ptr"])
 @triton.jit
 def _lowrank_bwd_dy_kernel(
-    dy_ptr, t_ptr, core_ptr, b_ptr, os_ptr,
+    dy_ptr, t_ptr, u_ptr, core_ptr, b_ptr, os_ptr,
     dt_ptr, p_ptr, dbias_ptr, ds_ptr,
     M, N, R, M_KEY,
     stride_dym, stride_dyn,
     ACTIVATION: tl.constexpr, CORE: tl.constexpr, HAS_OUT_SCALE: tl.constexpr,
     COMPUTE_DT: tl.constexpr, COMPUTE_P: tl.constexpr, COMPUTE_DB: tl.constexpr,
     COMPUTE_DS: tl.constexpr, ATOMIC: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One pass over BLOCK_M rows of dY.
 
     G = dYo B is accumulated over d in registers; per d-tile the partial dYᵀU [BLOCK_N, r]
     (for dB = s·o⊙dYᵀU and d_o = s·rowsum(B ⊙ dYᵀU)) and Σ_rows dY (db) go to this block's
-    partial slot (or, ATOMIC, are added to slot 0). After the loop: Gᵀ Z (full core) or
-    Σ_rows G ⊙ Z (diagonal) to the dS partials, and dT = (G S) ⊙ σ'(T) to dt_ptr.
+    partial slot (or, ATOMIC, are added to slot 0). After the loop, R_CHUNK columns at a time:
+    Gᵀ Z (full core) or Σ_rows G ⊙ Z (diagonal) to the dS partials, and dT = (G S) ⊙ σ'(T).
+    U (u_ptr) was computed from T beforehand (it is T itself without core and activation).
     """
     dtype = dy_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -449,25 +515,17 @@ def _lowrank_bwd_dy_kernel(
     mask_m = rm < M
     mask_r = rr < R
     mask_mr = mask_m[:, None] & mask_r[None, :]
-    mask_rr = mask_r[:, None] & mask_r[None, :]
-    t_offs = rm.to(tl.int64)[:, None] * R + rr[None, :]
-    if COMPUTE_P:
-        z = _act_fwd(tl.load(t_ptr + t_offs, mask=mask_mr, other=0.0).to(tl.float32), ACTIVATION)
-        if CORE == 2:
-            st = tl.load(core_ptr + rr[None, :] * R + rr[:, None], mask=mask_rr, other=0.0)
-            u = tl.dot(_op(z, dtype, UPCAST), _op(st, dtype, UPCAST), input_precision=DOT_PRECISION)
-        elif CORE == 1:
-            u = z * tl.load(core_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
-        else:
-            u = z
-        u_op = _op(u, dtype, UPCAST)
+    t_rows = rm.to(tl.int64)[:, None] * R
+    if COMPUTE_P:    # U of padded rows / columns is 0: they add nothing to dYᵀU
+        u_op = _op(tl.load(u_ptr + t_rows + rr[None, :], mask=mask_mr, other=0.0), dtype, UPCAST)
     g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     part_p = p_ptr + part.to(tl.int64) * N * R
     part_db = dbias_ptr + part.to(tl.int64) * N
-    # rows past M read wrapped addresses: their U and Z are 0 (T read masked), so they add nothing
-    # to dYᵀU or dS; Σ dY weights rows by valid_m; G, dT of those rows are never stored
+    # rows past M read wrapped addresses: they add nothing to dYᵀU (U is 0 there), Σ dY weights
+    # rows by valid_m, and their G / dT are never stored
     valid_m = mask_m.to(tl.float32)
     dy_rows = dy_ptr + (rm % M).to(tl.int64)[:, None] * stride_dym
+    b_cols = b_ptr + (rr % R)[None, :]
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         mask_n = rn < N
@@ -478,7 +536,7 @@ def _lowrank_bwd_dy_kernel(
                 dyo = dyt.to(tl.float32) * osv[None, :]
             else:
                 dyo = dyt
-            bt = tl.load(b_ptr + rn.to(tl.int64)[:, None] * R + (rr % R)[None, :], mask=mask_n[:, None], other=0.0)
+            bt = tl.load(b_cols + rn.to(tl.int64)[:, None] * R, mask=mask_n[:, None], other=0.0)
             g = tl.dot(_op(dyo, dtype, UPCAST), _op(bt, dtype, UPCAST), g, input_precision=DOT_PRECISION)
         if COMPUTE_P:                    # partial dYᵀ U [BLOCK_N, r]
             pp = tl.dot(tl.trans(_op(dyt, dtype, UPCAST)), u_op, input_precision=DOT_PRECISION)
@@ -494,18 +552,25 @@ def _lowrank_bwd_dy_kernel(
                 tl.atomic_add(part_db + rn, cs, mask=mask_n)
             else:
                 tl.store(part_db + rn, cs, mask=mask_n)
-    # T again (read back rather than kept live across the loop); padded entries: σ(0) = 0
-    tt = tl.load(t_ptr + t_offs, mask=mask_mr, other=0.0).to(tl.float32)
+    # T is read back (not kept live across the loop); padded entries give σ(0) = 0
     if COMPUTE_DS:
-        z = _act_fwd(tt, ACTIVATION)     # 0 on padded rows and columns
         if CORE == 2:                    # Gᵀ Z [r, r], fp32 operands (a sum over M with cancellation)
-            ds = tl.dot(tl.trans(g), z, input_precision=DOT_PRECISION)
-            ds_ptrs = ds_ptr + part.to(tl.int64) * R * R + rr[:, None] * R + rr[None, :]
-            if ATOMIC:
-                tl.atomic_add(ds_ptrs, ds, mask=mask_rr)
-            else:
-                tl.store(ds_ptrs, ds, mask=mask_rr)
+            gt = tl.trans(g)
+            for j0 in tl.static_range(0, BLOCK_R, R_CHUNK):
+                rj = j0 + tl.arange(0, R_CHUNK)
+                mask_j = mask_m[:, None] & (rj < R)[None, :]
+                zj = _act_fwd(tl.load(t_ptr + t_rows + rj[None, :], mask=mask_j, other=0.0).to(tl.float32),
+                              ACTIVATION)
+                ds = tl.dot(gt, zj, input_precision=DOT_PRECISION)
+                ds_ptrs = ds_ptr + part.to(tl.int64) * R * R + rr[:, None] * R + rj[None, :]
+                ds_mask = mask_r[:, None] & (rj < R)[None, :]
+                if ATOMIC:
+                    tl.atomic_add(ds_ptrs, ds, mask=ds_mask)
+                else:
+                    tl.store(ds_ptrs, ds, mask=ds_mask)
         else:                            # Σ_rows G ⊙ Z [r]
+            z = _act_fwd(tl.load(t_ptr + t_rows + rr[None, :], mask=mask_mr, other=0.0).to(tl.float32),
+                         ACTIVATION)
             ds = tl.sum(g * z, axis=0)
             ds_ptrs = ds_ptr + part.to(tl.int64) * R + rr
             if ATOMIC:
@@ -513,16 +578,25 @@ def _lowrank_bwd_dy_kernel(
             else:
                 tl.store(ds_ptrs, ds, mask=mask_r)
     if COMPUTE_DT:
-        if CORE == 2:                    # H = G S
-            sc = tl.load(core_ptr + rr[:, None] * R + rr[None, :], mask=mask_rr, other=0.0)
-            h = tl.dot(_op(g, dtype, UPCAST), _op(sc, dtype, UPCAST), input_precision=DOT_PRECISION)
-        elif CORE == 1:
-            h = g * tl.load(core_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+        if CORE == 2:                    # H = G S, R_CHUNK output columns at a time
+            g_op = _op(g, dtype, UPCAST)
+            for j0 in tl.static_range(0, BLOCK_R, R_CHUNK):
+                rj = j0 + tl.arange(0, R_CHUNK)
+                mask_j = mask_m[:, None] & (rj < R)[None, :]
+                h = tl.dot(g_op, _op(_core_tile(core_ptr, R, rr, rj, False), dtype, UPCAST),
+                           input_precision=DOT_PRECISION)
+                if ACTIVATION != 0:
+                    tj = tl.load(t_ptr + t_rows + rj[None, :], mask=mask_j, other=0.0).to(tl.float32)
+                    h = h * _act_grad(tj, ACTIVATION)
+                tl.store(dt_ptr + t_rows + rj[None, :], h.to(dt_ptr.dtype.element_ty), mask=mask_j)
         else:
             h = g
-        if ACTIVATION != 0:
-            h = h * _act_grad(tt, ACTIVATION)
-        tl.store(dt_ptr + t_offs, h.to(dt_ptr.dtype.element_ty), mask=mask_mr)
+            if CORE == 1:
+                h = h * tl.load(core_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+            if ACTIVATION != 0:
+                tt = tl.load(t_ptr + t_rows + rr[None, :], mask=mask_mr, other=0.0).to(tl.float32)
+                h = h * _act_grad(tt, ACTIVATION)
+            tl.store(dt_ptr + t_rows + rr[None, :], h.to(dt_ptr.dtype.element_ty), mask=mask_mr)
 
 
 @triton.jit
@@ -571,8 +645,8 @@ def _lowrank_bwd_dx_kernel(
     stride_dym, stride_dyk, stride_wk, stride_wn, stride_dxm, stride_dxn,
     seed, dropout_p, adapter_scale,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """dX [M, N=k] = s·D'(dT A) + dY W (reduction over K=d): D'(V) = mask ⊙ V / (1-p),
     ``adapter_scale`` = s/(1-p), the mask regenerated from the seed. The adapter term initialises
@@ -582,25 +656,28 @@ def _lowrank_bwd_dx_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    rr = tl.arange(0, BLOCK_R)
     mask_m = rm < M
     mask_n = rn < N
-    mask_r = rr < R
-    dtt = tl.load(dt_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-    at = tl.load(a_ptr + rr[:, None] * N + rn[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-    acc = tl.dot(_op(dtt, dtype, UPCAST), _op(at, dtype, UPCAST), input_precision=DOT_PRECISION)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dt_rows = dt_ptr + rm.to(tl.int64)[:, None] * R
+    for r0 in tl.range(0, BLOCK_R, R_CHUNK, num_stages=1):   # not pipelined: registers
+        rc = r0 + tl.arange(0, R_CHUNK)
+        mask_c = rc < R
+        dtt = tl.load(dt_rows + rc[None, :], mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+        at = tl.load(a_ptr + rc[:, None] * N + rn[None, :], mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(_op(dtt, dtype, UPCAST), _op(at, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
     acc = acc * tl.to_tensor(adapter_scale).to(tl.float32)
     if HAS_DROPOUT:
         acc = tl.where(_keep_mask(seed, rm, rn, N, tl.to_tensor(dropout_p).to(tl.float32)), acc, 0.0)
-    dy_ptrs = dy_ptr + (rm % M).to(tl.int64)[:, None] * stride_dym + rk[None, :] * stride_dyk
-    w_ptrs = w_ptr + rk.to(tl.int64)[:, None] * stride_wk + (rn % N)[None, :] * stride_wn   # W tile [BK, BN]
+    # rows past M / N read wrapped addresses and are never stored: the loop masks only along d
+    dy_rows = dy_ptr + (rm % M).to(tl.int64)[:, None] * stride_dym
+    w_cols = w_ptr + (rn % N)[None, :] * stride_wn                                    # W tile [BK, BN]
     for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + rk) < K
-        dyt = tl.load(dy_ptrs, mask=mask_k[None, :], other=0.0)
-        wt = tl.load(w_ptrs, mask=mask_k[:, None], other=0.0)
+        kk = k0 + rk
+        mask_k = kk < K
+        dyt = tl.load(dy_rows + kk[None, :] * stride_dyk, mask=mask_k[None, :], other=0.0)
+        wt = tl.load(w_cols + kk.to(tl.int64)[:, None] * stride_wk, mask=mask_k[:, None], other=0.0)
         acc = tl.dot(_op(dyt, dtype, UPCAST), _op(wt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
-        dy_ptrs += BLOCK_K * stride_dyk
-        w_ptrs += BLOCK_K * stride_wk
     dx_ptrs = dx_ptr + rm.to(tl.int64)[:, None] * stride_dxm + rn[None, :] * stride_dxn
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -631,13 +708,16 @@ def _lowrank_bwd_da_kernel(
     mask_k = rk < K
     mask_r = rr < R
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    # dTᵀ tiles [BR, BM] are zero on rows past this split's end (columns past r wrap and are never
+    # stored); X rows and columns read wrapped addresses: products 0 or never stored
+    dt_cols = dt_ptr + (rr % R)[:, None]
+    x_cols = x_ptr + (rk % K)[None, :] * stride_xk
+    rb = tl.arange(0, BLOCK_M)
     for m0 in range(m_start, m_end, BLOCK_M):
-        rm = m0 + tl.arange(0, BLOCK_M)
+        rm = m0 + rb
         mask_m = rm < m_end
-        # dTᵀ tile [BR, BM], zero on rows past this split's end (and past r: wrapped, never stored);
-        # X rows and columns read wrapped addresses, their products are 0 or never stored
-        dtt = tl.load(dt_ptr + rm.to(tl.int64)[None, :] * R + (rr % R)[:, None], mask=mask_m[None, :], other=0.0)
-        xt = tl.load(x_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm + (rk % K)[None, :] * stride_xk)
+        dtt = tl.load(dt_cols + rm.to(tl.int64)[None, :] * R, mask=mask_m[None, :], other=0.0)
+        xt = tl.load(x_cols + (rm % M).to(tl.int64)[:, None] * stride_xm)
         if HAS_DROPOUT:
             xt = tl.where(_keep_mask(seed, rm, rk, K, p), xt, 0.0)
         acc = tl.dot(_op(dtt, dtype, UPCAST), _op(xt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
@@ -692,6 +772,15 @@ def _block_r(r: int) -> int:
         raise ValueError(f"the Triton low-rank kernels support r <= {MAX_RANK}, got r={r}; "
                          "use fastpeft.use_backend('torch') for larger ranks")
     return max(16, _pow2(r))
+
+
+def _r_chunk(block_r: int) -> int:
+    """Columns of r per step where an [r, r] or [r, tile] operand would not fit in registers."""
+    return min(block_r, 16)
+
+
+def _u_block_m(block_r: int) -> int:
+    return max(16, min(64, 4096 // block_r))
 
 
 def _interp_block(n: int, cap: int = 128) -> int:
@@ -766,7 +855,7 @@ def lowrank_fwd(x, weight, bias, lora_A, lora_B, core, out_scale, scale: float, 
     u = torch.empty((M, R), dtype=x.dtype, device=x.device) if store_u else t
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     interp = _interpreting()
-    common = dict(UPCAST=interp, DOT_PRECISION=_dot_precision(x.dtype), BLOCK_R=BR)
+    common = dict(UPCAST=interp, DOT_PRECISION=_dot_precision(x.dtype), BLOCK_R=BR, R_CHUNK=_r_chunk(BR))
     m_key = _pow2(M)
     p = float(dropout_p)
     with _device(x):
@@ -778,7 +867,7 @@ def lowrank_fwd(x, weight, bias, lora_A, lora_B, core, out_scale, scale: float, 
             fb = dict(BLOCK_M=_interp_block(M), BLOCK_K=_interp_block(K), num_warps=4, num_stages=1)
         elif not _autotuning():
             arch, smem, _ = _limits_of(x)
-            fb = _fallback(_t_keep(_T_CONFIGS, arch, smem, M, BR, x.element_size()))
+            fb = _fallback(_t_keep(_T_CONFIGS, arch, smem, M, BR, x.element_size(), p > 0.0))
         else:
             fb = {}
         _launch(_lowrank_fwd_t_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),), args, fb)
@@ -803,11 +892,11 @@ def lowrank_fwd(x, weight, bias, lora_A, lora_B, core, out_scale, scale: float, 
     return y, t
 
 
-def _dy_block_m(M: int, block_r: int) -> int:
+def _dy_block_m(M: int, block_r: int, elem: int) -> int:
     """Rows per program of the pass over dY (fixed by the launcher: it sizes the partials)."""
     if _interpreting():
         return _interp_block(M)
-    return min(64, max(16, _pow2(M)))
+    return _dy_block_m_gpu({"M": M, "R": block_r, "dtype": {2: "fp16", 4: "fp32"}[elem]})
 
 
 def lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
@@ -853,7 +942,7 @@ def lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dr
     need_p = need_B or need_out_scale
     with _device(grad_y):
         # one pass over dY
-        bm = _dy_block_m(M, BR)
+        bm = _dy_block_m(M, BR, grad_y.element_size())
         np_ = 1 if not deterministic else triton.cdiv(M, bm)
         alloc = torch.zeros if not deterministic else torch.empty
         d_t = torch.empty((M, R), dtype=grad_y.dtype, device=dev) if need_dt else t
@@ -862,14 +951,21 @@ def lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dr
         ds_numel = (R * R if core_kind == 2 else R) if need_core else 1
         ds_part = alloc((np_ if need_core else 1, ds_numel), dtype=f32, device=dev)
         if need_dt or need_p or need_core or need_bias:
-            args = dict(dy_ptr=grad_y, t_ptr=t, core_ptr=core_c, b_ptr=b,
+            u = t
+            if need_p and (core_kind != 0 or act != 0):     # U = σ(T)Sᵀ from the saved T
+                u = torch.empty((M, R), dtype=grad_y.dtype, device=dev)
+                ub = _interp_block(M) if interp else _u_block_m(BR)
+                _lowrank_u_kernel[(triton.cdiv(M, ub),)](
+                    t, core_c, u, M, R, ACTIVATION=act, CORE=core_kind, UPCAST=interp, DOT_PRECISION=precision,
+                    BLOCK_R=BR, R_CHUNK=_r_chunk(BR), BLOCK_M=ub, num_warps=4)
+            args = dict(dy_ptr=grad_y, t_ptr=t, u_ptr=u, core_ptr=core_c, b_ptr=b,
                         os_ptr=out_scale if out_scale is not None else grad_y,
                         dt_ptr=d_t, p_ptr=p_part, dbias_ptr=db_part, ds_ptr=ds_part,
                         M=M, N=N, R=R, M_KEY=_pow2(M), stride_dym=grad_y.stride(0), stride_dyn=grad_y.stride(1),
                         ACTIVATION=act, CORE=core_kind, HAS_OUT_SCALE=out_scale is not None,
                         COMPUTE_DT=need_dt, COMPUTE_P=need_p, COMPUTE_DB=need_bias, COMPUTE_DS=need_core,
                         ATOMIC=not deterministic, UPCAST=interp, DOT_PRECISION=precision,
-                        BLOCK_R=BR, BLOCK_M=bm)
+                        BLOCK_R=BR, R_CHUNK=_r_chunk(BR), BLOCK_M=bm)
             if interp:
                 fb = dict(BLOCK_N=_interp_block(N), num_warps=4, num_stages=1)
             elif not _autotuning():
@@ -904,13 +1000,14 @@ def lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dr
                         stride_dxm=dx.stride(0), stride_dxn=dx.stride(1),
                         seed=int(seed), dropout_p=p, adapter_scale=s / (1.0 - p),
                         HAS_DROPOUT=p > 0.0, UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR,
-                        GROUP_M=_GROUP_M)
+                        R_CHUNK=_r_chunk(BR), GROUP_M=_GROUP_M)
             if interp:
                 fb = dict(BLOCK_M=_interp_block(M), BLOCK_N=_interp_block(K), BLOCK_K=_interp_block(N),
                           num_warps=4, num_stages=1)
             elif not _autotuning():
                 arch, smem, _ = _limits_of(grad_y)
-                fb = _fallback(_gemm_keep(_DX_CONFIGS, arch, smem, M, K, BR, grad_y.element_size(), dx=True))
+                fb = _fallback(_gemm_keep(_DX_CONFIGS, arch, smem, M, K, BR, grad_y.element_size(), dx=True,
+                                          dropout=p > 0.0))
             else:
                 fb = {}
             _launch(_lowrank_bwd_dx_kernel,
@@ -930,7 +1027,7 @@ def lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dr
                 fb = dict(BLOCK_M=_interp_block(M), BLOCK_K=_interp_block(K), num_warps=4, num_stages=1)
             elif not _autotuning():
                 arch, smem, _ = _limits_of(grad_y)
-                fb = _fallback(_da_keep(_DA_CONFIGS, arch, smem, M, K, BR, grad_y.element_size()))
+                fb = _fallback(_da_keep(_DA_CONFIGS, arch, smem, M, K, BR, grad_y.element_size(), p > 0.0))
             else:
                 fb = {}
             _launch(_lowrank_bwd_da_kernel, lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), split), args, fb)
@@ -951,8 +1048,9 @@ def _sum_partials(part, out, n_partials: int, scale: float):
 
 def _flags(problem):
     dt = dtype_name(problem["dtype"])
+    br = max(16, _pow2(problem["R"]))
     return dt, {"UPCAST": False, "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32",
-                "BLOCK_R": max(16, _pow2(problem["R"]))}
+                "BLOCK_R": br, "R_CHUNK": _r_chunk(br)}
 
 
 def _sig_fwd_t(problem, config):
@@ -960,7 +1058,8 @@ def _sig_fwd_t(problem, config):
     types = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "core_ptr": f"*{dt}", "t_ptr": f"*{dt}", "u_ptr": f"*{dt}",
              "M": "i32", "K": "i32", "R": "i32", "M_KEY": "i32", "stride_xm": "i32",
              "seed": "i32", "dropout_p": "fp32", "inv_keep": "fp32"}
-    cex = {"stride_xk": 1, "ACTIVATION": 2, "CORE": 2, "HAS_DROPOUT": True, "STORE_U": True, **common,
+    cex = {"stride_xk": 1, "ACTIVATION": 2, "CORE": 2, "HAS_DROPOUT": problem.get("dropout", True), "STORE_U": True,
+           **common,
            **config.kwargs}
     return types, cex
 
@@ -977,12 +1076,13 @@ def _sig_fwd_gemm(problem, config):
 
 def _sig_bwd_dy(problem, config):
     dt, common = _flags(problem)
-    types = {k: f"*{dt}" for k in ("dy_ptr", "t_ptr", "core_ptr", "b_ptr", "os_ptr", "dt_ptr")}
+    types = {k: f"*{dt}" for k in ("dy_ptr", "t_ptr", "u_ptr", "core_ptr", "b_ptr", "os_ptr", "dt_ptr")}
     types.update({k: "*fp32" for k in ("p_ptr", "dbias_ptr", "ds_ptr")})
     types.update({k: "i32" for k in ("M", "N", "R", "M_KEY", "stride_dym")})
     cex = {"stride_dyn": 1, "ACTIVATION": 2, "CORE": 2, "HAS_OUT_SCALE": True, "COMPUTE_DT": True,
            "COMPUTE_P": True, "COMPUTE_DB": True, "COMPUTE_DS": True,
-           "ATOMIC": problem.get("atomic", False), "BLOCK_M": problem["BLOCK_M_DY"], **common, **config.kwargs}
+           "ATOMIC": problem.get("atomic", False), "BLOCK_M": _dy_block_m_gpu(problem), **common,
+           **config.kwargs}
     return types, cex
 
 
@@ -991,7 +1091,8 @@ def _sig_bwd_dx(problem, config):
     types = {k: f"*{dt}" for k in ("dy_ptr", "w_ptr", "dt_ptr", "a_ptr", "dx_ptr")}
     types.update({k: "i32" for k in ("M", "N", "K", "R", "M_KEY", "stride_dym", "stride_wk", "stride_dxm", "seed")})
     types.update({"dropout_p": "fp32", "adapter_scale": "fp32"})
-    cex = {"stride_dyk": 1, "stride_wn": 1, "stride_dxn": 1, "HAS_DROPOUT": True, "GROUP_M": _GROUP_M,
+    cex = {"stride_dyk": 1, "stride_wn": 1, "stride_dxn": 1, "HAS_DROPOUT": problem.get("dropout", True),
+           "GROUP_M": _GROUP_M,
            **common, **config.kwargs}
     return types, cex
 
@@ -1000,8 +1101,25 @@ def _sig_bwd_da(problem, config):
     dt, common = _flags(problem)
     types = {"dt_ptr": f"*{dt}", "x_ptr": f"*{dt}", "part_ptr": "*fp32", "M": "i32", "K": "i32", "R": "i32",
              "M_KEY": "i32", "stride_xm": "i32", "seed": "i32", "dropout_p": "fp32"}
-    cex = {"stride_xk": 1, "HAS_DROPOUT": True, **common, **config.kwargs}
+    cex = {"stride_xk": 1, "HAS_DROPOUT": problem.get("dropout", True), **common, **config.kwargs}
+    cex.pop("R_CHUNK")
     return types, cex
+
+
+def _sig_u(problem, config):
+    dt, common = _flags(problem)
+    types = {"t_ptr": f"*{dt}", "core_ptr": f"*{dt}", "u_ptr": f"*{dt}", "M": "i32", "R": "i32"}
+    cex = {"ACTIVATION": 2, "CORE": 2, **common, **config.kwargs}
+    return types, cex
+
+
+def _dy_block_m_gpu(problem) -> int:
+    """G [BLOCK_M, r] stays in registers across the pass: fewer rows for larger r and fp32."""
+    br = _br(problem)
+    bm = 64 if br <= 32 else (32 if br <= 64 else 16)
+    if _elem_of(problem) == 4:
+        bm = max(16, bm // 2)
+    return min(bm, max(16, _pow2(problem["M"])))
 
 
 def _sig_finalize(problem, config):
@@ -1033,27 +1151,31 @@ def _br(problem) -> int:
 
 
 # ``configs_for(arch, problem)``: the configs the prune function keeps on ``arch`` (device limit
-# SMEM_LIMIT[arch]); problem keys: M, N (= d), K (= k), R, dtype, and BLOCK_M_DY for the dY pass.
+# SMEM_LIMIT[arch]); problem keys: M, N (= d), K (= k), R, dtype.
 KERNELS = [
     KernelSpec("lowrank_fwd_t", __name__, "_lowrank_fwd_t_kernel",
-               lambda arch, pr: _t_keep(_T_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], _br(pr), _elem_of(pr)),
-               _sig_fwd_t),
+               lambda arch, pr: _t_keep(_T_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], _br(pr), _elem_of(pr),
+                                        pr.get("dropout", True)),
+               _sig_fwd_t, variants=({"dropout": True}, {"dropout": False})),
     KernelSpec("lowrank_fwd_gemm", __name__, "_lowrank_fwd_gemm_kernel",
                lambda arch, pr: _gemm_keep(_GEMM_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["N"], _br(pr),
                                            _elem_of(pr)),
                _sig_fwd_gemm),
+    KernelSpec("lowrank_u", __name__, "_lowrank_u_kernel",
+               lambda arch, pr: [triton.Config({"BLOCK_M": _u_block_m(_br(pr))}, num_warps=4, num_stages=1)],
+               _sig_u),
     KernelSpec("lowrank_bwd_dy", __name__, "_lowrank_bwd_dy_kernel",
-               lambda arch, pr: _dy_keep(_DY_CONFIGS, arch, SMEM_LIMIT[arch], pr["BLOCK_M_DY"], pr["N"], _br(pr),
+               lambda arch, pr: _dy_keep(_DY_CONFIGS, arch, SMEM_LIMIT[arch], _dy_block_m_gpu(pr), pr["N"], _br(pr),
                                          _elem_of(pr)),
                _sig_bwd_dy),
     KernelSpec("lowrank_bwd_dx", __name__, "_lowrank_bwd_dx_kernel",
                lambda arch, pr: _gemm_keep(_DX_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["K"], _br(pr),
-                                           _elem_of(pr), dx=True),
-               _sig_bwd_dx),
+                                           _elem_of(pr), dx=True, dropout=pr.get("dropout", True)),
+               _sig_bwd_dx, variants=({"dropout": True}, {"dropout": False})),
     KernelSpec("lowrank_bwd_da", __name__, "_lowrank_bwd_da_kernel",
                lambda arch, pr: _da_keep(_DA_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["K"], _br(pr),
-                                         _elem_of(pr)),
-               _sig_bwd_da),
+                                         _elem_of(pr), pr.get("dropout", True)),
+               _sig_bwd_da, variants=({"dropout": True}, {"dropout": False})),
     KernelSpec("lowrank_bwd_finalize", __name__, "_lowrank_bwd_finalize_kernel",
                lambda arch, pr: [triton.Config({"BLOCK_N": _finalize_block_n(_br(pr))}, num_warps=4, num_stages=1)],
                _sig_finalize, tensor_cores=False),
