@@ -1,0 +1,308 @@
+"""``fastpeft bench``: the low-rank layer microbenchmark, every provider side by side.
+
+For each case (shape ``k → d``, tokens ``M``, rank ``r``, dtype) and each provider of
+:mod:`fastpeft.benchmark.providers`, times the training forward (autograd recording), the
+backward (``y.backward(dy)`` on a retained graph) and both, on random data, with input sets
+rotated so that together they exceed the last-level cache. Rows carry ms (median, 20/80 %
+quantiles), the ratio to the floor (the base ``F.linear`` of the same shape), TFLOP/s, GB/s,
+the bytes saved for backward and, on a GPU, the peak memory of one step.
+
+Shapes (SPEC section 6): Llama-2-7B / Llama-3-8B projections, ``M`` swept at ``r = 16`` and
+``r`` swept at ``M = 4096``. On a CPU the default set is the same projections scaled down 8×;
+CPU timings are CPU timings, never kernel speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import time
+from typing import Optional
+
+import torch
+
+from .providers import PROVIDERS, Built, Case, Provider, bytes_moved, flops
+from .runner import SavedBytes, Skip, cache_bytes, environment, format_table, progress, \
+    time_fn, write_results
+
+__all__ = ["LLAMA_SHAPES", "MODES", "add_arguments", "validate", "make_cases", "measure", "run", "main_table"]
+
+LLAMA_SHAPES = [(4096, 4096), (4096, 1024), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]
+CPU_SHAPES = [(512, 512), (512, 128), (512, 1376), (1376, 512)]
+MODES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+          "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+# (shapes, M sweep, r sweep, M of the r sweep) per device and size
+DEFAULTS = {
+    ("cuda", False): (LLAMA_SHAPES, [1, 16, 256, 4096, 16384], [8, 16, 64, 128], 4096),
+    ("cuda", True): ([(4096, 4096), (4096, 11008)], [16, 4096], [16, 64], 4096),
+    ("cpu", False): (CPU_SHAPES, [1, 16, 256, 1024], [8, 16, 64], 256),
+    ("cpu", True): ([(512, 512)], [16, 256], [8, 16], 256),
+}
+COLUMNS = [("op", "op"), ("M", "M"), ("shape", "k->d"), ("r", "r"), ("dtype", "dtype"),
+           ("mode", "mode"), ("provider", "provider"), ("ms", "ms"), ("q20_q80", "q20-q80"),
+           ("ratio", "x floor"), ("tflops", "TFLOP/s"), ("gbps", "GB/s")]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _shape_list(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for item in text.split(","):
+        parts = item.lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(f"shapes are KxD (in x out), e.g. 4096x11008; got {item!r}")
+        shapes.append((int(parts[0]), int(parts[1])))
+    return shapes
+
+
+def _choice_list(choices):
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in values if v not in choices]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"unknown {bad or text!r}; choose from {', '.join(choices)}")
+        return values
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``fastpeft bench`` flags."""
+    from ..config import METHODS
+
+    parser.add_argument("--quick", action="store_true", help="a small set (under a minute on a CPU)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    parser.add_argument("--op", type=_choice_list(("dense", "4bit")), default=["dense", "4bit"],
+                        help="dense, 4bit or both (default)")
+    parser.add_argument("--providers", type=_choice_list([p.name for p in PROVIDERS]), default=None,
+                        help="comma-separated subset of: " + ", ".join(p.name for p in PROVIDERS))
+    parser.add_argument("--method", choices=sorted(m for m in METHODS if m != "bitfit"), default="lora",
+                        help="fastpeft preset benchmarked (HF PEFT is always LoRA)")
+    parser.add_argument("--shapes", type=_shape_list, default=None, help="KxD list, e.g. 4096x4096,4096x11008")
+    parser.add_argument("--M", type=_int_list, default=None, help="tokens per call, swept at r=16")
+    parser.add_argument("--r", type=_int_list, default=None, help="ranks, swept at M=4096 (CPU: 256)")
+    parser.add_argument("--dtype", type=_choice_list(list(DTYPES)), default=None,
+                        help="fp32, fp16, bf16 (default: bf16 on a GPU, fp32 on a CPU)")
+    parser.add_argument("--modes", type=_choice_list(MODES), default=list(MODES))
+    parser.add_argument("--dropout", type=float, default=0.1, help="adapter dropout (default 0.1)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop starting new cases after this long (the rest are skipped rows)")
+    parser.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
+    parser.add_argument("--plot", action="store_true", help="also draw PNG charts")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice)")
+
+
+def validate(args) -> Optional[str]:
+    """A message for flag values argparse cannot check, else ``None``."""
+    if args.threads is not None and args.threads < 1:
+        return f"--threads must be >= 1, got {args.threads}"
+    if not 0.0 <= args.dropout < 1.0:
+        return f"--dropout must be in [0, 1), got {args.dropout:g}"
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        return f"--max-minutes must be positive, got {args.max_minutes:g}"
+    if args.device not in (None, "cpu", "cuda") and not str(args.device).startswith("cuda:"):
+        return f"--device must be cpu or cuda, got {args.device!r}"
+    return None
+
+
+def make_cases(args, device: torch.device) -> list[Case]:
+    """The cases of ``args``: ``M`` swept at the base rank, ``r`` swept at one ``M``."""
+    shapes, ms, rs, m_for_r = DEFAULTS[(device.type if device.type == "cuda" else "cpu", bool(args.quick))]
+    shapes = args.shapes or shapes
+    ms = args.M or ms
+    rs = args.r or rs
+    if args.M is not None:
+        m_for_r = m_for_r if m_for_r in ms else max(ms)
+    r0 = 16 if 16 in rs else rs[0]
+    dtypes = [DTYPES[d] for d in (args.dtype or (["bf16"] if device.type == "cuda" else ["fp32"]))]
+    points = list(dict.fromkeys([(m, r0) for m in ms] + [(m_for_r, r) for r in rs]))
+    return [Case(op, m, k, d, r, dtype, args.method, args.dropout, args.seed)
+            for op in args.op for dtype in dtypes for (k, d) in shapes for (m, r) in points]
+
+
+def _input_sets(case: Case, device, n: Optional[int] = None):
+    """Random (x, dy) pairs, enough that together they exceed the last-level cache."""
+    e = torch.finfo(case.dtype).bits // 8
+    per_set = e * case.M * (case.k + case.d)
+    if n is None:
+        n = max(1, min(8 if device.type == "cuda" else 4, math.ceil(2 * cache_bytes(device) / per_set)))
+    gen = torch.Generator().manual_seed(case.seed + 3)
+    sets = []
+    for _ in range(n):
+        x = torch.randn(case.M, case.k, generator=gen).to(device=device, dtype=case.dtype)
+        dy = torch.randn(case.M, case.d, generator=gen).to(device=device, dtype=case.dtype)
+        sets.append((x.requires_grad_(), dy))
+    return sets
+
+
+def measure(provider: Provider, case: Case, device: torch.device, modes=MODES,
+            quick: bool = False) -> list[dict]:
+    """Rows for one provider and case, one per mode (skipped rows carry the reason)."""
+    base = measure_stub(provider, case)
+    try:
+        built = provider.build(case, device)
+        sets = _input_sets(case, device)
+        extra = _memory_probe(built, sets[0], device)
+    except Skip as reason:
+        return [{**base, "mode": m, "status": "skipped", "reason": str(reason)} for m in modes]
+    except Exception as err:  # a provider that breaks is reported, not fatal
+        _release(device)
+        return [{**base, "mode": m, "status": "error", "reason": f"{type(err).__name__}: {err}"[:300]}
+                for m in modes]
+    rows = []
+    for mode in modes:
+        try:
+            timing = time_fn(_step(built, sets, mode), device, quick=quick,
+                             grad_to_none=built.grads + [x for x, _ in sets])
+        except Exception as err:
+            rows.append({**base, "mode": mode, "status": "error", "reason": f"{type(err).__name__}: {err}"[:300]})
+            _release(device)
+            continue
+        seconds = timing.ms * 1e-3
+        rows.append({**base, "mode": mode, "status": "ok", "reason": None, "ms": timing.ms,
+                     "ms_q20": timing.q20, "ms_q80": timing.q80,
+                     "tflops": flops(provider, case, mode) / seconds / 1e12,
+                     "gbps": bytes_moved(provider, case, mode) / seconds / 1e9, **extra})
+    del built, sets
+    _release(device)
+    return rows
+
+
+def _release(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _memory_probe(built: Built, pair, device) -> dict:
+    """One training step: bytes saved for backward (parameters excluded) and, on a GPU, the
+    peak memory above what was allocated before it."""
+    x, dy = pair
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    with SavedBytes(exclude=built.params) as saved:
+        y = built.forward(x)
+    y.backward(dy)
+    out = {"saved_bytes": saved.nbytes, "peak_mb": None}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        out["peak_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    for t in built.grads + [x]:
+        t.grad = None
+    return out
+
+
+def _step(built: Built, sets, mode: str):
+    cycle = itertools.cycle(range(len(sets)))
+    if mode == "fwd":
+        def fwd():
+            built.forward(sets[next(cycle)][0])
+        return fwd
+    if mode == "fwd+bwd":
+        def fwd_bwd():
+            x, dy = sets[next(cycle)]
+            built.forward(x).backward(dy)
+        return fwd_bwd
+    outputs = [built.forward(x) for x, _ in sets]
+
+    def bwd():
+        i = next(cycle)
+        outputs[i].backward(sets[i][1], retain_graph=True)
+    return bwd
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    floors = {(r["M"], r["k"], r["d"], r["dtype"], r["mode"]): r["ms"] for r in rows
+              if r["provider"] == "torch-linear" and r["status"] == "ok"}
+    for row in rows:
+        if row["status"] == "ok":
+            floor = floors.get((row["M"], row["k"], row["d"], row["dtype"], row["mode"]))
+            row["ratio"] = row["ms"] / floor if floor else None
+
+
+def main_table(rows: list[dict]) -> str:
+    """The printed table: measured rows, then one line per skipped provider and reason."""
+    ok = [{**r, "q20_q80": f"{r['ms_q20']:.3g}-{r['ms_q80']:.3g}"} for r in rows if r["status"] == "ok"]
+    lines = [format_table(ok, COLUMNS)] if ok else ["(no measured rows)"]
+    notes: dict[tuple, int] = {}
+    for r in rows:
+        if r["status"] != "ok":
+            key = (r["provider"], r["status"], r["reason"])
+            notes[key] = notes.get(key, 0) + 1
+    for (name, status, reason), count in notes.items():
+        lines.append(f"{status}: {name}: {reason} ({count} rows)")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    """Run ``fastpeft bench`` with parsed ``args``; prints the table, writes the files."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fastpeft bench: --device cuda but no GPU is visible to torch")
+    torch.manual_seed(args.seed)
+    cases = make_cases(args, device)
+    providers = [p for p in PROVIDERS if p.op in args.op or p.floor]
+    if args.providers:
+        providers = [p for p in providers if p.name in args.providers or p.floor]
+    jobs, seen = [], set()
+    for case in cases:
+        for provider in providers:
+            if provider.op != case.op and not provider.floor:
+                continue
+            key = (provider.name, case.M, case.k, case.d, case.dtype, case.r if provider.per_rank else None)
+            if key not in seen:
+                seen.add(key)
+                jobs.append((provider, case))
+    meta = environment(device)
+    rows: list[dict] = []
+    start = time.monotonic()
+    bar = progress(len(jobs), "fastpeft bench", enabled=not args.no_progress)
+    for provider, case in jobs:
+        bar.set_postfix_str(f"{provider.name} {case.label}")
+        if args.max_minutes is not None and time.monotonic() - start > 60 * args.max_minutes:
+            rows += [{**measure_stub(provider, case), "mode": m, "status": "skipped",
+                      "reason": f"time budget exhausted (--max-minutes {args.max_minutes:g})"}
+                     for m in args.modes]
+        else:
+            rows += measure(provider, case, device, args.modes, quick=args.quick)
+        bar.update(1)
+    bar.close()
+    _add_ratios(rows)
+    cpu_note = "" if device.type == "cuda" else " (CPU timings: not kernel speed)"
+    print(f"fastpeft bench on {meta['device_name']}{cpu_note}; torch {meta['torch']}, "
+          f"method {args.method}, dropout {args.dropout:g}")
+    print(main_table(rows))
+    paths = write_results("bench", meta, rows, args.out, extra={"args": _args_dict(args)})
+    print(f"wrote {paths['json']} and {paths['csv']}")
+    if args.plot:
+        from .plots import plot_bench
+        for path in plot_bench(rows, meta, paths["json"][:-5]):
+            print(f"wrote {path}")
+    return 0
+
+
+def measure_stub(provider: Provider, case: Case) -> dict:
+    """The identifying fields of a row that was not measured."""
+    return {"op": case.op, "provider": provider.name, "method": case.method if provider.adapter else None,
+            "dtype": str(case.dtype).replace("torch.", ""), "M": case.M, "k": case.k, "d": case.d,
+            "shape": f"{case.k}x{case.d}", "r": case.r if provider.per_rank else None,
+            "dropout": case.dropout if provider.adapter else None}
+
+
+def _args_dict(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k != "func"}

@@ -1,0 +1,264 @@
+"""Providers of the low-rank layer benchmarked side by side: what each one builds for a case.
+
+A provider turns a :class:`Case` (one shape, rank, dtype, method) into a :class:`Built`: a
+forward callable on an input ``x [M, k]`` and the tensors whose ``.grad`` a training step
+fills. A provider that cannot run raises :class:`~fastpeft.benchmark.runner.Skip` with the
+reason (a missing package, no GPU, a backend this build lacks); the harness records it as a
+skipped row.
+
+Dense providers: ``torch-linear`` (the floor: the base ``F.linear`` alone), ``peft-lora`` (HF
+PEFT's LoRA layer around an ``nn.Linear``: the naive baseline), ``fastpeft-torch``,
+``fastpeft-triton`` and ``fastpeft-cuda`` (the op under each backend). 4-bit providers:
+``bnb-4bit`` (bitsandbytes ``Linear4bit`` alone), ``bnb-4bit+peft-lora`` and
+``fastpeft-4bit-torch`` / ``fastpeft-4bit-triton`` (``fastpeft.lowrank_linear_4bit``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .runner import Skip, optional_import
+
+__all__ = ["Case", "Built", "Provider", "PROVIDERS", "provider_names", "flops", "bytes_moved"]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark configuration: ``x [M, k]`` through a ``k → d`` layer with rank ``r``."""
+    op: str                 # "dense" | "4bit"
+    M: int
+    k: int
+    d: int
+    r: int
+    dtype: torch.dtype
+    method: str = "lora"
+    dropout: float = 0.1
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.op} M={self.M} {self.k}->{self.d} r={self.r} {str(self.dtype)[6:]}"
+
+
+@dataclass
+class Built:
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    grads: list = field(default_factory=list)     # tensors whose .grad a step fills
+    params: list = field(default_factory=list)    # every parameter (excluded from saved bytes)
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    op: str                                          # "dense" | "4bit"
+    build: Callable[[Case, torch.device], Built]
+    floor: bool = False                              # the reference the ratios are taken to
+    adapter: bool = True                             # runs the adapter branch (FLOP count)
+    per_rank: bool = True                            # its time depends on r
+
+
+def _rand(gen, *shape, scale=1.0, dtype, device):
+    return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+
+def _base_weight(case: Case, device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(case.seed)
+    return _rand(gen, case.d, case.k, scale=case.k ** -0.5, dtype=case.dtype, device=device)
+
+
+def _randomise_(tensor: torch.Tensor, gen, scale: float) -> None:
+    with torch.no_grad():
+        tensor.copy_(torch.randn(tensor.shape, generator=gen) * scale)
+
+
+# -- dense ------------------------------------------------------------------------------------
+
+def _build_floor(case: Case, device) -> Built:
+    weight = _base_weight(case, device)
+    return Built(lambda x: F.linear(x, weight), [], [weight])
+
+
+def _peft_wrap(base: nn.Module, case: Case) -> nn.Module:
+    peft = optional_import("peft", "hf")
+    config = peft.LoraConfig(target_modules=["0"], r=case.r, lora_alpha=2 * case.r,
+                             lora_dropout=case.dropout)
+    wrapped = peft.get_peft_model(nn.Sequential(base), config)
+    layer = wrapped.base_model.model[0]
+    gen = torch.Generator().manual_seed(case.seed + 1)
+    for name, p in layer.named_parameters():
+        if "lora_B" in name:   # PEFT starts B at zero: benchmark on random data
+            _randomise_(p, gen, case.r ** -0.5)
+    return layer.train()
+
+
+def _build_peft(case: Case, device) -> Built:
+    linear = nn.Linear(case.k, case.d, bias=False, device=device, dtype=case.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(_base_weight(case, device))
+    layer = _peft_wrap(linear, case).to(device=device, dtype=case.dtype)
+    params = list(layer.parameters())
+    return Built(layer, [p for p in params if p.requires_grad], params)
+
+
+def _adapter_tensors(case: Case, device):
+    """(A, B, core, out_scale, activation, scale) of ``case.method``, random, trainable as the
+    preset says."""
+    from ..config import AdapterConfig
+
+    config = AdapterConfig(method=case.method, r=case.r, alpha=2 * case.r, dropout=case.dropout)
+    spec = config.spec
+    if not spec.has_adapter:
+        raise Skip(f"method {case.method!r} has no adapter branch")
+    gen = torch.Generator().manual_seed(case.seed + 2)
+    r, k, d = case.r, case.k, case.d
+    mk = lambda *s, scale, grad: _rand(gen, *s, scale=scale, dtype=case.dtype,
+                                       device=device).requires_grad_(grad)
+    lora_a = mk(r, k, scale=k ** -0.5, grad=spec.train_A)
+    lora_b = mk(d, r, scale=r ** -0.5, grad=spec.train_B)
+    core = None
+    if spec.core == "full":
+        core = mk(r, r, scale=r ** -0.5, grad=True)
+    elif spec.core == "diag":
+        core = mk(r, scale=1.0, grad=True)
+    out_scale = mk(d, scale=1.0, grad=True) if spec.out_scale else None
+    return lora_a, lora_b, core, out_scale, config.effective_activation, config.scale_for(r)
+
+
+def _build_fastpeft(backend: str):
+    def build(case: Case, device) -> Built:
+        import fastpeft
+
+        from .. import _backend
+        from ..ops.lowrank import OP_NAME
+
+        if backend != "torch" and device.type != "cuda":
+            raise Skip("no GPU")
+        try:
+            _backend.resolve_backend(OP_NAME, device, backend)
+        except RuntimeError as err:
+            raise Skip(str(err)) from None
+        weight = _base_weight(case, device)
+        lora_a, lora_b, core, out_scale, activation, scale = _adapter_tensors(case, device)
+
+        def forward(x):
+            with fastpeft.use_backend(backend):
+                return fastpeft.lowrank_linear(x, weight, None, lora_a, lora_b, core=core,
+                                               out_scale=out_scale, scale=scale,
+                                               dropout_p=case.dropout, activation=activation)
+
+        params = [t for t in (weight, lora_a, lora_b, core, out_scale) if t is not None]
+        return Built(forward, [t for t in params if t.requires_grad], params)
+    return build
+
+
+# -- 4-bit ------------------------------------------------------------------------------------
+
+def _bnb_linear4bit(case: Case, device) -> nn.Module:
+    bnb = optional_import("bitsandbytes", "quant")
+    layer = bnb.nn.Linear4bit(case.k, case.d, bias=False, compute_dtype=case.dtype,
+                              quant_type="nf4", device="cpu")
+    layer.weight = bnb.nn.Params4bit(_base_weight(case, "cpu").float(), requires_grad=False,
+                                     quant_type="nf4", blocksize=64, compress_statistics=True)
+    return layer.to(device)   # quantises on the move
+
+
+def _build_bnb(case: Case, device) -> Built:
+    layer = _bnb_linear4bit(case, device)
+    return Built(layer, [], list(layer.parameters()))
+
+
+def _build_bnb_peft(case: Case, device) -> Built:
+    layer = _peft_wrap(_bnb_linear4bit(case, device), case)
+    for name, p in layer.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.to(device=device, dtype=case.dtype)
+    params = list(layer.parameters())
+    return Built(layer, [p for p in params if p.requires_grad], params)
+
+
+def _build_fastpeft_4bit(backend: str):
+    def build(case: Case, device) -> Built:
+        import fastpeft
+
+        op = getattr(fastpeft, "lowrank_linear_4bit", None)
+        quantize = getattr(fastpeft, "quantize_4bit", None)
+        if op is None or quantize is None:
+            raise Skip("fastpeft.lowrank_linear_4bit is not in this build")
+        if backend != "torch" and device.type != "cuda":
+            raise Skip("no GPU")
+        packed, state = quantize(_base_weight(case, device), quant_type="nf4", blocksize=64,
+                                 compress_statistics=True)
+        lora_a, lora_b, core, out_scale, activation, scale = _adapter_tensors(case, device)
+
+        def forward(x):
+            with fastpeft.use_backend(backend):
+                return op(x, packed, state, None, lora_a, lora_b, core=core, out_scale=out_scale,
+                          scale=scale, dropout_p=case.dropout, activation=activation)
+
+        params = [t for t in (packed, lora_a, lora_b, core, out_scale) if t is not None]
+        return Built(forward, [t for t in params if t.requires_grad], params)
+    return build
+
+
+PROVIDERS: list[Provider] = [
+    Provider("torch-linear", "dense", _build_floor, floor=True, adapter=False, per_rank=False),
+    Provider("peft-lora", "dense", _build_peft),
+    Provider("fastpeft-torch", "dense", _build_fastpeft("torch")),
+    Provider("fastpeft-triton", "dense", _build_fastpeft("triton")),
+    Provider("fastpeft-cuda", "dense", _build_fastpeft("cuda")),
+    Provider("bnb-4bit", "4bit", _build_bnb, adapter=False, per_rank=False),
+    Provider("bnb-4bit+peft-lora", "4bit", _build_bnb_peft),
+    Provider("fastpeft-4bit-torch", "4bit", _build_fastpeft_4bit("torch")),
+    Provider("fastpeft-4bit-triton", "4bit", _build_fastpeft_4bit("triton")),
+]
+
+
+def provider_names() -> list[str]:
+    return [p.name for p in PROVIDERS]
+
+
+# -- work counts --------------------------------------------------------------------------------
+
+def _adapter_flops(case: Case, mode: str) -> float:
+    from ..config import method_spec
+
+    spec = method_spec(case.method)
+    M, k, d, r = case.M, case.k, case.d, case.r
+    core = 2 * M * r * r if spec.core == "full" else 0
+    fwd = 2 * M * r * (k + d) + core
+    bwd = 2 * M * d * r + 2 * M * r * k + core                  # G = dY B; dX += H A
+    bwd += 2 * M * d * r if spec.train_B else 0                 # dB = dYᵀ U
+    bwd += 2 * M * r * k if spec.train_A else 0                 # dA = Hᵀ D(X)
+    bwd += 2 * core                                             # U recomputed, dS = Gᵀ T
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def flops(provider: Provider, case: Case, mode: str) -> float:
+    """Floating-point operations of one call: the base GEMM (forward Y, backward dX; the base
+    weight is frozen) plus the adapter's, by the method's math."""
+    base = 2.0 * case.M * case.k * case.d
+    total = {"fwd": base, "bwd": base, "fwd+bwd": 2 * base}[mode]
+    return total + (_adapter_flops(case, mode) if provider.adapter else 0.0)
+
+
+def bytes_moved(provider: Provider, case: Case, mode: str) -> float:
+    """The least memory traffic of one call (every operand read and every result written
+    once); the 4-bit weight counts 0.5 byte per element plus one fp32 absmax per 64."""
+    e = torch.finfo(case.dtype).bits // 8
+    M, k, d, r = case.M, case.k, case.d, case.r
+    weight = k * d * (0.5 + 4 / 64) if provider.op == "4bit" else k * d * e
+    lowrank = r * (k + d) * e if provider.adapter else 0
+    fwd = weight + lowrank + e * (M * k + M * d) + (e * M * r if provider.adapter else 0)
+    bwd = weight + lowrank + e * (M * d + M * k)
+    if provider.adapter:
+        bwd += e * M * r + lowrank    # T read, dA/dB written
+        if mode != "fwd":
+            from ..config import method_spec
+            bwd += e * M * k if method_spec(case.method).train_A else 0   # X read for dA
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]

@@ -1,0 +1,332 @@
+"""The shared benchmark runner: timing, environment metadata, result files and tables.
+
+Every benchmark of the package (``fastpeft bench``, ``fastpeft memory``, the pytest-benchmark
+suites and the scripts under ``bench/``) times and records through this module, so that all
+results carry the same fields and are measured the same way:
+
+- on a GPU, :func:`time_fn` is ``triton.testing.do_bench`` (which flushes L2 before every
+  repetition) reporting the median and the 20/80 % quantiles in ms;
+- on a CPU, ``torch.utils.benchmark.Timer.blocked_autorange`` with the process's thread count;
+  the quantiles are taken over its blocks. CPU timings are CPU timings, never kernel speed.
+
+Result files are ``<kind>-<device-slug>-<YYYYmmdd-HHMMSS>.json`` (``{"meta": ..., "rows": [...]}``)
+and a ``.csv`` beside it (one row per record, the metadata repeated in each row).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import importlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "Skip",
+    "Timing",
+    "time_fn",
+    "environment",
+    "device_name",
+    "slug",
+    "write_results",
+    "latest_results",
+    "load_results",
+    "format_table",
+    "progress",
+    "optional_import",
+    "cache_bytes",
+    "SavedBytes",
+]
+
+META_KEYS = ("device", "device_name", "timestamp", "fastpeft", "torch", "triton", "peft",
+             "transformers", "bitsandbytes", "python", "git_commit")
+
+
+class Skip(Exception):
+    """Raised by a provider that cannot run here; the message is the reason shown to users."""
+
+
+def optional_import(name: str, extra: str = "bench"):
+    """Import an optional dependency or raise :class:`Skip` with the install hint."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        raise Skip(f"{name} is not installed ({err.__class__.__name__}); "
+                   f"pip install 'fastpeft[{extra}]'") from None
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call: median and the 20 % / 80 % quantiles."""
+    ms: float
+    q20: float
+    q80: float
+
+
+def cache_bytes(device: torch.device) -> int:
+    """The last-level cache of ``device`` in bytes (L2 on a GPU, L3 or a guess on a CPU)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
+    for index in (3, 2):
+        path = f"/sys/devices/system/cpu/cpu0/cache/index{index}/size"
+        try:
+            text = open(path).read().strip().upper()
+        except OSError:
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        return int(text[:-1]) * units.get(text[-1], 1) if text[-1] in units else int(text)
+    return 32 * 2**20
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, quick: bool = False,
+            grad_to_none: Optional[Sequence[torch.Tensor]] = None) -> Timing:
+    """Time ``fn()`` on ``device``. On a GPU: ``triton.testing.do_bench`` (median, 20/80 %
+    quantiles; ``grad_to_none`` cleared between calls outside the timed region). On a CPU:
+    ``torch.utils.benchmark`` blocked autorange; ``grad_to_none`` cleared inside the call."""
+    if device.type == "cuda":
+        import triton.testing
+        warmup, rep = (10, 40) if quick else (25, 100)
+        q50, q20, q80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep,
+                                                grad_to_none=list(grad_to_none or []),
+                                                quantiles=[0.5, 0.2, 0.8])
+        return Timing(float(q50), float(q20), float(q80))
+    from torch.utils import benchmark
+
+    clear = list(grad_to_none or [])
+
+    def call():
+        for t in clear:
+            t.grad = None
+        fn()
+
+    call()  # warm-up
+    timer = benchmark.Timer(stmt="call()", globals={"call": call},
+                            num_threads=torch.get_num_threads())
+    measurement = timer.blocked_autorange(min_run_time=0.05 if quick else 0.3)
+    times = sorted(measurement.times)
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
+    return Timing(measurement.median * 1e3, q[0] * 1e3, q[3] * 1e3)
+
+
+class SavedBytes:
+    """Bytes autograd saves for backward inside the block (``saved_tensors_hooks``), each
+    distinct storage counted once (keyed by its data pointer), storages of ``exclude``
+    (parameters, buffers) left out. Only sizes are recorded; no tensor is kept alive.
+
+    >>> import torch
+    >>> x = torch.randn(4, 8, requires_grad=True)
+    >>> with SavedBytes() as saved:
+    ...     y = (x * x).sum()
+    >>> saved.nbytes
+    128
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
+        self._skip = {t.untyped_storage().data_ptr() for t in exclude if t is not None}
+        self._sizes: dict[int, int] = {}
+
+    def _pack(self, t):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self._skip and storage.nbytes() > 0:
+            self._sizes[ptr] = storage.nbytes()
+        return t
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        return False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._sizes.values())
+
+
+# -- environment ------------------------------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    """A human-readable name: the GPU's, or the CPU model with the thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU {model} ({torch.get_num_threads()} threads)"
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of ``text``."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:60] or "device"
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> Optional[str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """Metadata that keys every result: device, timestamp (UTC) and versions."""
+    import fastpeft
+
+    now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
+    return {
+        "device": device.type,
+        "device_name": device_name(device),
+        "timestamp": now.isoformat().replace("+00:00", "Z"),
+        "fastpeft": getattr(fastpeft, "__version__", None),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "peft": _version("peft"),
+        "transformers": _version("transformers"),
+        "bitsandbytes": _version("bitsandbytes"),
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(),
+    }
+
+
+# -- result files -----------------------------------------------------------------------------
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    return value
+
+
+def write_results(kind: str, meta: dict, rows: list[dict], out_dir: str,
+                  extra: Optional[dict] = None) -> dict[str, str]:
+    """Write ``rows`` as JSON and CSV into ``out_dir``; returns {"json": path, "csv": path}."""
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = meta["timestamp"].replace("-", "").replace(":", "").replace("T", "-").rstrip("Z")
+    base = os.path.join(out_dir, f"{kind}-{slug(meta['device_name'])}-{stamp}")
+    rows = [{k: _jsonable(v) for k, v in row.items()} for row in rows]
+    payload = {"kind": kind, "meta": meta, **(extra or {}), "rows": rows}
+    with open(base + ".json", "w") as f:
+        json.dump(payload, f, indent=1)
+        f.write("\n")
+    fields = list(META_KEYS)
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    with open(base + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**{k: meta.get(k) for k in META_KEYS}, **row})
+    return {"json": base + ".json", "csv": base + ".csv"}
+
+
+def load_results(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def latest_results(results_dir: str, kind: str) -> list[dict]:
+    """The newest ``kind`` result file per device name in ``results_dir`` (loaded)."""
+    newest: dict[str, tuple[str, dict]] = {}
+    if not os.path.isdir(results_dir):
+        return []
+    for name in sorted(os.listdir(results_dir)):
+        if not (name.startswith(kind + "-") and name.endswith(".json")):
+            continue
+        try:
+            data = load_results(os.path.join(results_dir, name))
+        except (OSError, ValueError):
+            continue
+        if data.get("kind") != kind or "meta" not in data:
+            continue
+        key = data["meta"].get("device_name", "?")
+        stamp = data["meta"].get("timestamp", "")
+        if key not in newest or stamp >= newest[key][0]:
+            newest[key] = (stamp, data)
+    return [data for _, data in sorted(newest.values(), key=lambda v: v[0])]
+
+
+# -- presentation -----------------------------------------------------------------------------
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "-"
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+    return str(value)
+
+
+def format_table(rows: Iterable[dict], columns: Sequence[tuple[str, str]], markdown: bool = False) -> str:
+    """A fixed-width (or Markdown) table of ``rows``; ``columns`` are (key, header) pairs."""
+    body = [[_cell(row.get(key)) for key, _ in columns] for row in rows]
+    heads = [h for _, h in columns]
+    if markdown:
+        lines = ["| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+    widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(heads)]
+    fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(heads), fmt(["-" * w for w in widths])] + [fmt(r) for r in body])
+
+
+class _NoBar:
+    def __init__(self, total, desc):
+        self.total, self.desc = total, desc
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix_str(self, text):
+        pass
+
+    def close(self):
+        pass
+
+
+def progress(total: int, desc: str, enabled: bool = True):
+    """A tqdm progress bar on stderr (a silent stand-in without tqdm or when disabled)."""
+    if not enabled:
+        return _NoBar(total, desc)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        print(f"{desc}: {total} steps (pip install tqdm for a progress bar)", file=sys.stderr)
+        return _NoBar(total, desc)
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)

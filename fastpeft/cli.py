@@ -1,0 +1,59 @@
+"""The ``fastpeft`` command (also ``python -m fastpeft``).
+
+    fastpeft demo      the fine-tuning tour (fastpeft presets beside HF PEFT LoRA)
+    fastpeft bench     low-rank layer microbenchmarks, every provider side by side
+    fastpeft memory    peak memory of one training step of a Llama-like decoder
+    fastpeft report    regenerate the README's results section from bench/results
+
+``fastpeft <command> --help`` lists each command's flags. Bad flags exit with status 2 and a
+message naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command (the heavy modules are imported only when one runs)."""
+    from .benchmark import lowrank, memory, readme
+
+    parser = argparse.ArgumentParser(prog="fastpeft", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n")[1])
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    sub.required = True
+    sub.add_parser("demo", add_help=False, help="the fine-tuning tour (flags: fastpeft demo --help)")
+    bench = sub.add_parser("bench", help="low-rank layer microbenchmarks",
+                           description=lowrank.__doc__.split("\n\n")[0])
+    lowrank.add_arguments(bench)
+    mem = sub.add_parser("memory", help="peak memory of one training step",
+                         description=memory.__doc__.split("\n\n")[0])
+    memory.add_arguments(mem)
+    report = sub.add_parser("report", help="regenerate the README's results section",
+                            description=readme.__doc__.split("\n\n")[0])
+    readme.add_arguments(report)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``fastpeft`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":
+        from . import demo
+        return int(demo.main(rest) or 0)
+    if rest:
+        parser.error(f"unrecognized arguments for 'fastpeft {args.command}': {' '.join(rest)}")
+    from .benchmark import lowrank, memory, readme
+
+    module = {"bench": lowrank, "memory": memory, "report": readme}[args.command]
+    problem = module.validate(args)
+    if problem:
+        parser.error(f"fastpeft {args.command}: {problem}")
+    return int(module.run(args) or 0)
