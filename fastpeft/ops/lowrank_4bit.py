@@ -13,8 +13,9 @@ The dense W exists only inside the forward call and inside the backward call (tr
 the backends that dequantise to memory) and is freed before they return.
 
 Backends (``fastpeft.use_backend``): ``"torch"`` dequantises W to a transient dense tensor and
-runs the dense pure-torch op (any device); ``"triton"`` and ``"cuda"`` (when present) dequantise
-tiles in registers.
+runs the dense pure-torch op (any device); ``"triton"`` (:mod:`fastpeft.kernels.lowrank_4bit`)
+dequantises tiles of W in registers inside the GEMMs; ``"cuda"`` (``fastpeft._C``, when built)
+runs the small-M forward.
 """
 
 from __future__ import annotations
@@ -76,7 +77,23 @@ class _TorchBackend:
     lowrank_4bit_bwd = staticmethod(lowrank_4bit_bwd_torch)
 
 
+def _triton_module():
+    from ..kernels import lowrank_4bit
+    return lowrank_4bit
+
+
+def _triton_available(device):
+    reason = _backend.triton_available(device)
+    if reason is None:
+        try:
+            _triton_module()
+        except ImportError as err:
+            return f"the Triton kernels failed to import ({err})"
+    return reason
+
+
 _backend.register_impl(OP_NAME, "torch", lambda: _TorchBackend, lambda device: None)
+_backend.register_impl(OP_NAME, "triton", _triton_module, _triton_available)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,627 @@
+"""Fused Triton kernels of the low-rank op over a 4-bit base weight (``fastpeft.kernels.lowrank_4bit``).
+
+W [d, k] is stored as bitsandbytes packs it: element i = n·k + c of the flattened W is the code
+index in nibble ``i & 1`` (0 = high) of byte ``i >> 1``, scaled by the fp32 ``absmax[i // QBLOCK]``
+(the nested statistics are expanded to fp32 on the host: d·k / QBLOCK floats). Tiles of W are
+dequantised in registers (``code[q] · absmax`` in fp32, rounded to the quant state's dtype as
+bitsandbytes does, then fed to ``tl.dot``) and never written to memory. When k is even every row
+starts on a byte and a [rows, 2j] tile is one load of [rows, j] bytes whose high and low nibbles
+are interleaved; otherwise each element gathers its byte.
+
+Names as in :mod:`fastpeft.kernels.lowrank`: T = D(X)Aᵀ, Z = σ(T), U = Z Sᵀ | Z ⊙ S | Z.
+
+Forward, Y = X Wᵀ + b + s·(U Bᵀ) ⊙ o:
+  * T and U: the dense module's T pass (``_lowrank_fwd_t_kernel``, one pass over X);
+  * M > 16: ``_lowrank4_fwd_gemm_kernel``: the adapter term and the bias initialise the
+    accumulator, the main loop adds X Wᵀ with W tiles dequantised in registers;
+  * M <= 16 (decode): ``_lowrank4_decode_kernel`` reads each packed byte once (4 bits per weight),
+    split over k into fp32 partials, and ``_lowrank4_decode_epilogue_kernel`` sums them in order
+    and adds s·(U Bᵀ) ⊙ o + b.
+
+Backward:
+  * ``_lowrank4_bwd_dx_kernel``: dX = dY W + s·D'(dT A) in one kernel: its main loop over d
+    accumulates dY W (W dequantised in registers) and G = (dY ⊙ o) B beside it; the epilogue forms
+    H = G S | G ⊙ S | G, dT = H ⊙ σ'(T) and adds s/(1-p)·mask ⊙ (dT A) (the mask regenerated);
+  * dA, dB, dS, d_o, db: the dense module's kernels (they never read W).
+
+Every accumulation is fp32; under the interpreter the operands are upcast to fp32 (its bf16
+arithmetic is wrong).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import lowrank as _dense
+from ._aot import SMEM_LIMIT, KernelSpec, dtype_name
+from .lowrank import _act_fwd, _act_grad, _core_tile, _grouped_pid, _keep_mask, _op
+
+__all__ = ["lowrank_4bit_fwd", "lowrank_4bit_bwd", "DECODE_MAX_M", "KERNELS"]
+
+DECODE_MAX_M = 16
+_W_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), in order of preference per architecture
+_GEMM_TILES_SM90 = [(128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3),
+                    (32, 64, 64, 4, 3), (16, 64, 64, 4, 3)]
+_GEMM_TILES_SM80 = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (64, 64, 64, 4, 3),
+                    (32, 64, 64, 4, 3), (16, 64, 64, 4, 3)]
+_DX_TILES_SM90 = [(128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 3), (32, 64, 64, 4, 3),
+                  (16, 64, 64, 4, 3)]
+_DX_TILES_SM80 = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (64, 64, 64, 4, 3), (32, 64, 64, 4, 3),
+                  (16, 64, 64, 4, 3)]
+# decode: (BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_M is 16
+_DECODE_TILES = [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3), (128, 64, 8, 3), (32, 64, 4, 3)]
+
+
+def _unique(tiles):
+    return list(dict.fromkeys(tiles))
+
+
+_GEMM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                 for bm, bn, bk, w, s in _unique(_GEMM_TILES_SM90 + _GEMM_TILES_SM80)]
+_DX_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+               for bm, bn, bk, w, s in _unique(_DX_TILES_SM90 + _DX_TILES_SM80)]
+_DECODE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                   for bn, bk, w, s in _DECODE_TILES]
+# 32-bit registers a thread may hold: fp32 accumulators; a W tile while it is formed (its code
+# values and scales in fp32, before the rounding to the operand dtype)
+_ACC_WORDS, _TILE_WORDS = 64, 32
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing configs (pure functions of the architecture and the problem, replayed by the static
+# tests for sm_80 / sm_90 without a GPU).
+# --------------------------------------------------------------------------------------------
+
+def _per_thread(elems: int, num_warps: int) -> int:
+    return elems // (num_warps * 32)
+
+
+def _gemm_keep(configs, arch, smem, M, N, block_r, elem, dx=False):
+    tiles = (_DX_TILES_SM90 if arch == 90 else _DX_TILES_SM80) if dx else \
+        (_GEMM_TILES_SM90 if arch == 90 else _GEMM_TILES_SM80)
+
+    def tile_of(c):
+        return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+
+    def ok(c):
+        bm, bn, bk, w, s = tile_of(c)
+        # pipelined operands: the activation tile and the packed bytes (W is formed in registers)
+        main = s * (bm * bk * elem + bn * bk // 2) + bn * bk * elem
+        acc = _per_thread(bm * bn, w)
+        if dx:  # G [BM, r] lives beside the accumulator through the main loop
+            acc += _per_thread(bm * block_r, w)
+        w_tile = _per_thread(bn * bk, w)
+        budget = _ACC_WORDS // 2 if arch == 80 and block_r >= 64 else _ACC_WORDS
+        return main <= smem and acc <= budget and w_tile <= _TILE_WORDS
+
+    def size_ok(c):
+        return c.kwargs["BLOCK_M"] <= max(16, _dense._pow2(M)) and c.kwargs["BLOCK_N"] <= max(16, _dense._pow2(N))
+
+    return _dense._keep(configs, tiles, tile_of, ok, size_ok)
+
+
+def _decode_keep(configs, arch, smem, N, K, elem):
+    def tile_of(c):
+        return (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+
+    def ok(c):
+        bn, bk, w, s = tile_of(c)
+        main = s * (DECODE_MAX_M * bk * elem + bn * bk // 2)
+        return main <= smem and _per_thread(bn * bk, w) <= _TILE_WORDS
+
+    def size_ok(c):
+        return c.kwargs["BLOCK_N"] <= max(16, _dense._pow2(N)) and c.kwargs["BLOCK_K"] <= max(32, _dense._pow2(K))
+
+    return _dense._keep(configs, set(_DECODE_TILES), tile_of, ok, size_ok)
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    arch, smem, _ = _dense._limits_of(args["x_ptr"])
+    return _gemm_keep(configs, arch, smem, args["M"], args["N"], args["BLOCK_R"], args["x_ptr"].element_size())
+
+
+def _prune_dx(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    arch, smem, _ = _dense._limits_of(args["dy_ptr"])
+    return _gemm_keep(configs, arch, smem, args["M"], args["N"], args["BLOCK_R"], args["dy_ptr"].element_size(),
+                      dx=True)
+
+
+def _prune_decode(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    arch, smem, _ = _dense._limits_of(args["x_ptr"])
+    return _decode_keep(configs, arch, smem, args["N"], args["K"], args["x_ptr"].element_size())
+
+
+# --------------------------------------------------------------------------------------------
+# Device helpers
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _to_w_dtype(v, W_KIND: tl.constexpr):
+    """Round fp32 values to the quant state's dtype (0 fp32, 1 fp16, 2 bf16), as bitsandbytes'
+    dequantisation does before the compute-dtype cast."""
+    if W_KIND == 1:
+        out = v.to(tl.float16)
+    elif W_KIND == 2:
+        out = v.to(tl.bfloat16)
+    else:
+        out = v
+    return out
+
+
+@triton.jit
+def _w4_tile(packed_ptr, absmax_ptr, code_ptr, rows, col0, n_rows, n_cols,
+             COLS: tl.constexpr, QBLOCK: tl.constexpr, W_KIND: tl.constexpr, EVEN_K: tl.constexpr):
+    """W[rows, col0 : col0 + COLS] of the packed [n_rows, n_cols] weight, dequantised: code[q]·absmax
+    in fp32, rounded to the state's dtype; 0 outside the weight. ``col0`` and COLS are even."""
+    if EVEN_K:
+        # k even: row n starts at byte n·k/2, columns (2j, 2j+1) share one byte and one block
+        half = col0 // 2 + tl.arange(0, COLS // 2)
+        mask = (rows < n_rows)[:, None] & (half < n_cols // 2)[None, :]
+        byte = rows.to(tl.int64)[:, None] * (n_cols // 2) + half[None, :]
+        b = tl.load(packed_ptr + byte, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(absmax_ptr + byte // (QBLOCK // 2), mask=mask, other=0.0)
+        hi = _to_w_dtype(tl.load(code_ptr + (b >> 4)) * scale, W_KIND)
+        lo = _to_w_dtype(tl.load(code_ptr + (b & 15)) * scale, W_KIND)
+        w = tl.interleave(hi, lo)
+    else:
+        cols = col0 + tl.arange(0, COLS)
+        mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+        idx = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+        b = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
+        q = tl.where((idx & 1) == 0, b >> 4, b & 15)
+        scale = tl.load(absmax_ptr + idx // QBLOCK, mask=mask, other=0.0)
+        w = _to_w_dtype(tl.load(code_ptr + q) * scale, W_KIND)
+    return w
+
+
+@triton.jit
+def _adapter_init(u_ptr, b_ptr, os_ptr, bias_ptr, rm, rn, M, N, R, scale,
+                  HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The accumulator's start: s·(U Bᵀ) ⊙ o + b on a [BLOCK_M, BLOCK_N] tile (R_CHUNK of r at a time)."""
+    dtype = u_ptr.dtype.element_ty
+    mask_m = rm < M
+    mask_n = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    u_rows = u_ptr + rm.to(tl.int64)[:, None] * R
+    b_cols = b_ptr + rn.to(tl.int64)[None, :] * R
+    for r0 in tl.range(0, BLOCK_R, R_CHUNK, num_stages=1):
+        rc = r0 + tl.arange(0, R_CHUNK)
+        mask_c = rc < R
+        u = tl.load(u_rows + rc[None, :], mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+        bt = tl.load(b_cols + rc[:, None], mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(_op(u, dtype, UPCAST), _op(bt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
+    col_scale = tl.zeros((BLOCK_N,), dtype=tl.float32) + tl.to_tensor(scale).to(tl.float32)
+    if HAS_OUT_SCALE:
+        col_scale = col_scale * tl.load(os_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
+    acc = acc * col_scale[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+# --------------------------------------------------------------------------------------------
+# Forward kernels
+# --------------------------------------------------------------------------------------------
+
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R"],
+                 prune_configs_by={"early_config_prune": _prune_gemm})
+@triton.jit
+def _lowrank4_fwd_gemm_kernel(
+    x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, u_ptr, b_ptr, os_ptr, y_ptr,
+    M, N, K, R, M_KEY,
+    stride_xm, stride_xk, stride_ym, stride_yn,
+    scale,
+    HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, QBLOCK: tl.constexpr, W_KIND: tl.constexpr,
+    EVEN_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Y = s·(U Bᵀ) ⊙ o + b + X Wᵀ, W [N, K] dequantised tile by tile in registers."""
+    dtype = x_ptr.dtype.element_ty
+    pid_m, pid_n = _grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = _adapter_init(u_ptr, b_ptr, os_ptr, bias_ptr, rm, rn, M, N, R, scale, HAS_BIAS, HAS_OUT_SCALE,
+                        UPCAST, DOT_PRECISION, BLOCK_R, R_CHUNK, BLOCK_M, BLOCK_N)
+    # rows past M read wrapped addresses and are never stored; W rows past N dequantise to 0
+    x_rows = x_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=(kk < K)[None, :], other=0.0)
+        wt = _w4_tile(packed_ptr, absmax_ptr, code_ptr, rn, k0, N, K, BLOCK_K, QBLOCK, W_KIND, EVEN_K)
+        acc = tl.dot(_op(xt, dtype, UPCAST), _op(tl.trans(wt), dtype, UPCAST), acc, input_precision=DOT_PRECISION)
+    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+@triton.autotune(configs=_DECODE_CONFIGS, key=["M", "N", "K"],
+                 prune_configs_by={"early_config_prune": _prune_decode})
+@triton.jit
+def _lowrank4_decode_kernel(
+    x_ptr, packed_ptr, absmax_ptr, code_ptr, part_ptr,
+    M, N, K, K_SPLIT,
+    stride_xm, stride_xk,
+    QBLOCK: tl.constexpr, W_KIND: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Partial X Wᵀ over the k range [pid_k·K_SPLIT, (pid_k+1)·K_SPLIT) for M <= BLOCK_M rows:
+    every packed byte of W is read once in all (4 bits per weight); fp32 partials."""
+    dtype = x_ptr.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_rows = x_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm
+    k_start = pid_k * K_SPLIT
+    k_end = tl.minimum(k_start + K_SPLIT, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        kk = k0 + rk
+        xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=(kk < k_end)[None, :], other=0.0)
+        wt = _w4_tile(packed_ptr, absmax_ptr, code_ptr, rn, k0, N, K, BLOCK_K, QBLOCK, W_KIND, EVEN_K)
+        acc = tl.dot(_op(xt, dtype, UPCAST), _op(tl.trans(wt), dtype, UPCAST), acc, input_precision=DOT_PRECISION)
+    out = part_ptr + pid_k.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
+    tl.store(out, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+@triton.jit
+def _lowrank4_decode_epilogue_kernel(
+    part_ptr, u_ptr, b_ptr, os_ptr, bias_ptr, y_ptr,
+    M, N, R, SPLIT, stride_ym, stride_yn, scale,
+    HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Y = s·(U Bᵀ) ⊙ o + b + Σ_split partials (summed in split order: deterministic)."""
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    acc = _adapter_init(u_ptr, b_ptr, os_ptr, bias_ptr, rm, rn, M, N, R, scale, HAS_BIAS, HAS_OUT_SCALE,
+                        UPCAST, DOT_PRECISION, BLOCK_R, R_CHUNK, BLOCK_M, BLOCK_N)
+    ptrs = part_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
+    for _ in range(0, SPLIT):
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += M * N
+    tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward: dX
+# --------------------------------------------------------------------------------------------
+
+@triton.autotune(configs=_DX_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R"],
+                 prune_configs_by={"early_config_prune": _prune_dx})
+@triton.jit(do_not_specialize=["seed"])
+def _lowrank4_bwd_dx_kernel(
+    dy_ptr, packed_ptr, absmax_ptr, code_ptr, t_ptr, core_ptr, b_ptr, os_ptr, a_ptr, dx_ptr,
+    M, N, K, R, M_KEY,
+    stride_dym, stride_dyk, stride_dxm, stride_dxn,
+    seed, dropout_p, adapter_scale,
+    ACTIVATION: tl.constexpr, CORE: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    QBLOCK: tl.constexpr, W_KIND: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """dX [M, N=k] = dY W + s/(1-p)·mask ⊙ (dT A), reduction over K = d.
+
+    The main loop adds dY W (W [K, N] dequantised in registers) and, beside it,
+    G = (dY ⊙ o) B [BLOCK_M, r]. Epilogue: H = G S (R_CHUNK columns at a time) | G ⊙ S | G,
+    dT = H ⊙ σ'(T), and the adapter term dT A with the dropout mask regenerated from the seed.
+    """
+    dtype = dy_ptr.dtype.element_ty
+    pid_m, pid_n = _grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    mask_m = rm < M
+    mask_n = rn < N
+    mask_r = rr < R
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    dy_rows = dy_ptr + (rm % M).to(tl.int64)[:, None] * stride_dym
+    b_cols = b_ptr + (rr % R)[None, :]
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        mask_k = kk < K
+        dyt = tl.load(dy_rows + kk[None, :] * stride_dyk, mask=mask_k[None, :], other=0.0)
+        wt = _w4_tile(packed_ptr, absmax_ptr, code_ptr, kk, pid_n * BLOCK_N, K, N, BLOCK_N, QBLOCK, W_KIND,
+                      EVEN_K)
+        dy_op = _op(dyt, dtype, UPCAST)
+        acc = tl.dot(dy_op, _op(wt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
+        bt = tl.load(b_cols + kk.to(tl.int64)[:, None] * R, mask=mask_k[:, None], other=0.0)
+        if HAS_OUT_SCALE:
+            osv = tl.load(os_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)
+            dy_op = _op(dyt.to(tl.float32) * osv[None, :], dtype, UPCAST)
+        g = tl.dot(dy_op, _op(bt, dtype, UPCAST), g, input_precision=DOT_PRECISION)
+    # the adapter term: dT A, then s/(1-p) and the mask
+    t_rows = t_ptr + rm.to(tl.int64)[:, None] * R
+    adp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if CORE == 2:
+        g_op = _op(g, dtype, UPCAST)
+        for j0 in tl.static_range(0, BLOCK_R, R_CHUNK):
+            rj = j0 + tl.arange(0, R_CHUNK)
+            mask_j = rj < R
+            h = tl.dot(g_op, _op(_core_tile(core_ptr, R, rr, rj, False), dtype, UPCAST),
+                       input_precision=DOT_PRECISION)
+            if ACTIVATION != 0:
+                tj = tl.load(t_rows + rj[None, :], mask=mask_m[:, None] & mask_j[None, :], other=0.0)
+                h = h * _act_grad(tj.to(tl.float32), ACTIVATION)
+            aj = tl.load(a_ptr + rj.to(tl.int64)[:, None] * N + rn[None, :],
+                         mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+            adp = tl.dot(_op(h.to(dtype), dtype, UPCAST), _op(aj, dtype, UPCAST), adp, input_precision=DOT_PRECISION)
+    else:
+        h = g
+        if CORE == 1:
+            h = h * tl.load(core_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+        if ACTIVATION != 0:
+            tt = tl.load(t_rows + rr[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            h = h * _act_grad(tt.to(tl.float32), ACTIVATION)
+        at = tl.load(a_ptr + rr.to(tl.int64)[:, None] * N + rn[None, :],
+                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        adp = tl.dot(_op(h.to(dtype), dtype, UPCAST), _op(at, dtype, UPCAST), adp, input_precision=DOT_PRECISION)
+    adp = adp * tl.to_tensor(adapter_scale).to(tl.float32)
+    if HAS_DROPOUT:
+        adp = tl.where(_keep_mask(seed, rm, rn, N, tl.to_tensor(dropout_p).to(tl.float32)), adp, 0.0)
+    acc += adp
+    dx_ptrs = dx_ptr + rm.to(tl.int64)[:, None] * stride_dxm + rn[None, :] * stride_dxn
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+def _weight_args(packed, quant_state, device):
+    """(flat uint8 bytes, fp32 absmax per block, fp32 code table, QBLOCK, W_KIND, (d, k))."""
+    from fastpeft.quant import _code_cached, _packed_bytes, dequantize_absmax, validate_4bit
+
+    shape, _ = validate_4bit(packed, quant_state)
+    d, k = shape
+    data = _packed_bytes(packed.detach())
+    absmax = dequantize_absmax(quant_state).contiguous()
+    code = _code_cached(quant_state.quant_type, device)
+    return data, absmax, code, int(quant_state.blocksize), _W_KIND[quant_state.dtype], (d, k)
+
+
+def _t_pass(x, lora_A, core, dropout_p, seed, act, core_kind):
+    """T = D(X)Aᵀ and U = σ(T)Sᵀ with the dense module's T kernel (its launch arguments)."""
+    M, K = x.shape
+    R = lora_A.shape[0]
+    BR = _dense._block_r(R)
+    a = lora_A.contiguous()
+    core_c = core.contiguous() if core is not None else a
+    t = torch.empty((M, R), dtype=x.dtype, device=x.device)
+    store_u = core_kind != 0 or act != 0
+    u = torch.empty((M, R), dtype=x.dtype, device=x.device) if store_u else t
+    interp = _dense._interpreting()
+    p = float(dropout_p)
+    args = dict(x_ptr=x, a_ptr=a, core_ptr=core_c, t_ptr=t, u_ptr=u, M=M, K=K, R=R, M_KEY=_dense._pow2(M),
+                stride_xm=x.stride(0), stride_xk=x.stride(1), seed=int(seed), dropout_p=p,
+                inv_keep=1.0 / (1.0 - p), ACTIVATION=act, CORE=core_kind, HAS_DROPOUT=p > 0.0,
+                STORE_U=store_u, UPCAST=interp, DOT_PRECISION=_dense._dot_precision(x.dtype), BLOCK_R=BR,
+                R_CHUNK=_dense._r_chunk(BR))
+    if interp:
+        fb = dict(BLOCK_M=_dense._interp_block(M), BLOCK_K=_dense._interp_block(K), num_warps=4, num_stages=1)
+    elif not _dense._autotuning():
+        arch, smem, _ = _dense._limits_of(x)
+        fb = _dense._fallback(_dense._t_keep(_dense._T_CONFIGS, arch, smem, M, BR, x.element_size(), p > 0.0))
+    else:
+        fb = {}
+    _dense._launch(_dense._lowrank_fwd_t_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),), args, fb)
+    return t, u
+
+
+def _decode_split(n_tiles: int, K: int, block_k: int, sms: int) -> int:
+    """k splits so that the decode grid fills the GPU (about two programs per SM)."""
+    return max(1, min(triton.cdiv(2 * sms, max(n_tiles, 1)), triton.cdiv(K, block_k), 16))
+
+
+def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_scale, scale: float,
+                     dropout_p: float, seed: int, activation):
+    """Forward on 2-D x [M, k] over the 4-bit W: returns (Y [M, d], T [M, r]) in x's dtype.
+
+    Y = X Wᵀ + b + s·(σ(D(X)Aᵀ)Sᵀ)Bᵀ ⊙ o with W dequantised in registers (never in memory)."""
+    _dense._check_dtype(x)
+    M, K = x.shape
+    data, absmax, code, qblock, w_kind, (N, k) = _weight_args(packed, quant_state, x.device)
+    if k != K:
+        raise ValueError(f"x has k={K} columns but the 4-bit weight is [d={N}, k={k}]")
+    R = lora_A.shape[0]
+    BR = _dense._block_r(R)
+    act = _dense._ACTIVATIONS[activation]
+    core_kind = 0 if core is None else (1 if core.dim() == 1 else 2)
+    b = lora_B.contiguous()
+    interp = _dense._interpreting()
+    precision = _dense._dot_precision(x.dtype)
+    even_k = K % 2 == 0
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    with _dense._device(x):
+        t, u = _t_pass(x, lora_A, core, dropout_p, seed, act, core_kind)
+        common = dict(UPCAST=interp, DOT_PRECISION=precision)
+        adapter = dict(u_ptr=u, b_ptr=b, os_ptr=out_scale if out_scale is not None else b,
+                       bias_ptr=bias if bias is not None else b, HAS_BIAS=bias is not None,
+                       HAS_OUT_SCALE=out_scale is not None, BLOCK_R=BR, R_CHUNK=_dense._r_chunk(BR))
+        if M <= DECODE_MAX_M:
+            if interp:
+                bn, bk, w, s = _dense._interp_block(N), max(32, _dense._interp_block(K)), 4, 1
+                split = 1
+            else:
+                arch, smem, sms = _dense._limits_of(x)
+                c = _decode_keep(_DECODE_CONFIGS, arch, smem, N, K, x.element_size())[0]
+                bn, bk, w, s = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages
+                split = _decode_split(triton.cdiv(N, bn), K, bk, sms)
+            k_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
+            split = triton.cdiv(K, k_split)
+            part = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+            _lowrank4_decode_kernel.fn[(triton.cdiv(N, bn), split)](
+                x, data, absmax, code, part, M, N, K, k_split, x.stride(0), x.stride(1),
+                QBLOCK=qblock, W_KIND=w_kind, EVEN_K=even_k, BLOCK_M=DECODE_MAX_M, BLOCK_N=bn, BLOCK_K=bk,
+                num_warps=w, num_stages=s, **common)
+            eb = _dense._interp_block(N) if interp else 64
+            _lowrank4_decode_epilogue_kernel[(triton.cdiv(N, eb),)](
+                part, M=M, N=N, R=R, SPLIT=split, y_ptr=y, stride_ym=y.stride(0), stride_yn=y.stride(1),
+                scale=float(scale), BLOCK_M=DECODE_MAX_M, BLOCK_N=eb, num_warps=4, **adapter, **common)
+        else:
+            args = dict(x_ptr=x, packed_ptr=data, absmax_ptr=absmax, code_ptr=code, y_ptr=y,
+                        M=M, N=N, K=K, R=R, M_KEY=_dense._pow2(M), stride_xm=x.stride(0), stride_xk=x.stride(1),
+                        stride_ym=y.stride(0), stride_yn=y.stride(1), scale=float(scale), QBLOCK=qblock,
+                        W_KIND=w_kind, EVEN_K=even_k, GROUP_M=_dense._GROUP_M, **adapter, **common)
+            if interp:
+                fb = dict(BLOCK_M=_dense._interp_block(M), BLOCK_N=_dense._interp_block(N),
+                          BLOCK_K=max(32, _dense._interp_block(K)), num_warps=4, num_stages=1)
+            elif not _dense._autotuning():
+                arch, smem, _ = _dense._limits_of(x)
+                fb = _dense._fallback(_gemm_keep(_GEMM_CONFIGS, arch, smem, M, N, BR, x.element_size()))
+            else:
+                fb = {}
+            _dense._launch(_lowrank4_fwd_gemm_kernel,
+                           lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
+                           args, fb)
+    return y, t
+
+
+def lowrank_4bit_bwd(grad_y, x, packed, quant_state, T, lora_A, lora_B, core, out_scale, scale, dropout_p,
+                     seed, activation, need_x: bool, need_A: bool, need_B: bool, need_core: bool,
+                     need_out_scale: bool, need_bias: bool, deterministic: bool = False):
+    """Backward on 2-D tensors: (dX, dA, dB, dcore, dout_scale, dbias), ``None`` where not needed.
+
+    dX = dY W + s·D'(dT A) runs in one kernel over the packed W (see the module docstring); the
+    adapter gradients dA = s·dTᵀD(X), dB = s·dYoᵀU, dS, d_o and db = Σ dY are the dense module's
+    (they never read W, which is passed there as a zero-stride placeholder)."""
+    _dense._check_dtype(grad_y)
+    M, N = grad_y.shape
+    data, absmax, code, qblock, w_kind, (d, K) = _weight_args(packed, quant_state, grad_y.device)
+    if d != N:
+        raise ValueError(f"grad_y has {N} columns but the 4-bit weight is [d={d}, k={K}]")
+    placeholder = grad_y.new_zeros((1, 1)).expand(N, K)
+    _, d_a, d_b, d_core, d_os, d_bias = _dense.lowrank_bwd(
+        grad_y, x, placeholder, T, lora_A, lora_B, core, out_scale, scale, dropout_p, seed, activation,
+        False, need_A, need_B, need_core, need_out_scale, need_bias, deterministic=deterministic)
+    dx = None
+    if need_x:
+        R = lora_A.shape[0]
+        BR = _dense._block_r(R)
+        interp = _dense._interpreting()
+        core_kind = 0 if core is None else (1 if core.dim() == 1 else 2)
+        a = lora_A.contiguous()
+        b = lora_B.contiguous()
+        p = float(dropout_p)
+        dx = torch.empty((M, K), dtype=grad_y.dtype, device=grad_y.device)
+        args = dict(dy_ptr=grad_y, packed_ptr=data, absmax_ptr=absmax, code_ptr=code, t_ptr=T.contiguous(),
+                    core_ptr=core.contiguous() if core is not None else a, b_ptr=b,
+                    os_ptr=out_scale if out_scale is not None else b, a_ptr=a, dx_ptr=dx,
+                    M=M, N=K, K=N, R=R, M_KEY=_dense._pow2(M),
+                    stride_dym=grad_y.stride(0), stride_dyk=grad_y.stride(1),
+                    stride_dxm=dx.stride(0), stride_dxn=dx.stride(1),
+                    seed=int(seed), dropout_p=p, adapter_scale=float(scale) / (1.0 - p),
+                    ACTIVATION=_dense._ACTIVATIONS[activation], CORE=core_kind,
+                    HAS_OUT_SCALE=out_scale is not None, HAS_DROPOUT=p > 0.0, QBLOCK=qblock, W_KIND=w_kind,
+                    EVEN_K=K % 2 == 0, UPCAST=interp, DOT_PRECISION=_dense._dot_precision(grad_y.dtype),
+                    BLOCK_R=BR, R_CHUNK=_dense._r_chunk(BR), GROUP_M=_dense._GROUP_M)
+        with _dense._device(grad_y):
+            if interp:
+                fb = dict(BLOCK_M=_dense._interp_block(M), BLOCK_N=max(32, _dense._interp_block(K)),
+                          BLOCK_K=_dense._interp_block(N), num_warps=4, num_stages=1)
+            elif not _dense._autotuning():
+                arch, smem, _ = _dense._limits_of(grad_y)
+                fb = _dense._fallback(_gemm_keep(_DX_CONFIGS, arch, smem, M, K, BR, grad_y.element_size(), dx=True))
+            else:
+                fb = {}
+            _dense._launch(_lowrank4_bwd_dx_kernel,
+                           lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),),
+                           args, fb)
+    return dx, d_a, d_b, d_core, d_os, d_bias
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel inventory for the static (ahead-of-time) checks: problem keys M, N (= d), K (= k), R,
+# dtype, and QBLOCK (the 4-bit blocksize).
+# --------------------------------------------------------------------------------------------
+
+def _flags(problem):
+    dt = dtype_name(problem["dtype"])
+    br = max(16, _dense._pow2(problem["R"]))
+    return dt, {"UPCAST": False, "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32",
+                "QBLOCK": problem.get("QBLOCK", 64), "W_KIND": {"fp32": 0, "fp16": 1, "bf16": 2}[dt],
+                "EVEN_K": problem.get("even_k", True)}, br
+
+
+def _elem(problem) -> int:
+    return {"fp16": 2, "bf16": 2, "fp32": 4}[dtype_name(problem["dtype"])]
+
+
+def _sig_fwd_gemm(problem, config):
+    dt, common, br = _flags(problem)
+    types = {k: f"*{dt}" for k in ("x_ptr", "bias_ptr", "u_ptr", "b_ptr", "os_ptr", "y_ptr")}
+    types.update({"packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32"})
+    types.update({k: "i32" for k in ("M", "N", "K", "R", "M_KEY", "stride_xm", "stride_ym")})
+    types["scale"] = "fp32"
+    cex = {"stride_xk": 1, "stride_yn": 1, "HAS_BIAS": True, "HAS_OUT_SCALE": True, "BLOCK_R": br,
+           "R_CHUNK": _dense._r_chunk(br), "GROUP_M": _dense._GROUP_M, **common, **config.kwargs}
+    return types, cex
+
+
+def _sig_decode(problem, config):
+    dt, common, _ = _flags(problem)
+    types = {"x_ptr": f"*{dt}", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
+             "part_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "K_SPLIT": "i32", "stride_xm": "i32"}
+    cex = {"stride_xk": 1, "BLOCK_M": DECODE_MAX_M, **common, **config.kwargs}
+    return types, cex
+
+
+def _sig_decode_epilogue(problem, config):
+    dt, common, br = _flags(problem)
+    types = {"part_ptr": "*fp32", **{k: f"*{dt}" for k in ("u_ptr", "b_ptr", "os_ptr", "bias_ptr", "y_ptr")},
+             "M": "i32", "N": "i32", "R": "i32", "SPLIT": "i32", "stride_ym": "i32", "scale": "fp32"}
+    cex = {"stride_yn": 1, "HAS_BIAS": True, "HAS_OUT_SCALE": True, "UPCAST": False,
+           "DOT_PRECISION": common["DOT_PRECISION"], "BLOCK_R": br, "R_CHUNK": _dense._r_chunk(br),
+           "BLOCK_M": DECODE_MAX_M, **config.kwargs}
+    return types, cex
+
+
+def _sig_bwd_dx(problem, config):
+    dt, common, br = _flags(problem)
+    types = {k: f"*{dt}" for k in ("dy_ptr", "t_ptr", "core_ptr", "b_ptr", "os_ptr", "a_ptr", "dx_ptr")}
+    types.update({"packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32"})
+    types.update({k: "i32" for k in ("M", "N", "K", "R", "M_KEY", "stride_dym", "stride_dxm", "seed")})
+    types.update({"dropout_p": "fp32", "adapter_scale": "fp32"})
+    cex = {"stride_dyk": 1, "stride_dxn": 1, "ACTIVATION": 2, "CORE": 2, "HAS_OUT_SCALE": True,
+           "HAS_DROPOUT": True, "BLOCK_R": br, "R_CHUNK": _dense._r_chunk(br), "GROUP_M": _dense._GROUP_M,
+           **common, **config.kwargs}
+    return types, cex
+
+
+def _br(problem) -> int:
+    return max(16, _dense._pow2(problem["R"]))
+
+
+# ``configs_for(arch, problem)``: the configs the prune function keeps on ``arch``.
+KERNELS = [
+    KernelSpec("lowrank4_fwd_gemm", __name__, "_lowrank4_fwd_gemm_kernel",
+               lambda arch, pr: _gemm_keep(_GEMM_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["N"], _br(pr),
+                                           _elem(pr)),
+               _sig_fwd_gemm, variants=({"even_k": True}, {"even_k": False})),
+    KernelSpec("lowrank4_decode", __name__, "_lowrank4_decode_kernel",
+               lambda arch, pr: _decode_keep(_DECODE_CONFIGS, arch, SMEM_LIMIT[arch], pr["N"], pr["K"], _elem(pr)),
+               _sig_decode, variants=({"even_k": True}, {"even_k": False})),
+    KernelSpec("lowrank4_decode_epilogue", __name__, "_lowrank4_decode_epilogue_kernel",
+               lambda arch, pr: [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=1)],
+               _sig_decode_epilogue),
+    KernelSpec("lowrank4_bwd_dx", __name__, "_lowrank4_bwd_dx_kernel",
+               lambda arch, pr: _gemm_keep(_DX_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["K"], _br(pr),
+                                           _elem(pr), dx=True),
+               _sig_bwd_dx, variants=({"even_k": True}, {"even_k": False})),
+]

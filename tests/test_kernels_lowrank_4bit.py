@@ -1,0 +1,157 @@
+"""The Triton kernels of the 4-bit op (``fastpeft.kernels.lowrank_4bit``) against the float64
+reference: dequantise (bitsandbytes-exact), then the dense op in float64; output and every
+gradient. Without a GPU they run under the Triton interpreter on CPU tensors, with tiny odd shapes
+(one block per dim). M <= 16 takes the decode kernel, larger M the dequantising GEMM; odd k takes
+the per-element path, even k the byte-pair path."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+import fastpeft  # noqa: E402
+from fastpeft.kernels import lowrank as L  # noqa: E402
+from fastpeft.kernels import lowrank_4bit as L4  # noqa: E402
+from helpers import reference_lowrank, saved_tensors  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: (1e-5, 2e-5), torch.float16: (1e-3, 2e-3), torch.bfloat16: (1e-2, 1.6e-2)}
+SEED = 1234
+
+
+def rel_err(actual, expected) -> float:
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    denom = e.norm().item()
+    return (a - e).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_rel(actual, expected, tol, name):
+    assert actual is not None, f"{name}: missing"
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def make_case(M, k, d, r, dtype, core_kind, with_os, quant_type, blocksize, nested, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, sc=1.0: (torch.randn(*s, generator=gen, dtype=torch.float64) * sc).to(DEVICE, dtype)
+    w = rnd(d, k, sc=k ** -0.5)
+    packed, state = fastpeft.quantize_4bit(w, quant_type=quant_type, blocksize=blocksize, compress_statistics=nested)
+    core = None if core_kind is None else (rnd(r) if core_kind == "diag" else rnd(r, r, sc=r ** -0.5))
+    return dict(x=rnd(M, k), packed=packed, state=state, bias=rnd(d), lora_A=rnd(r, k, sc=k ** -0.5),
+                lora_B=rnd(d, r, sc=r ** -0.5), core=core, out_scale=rnd(d) if with_os else None)
+
+
+def run_and_check(c, dtype, dropout_p, activation, train_a=True, deterministic=False):
+    names = ("bias", "lora_A", "lora_B", "core", "out_scale")
+    x = c["x"].clone().requires_grad_()
+    leaves = {n: None if c[n] is None else c[n].clone().requires_grad_(train_a or n != "lora_A") for n in names}
+    with fastpeft.use_backend("triton"):
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        try:
+            y = fastpeft.lowrank_linear_4bit(x, c["packed"], c["state"], leaves["bias"], leaves["lora_A"],
+                                             leaves["lora_B"], core=leaves["core"], out_scale=leaves["out_scale"],
+                                             scale=0.7, dropout_p=dropout_p, activation=activation, seed=SEED)
+            gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(DEVICE, dtype)
+            y.backward(gy)
+        finally:
+            torch.use_deterministic_algorithms(False)
+    w = fastpeft.dequantize_4bit(c["packed"], c["state"]).to(dtype)
+    M, k = c["x"].shape
+    keep = L.dropout_keep_mask(SEED, M, k, dropout_p, DEVICE) if dropout_p else None
+    ref_leaves = {n: None if v is None else v.detach().double().requires_grad_(v.requires_grad) for n, v in leaves.items()}
+    x64 = c["x"].double().requires_grad_()
+    ref = reference_lowrank(x64, w.double(), ref_leaves["bias"], ref_leaves["lora_A"], ref_leaves["lora_B"],
+                            core=ref_leaves["core"], out_scale=ref_leaves["out_scale"], scale=0.7,
+                            keep_mask=keep, dropout_p=dropout_p, activation=activation)
+    ref.backward(gy.double())
+    tol_y, tol_g = TOL[dtype]
+    assert y.dtype == dtype
+    assert_rel(y, ref, tol_y, "y")
+    assert_rel(x.grad, x64.grad, tol_g, "dx")
+    for n, leaf in leaves.items():
+        if leaf is not None and leaf.requires_grad:
+            assert_rel(leaf.grad, ref_leaves[n].grad, tol_g, f"d{n}")
+
+
+# (M, k, d, r): decode (M <= 16) and GEMM; even and odd k; d not a multiple of any block
+SHAPES = [(1, 64, 40, 4), (7, 37, 24, 3), (16, 96, 33, 8), (19, 45, 30, 5), (40, 64, 72, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}-k{}-d{}-r{}".format(*s))
+def test_plain_lora(shape, dtype):
+    M, k, d, r = shape
+    c = make_case(M, k, d, r, dtype, None, False, "nf4", 64, True, seed=M + k)
+    run_and_check(c, dtype, 0.0, None)
+
+
+@pytest.mark.parametrize("case", [
+    # (shape, dtype, core, out_scale, activation, dropout, quant_type, blocksize, nested, A trains)
+    ((5, 40, 24, 4), torch.float32, "full", False, "gelu", 0.0, "nf4", 32, False, False),
+    ((21, 33, 20, 3), torch.float32, "diag", True, None, 0.2, "fp4", 64, True, True),
+    ((20, 64, 48, 8), torch.bfloat16, None, False, "silu", 0.1, "nf4", 128, True, True),
+    ((3, 70, 30, 2), torch.float16, "full", True, "relu", 0.1, "fp4", 32, True, False),
+    ((24, 36, 17, 4), torch.float16, "full", False, None, 0.0, "nf4", 256, False, True),
+], ids=lambda c: "M{}-k{}-d{}-r{}".format(*c[0]) + f"-{str(c[1])[6:]}-{c[2]}-os{int(c[3])}-{c[4]}-p{c[5]}-{c[6]}-bs{c[7]}")
+def test_presets(case):
+    (M, k, d, r), dtype, core, with_os, act, p, qt, bs, nested, train_a = case
+    c = make_case(M, k, d, r, dtype, core, with_os, qt, bs, nested, seed=k)
+    run_and_check(c, dtype, p, act, train_a=train_a)
+
+
+def test_deterministic_mode_is_bit_identical():
+    c = make_case(18, 40, 24, 4, torch.float32, "full", True, "nf4", 64, True)
+    run_and_check(c, torch.float32, 0.1, "gelu", deterministic=True)
+    grads = []
+    x = c["x"].clone().requires_grad_()
+    a = c["lora_A"].clone().requires_grad_()
+    for _ in range(2):
+        x.grad = a.grad = None
+        with fastpeft.use_backend("triton"):
+            y = fastpeft.lowrank_linear_4bit(x, c["packed"], c["state"], c["bias"], a, c["lora_B"], seed=5,
+                                             dropout_p=0.1)
+            y.sum().backward()
+        grads.append((y.detach().clone(), x.grad.clone(), a.grad.clone()))
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)
+
+
+def test_saves_no_dense_weight():
+    M, k, d, r = 20, 64, 48, 4
+    c = make_case(M, k, d, r, torch.float32, None, False, "nf4", 64, True)
+    x = c["x"].clone().requires_grad_()
+    a, b = c["lora_A"].clone().requires_grad_(), c["lora_B"].clone().requires_grad_()
+    with fastpeft.use_backend("triton"), saved_tensors() as saved:
+        y = fastpeft.lowrank_linear_4bit(x, c["packed"], c["state"], None, a, b)
+    y.sum().backward()
+    assert [tuple(t.shape) for t in saved.tensors if t.is_floating_point() and t.numel() >= d * k] == []
+    assert c["packed"].data_ptr() in {t.data_ptr() for t in saved.tensors}
+    assert x.data_ptr() in {t.data_ptr() for t in saved.tensors}   # A trains: the caller's x itself
+
+
+def test_launchers_directly():
+    """The launchers on 2-D tensors, without autograd (the forward returns T as the dense one)."""
+    c = make_case(9, 48, 20, 4, torch.float32, "diag", False, "fp4", 64, False)
+    y, t = L4.lowrank_4bit_fwd(c["x"], c["packed"], c["state"], c["bias"], c["lora_A"], c["lora_B"], c["core"],
+                               None, 1.5, 0.0, 0, None)
+    torch.testing.assert_close(t, c["x"] @ c["lora_A"].t(), rtol=1e-5, atol=1e-5)
+    w = fastpeft.dequantize_4bit(c["packed"], c["state"])
+    ref = torch.nn.functional.linear(c["x"], w, c["bias"]) + 1.5 * ((t * c["core"]) @ c["lora_B"].t())
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="x has k=47 columns but the 4-bit weight is"):
+        L4.lowrank_4bit_fwd(c["x"][:, :47], c["packed"], c["state"], None, c["lora_A"][:, :47], c["lora_B"],
+                            None, None, 1.0, 0.0, 0, None)
+
+
+def test_rank_limit_points_to_the_torch_backend():
+    c = make_case(4, 16, 200, 130, torch.float32, None, False, "nf4", 64, False)
+    with fastpeft.use_backend("triton"), pytest.raises(ValueError, match="r <= 128"):
+        fastpeft.lowrank_linear_4bit(c["x"][:, :16], c["packed"], c["state"], None, c["lora_A"], c["lora_B"])
