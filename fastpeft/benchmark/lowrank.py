@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 
 from .providers import PROVIDERS, Built, Case, Provider, bytes_moved, flops
-from .runner import SavedBytes, Skip, cache_bytes, environment, format_table, progress, \
-    time_fn, write_results
+from .runner import (SavedBytes, Skip, cache_bytes, environment, format_table, num_threads,
+                     progress, time_fn, write_results)
 
 __all__ = ["LLAMA_SHAPES", "MODES", "add_arguments", "validate", "make_cases", "measure", "run", "main_table"]
 
@@ -248,10 +248,14 @@ def main_table(rows: list[dict]) -> str:
 
 
 def run(args) -> int:
+    """Run with parsed ``args`` (CPU threads as ``--threads`` says, restored afterwards)."""
+    with num_threads(args.threads):
+        return _run(args)
+
+
+def _run(args) -> int:
     """Run ``fastpeft bench`` with parsed ``args``; prints the table, writes the files."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("fastpeft bench: --device cuda but no GPU is visible to torch")
     torch.manual_seed(args.seed)

@@ -31,8 +31,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .runner import SavedBytes, Skip, environment, format_table, optional_import, progress, \
-    write_results
+from .runner import (SavedBytes, Skip, environment, format_table, num_threads, optional_import,
+                     progress, write_results)
 
 __all__ = ["PRESETS", "METHODS", "TARGETS", "add_arguments", "validate", "build_model", "adapt",
            "measure_step", "profile", "run"]
@@ -276,12 +276,15 @@ def profile(args, device, dtype, bar=None) -> list[dict]:
             if bar is not None:
                 bar.update(len(seqs) * len(batches))
             continue
+        # what attention saves decides which projection inputs the base already keeps
+        attention = getattr(model.config, "_attn_implementation", None)
         for s in seqs:
             for b in batches:
                 if bar is not None:
                     bar.set_postfix_str(f"{method} batch={b} seq={s}")
                 try:
                     row = {**common, "batch": b, "seq": s, "tokens": b * s, "status": "ok", "reason": None,
+                           "attention": attention,
                            **measure_step(model, b, s, device, args.steps, args.seed)}
                 except Exception as err:  # reported as a row, not fatal
                     if device.type == "cuda":
@@ -317,10 +320,14 @@ def _add_deltas(rows: list[dict]) -> None:
 
 
 def run(args) -> int:
+    """Run with parsed ``args`` (CPU threads as ``--threads`` says, restored afterwards)."""
+    with num_threads(args.threads):
+        return _run(args)
+
+
+def _run(args) -> int:
     """Run ``fastpeft memory`` with parsed ``args``; prints the table, writes the files."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("fastpeft memory: --device cuda but no GPU is visible to torch")
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]

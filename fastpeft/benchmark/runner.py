@@ -15,6 +15,7 @@ and a ``.csv`` beside it (one row per record, the metadata repeated in each row)
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import importlib
@@ -47,6 +48,7 @@ __all__ = [
     "optional_import",
     "cache_bytes",
     "SavedBytes",
+    "num_threads",
 ]
 
 META_KEYS = ("device", "device_name", "timestamp", "fastpeft", "torch", "triton", "peft",
@@ -156,6 +158,18 @@ class SavedBytes:
     @property
     def nbytes(self) -> int:
         return sum(self._sizes.values())
+
+
+@contextlib.contextmanager
+def num_threads(n: Optional[int]):
+    """Run the block with ``n`` torch CPU threads (unchanged for ``None``), then restore."""
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 # -- environment ------------------------------------------------------------------------------

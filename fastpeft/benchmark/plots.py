@@ -1,0 +1,159 @@
+"""PNG charts of benchmark rows (matplotlib, imported lazily, drawn off-screen).
+
+- :func:`plot_bench`: time vs M, time vs r, and the ratio to the floor vs M, one panel per
+  projection shape, one line per provider (forward + backward unless only another mode ran);
+- :func:`plot_memory`: memory of one training step vs batch size, one panel per sequence length,
+  one line per method (as the LaMDA paper's figure), and the bytes the adapters add.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+from .runner import Skip, optional_import
+
+__all__ = ["plot_bench", "plot_memory"]
+
+
+def _pyplot():
+    matplotlib = optional_import("matplotlib", "bench")
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _grid(plt, n: int, title: str, width: float = 4.6, height: float = 3.4):
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(7.0, width * cols), height * rows + 0.8),
+                             squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=10)
+    return fig, list(axes.flat)
+
+
+def _subtitle(meta: dict) -> str:
+    cpu = "CPU timings, not kernel speed; " if meta.get("device") != "cuda" else ""
+    return (f"{meta.get('device_name')}\n{cpu}{meta.get('timestamp', '')[:10]}, "
+            f"torch {meta.get('torch')}, fastpeft {meta.get('fastpeft')}")
+
+
+def _ticks(ax, values) -> None:
+    values = sorted(set(values))
+    ax.set_xticks(values)
+    ax.set_xticklabels([str(v) for v in values], fontsize=7)
+    ax.xaxis.set_minor_locator(__import__("matplotlib").ticker.NullLocator())
+
+
+def _save(fig, path: str) -> str:
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return path
+
+
+def plot_bench(rows: list[dict], meta: dict, stem: str) -> list[str]:
+    """Draw ``<stem>-time_vs_M.png``, ``<stem>-time_vs_r.png`` and ``<stem>-ratio.png``;
+    returns the paths written (none when nothing was measured)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return []
+    try:
+        plt = _pyplot()
+    except Skip as reason:
+        print(f"skipped plots: {reason}")
+        return []
+    modes = Counter(r["mode"] for r in ok)
+    mode = "fwd+bwd" if "fwd+bwd" in modes else modes.most_common(1)[0][0]
+    dtype = Counter(r["dtype"] for r in ok).most_common(1)[0][0]
+    ok = [r for r in ok if r["mode"] == mode and r["dtype"] == dtype]
+    shapes = list(dict.fromkeys(r["shape"] for r in ok))
+    adapters = [r for r in ok if r["r"] is not None]
+    ranks = Counter(r["r"] for r in adapters)
+    r0 = 16 if 16 in ranks else (ranks.most_common(1)[0][0] if ranks else None)
+    m_counts = Counter(r["M"] for r in adapters if r["r"] != r0)
+    m_r = m_counts.most_common(1)[0][0] if m_counts else None
+    title = f"{mode}, {dtype}\n{_subtitle(meta)}"
+    paths = []
+
+    def draw(name, x_key, select, y_of, ylabel, logy=True, floor_line=False):
+        fig, axes = _grid(plt, len(shapes), f"{name}: {title}")
+        for ax, shape in zip(axes, shapes):
+            series: dict[str, list] = {}
+            for r in ok:
+                if r["shape"] == shape and select(r):
+                    series.setdefault(f"{r['provider']} ({r['op']})" if r["op"] == "4bit" else r["provider"],
+                                      []).append((r[x_key], y_of(r)))
+            xs = []
+            for label, points in series.items():
+                points = sorted(p for p in points if p[1] is not None)
+                if points:
+                    ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+                    xs += [p[0] for p in points]
+            if floor_line:
+                ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+            ax.set_xscale("log", base=2)
+            _ticks(ax, xs)
+            if logy:
+                ax.set_yscale("log")
+            ax.set_title(f"k->d = {shape.replace('x', ' -> ')}", fontsize=9)
+            ax.set_xlabel(x_key)
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=6)
+        return fig
+
+    fig = draw("time vs M", "M", lambda r: r["r"] in (None, r0), lambda r: r["ms"], f"ms (r={r0})")
+    paths.append(_save(fig, f"{stem}-time_vs_M.png"))
+    if m_r is not None:
+        fig = draw("time vs r", "r", lambda r: r["M"] == m_r and r["r"] is not None, lambda r: r["ms"],
+                   f"ms (M={m_r})")
+        paths.append(_save(fig, f"{stem}-time_vs_r.png"))
+    fig = draw("ratio to the floor (F.linear)", "M", lambda r: r["r"] in (None, r0) and not
+               r["provider"] == "torch-linear", lambda r: r.get("ratio"), f"x floor (r={r0})",
+               logy=False, floor_line=True)
+    paths.append(_save(fig, f"{stem}-ratio.png"))
+    return paths
+
+
+def plot_memory(rows: list[dict], meta: dict, stem: str) -> list[str]:
+    """Draw ``<stem>.png``: total memory and adapter-added bytes vs batch size."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return []
+    try:
+        plt = _pyplot()
+    except Skip as reason:
+        print(f"skipped plots: {reason}")
+        return []
+    seqs = sorted({r["seq"] for r in ok})
+    fig, axes = plt.subplots(2, len(seqs), figsize=(max(7.0, 5 * len(seqs)), 8), squeeze=False)
+    total = "peak allocated" if meta.get("device") == "cuda" else "saved + params + grads + AdamW state (CPU)"
+    fig.suptitle(f"Memory of one training step vs batch size\n{meta.get('device_name')}, "
+                 f"{meta.get('timestamp', '')[:10]}, torch {meta.get('torch')}", fontsize=10)
+    methods = list(dict.fromkeys(r["method"] for r in ok))
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    for col, seq in enumerate(seqs):
+        for row_i, (key, label) in enumerate((("total_mib", f"MiB: {total}"),
+                                              ("added_mib", "MiB the adapters add to saved activations"))):
+            ax = axes[row_i][col]
+            for method in methods:
+                if row_i == 1 and method.startswith("base"):
+                    continue
+                points = sorted((r["batch"], r[key]) for r in ok
+                                if r["method"] == method and r["seq"] == seq and r.get(key) is not None)
+                if points:
+                    style = "--" if method.endswith("4bit") or method == "peft-qlora" else "-"
+                    ax.plot(*zip(*points), style, marker="o", markersize=3, label=method,
+                            color=colors[method])
+            ax.set_xscale("log", base=2)
+            _ticks(ax, [r["batch"] for r in ok])
+            ax.set_xlabel("batch size")
+            ax.set_ylabel(label, fontsize=8)
+            ax.set_title(f"sequence length {seq}", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=6)
+    return [_save(fig, f"{stem}.png")]

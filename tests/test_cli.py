@@ -1,0 +1,225 @@
+"""The ``fastpeft`` command: bench and memory on CPU, result files, plots, flags, skipped providers,
+and the memory claim (what the adapters add to the frozen base model's saved activations)."""
+
+import csv
+import glob
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastpeft.cli import main
+
+META_FIELDS = {"device", "device_name", "timestamp", "torch", "triton", "peft", "transformers",
+               "bitsandbytes", "fastpeft", "python", "git_commit"}
+BENCH_FIELDS = {"op", "provider", "status", "reason", "mode", "M", "k", "d", "r", "dtype", "ms",
+                "ms_q20", "ms_q80", "ratio", "tflops", "gbps", "saved_bytes"}
+MEMORY_FIELDS = {"method", "batch", "seq", "status", "reason", "saved_bytes", "base_saved_bytes",
+                 "added_bytes", "param_bytes", "grad_bytes", "optim_bytes", "total_bytes",
+                 "tokens_per_s", "trainable"}
+
+
+def _one(folder, pattern):
+    paths = glob.glob(os.path.join(folder, pattern))
+    assert len(paths) == 1, (pattern, os.listdir(folder))
+    return paths[0]
+
+
+def _check_png(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 100 and height > 100 and len(data) > 5000, (path, width, height, len(data))
+
+
+def _load(folder, kind):
+    data = json.load(open(_one(folder, f"{kind}-*.json")))
+    with open(_one(folder, f"{kind}-*.csv"), newline="") as f:
+        table = list(csv.DictReader(f))
+    return data, table
+
+
+@pytest.fixture(scope="module")
+def bench_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("bench"))
+    assert main(["bench", "--quick", "--out", out, "--plot", "--threads", "1", "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def memory_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("memory"))
+    assert main(["memory", "--preset", "tiny", "--out", out, "--plot", "--threads", "1",
+                 "--no-progress", "--steps", "1"]) == 0
+    return out
+
+
+def test_bench_quick_writes_json_csv_and_table(bench_dir, capsys):
+    data, table = _load(bench_dir, "bench")
+    assert META_FIELDS <= set(data["meta"]) and data["meta"]["device"] == "cpu"
+    rows = data["rows"]
+    assert rows and all(BENCH_FIELDS <= set(r) or r["status"] != "ok" for r in rows)
+    ok = {(r["provider"], r["mode"]) for r in rows if r["status"] == "ok"}
+    for provider in ("torch-linear", "peft-lora", "fastpeft-torch"):
+        for mode in ("fwd", "bwd", "fwd+bwd"):
+            assert (provider, mode) in ok
+    for r in rows:
+        if r["status"] == "ok":
+            assert r["ms"] > 0 and r["ms_q20"] <= r["ms"] * 1.0001 and r["ms_q80"] >= r["ms"] * 0.9999
+            assert r["tflops"] > 0 and r["gbps"] > 0 and r["ratio"] > 0
+            if r["provider"] == "torch-linear":
+                assert r["ratio"] == 1.0
+    # without a GPU the kernels are skipped rows with the reason, not dropped
+    triton = [r for r in rows if r["provider"] == "fastpeft-triton"]
+    assert triton and all(r["status"] == "skipped" and r["reason"] == "no GPU" for r in triton)
+    assert len(table) == len(rows) and META_FIELDS | BENCH_FIELDS <= set(table[0])
+    assert {row["device_name"] for row in table} == {data["meta"]["device_name"]}
+
+
+def test_bench_plots_are_pngs(bench_dir):
+    for name in ("time_vs_M", "time_vs_r", "ratio"):
+        _check_png(_one(bench_dir, f"bench-*-{name}.png"))
+
+
+def test_memory_tiny_writes_json_csv_and_plot(memory_dir):
+    data, table = _load(memory_dir, "memory")
+    assert META_FIELDS <= set(data["meta"])
+    assert data["settings"]["r"] == 16 and data["settings"]["dropout"] == 0.1
+    assert len(data["settings"]["targets"]) == 7
+    rows = data["rows"]
+    methods = {r["method"] for r in rows if r["status"] == "ok"}
+    assert {"base", "peft-lora", "fastpeft-lora", "fastpeft-lora_fa", "fastpeft-lamda"} <= methods
+    assert all(MEMORY_FIELDS <= set(r) for r in rows if r["status"] == "ok")
+    assert len({(r["batch"], r["seq"]) for r in rows}) >= 4     # several batch sizes and lengths
+    for r in rows:
+        if r["status"] == "ok":
+            assert r["total_bytes"] == r["saved_bytes"] + r["param_bytes"] + r["grad_bytes"] + r["optim_bytes"]
+            assert r["tokens_per_s"] > 0
+    assert len(table) == len(rows)
+    _check_png(_one(memory_dir, "memory-*.png"))
+
+
+def test_memory_claim_adapters_added_bytes(memory_dir):
+    """All seven projections at r=16, dropout 0.1: fastpeft lamda adds at most 1/20 of the bytes HF
+    PEFT LoRA adds to the base model's saved activations, and fastpeft lora at most 0.6× of it."""
+    rows = json.load(open(_one(memory_dir, "memory-*.json")))["rows"]
+    added = {(r["method"], r["batch"], r["seq"]): r["added_bytes"] for r in rows if r["status"] == "ok"}
+    points = {(b, s) for (m, b, s) in added if m == "peft-lora"}
+    assert len(points) >= 4
+    for b, s in sorted(points):
+        peft = added[("peft-lora", b, s)]
+        assert peft > 0
+        assert added[("base", b, s)] == 0
+        assert added[("fastpeft-lamda", b, s)] <= peft / 20, (b, s, added[("fastpeft-lamda", b, s)], peft)
+        assert added[("fastpeft-lora_fa", b, s)] <= peft / 20, (b, s)
+        assert added[("fastpeft-lora", b, s)] <= 0.6 * peft, (b, s, added[("fastpeft-lora", b, s)], peft)
+
+
+def test_memory_added_bytes_match_the_contract(memory_dir):
+    """The measured bytes against SPEC section 3 for the tiny preset (fp32, h=256, i=688, 2 blocks,
+    r=16), each distinct storage counted once:
+
+    - lamda (A frozen) adds T [M, r] and an 8-byte dropout seed per projection, nothing of size M × k;
+    - lora (A trainable) adds the same, plus a reference to each projection's input X where the base
+      does not already save that storage. q/k/v share one input (the attention norm's output) and
+      gate/up another (the MLP norm's output); the base saves neither (a frozen weight's matmul
+      keeps only the weight). down's input (act(gate)·up) is a fresh product the base does not
+      save. o's input is the output of scaled_dot_product_attention, which the base already saves
+      for the attention's own backward, so referencing it adds nothing: 2h + i per token per block.
+    """
+    rows = json.load(open(_one(memory_dir, "memory-*.json")))["rows"]
+    by = {(r["method"], r["batch"], r["seq"]): r for r in rows if r["status"] == "ok"}
+    assert {r["attention"] for r in by.values()} == {"sdpa"}
+    h, i, r, layers, e, seed = 256, 688, 16, 2, 4, 8
+    checked = 0
+    for (method, b, s), row in by.items():
+        tokens = b * s
+        per_projection = tokens * r * e + seed
+        if method == "fastpeft-lamda":
+            assert row["added_bytes"] == layers * 7 * per_projection, (b, s)
+            checked += 1
+        if method == "fastpeft-lora":
+            inputs = tokens * (h + h + i) * e       # q/k/v input, gate/up input, down input
+            assert row["added_bytes"] == layers * (7 * per_projection + inputs), (b, s)
+            checked += 1
+    assert checked >= 8
+
+
+def test_missing_providers_are_skipped_rows(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "peft", None)           # import peft -> ImportError
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    out = str(tmp_path)
+    assert main(["bench", "--shapes", "64x48", "--M", "16", "--r", "8", "--modes", "fwd", "--out", out,
+                 "--no-progress", "--threads", "1",
+                 "--providers", "torch-linear,peft-lora,fastpeft-torch,bnb-4bit+peft-lora"]) == 0
+    printed = capsys.readouterr().out
+    rows = json.load(open(_one(out, "bench-*.json")))["rows"]
+    status = {(r["provider"], r["op"]): (r["status"], r["reason"]) for r in rows}
+    assert status[("peft-lora", "dense")][0] == "skipped" and "peft" in status[("peft-lora", "dense")][1]
+    assert status[("bnb-4bit+peft-lora", "4bit")][0] == "skipped"
+    assert "bitsandbytes" in status[("bnb-4bit+peft-lora", "4bit")][1]
+    assert status[("fastpeft-torch", "dense")][0] == "ok"
+    assert "skipped: peft-lora: peft is not installed" in printed
+
+    assert main(["memory", "--preset", "tiny", "--batch-sizes", "1", "--seq-lens", "16", "--out", out,
+                 "--methods", "peft-lora,fastpeft-lamda,peft-qlora", "--no-progress", "--threads", "1",
+                 "--steps", "1"]) == 0
+    rows = json.load(open(_one(out, "memory-*.json")))["rows"]
+    status = {r["method"]: (r["status"], r["reason"]) for r in rows}
+    assert status["peft-lora"][0] == "skipped" and "peft" in status["peft-lora"][1]
+    assert status["base-4bit"][0] == "skipped" and "bitsandbytes" in status["base-4bit"][1]
+    assert status["fastpeft-lamda"][0] == "ok" and status["base"][0] == "ok"
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "required"),
+    (["bench", "--bogus"], "unrecognized arguments"),
+    (["bench", "--M", "0"], "--M"),
+    (["bench", "--M", "x,1"], "--M"),
+    (["bench", "--shapes", "64by48"], "KxD"),
+    (["bench", "--providers", "nope"], "nope"),
+    (["bench", "--dropout", "1.5"], "--dropout"),
+    (["memory", "--preset", "huge"], "invalid choice"),
+    (["memory", "--methods", "fastpeft-nope"], "fastpeft-nope"),
+    (["memory", "--model", "/no/such/folder"], "/no/such/folder"),
+    (["memory", "--r", "0"], "--r"),
+    (["report", "--bogus"], "unrecognized"),
+], ids=lambda v: "-".join(v) if isinstance(v, list) else None)
+def test_bad_flags_exit_nonzero_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "usage:" in err
+
+
+def test_module_entry_point_and_bad_flag():
+    proc = subprocess.run([sys.executable, "-m", "fastpeft", "bench", "--quik"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "unrecognized arguments" in proc.stderr and "--quik" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "fastpeft", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    assert all(cmd in proc.stdout for cmd in ("demo", "bench", "memory", "report"))
+
+
+def test_demo_delegates_its_arguments(monkeypatch):
+    import fastpeft.demo
+
+    seen = []
+    monkeypatch.setattr(fastpeft.demo, "main", lambda argv=None: seen.append(argv) or 0)
+    assert main(["demo", "--steps", "3", "--r", "4"]) == 0
+    assert seen == [["--steps", "3", "--r", "4"]]
+
+
+def test_threads_flag_restores_the_thread_count(tmp_path):
+    before = torch.get_num_threads()
+    main(["bench", "--shapes", "32x32", "--M", "4", "--r", "4", "--modes", "fwd", "--op", "dense",
+          "--providers", "torch-linear", "--out", str(tmp_path), "--no-progress", "--threads", "1"])
+    assert torch.get_num_threads() == before
