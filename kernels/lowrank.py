@@ -13,6 +13,7 @@ Forward, two kernels:
   * ``_lowrank_fwd_gemm_kernel``: Y = X Wᵀ whose epilogue adds b and s·(U Bᵀ)⊙o: Y written once.
 
 Backward from dY, with dYo = dY ⊙ o, G = dYo B, H = G S | G ⊙ S | G and dT = H ⊙ σ'(T):
+  * ``_lowrank_u_kernel``: U = σ(T)Sᵀ from the saved T (when dB or d_o needs it and U ≠ T);
   * ``_lowrank_bwd_dy_kernel``: one pass over dY, split over M: G in registers, then dT (stored)
     and per-block partials of dYᵀU [d, r], Σ_rows dY [d] and Gᵀ Z (or Σ_rows G ⊙ Z);
     deterministic mode writes one partial per block, fast mode adds them with fp32 atomics;
@@ -26,7 +27,14 @@ Dropout: element (m, c) of X is kept iff ``u >= p`` for the uniform ``u`` that P
 ``(seed, m·k + c)`` (the 64-bit offset split into two 32-bit counter words: equal to
 ``tl.rand(seed, offset)`` for offsets below 2³²). The mask is regenerated in every kernel that
 needs it, never stored. Every accumulation is fp32. r is padded to ``BLOCK_R = max(16,
-next_pow2(r))`` (``tl.dot`` needs dims >= 16); r up to :data:`MAX_RANK`.
+next_pow2(r))`` (``tl.dot`` needs dims >= 16); r up to :data:`MAX_RANK`. Products with an
+[r, r] core and the r-wide GEMM prologues run ``R_CHUNK`` columns of r at a time, so no r-sized
+operand sits whole in registers.
+
+Autotuning: every kernel with tiles declares its configs (tile lists per architecture below) and
+a prune function that keeps, for the device and r, the tiles whose register and shared-memory
+budgets hold (the static tests compile each of them for sm_80 and sm_90 and check the SASS).
+``FASTPEFT_AUTOTUNE=0``, and always the Triton interpreter, use one heuristic config instead.
 """
 
 from __future__ import annotations
