@@ -4,9 +4,12 @@ W [d, k] is stored as bitsandbytes packs it: element i = n·k + c of the flatten
 index in nibble ``i & 1`` (0 = high) of byte ``i >> 1``, scaled by the fp32 ``absmax[i // QBLOCK]``
 (the nested statistics are expanded to fp32 on the host: d·k / QBLOCK floats). Tiles of W are
 dequantised in registers (``code[q] · absmax`` in fp32, rounded to the quant state's dtype as
-bitsandbytes does, then fed to ``tl.dot``) and never written to memory. When k is even every row
-starts on a byte and a [rows, 2j] tile is one load of [rows, j] bytes whose high and low nibbles
-are interleaved; otherwise each element gathers its byte.
+bitsandbytes does, then fed to ``tl.dot``) and never written to memory. ``code[q]`` is a tree of
+selects on the four index bits (NF4 or FP4 constants; no table in memory). The tile loader has
+three layouts (``LAYOUT``, from k and the blocksize): 2, k a multiple of the blocksize: a
+[rows, 2j] tile is one load of [rows, j] bytes whose high and low nibbles are interleaved, with
+one scale per row and block; 1, k even: the same byte pairs, a scale gathered per byte; 0, k odd:
+each element gathers its byte and its scale.
 
 Names as in :mod:`fastpeft.kernels.lowrank`: T = D(X)Aᵀ, Z = σ(T), U = Z Sᵀ | Z ⊙ S | Z.
 
@@ -42,6 +45,8 @@ __all__ = ["lowrank_4bit_fwd", "lowrank_4bit_bwd", "DECODE_MAX_M", "KERNELS"]
 
 DECODE_MAX_M = 16
 _W_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_QUANT = {"nf4": 0, "fp4": 1}
+_LAYOUTS = ({"layout": 2}, {"layout": 1}, {"layout": 0})
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), in order of preference per architecture
 _GEMM_TILES_SM90 = [(128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3),
@@ -156,28 +161,94 @@ def _to_w_dtype(v, W_KIND: tl.constexpr):
 
 
 @triton.jit
-def _w4_tile(packed_ptr, absmax_ptr, code_ptr, rows, col0, n_rows, n_cols,
-             COLS: tl.constexpr, QBLOCK: tl.constexpr, W_KIND: tl.constexpr, EVEN_K: tl.constexpr):
-    """W[rows, col0 : col0 + COLS] of the packed [n_rows, n_cols] weight, dequantised: code[q]·absmax
-    in fp32, rounded to the state's dtype; 0 outside the weight. ``col0`` and COLS are even."""
-    if EVEN_K:
-        # k even: row n starts at byte n·k/2, columns (2j, 2j+1) share one byte and one block
-        half = col0 // 2 + tl.arange(0, COLS // 2)
-        mask = (rows < n_rows)[:, None] & (half < n_cols // 2)[None, :]
-        byte = rows.to(tl.int64)[:, None] * (n_cols // 2) + half[None, :]
-        b = tl.load(packed_ptr + byte, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(absmax_ptr + byte // (QBLOCK // 2), mask=mask, other=0.0)
-        hi = _to_w_dtype(tl.load(code_ptr + (b >> 4)) * scale, W_KIND)
-        lo = _to_w_dtype(tl.load(code_ptr + (b & 15)) * scale, W_KIND)
-        w = tl.interleave(hi, lo)
+def _pick(q, bit: tl.constexpr, a, b):
+    """b where bit ``bit`` of q is set, else a."""
+    return tl.where((q & bit) != 0, b, a)
+
+
+@triton.jit
+def _code_value(q, QUANT: tl.constexpr):
+    """code[q] (fp32) for 4-bit indexes q, by a tree of selects on the index bits (no table
+    lookups): QUANT 0 = NF4, 1 = FP4 (bit 3 the sign, the low 3 bits the magnitude)."""
+    if QUANT == 0:
+        v = _pick(q, 8,
+                  _pick(q, 4, _pick(q, 2, _pick(q, 1, -1.0, -0.6961928009986877),
+                                    _pick(q, 1, -0.5250730514526367, -0.39491748809814453)),
+                        _pick(q, 2, _pick(q, 1, -0.28444138169288635, -0.18477343022823334),
+                              _pick(q, 1, -0.09105003625154495, 0.0))),
+                  _pick(q, 4, _pick(q, 2, _pick(q, 1, 0.07958029955625534, 0.16093020141124725),
+                                    _pick(q, 1, 0.24611230194568634, 0.33791524171829224)),
+                        _pick(q, 2, _pick(q, 1, 0.44070982933044434, 0.5626170039176941),
+                              _pick(q, 1, 0.7229568362236023, 1.0))))
     else:
+        mag = _pick(q, 4, _pick(q, 2, _pick(q, 1, 0.0, 0.0052083334885537624),
+                                _pick(q, 1, 0.6666666865348816, 1.0)),
+                    _pick(q, 2, _pick(q, 1, 0.3333333432674408, 0.5),
+                          _pick(q, 1, 0.1666666716337204, 0.25)))
+        v = _pick(q, 8, mag, -mag)
+    return v
+
+
+@triton.jit
+def _row_scales(absmax_ptr, rows, col0, n_rows, n_cols, ROWS: tl.constexpr, COLS: tl.constexpr,
+                QBLOCK: tl.constexpr):
+    """Scales of W[rows, col0 : col0 + COLS] when every row holds whole blocks (k % QBLOCK == 0):
+    [ROWS, 1] when the tile lies in one block, else [ROWS, COLS // QBLOCK]."""
+    per_row = n_cols // QBLOCK
+    if COLS <= QBLOCK:
+        idx = rows.to(tl.int64) * per_row + col0 // QBLOCK
+        sc = tl.load(absmax_ptr + idx, mask=rows < n_rows, other=0.0)[:, None]
+    else:
+        nb = col0 // QBLOCK + tl.arange(0, COLS // QBLOCK)
+        idx = rows.to(tl.int64)[:, None] * per_row + nb[None, :]
+        sc = tl.load(absmax_ptr + idx, mask=(rows < n_rows)[:, None] & (nb < per_row)[None, :], other=0.0)
+    return sc
+
+
+@triton.jit
+def _scaled(v, sc, ROWS: tl.constexpr, WIDTH: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr):
+    """v [ROWS, WIDTH] times per-group scales sc ([ROWS, 1], or [ROWS, WIDTH // GROUP] when SPLIT)."""
+    if SPLIT:
+        out = tl.reshape(tl.reshape(v, (ROWS, WIDTH // GROUP, GROUP)) * sc[:, :, None], (ROWS, WIDTH))
+    else:
+        out = v * sc
+    return out
+
+
+@triton.jit
+def _w4_tile(packed_ptr, absmax_ptr, rows, col0, n_rows, n_cols,
+             ROWS: tl.constexpr, COLS: tl.constexpr, QBLOCK: tl.constexpr, QUANT: tl.constexpr,
+             W_KIND: tl.constexpr, LAYOUT: tl.constexpr):
+    """W[rows, col0 : col0 + COLS] of the packed [n_rows, n_cols] weight, dequantised: code[q]·absmax
+    in fp32, rounded to the state's dtype; 0 outside the weight. ``col0`` and COLS are even.
+
+    LAYOUT 2 (k % QBLOCK == 0): byte pairs, one scale per row and block; 1 (k even): byte pairs,
+    a scale per byte; 0 (k odd): a byte and a scale per element."""
+    if LAYOUT == 0:
         cols = col0 + tl.arange(0, COLS)
         mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
         idx = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
         b = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
         q = tl.where((idx & 1) == 0, b >> 4, b & 15)
         scale = tl.load(absmax_ptr + idx // QBLOCK, mask=mask, other=0.0)
-        w = _to_w_dtype(tl.load(code_ptr + q) * scale, W_KIND)
+        w = _to_w_dtype(_code_value(q, QUANT) * scale, W_KIND)
+    else:
+        # row n starts at byte n·k/2; columns (2j, 2j+1) share one byte (and one block)
+        half = col0 // 2 + tl.arange(0, COLS // 2)
+        mask = (rows < n_rows)[:, None] & (half < n_cols // 2)[None, :]
+        byte = rows.to(tl.int64)[:, None] * (n_cols // 2) + half[None, :]
+        b = tl.load(packed_ptr + byte, mask=mask, other=0).to(tl.int32)
+        hi = _code_value(b >> 4, QUANT)
+        lo = _code_value(b & 15, QUANT)
+        if LAYOUT == 2:
+            sc = _row_scales(absmax_ptr, rows, col0, n_rows, n_cols, ROWS, COLS, QBLOCK)
+            hi = _scaled(hi, sc, ROWS, COLS // 2, QBLOCK // 2, COLS > QBLOCK)
+            lo = _scaled(lo, sc, ROWS, COLS // 2, QBLOCK // 2, COLS > QBLOCK)
+        else:
+            scale = tl.load(absmax_ptr + byte // (QBLOCK // 2), mask=mask, other=0.0)
+            hi = hi * scale
+            lo = lo * scale
+        w = tl.interleave(_to_w_dtype(hi, W_KIND), _to_w_dtype(lo, W_KIND))
     return w
 
 
@@ -216,13 +287,13 @@ def _adapter_init(u_ptr, b_ptr, os_ptr, bias_ptr, rm, rn, M, N, R, scale,
                  prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _lowrank4_fwd_gemm_kernel(
-    x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, u_ptr, b_ptr, os_ptr, y_ptr,
+    x_ptr, packed_ptr, absmax_ptr, bias_ptr, u_ptr, b_ptr, os_ptr, y_ptr,
     M, N, K, R, M_KEY,
     stride_xm, stride_xk, stride_ym, stride_yn,
     scale,
-    HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, QBLOCK: tl.constexpr, W_KIND: tl.constexpr,
-    EVEN_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, QBLOCK: tl.constexpr, QUANT: tl.constexpr,
+    W_KIND: tl.constexpr, LAYOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """Y = s·(U Bᵀ) ⊙ o + b + X Wᵀ, W [N, K] dequantised tile by tile in registers."""
@@ -238,7 +309,7 @@ def _lowrank4_fwd_gemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=(kk < K)[None, :], other=0.0)
-        wt = _w4_tile(packed_ptr, absmax_ptr, code_ptr, rn, k0, N, K, BLOCK_K, QBLOCK, W_KIND, EVEN_K)
+        wt = _w4_tile(packed_ptr, absmax_ptr, rn % N, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK, QUANT, W_KIND, LAYOUT)
         acc = tl.dot(_op(xt, dtype, UPCAST), _op(tl.trans(wt), dtype, UPCAST), acc, input_precision=DOT_PRECISION)
     y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
@@ -248,10 +319,11 @@ def _lowrank4_fwd_gemm_kernel(
                  prune_configs_by={"early_config_prune": _prune_decode})
 @triton.jit
 def _lowrank4_decode_kernel(
-    x_ptr, packed_ptr, absmax_ptr, code_ptr, part_ptr,
+    x_ptr, packed_ptr, absmax_ptr, part_ptr,
     M, N, K, K_SPLIT,
     stride_xm, stride_xk,
-    QBLOCK: tl.constexpr, W_KIND: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    QBLOCK: tl.constexpr, QUANT: tl.constexpr, W_KIND: tl.constexpr, LAYOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Partial X Wᵀ over the k range [pid_k·K_SPLIT, (pid_k+1)·K_SPLIT) for M <= BLOCK_M rows:
@@ -269,7 +341,7 @@ def _lowrank4_decode_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + rk
         xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=(kk < k_end)[None, :], other=0.0)
-        wt = _w4_tile(packed_ptr, absmax_ptr, code_ptr, rn, k0, N, K, BLOCK_K, QBLOCK, W_KIND, EVEN_K)
+        wt = _w4_tile(packed_ptr, absmax_ptr, rn % N, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK, QUANT, W_KIND, LAYOUT)
         acc = tl.dot(_op(xt, dtype, UPCAST), _op(tl.trans(wt), dtype, UPCAST), acc, input_precision=DOT_PRECISION)
     out = part_ptr + pid_k.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
     tl.store(out, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
@@ -305,12 +377,13 @@ def _lowrank4_decode_epilogue_kernel(
                  prune_configs_by={"early_config_prune": _prune_dx})
 @triton.jit(do_not_specialize=["seed"])
 def _lowrank4_bwd_dx_kernel(
-    dy_ptr, packed_ptr, absmax_ptr, code_ptr, t_ptr, core_ptr, b_ptr, os_ptr, a_ptr, dx_ptr,
+    dy_ptr, packed_ptr, absmax_ptr, t_ptr, core_ptr, b_ptr, os_ptr, a_ptr, dx_ptr,
     M, N, K, R, M_KEY,
     stride_dym, stride_dyk, stride_dxm, stride_dxn,
     seed, dropout_p, adapter_scale,
     ACTIVATION: tl.constexpr, CORE: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    QBLOCK: tl.constexpr, W_KIND: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+    QBLOCK: tl.constexpr, QUANT: tl.constexpr, W_KIND: tl.constexpr, LAYOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -337,8 +410,8 @@ def _lowrank4_bwd_dx_kernel(
         kk = k0 + rk
         mask_k = kk < K
         dyt = tl.load(dy_rows + kk[None, :] * stride_dyk, mask=mask_k[None, :], other=0.0)
-        wt = _w4_tile(packed_ptr, absmax_ptr, code_ptr, kk, pid_n * BLOCK_N, K, N, BLOCK_N, QBLOCK, W_KIND,
-                      EVEN_K)
+        wt = _w4_tile(packed_ptr, absmax_ptr, kk, pid_n * BLOCK_N, K, N, BLOCK_K, BLOCK_N, QBLOCK, QUANT,
+                      W_KIND, LAYOUT)
         dy_op = _op(dyt, dtype, UPCAST)
         acc = tl.dot(dy_op, _op(wt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
         bt = tl.load(b_cols + kk.to(tl.int64)[:, None] * R, mask=mask_k[:, None], other=0.0)
@@ -385,15 +458,22 @@ def _lowrank4_bwd_dx_kernel(
 # --------------------------------------------------------------------------------------------
 
 def _weight_args(packed, quant_state, device):
-    """(flat uint8 bytes, fp32 absmax per block, fp32 code table, QBLOCK, W_KIND, (d, k))."""
-    from fastpeft.quant import _code_cached, _packed_bytes, dequantize_absmax, validate_4bit
+    """(flat uint8 bytes, fp32 absmax per block, the weight's constexprs, (d, k))."""
+    from fastpeft.quant import _packed_bytes, dequantize_absmax, validate_4bit
 
     shape, _ = validate_4bit(packed, quant_state)
     d, k = shape
     data = _packed_bytes(packed.detach())
     absmax = dequantize_absmax(quant_state).contiguous()
-    code = _code_cached(quant_state.quant_type, device)
-    return data, absmax, code, int(quant_state.blocksize), _W_KIND[quant_state.dtype], (d, k)
+    qblock = int(quant_state.blocksize)
+    meta = dict(QBLOCK=qblock, QUANT=_QUANT[quant_state.quant_type], W_KIND=_W_KIND[quant_state.dtype],
+                LAYOUT=_layout(k, qblock))
+    return data, absmax, meta, (d, k)
+
+
+def _layout(k: int, qblock: int) -> int:
+    """2: every row holds whole blocks; 1: rows start on a byte; 0: k odd."""
+    return 2 if k % qblock == 0 else (1 if k % 2 == 0 else 0)
 
 
 def _t_pass(x, lora_A, core, dropout_p, seed, act, core_kind):
@@ -436,7 +516,7 @@ def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_sca
     Y = X Wᵀ + b + s·(σ(D(X)Aᵀ)Sᵀ)Bᵀ ⊙ o with W dequantised in registers (never in memory)."""
     _dense._check_dtype(x)
     M, K = x.shape
-    data, absmax, code, qblock, w_kind, (N, k) = _weight_args(packed, quant_state, x.device)
+    data, absmax, wmeta, (N, k) = _weight_args(packed, quant_state, x.device)
     if k != K:
         raise ValueError(f"x has k={K} columns but the 4-bit weight is [d={N}, k={k}]")
     R = lora_A.shape[0]
@@ -446,7 +526,6 @@ def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_sca
     b = lora_B.contiguous()
     interp = _dense._interpreting()
     precision = _dense._dot_precision(x.dtype)
-    even_k = K % 2 == 0
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     with _dense._device(x):
         t, u = _t_pass(x, lora_A, core, dropout_p, seed, act, core_kind)
@@ -467,18 +546,18 @@ def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_sca
             split = triton.cdiv(K, k_split)
             part = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
             _lowrank4_decode_kernel.fn[(triton.cdiv(N, bn), split)](
-                x, data, absmax, code, part, M, N, K, k_split, x.stride(0), x.stride(1),
-                QBLOCK=qblock, W_KIND=w_kind, EVEN_K=even_k, BLOCK_M=DECODE_MAX_M, BLOCK_N=bn, BLOCK_K=bk,
+                x, data, absmax, part, M, N, K, k_split, x.stride(0), x.stride(1),
+                BLOCK_M=DECODE_MAX_M, BLOCK_N=bn, BLOCK_K=bk, **wmeta,
                 num_warps=w, num_stages=s, **common)
             eb = _dense._interp_block(N) if interp else 64
             _lowrank4_decode_epilogue_kernel[(triton.cdiv(N, eb),)](
                 part, M=M, N=N, R=R, SPLIT=split, y_ptr=y, stride_ym=y.stride(0), stride_yn=y.stride(1),
                 scale=float(scale), BLOCK_M=DECODE_MAX_M, BLOCK_N=eb, num_warps=4, **adapter, **common)
         else:
-            args = dict(x_ptr=x, packed_ptr=data, absmax_ptr=absmax, code_ptr=code, y_ptr=y,
+            args = dict(x_ptr=x, packed_ptr=data, absmax_ptr=absmax, y_ptr=y,
                         M=M, N=N, K=K, R=R, M_KEY=_dense._pow2(M), stride_xm=x.stride(0), stride_xk=x.stride(1),
-                        stride_ym=y.stride(0), stride_yn=y.stride(1), scale=float(scale), QBLOCK=qblock,
-                        W_KIND=w_kind, EVEN_K=even_k, GROUP_M=_dense._GROUP_M, **adapter, **common)
+                        stride_ym=y.stride(0), stride_yn=y.stride(1), scale=float(scale),
+                        GROUP_M=_dense._GROUP_M, **wmeta, **adapter, **common)
             if interp:
                 fb = dict(BLOCK_M=_dense._interp_block(M), BLOCK_N=_dense._interp_block(N),
                           BLOCK_K=max(32, _dense._interp_block(K)), num_warps=4, num_stages=1)
@@ -503,7 +582,7 @@ def lowrank_4bit_bwd(grad_y, x, packed, quant_state, T, lora_A, lora_B, core, ou
     (they never read W, which is passed there as a zero-stride placeholder)."""
     _dense._check_dtype(grad_y)
     M, N = grad_y.shape
-    data, absmax, code, qblock, w_kind, (d, K) = _weight_args(packed, quant_state, grad_y.device)
+    data, absmax, wmeta, (d, K) = _weight_args(packed, quant_state, grad_y.device)
     if d != N:
         raise ValueError(f"grad_y has {N} columns but the 4-bit weight is [d={d}, k={K}]")
     placeholder = grad_y.new_zeros((1, 1)).expand(N, K)
@@ -520,7 +599,7 @@ def lowrank_4bit_bwd(grad_y, x, packed, quant_state, T, lora_A, lora_B, core, ou
         b = lora_B.contiguous()
         p = float(dropout_p)
         dx = torch.empty((M, K), dtype=grad_y.dtype, device=grad_y.device)
-        args = dict(dy_ptr=grad_y, packed_ptr=data, absmax_ptr=absmax, code_ptr=code, t_ptr=T.contiguous(),
+        args = dict(dy_ptr=grad_y, packed_ptr=data, absmax_ptr=absmax, t_ptr=T.contiguous(),
                     core_ptr=core.contiguous() if core is not None else a, b_ptr=b,
                     os_ptr=out_scale if out_scale is not None else b, a_ptr=a, dx_ptr=dx,
                     M=M, N=K, K=N, R=R, M_KEY=_dense._pow2(M),
@@ -528,8 +607,8 @@ def lowrank_4bit_bwd(grad_y, x, packed, quant_state, T, lora_A, lora_B, core, ou
                     stride_dxm=dx.stride(0), stride_dxn=dx.stride(1),
                     seed=int(seed), dropout_p=p, adapter_scale=float(scale) / (1.0 - p),
                     ACTIVATION=_dense._ACTIVATIONS[activation], CORE=core_kind,
-                    HAS_OUT_SCALE=out_scale is not None, HAS_DROPOUT=p > 0.0, QBLOCK=qblock, W_KIND=w_kind,
-                    EVEN_K=K % 2 == 0, UPCAST=interp, DOT_PRECISION=_dense._dot_precision(grad_y.dtype),
+                    HAS_OUT_SCALE=out_scale is not None, HAS_DROPOUT=p > 0.0, **wmeta, UPCAST=interp,
+                    DOT_PRECISION=_dense._dot_precision(grad_y.dtype),
                     BLOCK_R=BR, R_CHUNK=_dense._r_chunk(BR), GROUP_M=_dense._GROUP_M)
         with _dense._device(grad_y):
             if interp:
@@ -555,8 +634,8 @@ def _flags(problem):
     dt = dtype_name(problem["dtype"])
     br = max(16, _dense._pow2(problem["R"]))
     return dt, {"UPCAST": False, "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32",
-                "QBLOCK": problem.get("QBLOCK", 64), "W_KIND": {"fp32": 0, "fp16": 1, "bf16": 2}[dt],
-                "EVEN_K": problem.get("even_k", True)}, br
+                "QBLOCK": problem.get("QBLOCK", 64), "QUANT": problem.get("QUANT", 0),
+                "W_KIND": {"fp32": 0, "fp16": 1, "bf16": 2}[dt], "LAYOUT": problem.get("layout", 2)}, br
 
 
 def _elem(problem) -> int:
@@ -566,7 +645,7 @@ def _elem(problem) -> int:
 def _sig_fwd_gemm(problem, config):
     dt, common, br = _flags(problem)
     types = {k: f"*{dt}" for k in ("x_ptr", "bias_ptr", "u_ptr", "b_ptr", "os_ptr", "y_ptr")}
-    types.update({"packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32"})
+    types.update({"packed_ptr": "*u8", "absmax_ptr": "*fp32"})
     types.update({k: "i32" for k in ("M", "N", "K", "R", "M_KEY", "stride_xm", "stride_ym")})
     types["scale"] = "fp32"
     cex = {"stride_xk": 1, "stride_yn": 1, "HAS_BIAS": True, "HAS_OUT_SCALE": True, "BLOCK_R": br,
@@ -576,7 +655,7 @@ def _sig_fwd_gemm(problem, config):
 
 def _sig_decode(problem, config):
     dt, common, _ = _flags(problem)
-    types = {"x_ptr": f"*{dt}", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32",
+    types = {"x_ptr": f"*{dt}", "packed_ptr": "*u8", "absmax_ptr": "*fp32",
              "part_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "K_SPLIT": "i32", "stride_xm": "i32"}
     cex = {"stride_xk": 1, "BLOCK_M": DECODE_MAX_M, **common, **config.kwargs}
     return types, cex
@@ -595,7 +674,7 @@ def _sig_decode_epilogue(problem, config):
 def _sig_bwd_dx(problem, config):
     dt, common, br = _flags(problem)
     types = {k: f"*{dt}" for k in ("dy_ptr", "t_ptr", "core_ptr", "b_ptr", "os_ptr", "a_ptr", "dx_ptr")}
-    types.update({"packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32"})
+    types.update({"packed_ptr": "*u8", "absmax_ptr": "*fp32"})
     types.update({k: "i32" for k in ("M", "N", "K", "R", "M_KEY", "stride_dym", "stride_dxm", "seed")})
     types.update({"dropout_p": "fp32", "adapter_scale": "fp32"})
     cex = {"stride_dyk": 1, "stride_dxn": 1, "ACTIVATION": 2, "CORE": 2, "HAS_OUT_SCALE": True,
@@ -613,15 +692,15 @@ KERNELS = [
     KernelSpec("lowrank4_fwd_gemm", __name__, "_lowrank4_fwd_gemm_kernel",
                lambda arch, pr: _gemm_keep(_GEMM_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["N"], _br(pr),
                                            _elem(pr)),
-               _sig_fwd_gemm, variants=({"even_k": True}, {"even_k": False})),
+               _sig_fwd_gemm, variants=_LAYOUTS),
     KernelSpec("lowrank4_decode", __name__, "_lowrank4_decode_kernel",
                lambda arch, pr: _decode_keep(_DECODE_CONFIGS, arch, SMEM_LIMIT[arch], pr["N"], pr["K"], _elem(pr)),
-               _sig_decode, variants=({"even_k": True}, {"even_k": False})),
+               _sig_decode, variants=_LAYOUTS),
     KernelSpec("lowrank4_decode_epilogue", __name__, "_lowrank4_decode_epilogue_kernel",
                lambda arch, pr: [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=1)],
                _sig_decode_epilogue),
     KernelSpec("lowrank4_bwd_dx", __name__, "_lowrank4_bwd_dx_kernel",
                lambda arch, pr: _gemm_keep(_DX_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["K"], _br(pr),
                                            _elem(pr), dx=True),
-               _sig_bwd_dx, variants=({"even_k": True}, {"even_k": False})),
+               _sig_bwd_dx, variants=_LAYOUTS),
 ]

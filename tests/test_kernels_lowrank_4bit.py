@@ -2,7 +2,8 @@
 reference: dequantise (bitsandbytes-exact), then the dense op in float64; output and every
 gradient. Without a GPU they run under the Triton interpreter on CPU tensors, with tiny odd shapes
 (one block per dim). M <= 16 takes the decode kernel, larger M the dequantising GEMM; odd k takes
-the per-element path, even k the byte-pair path."""
+the per-element path, even k the byte-pair path, k a multiple of the blocksize one scale per row
+and block."""
 
 import os
 
@@ -100,6 +101,9 @@ def test_plain_lora(shape, dtype):
     ((20, 64, 48, 8), torch.bfloat16, None, False, "silu", 0.1, "nf4", 128, True, True),
     ((3, 70, 30, 2), torch.float16, "full", True, "relu", 0.1, "fp4", 32, True, False),
     ((24, 36, 17, 4), torch.float16, "full", False, None, 0.0, "nf4", 256, False, True),
+    # k a multiple of the blocksize, tiles spanning several blocks (one scale per row and block)
+    ((3, 256, 20, 4), torch.float32, None, False, None, 0.0, "nf4", 32, True, True),
+    ((20, 256, 24, 4), torch.bfloat16, "diag", True, None, 0.1, "fp4", 32, False, True),
 ], ids=lambda c: "M{}-k{}-d{}-r{}".format(*c[0]) + f"-{str(c[1])[6:]}-{c[2]}-os{int(c[3])}-{c[4]}-p{c[5]}-{c[6]}-bs{c[7]}")
 def test_presets(case):
     (M, k, d, r), dtype, core, with_os, act, p, qt, bs, nested, train_a = case
