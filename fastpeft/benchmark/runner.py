@@ -276,19 +276,22 @@ def load_results(path: str) -> dict:
 
 
 def latest_results(results_dir: str, kind: str) -> list[dict]:
-    """The newest ``kind`` result file per device name in ``results_dir`` (loaded)."""
+    """The newest ``kind`` result file per device name in ``results_dir`` (loaded, oldest
+    first; each with its file path under ``"_path"``)."""
     newest: dict[str, tuple[str, dict]] = {}
     if not os.path.isdir(results_dir):
         return []
     for name in sorted(os.listdir(results_dir)):
         if not (name.startswith(kind + "-") and name.endswith(".json")):
             continue
+        path = os.path.join(results_dir, name)
         try:
-            data = load_results(os.path.join(results_dir, name))
+            data = load_results(path)
         except (OSError, ValueError):
             continue
-        if data.get("kind") != kind or "meta" not in data:
+        if not isinstance(data, dict) or data.get("kind") != kind or "meta" not in data:
             continue
+        data["_path"] = path
         key = data["meta"].get("device_name", "?")
         stamp = data["meta"].get("timestamp", "")
         if key not in newest or stamp >= newest[key][0]:
