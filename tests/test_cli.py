@@ -177,6 +177,66 @@ def test_missing_providers_are_skipped_rows(tmp_path, monkeypatch, capsys):
     assert status["fastpeft-lamda"][0] == "ok" and status["base"][0] == "ok"
 
 
+README = ("# title\n\nintro\n\n## Results\n\n<!-- results:start -->\nstale\n<!-- results:end -->\n\n"
+          "## Licence\n\ntail\n")
+
+
+def test_report_rewrites_only_the_marked_section(bench_dir, memory_dir, tmp_path, capsys):
+    import shutil
+
+    results = str(tmp_path / "results")      # beside the README: the plots are linked relative to it
+    for folder in (bench_dir, memory_dir):
+        shutil.copytree(folder, results, dirs_exist_ok=True)
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    assert main(["report", "--results", results, "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# title\n\nintro\n\n## Results\n\n<!-- results:start -->\n")
+    assert text.endswith("<!-- results:end -->\n\n## Licence\n\ntail\n") and "stale" not in text
+    section = text[text.index("<!-- results:start -->"):]
+    bench = json.load(open(_one(results, "bench-*.json")))
+    memory = json.load(open(_one(results, "memory-*.json")))
+    for data in (bench, memory):
+        meta = data["meta"]
+        assert meta["device_name"] in section and meta["timestamp"][:10] in section
+        assert f"torch {meta['torch']}" in section and f"peft {meta['peft']}" in section
+    assert section.count("CPU timings, not kernel speed") == 2 and "**CPU numbers.**" in section
+    # every timing shown is one the harness wrote: "ms (ratio x)" cells of the dense table
+    measured = {f"{r['ms']:.4g}" for r in bench["rows"] if r["status"] == "ok"}
+    dense = section[section.index("Dense base weight"):section.index("4-bit (NF4) base weight")]
+    cells = [c.strip() for line in dense.splitlines()[4:] if line.startswith("|")
+             for c in line.strip("|").split("|")[4:]]
+    assert cells and all(c.split(" ")[0] in measured for c in cells if c != "-"), cells
+    assert "`fastpeft-triton` (skipped: no GPU)" in section
+    lamda = next(r for r in memory["rows"] if r["method"] == "fastpeft-lamda" and r["batch"] == 4
+                 and r["seq"] == 128)
+    assert f"| fastpeft-lamda | {lamda['trainable']:,} | {lamda['saved_mib']:.4g} |" in section
+    for name in ("time_vs_M", "time_vs_r", "ratio"):
+        assert f"](results/{os.path.basename(_one(results, f'bench-*-{name}.png'))})" in section
+    assert f"](results/{os.path.basename(_one(results, 'memory-*.png'))})" in section
+    # the text depends on the files alone: a second run changes nothing, --check agrees
+    capsys.readouterr()
+    assert main(["report", "--results", results, "--readme", str(readme)]) == 0
+    assert readme.read_text() == text and "unchanged" in capsys.readouterr().out
+    assert main(["report", "--results", results, "--readme", str(readme), "--check"]) == 0
+    readme.write_text(text.replace("fastpeft-lamda", "fastpeft-lambda"))
+    assert main(["report", "--results", results, "--readme", str(readme), "--check"]) == 1
+
+
+def test_report_without_markers_prints_the_section(bench_dir, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no section here\n")
+    assert main(["report", "--results", bench_dir, "--readme", str(readme)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("<!-- results:start -->") and out.rstrip().endswith("<!-- results:end -->")
+    assert "Layer microbenchmark" in out and "<!-- results:start -->" in err
+    assert readme.read_text() == "# no section here\n"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", "--results", str(empty), "--readme", str(readme)]) == 0
+    assert "No results yet" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, message", [
     ([], "required"),
     (["bench", "--bogus"], "unrecognized arguments"),
@@ -190,6 +250,8 @@ def test_missing_providers_are_skipped_rows(tmp_path, monkeypatch, capsys):
     (["memory", "--model", "/no/such/folder"], "/no/such/folder"),
     (["memory", "--r", "0"], "--r"),
     (["report", "--bogus"], "unrecognized"),
+    (["report", "--results", "/no/such/folder"], "--results"),
+    (["report", "--readme", "/no/such/README.md"], "--readme"),
 ], ids=lambda v: "-".join(v) if isinstance(v, list) else None)
 def test_bad_flags_exit_nonzero_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
