@@ -26,7 +26,8 @@ from .providers import PROVIDERS, Built, Case, Provider, bytes_moved, flops
 from .runner import (SavedBytes, Skip, cache_bytes, environment, format_table, num_threads,
                      progress, time_fn, write_results)
 
-__all__ = ["LLAMA_SHAPES", "MODES", "add_arguments", "validate", "make_cases", "measure", "run", "main_table"]
+__all__ = ["LLAMA_SHAPES", "MODES", "add_arguments", "validate", "make_cases", "input_sets", "step_function",
+           "measure", "run", "main_table"]
 
 LLAMA_SHAPES = [(4096, 4096), (4096, 1024), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]
 CPU_SHAPES = [(512, 512), (512, 128), (512, 1376), (1376, 512)]
@@ -132,7 +133,7 @@ def make_cases(args, device: torch.device) -> list[Case]:
             for op in args.op for dtype in dtypes for (k, d) in shapes for (m, r) in points]
 
 
-def _input_sets(case: Case, device, n: Optional[int] = None):
+def input_sets(case: Case, device, n: Optional[int] = None):
     """Random (x, dy) pairs, enough that together they exceed the last-level cache."""
     e = torch.finfo(case.dtype).bits // 8
     per_set = e * case.M * (case.k + case.d)
@@ -153,7 +154,7 @@ def measure(provider: Provider, case: Case, device: torch.device, modes=MODES,
     base = measure_stub(provider, case)
     try:
         built = provider.build(case, device)
-        sets = _input_sets(case, device)
+        sets = input_sets(case, device)
         extra = _memory_probe(built, sets[0], device)
     except Skip as reason:
         return [{**base, "mode": m, "status": "skipped", "reason": str(reason)} for m in modes]
@@ -164,7 +165,7 @@ def measure(provider: Provider, case: Case, device: torch.device, modes=MODES,
     rows = []
     for mode in modes:
         try:
-            timing = time_fn(_step(built, sets, mode), device, quick=quick,
+            timing = time_fn(step_function(built, sets, mode), device, quick=quick,
                              grad_to_none=built.grads + [x for x, _ in sets])
         except Exception as err:
             rows.append({**base, "mode": mode, "status": "error", "reason": f"{type(err).__name__}: {err}"[:300]})
@@ -205,7 +206,9 @@ def _memory_probe(built: Built, pair, device) -> dict:
     return out
 
 
-def _step(built: Built, sets, mode: str):
+def step_function(built: Built, sets, mode: str):
+    """A no-argument callable running ``mode`` ("fwd", "bwd" or "fwd+bwd") on the next input set
+    (for "bwd", the graphs are built once here and kept)."""
     cycle = itertools.cycle(range(len(sets)))
     if mode == "fwd":
         def fwd():
