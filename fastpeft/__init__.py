@@ -14,6 +14,7 @@ from .inject import adapter_state_dict, inject, load_adapter, save_adapter, trai
 from .lamda import PMBFreezer, energy_scores, lamda_plus_ranks, pmb_freezer_callback
 from .nn import LowRankLinear, LowRankLinear4bit
 from .ops.lowrank import LowRankLinearFunction, lowrank_linear
+from .ops.lowrank_group import LowRankLinearGroupFunction, lowrank_linear_group
 from .ops.lowrank_4bit import LowRankLinear4bitFunction, lowrank_linear_4bit
 from .peft_compat import from_peft, to_peft
 from .quant import dequantize_4bit, quantize_4bit
@@ -25,6 +26,7 @@ __all__ = [
     "AdapterConfig",
     "LowRankLinear",
     "LowRankLinearFunction",
+    "LowRankLinearGroupFunction",
     "LowRankLinear4bit",
     "LowRankLinear4bitFunction",
     "PMBFreezer",
@@ -38,6 +40,7 @@ __all__ = [
     "lamda_plus_ranks",
     "load_adapter",
     "lowrank_linear",
+    "lowrank_linear_group",
     "lowrank_linear_4bit",
     "orthogonality_loss",
     "pmb_freezer_callback",

@@ -48,7 +48,8 @@ import triton.language as tl
 
 from ._aot import SMEM_LIMIT, KernelSpec, dtype_name
 
-__all__ = ["lowrank_fwd", "lowrank_bwd", "dropout_keep_mask", "MAX_RANK", "KERNELS"]
+__all__ = ["lowrank_fwd", "lowrank_bwd", "lowrank_bwd_dy", "lowrank_bwd_da_partials", "dropout_keep_mask",
+           "MAX_RANK", "KERNELS"]
 
 MAX_RANK = 128
 _ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
@@ -441,7 +442,7 @@ def _lowrank_u_kernel(
 def _lowrank_fwd_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, os_ptr, y_ptr,
     M, N, K, R, M_KEY,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_um,
     scale,
     HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
@@ -449,7 +450,8 @@ def _lowrank_fwd_gemm_kernel(
 ):
     """Y = s·(U Bᵀ) ⊙ o + b + X Wᵀ; Y written once. The adapter term (R_CHUNK columns of r at a
     time) and the bias initialise the accumulator, one [BLOCK_M, BLOCK_N] fp32 tile live, then
-    the main loop adds X Wᵀ."""
+    the main loop adds X Wᵀ. U [M, R] has row stride ``stride_um`` (a column slice of the U of
+    several adapters computed in one T pass)."""
     dtype = x_ptr.dtype.element_ty
     pid_m, pid_n = _grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -458,7 +460,7 @@ def _lowrank_fwd_gemm_kernel(
     mask_m = rm < M
     mask_n = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    u_rows = u_ptr + rm.to(tl.int64)[:, None] * R
+    u_rows = u_ptr + rm.to(tl.int64)[:, None] * stride_um
     b_cols = b_ptr + rn.to(tl.int64)[None, :] * R
     for r0 in tl.range(0, BLOCK_R, R_CHUNK, num_stages=1):   # not pipelined: registers
         rc = r0 + tl.arange(0, R_CHUNK)
@@ -844,59 +846,76 @@ def dropout_keep_mask(seed: int, M: int, k: int, dropout_p: float, device) -> to
     return out.bool()
 
 
+def _t_pass(x, a, core_c, core_kind: int, act: int, dropout_p: float, seed: int, t, u):
+    """One pass over X [M, k]: T = D(X)Aᵀ into ``t`` [M, R] and, when ``u`` is not ``t``,
+    U = σ(T)Sᵀ | σ(T) ⊙ S into ``u`` (both contiguous). ``a`` [R, k] contiguous; ``core_c`` the
+    contiguous core of kind ``core_kind`` (0 none, 1 [R], 2 [R, R]), any tensor when 0."""
+    M, K = x.shape
+    R = a.shape[0]
+    BR = _block_r(R)
+    interp = _interpreting()
+    p = float(dropout_p)
+    args = dict(x_ptr=x, a_ptr=a, core_ptr=core_c, t_ptr=t, u_ptr=u, M=M, K=K, R=R, M_KEY=_pow2(M),
+                stride_xm=x.stride(0), stride_xk=x.stride(1), seed=int(seed), dropout_p=p,
+                inv_keep=1.0 / (1.0 - p), ACTIVATION=act, CORE=core_kind, HAS_DROPOUT=p > 0.0,
+                STORE_U=u is not t, UPCAST=interp, DOT_PRECISION=_dot_precision(x.dtype), BLOCK_R=BR,
+                R_CHUNK=_r_chunk(BR))
+    if interp:
+        fb = dict(BLOCK_M=_interp_block(M), BLOCK_K=_interp_block(K), num_warps=4, num_stages=1)
+    elif not _autotuning():
+        arch, smem, _ = _limits_of(x)
+        fb = _fallback(_t_keep(_T_CONFIGS, arch, smem, M, BR, x.element_size(), p > 0.0))
+    else:
+        fb = {}
+    _launch(_lowrank_fwd_t_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),), args, fb)
+
+
+def _fwd_gemm(x, weight, bias, u, b, out_scale, scale: float, y):
+    """Y = X Wᵀ + bias + s·(U Bᵀ) ⊙ o into ``y`` [M, d]. ``u`` [M, R] may be a column slice (row
+    stride ``u.stride(0)``, unit column stride); ``b`` [d, R] contiguous."""
+    M, K = x.shape
+    N = weight.shape[0]
+    R = b.shape[1]
+    BR = _block_r(R)
+    interp = _interpreting()
+    args = dict(x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else x, u_ptr=u, b_ptr=b,
+                os_ptr=out_scale if out_scale is not None else x, y_ptr=y,
+                M=M, N=N, K=K, R=R, M_KEY=_pow2(M),
+                stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=weight.stride(0),
+                stride_wk=weight.stride(1), stride_ym=y.stride(0), stride_yn=y.stride(1),
+                stride_um=u.stride(0), scale=float(scale), HAS_BIAS=bias is not None,
+                HAS_OUT_SCALE=out_scale is not None, GROUP_M=_GROUP_M, UPCAST=interp,
+                DOT_PRECISION=_dot_precision(x.dtype), BLOCK_R=BR, R_CHUNK=_r_chunk(BR))
+    if interp:
+        fb = dict(BLOCK_M=_interp_block(M), BLOCK_N=_interp_block(N), BLOCK_K=_interp_block(K),
+                  num_warps=4, num_stages=1)
+    elif not _autotuning():
+        arch, smem, _ = _limits_of(x)
+        fb = _fallback(_gemm_keep(_GEMM_CONFIGS, arch, smem, M, N, BR, x.element_size()))
+    else:
+        fb = {}
+    _launch(_lowrank_fwd_gemm_kernel,
+            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),), args, fb)
+
+
 def lowrank_fwd(x, weight, bias, lora_A, lora_B, core, out_scale, scale: float, dropout_p: float,
                 seed: int, activation):
     """Forward on 2-D x [M, k]: returns (Y [M, d], T [M, r]), both in x's dtype; T is the
     pre-activation D(X)Aᵀ that backward needs."""
     _check_dtype(x)
-    M, K = x.shape
-    N = weight.shape[0]
+    M = x.shape[0]
     R = lora_A.shape[0]
-    BR = _block_r(R)
+    _block_r(R)
     act = _ACTIVATIONS[activation]
     core_kind = 0 if core is None else (1 if core.dim() == 1 else 2)
     a = lora_A.contiguous()
-    b = lora_B.contiguous()
     core_c = core.contiguous() if core is not None else a
     t = torch.empty((M, R), dtype=x.dtype, device=x.device)
-    store_u = core_kind != 0 or act != 0
-    u = torch.empty((M, R), dtype=x.dtype, device=x.device) if store_u else t
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    interp = _interpreting()
-    common = dict(UPCAST=interp, DOT_PRECISION=_dot_precision(x.dtype), BLOCK_R=BR, R_CHUNK=_r_chunk(BR))
-    m_key = _pow2(M)
-    p = float(dropout_p)
+    u = torch.empty((M, R), dtype=x.dtype, device=x.device) if core_kind != 0 or act != 0 else t
+    y = torch.empty((M, weight.shape[0]), dtype=x.dtype, device=x.device)
     with _device(x):
-        args = dict(x_ptr=x, a_ptr=a, core_ptr=core_c, t_ptr=t, u_ptr=u, M=M, K=K, R=R, M_KEY=m_key,
-                    stride_xm=x.stride(0), stride_xk=x.stride(1), seed=int(seed), dropout_p=p,
-                    inv_keep=1.0 / (1.0 - p), ACTIVATION=act, CORE=core_kind, HAS_DROPOUT=p > 0.0,
-                    STORE_U=store_u, **common)
-        if interp:
-            fb = dict(BLOCK_M=_interp_block(M), BLOCK_K=_interp_block(K), num_warps=4, num_stages=1)
-        elif not _autotuning():
-            arch, smem, _ = _limits_of(x)
-            fb = _fallback(_t_keep(_T_CONFIGS, arch, smem, M, BR, x.element_size(), p > 0.0))
-        else:
-            fb = {}
-        _launch(_lowrank_fwd_t_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),), args, fb)
-
-        args = dict(x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else x, u_ptr=u, b_ptr=b,
-                    os_ptr=out_scale if out_scale is not None else x, y_ptr=y,
-                    M=M, N=N, K=K, R=R, M_KEY=m_key,
-                    stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=weight.stride(0),
-                    stride_wk=weight.stride(1), stride_ym=y.stride(0), stride_yn=y.stride(1),
-                    scale=float(scale), HAS_BIAS=bias is not None, HAS_OUT_SCALE=out_scale is not None,
-                    GROUP_M=_GROUP_M, **common)
-        if interp:
-            fb = dict(BLOCK_M=_interp_block(M), BLOCK_N=_interp_block(N), BLOCK_K=_interp_block(K),
-                      num_warps=4, num_stages=1)
-        elif not _autotuning():
-            arch, smem, _ = _limits_of(x)
-            fb = _fallback(_gemm_keep(_GEMM_CONFIGS, arch, smem, M, N, BR, x.element_size()))
-        else:
-            fb = {}
-        _launch(_lowrank_fwd_gemm_kernel,
-                lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),), args, fb)
+        _t_pass(x, a, core_c, core_kind, act, dropout_p, seed, t, u)
+        _fwd_gemm(x, weight, bias, u, lora_B.contiguous(), out_scale, scale, y)
     return y, t
 
 
@@ -907,53 +926,34 @@ def _dy_block_m(M: int, block_r: int, elem: int) -> int:
     return _dy_block_m_gpu({"M": M, "R": block_r, "dtype": {2: "fp16", 4: "fp32"}[elem]})
 
 
-def lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
-                activation, need_x: bool, need_A: bool, need_B: bool, need_core: bool,
-                need_out_scale: bool, need_bias: bool, deterministic: bool = False):
-    """Backward on 2-D tensors: returns (dX, dA, dB, dcore, dout_scale, dbias), ``None`` where
-    not needed. ``x`` may be ``None`` unless ``need_A``. ``deterministic``: partials reduced in
-    a fixed order (bit-identical across runs) instead of fp32 atomics.
-
-    Derivation (module docstring names)::
-
-        dYo = dY ⊙ o;  G = dYo B;  H = G S | G ⊙ S | G;  dT = H ⊙ σ'(T)
-        dX = dY W + s·D'(dT A)                  (∂Y/∂X through the base and the adapter)
-        dB = s·dYoᵀ U                           (Y ∋ s·(U Bᵀ) ⊙ o)
-        d_o = s·rowsum(B ⊙ dYᵀU)               (Σ_m dY[m, j]·(U Bᵀ)[m, j])
-        dS = s·Gᵀ Z | s·Σ_rows G ⊙ Z            (U = Z Sᵀ | Z ⊙ S)
-        dA = s·dTᵀ D(X)                         (T = D(X) Aᵀ)
-        db = Σ_rows dY
-    """
+def lowrank_bwd_dy(grad_y, T, lora_B, core, out_scale, scale, activation, need_dt: bool, need_B: bool,
+                   need_core: bool, need_out_scale: bool, need_bias: bool, deterministic: bool = False):
+    """The adapter gradients that need only dY and T (2-D): returns (dT, dB, dcore, dout_scale,
+    dbias), ``None`` where not needed. dT = (G S) ⊙ σ'(T) [M, r] in dY's dtype, without the
+    scale s (it feeds dX = dY W + s·D'(dT A) and dA = s·dTᵀ D(X)). See :func:`lowrank_bwd`."""
     _check_dtype(grad_y)
-    if need_A and x is None:
-        raise ValueError("lowrank_bwd needs x when need_A is True")
     M, N = grad_y.shape
-    K = weight.shape[1]
-    R = lora_A.shape[0]
+    R = lora_B.shape[1]
     BR = _block_r(R)
     dev = grad_y.device
     act = _ACTIVATIONS[activation]
     core_kind = 0 if core is None else (1 if core.dim() == 1 else 2)
     need_core = bool(need_core and core is not None)
     need_out_scale = bool(need_out_scale and out_scale is not None)
-    a = lora_A.contiguous()
     b = lora_B.contiguous()
-    core_c = core.contiguous() if core is not None else a
+    core_c = core.contiguous() if core is not None else b
     t = T.contiguous()
     interp = _interpreting()
     precision = _dot_precision(grad_y.dtype)
-    p = float(dropout_p)
     s = float(scale)
     f32 = torch.float32
-    dx = d_a = d_b = d_core = d_os = d_bias = None
-    need_dt = need_x or need_A
+    d_t = d_b = d_core = d_os = d_bias = None
     need_p = need_B or need_out_scale
     with _device(grad_y):
-        # one pass over dY
         bm = _dy_block_m(M, BR, grad_y.element_size())
         np_ = 1 if not deterministic else triton.cdiv(M, bm)
         alloc = torch.zeros if not deterministic else torch.empty
-        d_t = torch.empty((M, R), dtype=grad_y.dtype, device=dev) if need_dt else t
+        d_t = torch.empty((M, R), dtype=grad_y.dtype, device=dev) if need_dt else None
         p_part = alloc((np_, N, R), dtype=f32, device=dev) if need_p else grad_y.new_empty(1, dtype=f32)
         db_part = alloc((np_, N), dtype=f32, device=dev) if need_bias else grad_y.new_empty(1, dtype=f32)
         ds_numel = (R * R if core_kind == 2 else R) if need_core else 1
@@ -968,7 +968,7 @@ def lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dr
                     BLOCK_R=BR, R_CHUNK=_r_chunk(BR), BLOCK_M=ub, num_warps=4)
             args = dict(dy_ptr=grad_y, t_ptr=t, u_ptr=u, core_ptr=core_c, b_ptr=b,
                         os_ptr=out_scale if out_scale is not None else grad_y,
-                        dt_ptr=d_t, p_ptr=p_part, dbias_ptr=db_part, ds_ptr=ds_part,
+                        dt_ptr=d_t if d_t is not None else t, p_ptr=p_part, dbias_ptr=db_part, ds_ptr=ds_part,
                         M=M, N=N, R=R, M_KEY=_pow2(M), stride_dym=grad_y.stride(0), stride_dyn=grad_y.stride(1),
                         ACTIVATION=act, CORE=core_kind, HAS_OUT_SCALE=out_scale is not None,
                         COMPUTE_DT=need_dt, COMPUTE_P=need_p, COMPUTE_DB=need_bias, COMPUTE_DS=need_core,
@@ -998,7 +998,71 @@ def lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dr
         if need_core:
             d_core = torch.empty_like(core_c)
             _sum_partials(ds_part, d_core, np_, s)
+    return d_t, d_b, d_core, d_os, d_bias
 
+
+def lowrank_bwd_da_partials(d_t, x, dropout_p: float, seed: int):
+    """Split-M partials of dTᵀ D(X)·(1-p) (the mask only, not its 1/(1-p)): fp32 [split, r·k],
+    to be summed in order and scaled by s/(1-p). ``d_t`` [M, r] contiguous."""
+    M, K = x.shape
+    R = d_t.shape[1]
+    BR = _block_r(R)
+    p = float(dropout_p)
+    interp = _interpreting()
+    if interp:
+        split = 1
+    else:
+        _, _, sms = _limits_of(x)
+        split = max(1, min(triton.cdiv(2 * sms, triton.cdiv(K, 64)), triton.cdiv(M, 256)))
+    da_part = torch.empty((split, R * K), dtype=torch.float32, device=x.device)
+    args = dict(dt_ptr=d_t, x_ptr=x, part_ptr=da_part, M=M, K=K, R=R, M_KEY=_pow2(M),
+                stride_xm=x.stride(0), stride_xk=x.stride(1), seed=int(seed), dropout_p=p,
+                HAS_DROPOUT=p > 0.0, UPCAST=interp, DOT_PRECISION=_dot_precision(x.dtype), BLOCK_R=BR)
+    if interp:
+        fb = dict(BLOCK_M=_interp_block(M), BLOCK_K=_interp_block(K), num_warps=4, num_stages=1)
+    elif not _autotuning():
+        arch, smem, _ = _limits_of(x)
+        fb = _fallback(_da_keep(_DA_CONFIGS, arch, smem, M, K, BR, x.element_size(), p > 0.0))
+    else:
+        fb = {}
+    _launch(_lowrank_bwd_da_kernel, lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), split), args, fb)
+    return da_part
+
+
+def lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
+                activation, need_x: bool, need_A: bool, need_B: bool, need_core: bool,
+                need_out_scale: bool, need_bias: bool, deterministic: bool = False):
+    """Backward on 2-D tensors: returns (dX, dA, dB, dcore, dout_scale, dbias), ``None`` where
+    not needed. ``x`` may be ``None`` unless ``need_A``. ``deterministic``: partials reduced in
+    a fixed order (bit-identical across runs) instead of fp32 atomics.
+
+    Derivation (module docstring names)::
+
+        dYo = dY ⊙ o;  G = dYo B;  H = G S | G ⊙ S | G;  dT = H ⊙ σ'(T)
+        dX = dY W + s·D'(dT A)                  (∂Y/∂X through the base and the adapter)
+        dB = s·dYoᵀ U                           (Y ∋ s·(U Bᵀ) ⊙ o)
+        d_o = s·rowsum(B ⊙ dYᵀU)               (Σ_m dY[m, j]·(U Bᵀ)[m, j])
+        dS = s·Gᵀ Z | s·Σ_rows G ⊙ Z            (U = Z Sᵀ | Z ⊙ S)
+        dA = s·dTᵀ D(X)                         (T = D(X) Aᵀ)
+        db = Σ_rows dY
+    """
+    _check_dtype(grad_y)
+    if need_A and x is None:
+        raise ValueError("lowrank_bwd needs x when need_A is True")
+    M, N = grad_y.shape
+    K = weight.shape[1]
+    R = lora_A.shape[0]
+    BR = _block_r(R)
+    dev = grad_y.device
+    a = lora_A.contiguous()
+    interp = _interpreting()
+    p = float(dropout_p)
+    s = float(scale)
+    dx = d_a = None
+    d_t, d_b, d_core, d_os, d_bias = lowrank_bwd_dy(
+        grad_y, T, lora_B, core, out_scale, scale, activation, need_x or need_A, need_B, need_core,
+        need_out_scale, need_bias, deterministic)
+    with _device(grad_y):
         if need_x:
             dx = torch.empty((M, K), dtype=grad_y.dtype, device=dev)
             args = dict(dy_ptr=grad_y, w_ptr=weight, dt_ptr=d_t, a_ptr=a, dx_ptr=dx,
@@ -1007,8 +1071,8 @@ def lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dr
                         stride_wk=weight.stride(0), stride_wn=weight.stride(1),
                         stride_dxm=dx.stride(0), stride_dxn=dx.stride(1),
                         seed=int(seed), dropout_p=p, adapter_scale=s / (1.0 - p),
-                        HAS_DROPOUT=p > 0.0, UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR,
-                        R_CHUNK=_r_chunk(BR), GROUP_M=_GROUP_M)
+                        HAS_DROPOUT=p > 0.0, UPCAST=interp, DOT_PRECISION=_dot_precision(grad_y.dtype),
+                        BLOCK_R=BR, R_CHUNK=_r_chunk(BR), GROUP_M=_GROUP_M)
             if interp:
                 fb = dict(BLOCK_M=_interp_block(M), BLOCK_N=_interp_block(K), BLOCK_K=_interp_block(N),
                           num_warps=4, num_stages=1)
@@ -1022,25 +1086,9 @@ def lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dr
                     lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),), args, fb)
 
         if need_A:
-            if interp:
-                split = 1
-            else:
-                _, _, sms = _limits_of(grad_y)
-                split = max(1, min(triton.cdiv(2 * sms, triton.cdiv(K, 64)), triton.cdiv(M, 256)))
-            da_part = torch.empty((split, R * K), dtype=f32, device=dev)
-            args = dict(dt_ptr=d_t, x_ptr=x, part_ptr=da_part, M=M, K=K, R=R, M_KEY=_pow2(M),
-                        stride_xm=x.stride(0), stride_xk=x.stride(1), seed=int(seed), dropout_p=p,
-                        HAS_DROPOUT=p > 0.0, UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR)
-            if interp:
-                fb = dict(BLOCK_M=_interp_block(M), BLOCK_K=_interp_block(K), num_warps=4, num_stages=1)
-            elif not _autotuning():
-                arch, smem, _ = _limits_of(grad_y)
-                fb = _fallback(_da_keep(_DA_CONFIGS, arch, smem, M, K, BR, grad_y.element_size(), p > 0.0))
-            else:
-                fb = {}
-            _launch(_lowrank_bwd_da_kernel, lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), split), args, fb)
+            da_part = lowrank_bwd_da_partials(d_t, x, p, seed)
             d_a = torch.empty_like(a)
-            _sum_partials(da_part, d_a, split, s / (1.0 - p))
+            _sum_partials(da_part, d_a, da_part.shape[0], s / (1.0 - p))
     return dx, d_a, d_b, d_core, d_os, d_bias
 
 
@@ -1075,7 +1123,8 @@ def _sig_fwd_t(problem, config):
 def _sig_fwd_gemm(problem, config):
     dt, common = _flags(problem)
     types = {k: f"*{dt}" for k in ("x_ptr", "w_ptr", "bias_ptr", "u_ptr", "b_ptr", "os_ptr", "y_ptr")}
-    types.update({k: "i32" for k in ("M", "N", "K", "R", "M_KEY", "stride_xm", "stride_wn", "stride_ym")})
+    types.update({k: "i32" for k in ("M", "N", "K", "R", "M_KEY", "stride_xm", "stride_wn", "stride_ym",
+                                     "stride_um")})
     types["scale"] = "fp32"
     cex = {"stride_xk": 1, "stride_wk": 1, "stride_yn": 1, "HAS_BIAS": True, "HAS_OUT_SCALE": True,
            "GROUP_M": _GROUP_M, **common, **config.kwargs}

@@ -44,6 +44,7 @@ __all__ = [
     "lowrank_linear",
     "lowrank_fwd_torch",
     "lowrank_bwd_torch",
+    "lowrank_bwd_r_torch",
     "dropout_keep_mask_torch",
     "validate_lowrank_args",
     "apply_core",
@@ -134,13 +135,12 @@ def lowrank_fwd_torch(x, weight, bias, lora_A, lora_B, core, out_scale, scale: f
     return y, t
 
 
-def lowrank_bwd_torch(grad_y, x, weight, t, lora_A, lora_B, core, out_scale, scale: float,
-                      dropout_p: float, seed: int, activation: Optional[str], need_x: bool,
-                      need_A: bool, need_B: bool, need_core: bool, need_out_scale: bool,
-                      need_bias: bool):
-    """Backward on 2-D tensors. Returns (dX, dA, dB, dcore, dout_scale, dbias), ``None`` where a
-    gradient is not needed. See the module docstring for the derivation."""
-    dx = d_a = d_b = d_core = d_out_scale = d_bias = None
+def lowrank_bwd_r_torch(grad_y, t, lora_B, core, out_scale, scale: float,
+                        activation: Optional[str], need_dt: bool, need_B: bool, need_core: bool,
+                        need_out_scale: bool):
+    """The r-dim chain of backward (2-D): returns (dT, dB, dcore, dout_scale), ``None`` where not
+    needed. dT = (G S) ⊙ σ'(T) in dY's dtype, without the scale s (module docstring)."""
+    d_t = d_b = d_core = d_out_scale = None
     # the r-dim chain runs in fp32 for half inputs (as the kernels accumulate): dS and dout_scale
     # are sums over M with cancellation, and rounding G to 16 bits would cost percents
     acc = torch.float32 if grad_y.dtype in (torch.float16, torch.bfloat16) else grad_y.dtype
@@ -154,7 +154,7 @@ def lowrank_bwd_torch(grad_y, x, weight, t, lora_A, lora_B, core, out_scale, sca
             d_b = ((gy_o.t() @ u) * scale).to(lora_B.dtype)                # dB = s·dYoᵀ U
         if need_out_scale:                                              # s·rowsum(B ⊙ dYᵀU)
             d_out_scale = ((lora_b * (gy.t() @ u)).sum(1) * scale).to(out_scale.dtype)
-    if need_x or need_A or need_core:
+    if need_dt or need_core:
         g = gy_o @ lora_b                                               # G = dYo B
         if need_core:
             if core.dim() == 1:
@@ -162,21 +162,34 @@ def lowrank_bwd_torch(grad_y, x, weight, t, lora_A, lora_B, core, out_scale, sca
             else:
                 d_core = (g.t() @ z) * scale                            # dS = s·Gᵀ Z
             d_core = d_core.to(core.dtype)
-        if need_x or need_A:
+        if need_dt:
             d_t = _apply_core_transposed(g, None if core is None else core.to(acc))  # H = G S
             act_grad = _activation_grad(t.to(acc), activation)
             if act_grad is not None:
                 d_t = d_t * act_grad                                    # dT = H ⊙ σ'(T)
             d_t = d_t.to(grad_y.dtype)
-            if need_x:
-                dx = grad_y @ weight                                    # dY W
-                adapter = d_t @ lora_A
-                if dropout_p > 0.0:
-                    keep = dropout_keep_mask_torch(seed, *adapter.shape, dropout_p, adapter.device)
-                    adapter = adapter * keep.to(adapter.dtype) * (1.0 / (1.0 - dropout_p))
-                dx.add_(adapter, alpha=scale)                           # + s·D'(dT A)
-            if need_A:
-                d_a = (d_t.t() @ _dropped(x, dropout_p, seed)) * scale  # dA = s·dTᵀ D(X)
+    return d_t, d_b, d_core, d_out_scale
+
+
+def lowrank_bwd_torch(grad_y, x, weight, t, lora_A, lora_B, core, out_scale, scale: float,
+                      dropout_p: float, seed: int, activation: Optional[str], need_x: bool,
+                      need_A: bool, need_B: bool, need_core: bool, need_out_scale: bool,
+                      need_bias: bool):
+    """Backward on 2-D tensors. Returns (dX, dA, dB, dcore, dout_scale, dbias), ``None`` where a
+    gradient is not needed. See the module docstring for the derivation."""
+    dx = d_a = d_bias = None
+    d_t, d_b, d_core, d_out_scale = lowrank_bwd_r_torch(
+        grad_y, t, lora_B, core, out_scale, scale, activation, need_x or need_A, need_B,
+        need_core, need_out_scale)
+    if need_x:
+        dx = grad_y @ weight                                            # dY W
+        adapter = d_t @ lora_A
+        if dropout_p > 0.0:
+            keep = dropout_keep_mask_torch(seed, *adapter.shape, dropout_p, adapter.device)
+            adapter = adapter * keep.to(adapter.dtype) * (1.0 / (1.0 - dropout_p))
+        dx.add_(adapter, alpha=scale)                                   # + s·D'(dT A)
+    if need_A:
+        d_a = (d_t.t() @ _dropped(x, dropout_p, seed)) * scale          # dA = s·dTᵀ D(X)
     if need_bias:
         d_bias = grad_y.sum(0)                                          # db = Σ dY
     return dx, d_a, d_b, d_core, d_out_scale, d_bias

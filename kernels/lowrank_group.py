@@ -1,0 +1,297 @@
+"""Triton launchers for several low-rank projections of one input (``fastpeft.kernels.lowrank_group``).
+
+For X [M, k] and projections i = 1..n (q/k/v, gate/up) with W_i [d_i, k], A_i [r_i, k],
+B_i [d_i, r_i], core S_i, out_scale o_i, scale s_i, and one dropout mask D on X::
+
+    T = D(X) [A_1; …; A_n]ᵀ = [T_1 … T_n];   U = σ(T) blockdiag(S_1, …, S_n)ᵀ = [U_1 … U_n]
+    Y_i = X W_iᵀ + b_i + s_i·(U_i B_iᵀ) ⊙ o_i
+
+Forward: ONE launch of the dense module's T kernel (``_lowrank_fwd_t_kernel``) over X with the
+concatenated A (r = Σ r_i, padded to a power of two >= 16) and the block-diagonal core (identity
+blocks for adapters without a core; a [Σ r_i] vector when every core is diagonal or absent),
+then each projection's GEMM with the adapter epilogue (``_lowrank_fwd_gemm_kernel``) reading its
+column slice of U. Groups with Σ r_i > MAX_RANK run one T pass per run of adapters that fits.
+
+Backward, from the dY_i that reach it (dT_i = (G_i S_i) ⊙ σ'(T_i), G_i = (dY_i ⊙ o_i) B_i):
+  * per projection, the dense module's pass over dY_i: dT_i, dB_i, dS_i, do_i, db_i;
+  * ``_lowrank_group_bwd_dx_kernel``: dX = D'(Σ_i s_i·dT_i A_i) + Σ_i dY_i W_i in one GEMM
+    (up to :data:`MAX_PAIRS` (dY_i, W_i) pairs in its main loops; the adapter term, with the
+    concatenated dT and A, initialises the accumulator): dX written once;
+  * dA_i = s_i·dT_iᵀ D(X): the dense module's split-M dA kernel over [dT_1 … dT_n] (one read of X
+    for every adapter), the partials summed per adapter in a fixed order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import lowrank as L
+from ._aot import SMEM_LIMIT, KernelSpec
+from .lowrank import _grouped_pid, _keep_mask, _op
+
+__all__ = ["lowrank_group_fwd", "lowrank_group_bwd", "MAX_PAIRS", "KERNELS"]
+
+MAX_PAIRS = 4
+_R_CHUNK = 16
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dx_add_dy_w(acc, dy_ptr, w_ptr, rm, rn, M, N, K, stride_dym, stride_wk, dtype: tl.constexpr,
+                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += dY W for one projection: dY [M, K=d] and W [K=d, N=k], unit inner strides. Rows
+    past M and columns past N read wrapped addresses (never stored): the loop masks only along d."""
+    rk = tl.arange(0, BLOCK_K)
+    dy_rows = dy_ptr + (rm % M).to(tl.int64)[:, None] * stride_dym
+    w_cols = w_ptr + (rn % N)[None, :]
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        mask_k = kk < K
+        dyt = tl.load(dy_rows + kk[None, :], mask=mask_k[None, :], other=0.0)
+        wt = tl.load(w_cols + kk.to(tl.int64)[:, None] * stride_wk, mask=mask_k[:, None], other=0.0)
+        acc = tl.dot(_op(dyt, dtype, UPCAST), _op(wt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _lowrank_group_bwd_dx_kernel(
+    dy0_ptr, w0_ptr, dy1_ptr, w1_ptr, dy2_ptr, w2_ptr, dy3_ptr, w3_ptr,
+    dt_ptr, a_ptr, cs_ptr, dx_ptr,
+    M, N, D0, D1, D2, D3, R,
+    stride_dy0, stride_dy1, stride_dy2, stride_dy3, stride_w0, stride_w1, stride_w2, stride_w3,
+    stride_dxm,
+    seed, dropout_p, adapter_scale,
+    N_PAIRS: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, R_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """dX [M, N=k] = c·D'(dT (cs ⊙ A)) + Σ_{j < N_PAIRS} dY_j W_j.
+
+    dT [M, R] and A [R, N] are the concatenated dT_i and A_i; ``cs`` [R] the per-column scales
+    s_i (HAS_COL_SCALE; else every s_i equals ``adapter_scale``·(1-p)); c = ``adapter_scale``;
+    D'(V) = mask ⊙ V with the mask regenerated from the seed (1/(1-p) is in c). The adapter term
+    (R_CHUNK columns of R at a time, any R) initialises the accumulator, then one main loop per
+    pair adds dY_j W_j: one fp32 tile live, dX written once."""
+    dtype = dt_ptr.dtype.element_ty
+    pid_m, pid_n = _grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rm < M
+    mask_n = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dt_rows = dt_ptr + rm.to(tl.int64)[:, None] * R
+    for r0 in tl.range(0, R, R_CHUNK, num_stages=1):   # not pipelined: registers
+        rc = r0 + tl.arange(0, R_CHUNK)
+        mask_c = rc < R
+        dtt = tl.load(dt_rows + rc[None, :], mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+        if HAS_COL_SCALE:
+            dtt = dtt.to(tl.float32) * tl.load(cs_ptr + rc, mask=mask_c, other=0.0)[None, :]
+        at = tl.load(a_ptr + rc.to(tl.int64)[:, None] * N + rn[None, :],
+                     mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(_op(dtt, dtype, UPCAST), _op(at, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
+    acc = acc * tl.to_tensor(adapter_scale).to(tl.float32)
+    if HAS_DROPOUT:
+        acc = tl.where(_keep_mask(seed, rm, rn, N, tl.to_tensor(dropout_p).to(tl.float32)), acc, 0.0)
+    acc = _dx_add_dy_w(acc, dy0_ptr, w0_ptr, rm, rn, M, N, D0, stride_dy0, stride_w0, dtype, UPCAST,
+                       DOT_PRECISION, BLOCK_K)
+    if N_PAIRS > 1:
+        acc = _dx_add_dy_w(acc, dy1_ptr, w1_ptr, rm, rn, M, N, D1, stride_dy1, stride_w1, dtype, UPCAST,
+                           DOT_PRECISION, BLOCK_K)
+    if N_PAIRS > 2:
+        acc = _dx_add_dy_w(acc, dy2_ptr, w2_ptr, rm, rn, M, N, D2, stride_dy2, stride_w2, dtype, UPCAST,
+                           DOT_PRECISION, BLOCK_K)
+    if N_PAIRS > 3:
+        acc = _dx_add_dy_w(acc, dy3_ptr, w3_ptr, rm, rn, M, N, D3, stride_dy3, stride_w3, dtype, UPCAST,
+                           DOT_PRECISION, BLOCK_K)
+    dx_ptrs = dx_ptr + rm.to(tl.int64)[:, None] * stride_dxm + rn[None, :]
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+def _offsets(ranks) -> list[int]:
+    offs = [0]
+    for r in ranks:
+        offs.append(offs[-1] + r)
+    return offs
+
+
+def _runs(ranks) -> list[tuple[int, int]]:
+    """Consecutive runs [i0, i1) of adapters whose total rank fits one T pass (<= MAX_RANK)."""
+    if not ranks:
+        return []
+    runs, start, total = [], 0, 0
+    for i, r in enumerate(ranks):
+        L._block_r(r)                        # a clear error for r > MAX_RANK
+        if total + r > L.MAX_RANK:
+            runs.append((start, i))
+            start, total = i, 0
+        total += r
+    runs.append((start, len(ranks)))
+    return runs
+
+
+def _run_core(cores, ranks, like):
+    """(kind, tensor) of the concatenated adapters' core: 0 none; 1 a [Σ r] vector (diagonal
+    cores, ones where an adapter has none); 2 the block-diagonal [Σ r, Σ r] matrix (identity
+    blocks where an adapter has no core, diag(S_i) for a diagonal one)."""
+    if all(c is None for c in cores):
+        return 0, like
+    kw = dict(dtype=like.dtype, device=like.device)
+    if all(c is None or c.dim() == 1 for c in cores):
+        return 1, torch.cat([c if c is not None else torch.ones(r, **kw) for c, r in zip(cores, ranks)])
+    blocks = [torch.eye(r, **kw) if c is None else (torch.diag(c) if c.dim() == 1 else c)
+              for c, r in zip(cores, ranks)]
+    return 2, torch.block_diag(*blocks).contiguous()
+
+
+def lowrank_group_fwd(x, weights, biases, lora_As, lora_Bs, cores, out_scales, scales, dropout_p: float,
+                      seed: int, activation):
+    """Forward on 2-D x [M, k]: returns ([Y_i [M, d_i]], T [M, Σ r_i]), all in x's dtype; T is
+    the pre-activation D(X)Aᵀ of every adapter, side by side."""
+    L._check_dtype(x)
+    M = x.shape[0]
+    n = len(weights)
+    ranks = [a.shape[0] for a in lora_As]
+    offs = _offsets(ranks)
+    act = L._ACTIVATIONS[activation]
+    runs = _runs(ranks)
+    kw = dict(dtype=x.dtype, device=x.device)
+    t = torch.empty((M, offs[-1]), **kw)
+    ys = [torch.empty((M, w.shape[0]), **kw) for w in weights]
+    with L._device(x):
+        for i0, i1 in runs:
+            c0, c1 = offs[i0], offs[i1]
+            a = torch.cat(lora_As[i0:i1]).contiguous() if i1 - i0 > 1 else lora_As[i0].contiguous()
+            core_kind, core_c = _run_core(cores[i0:i1], ranks[i0:i1], a)
+            t_run = t if len(runs) == 1 else torch.empty((M, c1 - c0), **kw)
+            u = torch.empty((M, c1 - c0), **kw) if core_kind != 0 or act != 0 else t_run
+            L._t_pass(x, a, core_c, core_kind, act, dropout_p, seed, t_run, u)     # one read of X
+            for i in range(i0, i1):
+                L._fwd_gemm(x, weights[i], biases[i], u[:, offs[i] - c0:offs[i + 1] - c0],
+                            lora_Bs[i].contiguous(), out_scales[i], scales[i], ys[i])
+            if t_run is not t:
+                t[:, c0:c1] = t_run
+    return ys, t
+
+
+def _group_dx(pairs, d_t, a, scales, ranks, dropout_p: float, seed: int, M: int, K: int):
+    """dX = D'(Σ_i s_i·dT_i A_i) + Σ_j dY_j W_j (see the kernel). ``pairs``: (dY_j, W_j);
+    ``d_t`` [M, Σ r_i] and ``a`` [Σ r_i, k] concatenated, ``scales``/``ranks`` per adapter."""
+    p = float(dropout_p)
+    R = d_t.shape[1]
+    dtype, dev = d_t.dtype, d_t.device
+    equal = len(set(scales)) == 1
+    if equal:            # s applied to the fp32 accumulator, as in the single-projection kernel
+        cs, adapter_scale = d_t, scales[0] / (1.0 - p)
+    else:
+        cs = torch.cat([torch.full((r,), s, dtype=torch.float32, device=dev) for s, r in zip(scales, ranks)])
+        adapter_scale = 1.0 / (1.0 - p)
+    dx = torch.empty((M, K), dtype=dtype, device=dev)
+    head, tail = pairs[:MAX_PAIRS], pairs[MAX_PAIRS:]
+    dys = [dy for dy, _ in head] + [d_t] * (MAX_PAIRS - len(head))       # unused slots
+    ws = [w.contiguous() for _, w in head] + [a] * (MAX_PAIRS - len(head))
+    interp = L._interpreting()
+    if interp:
+        fb = dict(BLOCK_M=L._interp_block(M), BLOCK_N=L._interp_block(K),
+                  BLOCK_K=L._interp_block(max(dy.shape[1] for dy, _ in head)), num_warps=4, num_stages=1)
+    else:
+        arch, smem, _ = L._limits_of(d_t)
+        fb = L._fallback(_dx_keep(arch, smem, M, K, R, d_t.element_size(), p > 0.0))
+    grid = (triton.cdiv(M, fb["BLOCK_M"]) * triton.cdiv(K, fb["BLOCK_N"]),)
+    _lowrank_group_bwd_dx_kernel[grid](
+        dys[0], ws[0], dys[1], ws[1], dys[2], ws[2], dys[3], ws[3], d_t, a, cs, dx,
+        M, K, *(dy.shape[1] for dy in dys), R, *(dy.stride(0) for dy in dys), *(w.stride(0) for w in ws),
+        dx.stride(0), int(seed), p, float(adapter_scale),
+        N_PAIRS=len(head), HAS_COL_SCALE=not equal, HAS_DROPOUT=p > 0.0, UPCAST=interp,
+        DOT_PRECISION=L._dot_precision(dtype), R_CHUNK=_R_CHUNK, GROUP_M=L._GROUP_M, **fb)
+    for dy, w in tail:                       # more than MAX_PAIRS projections: plain GEMMs
+        dx.addmm_(dy, w)
+    return dx
+
+
+def _dx_keep(arch: int, smem: int, M: int, K: int, R: int, elem: int, dropout: bool):
+    """The dX GEMM's tiles that fit (the dense dX kernel's rule; the adapter prologue is
+    r-chunked, so R counts only through the sm_80 register rule). The first is used: this
+    kernel is not autotuned."""
+    return L._gemm_keep(L._DX_CONFIGS, arch, smem, M, K, max(16, min(L.MAX_RANK, L._pow2(R))), elem,
+                        dx=True, dropout=dropout)
+
+
+def lowrank_group_bwd(grad_ys, x, weights, t, lora_As, lora_Bs, cores, out_scales, scales,
+                      dropout_p: float, seed: int, activation, need_x: bool, need_As, need_Bs,
+                      need_cores, need_out_scales, need_biases, deterministic: bool = False):
+    """Backward on 2-D tensors: returns (dX, [dA_i], [dB_i], [dcore_i], [dout_scale_i],
+    [dbias_i]), ``None`` where not needed or where no dY_i reaches it (``grad_ys[i] is None``).
+
+    Derivation (module docstring names)::
+
+        dX   = Σ_i dY_i W_i + D'(Σ_i s_i·dT_i A_i)     (every Y_i reads X; one mask)
+        dA_i = s_i·dT_iᵀ D(X)                          (T_i = D(X) A_iᵀ)
+        dB_i, dS_i, do_i, db_i                          (the single op's, from dY_i and T_i)
+    """
+    n = len(weights)
+    ranks = [a.shape[0] for a in lora_As]
+    offs = _offsets(ranks)
+    M = t.shape[0]
+    p = float(dropout_p)
+    dx = None
+    d_ts, d_as, d_bs, d_cores, d_oss, d_biases = ([None] * n for _ in range(6))
+    live = [i for i in range(n) if grad_ys[i] is not None]
+    for i in live:
+        d_ts[i], d_bs[i], d_cores[i], d_oss[i], d_biases[i] = L.lowrank_bwd_dy(
+            grad_ys[i], t[:, offs[i]:offs[i + 1]], lora_Bs[i], cores[i], out_scales[i], scales[i], activation,
+            need_x or need_As[i], need_Bs[i], need_cores[i], need_out_scales[i], need_biases[i], deterministic)
+    with L._device(t):
+        if need_x and live:
+            d_t = torch.cat([d_ts[i] for i in live], 1) if len(live) > 1 else d_ts[live[0]]
+            a = torch.cat([lora_As[i] for i in live]) if len(live) > 1 else lora_As[live[0]].contiguous()
+            dx = _group_dx([(grad_ys[i], weights[i]) for i in live], d_t, a, [scales[i] for i in live],
+                           [ranks[i] for i in live], p, seed, M, weights[live[0]].shape[1])
+        want_a = [i for i in live if need_As[i]]
+        for i0, i1 in _runs([ranks[i] for i in want_a]):       # one read of X per run of adapters
+            run = want_a[i0:i1]
+            d_t = torch.cat([d_ts[i] for i in run], 1) if len(run) > 1 else d_ts[run[0]]
+            part = L.lowrank_bwd_da_partials(d_t, x, p, seed)
+            part = part.view(part.shape[0], d_t.shape[1], x.shape[1])
+            col = 0
+            for i in run:                                      # fixed-order sums, s_i/(1-p) in fp32
+                d_as[i] = (part[:, col:col + ranks[i]].sum(0) * (scales[i] / (1.0 - p))).to(lora_As[i].dtype)
+                col += ranks[i]
+    return dx, d_as, d_bs, d_cores, d_oss, d_biases
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel inventory for the static (ahead-of-time) checks (the forward reuses the dense module's
+# T and GEMM kernels, checked there)
+# --------------------------------------------------------------------------------------------
+
+def _sig_group_dx(problem, config):
+    dt, common = L._flags(problem)
+    names = [f"{kind}{j}_ptr" for j in range(MAX_PAIRS) for kind in ("dy", "w")] + ["dt_ptr", "a_ptr", "dx_ptr"]
+    types = {k: f"*{dt}" for k in names}
+    types["cs_ptr"] = "*fp32"
+    ints = ["M", "N", *(f"D{j}" for j in range(MAX_PAIRS)), "R", *(f"stride_dy{j}" for j in range(MAX_PAIRS)),
+            *(f"stride_w{j}" for j in range(MAX_PAIRS)), "stride_dxm", "seed"]
+    types.update({k: "i32" for k in ints})
+    types.update({"dropout_p": "fp32", "adapter_scale": "fp32"})
+    cex = {"N_PAIRS": 3, "HAS_COL_SCALE": True, "HAS_DROPOUT": problem.get("dropout", True), "UPCAST": False,
+           "DOT_PRECISION": common["DOT_PRECISION"], "R_CHUNK": _R_CHUNK, "GROUP_M": L._GROUP_M, **config.kwargs}
+    return types, cex
+
+
+# ``configs_for(arch, problem)``: the one config the launcher uses on ``arch``; problem keys as
+# in :data:`fastpeft.kernels.lowrank.KERNELS` (R = the group's total rank).
+KERNELS = [
+    KernelSpec("lowrank_group_bwd_dx", __name__, "_lowrank_group_bwd_dx_kernel",
+               lambda arch, pr: _dx_keep(arch, SMEM_LIMIT[arch], pr["M"], pr["K"], pr["R"], L._elem_of(pr),
+                                         pr.get("dropout", True))[:1],
+               _sig_group_dx, variants=({"dropout": True}, {"dropout": False})),
+]
