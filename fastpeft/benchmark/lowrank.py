@@ -129,8 +129,9 @@ def make_cases(args, device: torch.device) -> list[Case]:
     r0 = 16 if 16 in rs else rs[0]
     dtypes = [DTYPES[d] for d in (args.dtype or (["bf16"] if device.type == "cuda" else ["fp32"]))]
     points = list(dict.fromkeys([(m, r0) for m in ms] + [(m_for_r, r) for r in rs]))
+    # shape-major, the ops side by side: a run cut short by --max-minutes has whole shapes
     return [Case(op, m, k, d, r, dtype, args.method, args.dropout, args.seed)
-            for op in args.op for dtype in dtypes for (k, d) in shapes for (m, r) in points]
+            for dtype in dtypes for (k, d) in shapes for (m, r) in points for op in args.op]
 
 
 def input_sets(case: Case, device, n: Optional[int] = None):

@@ -203,6 +203,10 @@ def _version(dist: str) -> Optional[str]:
 
 
 def _git_commit() -> Optional[str]:
+    """The checkout's commit (``-dirty`` with local changes); ``FASTPEFT_GIT_COMMIT`` names it
+    where the package runs from an installed copy without the repository."""
+    if os.environ.get("FASTPEFT_GIT_COMMIT"):
+        return os.environ["FASTPEFT_GIT_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "-C", here, "rev-parse", "--short=12", "HEAD"],
