@@ -13,6 +13,7 @@ from .config import AdapterConfig
 from .inject import adapter_state_dict, inject, load_adapter, save_adapter, trainable_parameter_count
 from .lamda import PMBFreezer, energy_scores, lamda_plus_ranks, pmb_freezer_callback
 from .nn import LowRankLinear, LowRankLinear4bit
+from .nn import LowRankLinearGroup, group_projections, ungroup_projections
 from .ops.lowrank import LowRankLinearFunction, lowrank_linear
 from .ops.lowrank_group import LowRankLinearGroupFunction, lowrank_linear_group
 from .ops.lowrank_4bit import LowRankLinear4bitFunction, lowrank_linear_4bit
@@ -29,6 +30,7 @@ __all__ = [
     "LowRankLinearGroupFunction",
     "LowRankLinear4bit",
     "LowRankLinear4bitFunction",
+    "LowRankLinearGroup",
     "PMBFreezer",
     "adapter_state_dict",
     "budget_schedule",
@@ -36,6 +38,7 @@ __all__ = [
     "energy_scores",
     "from_peft",
     "get_backend",
+    "group_projections",
     "inject",
     "lamda_plus_ranks",
     "load_adapter",
@@ -48,6 +51,7 @@ __all__ = [
     "save_adapter",
     "to_peft",
     "trainable_parameter_count",
+    "ungroup_projections",
     "use_backend",
     "__version__",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -16,6 +17,10 @@ from ..ops.lowrank import lowrank_linear
 __all__ = ["LowRankLinear", "ADAPTER_PARAMS", "vera_projections"]
 
 ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_core", "lora_out_scale")
+
+# layer -> the sibling group it belongs to (see fastpeft.nn.group); weak keys, so copies of a model
+# and layers that are gone are never linked
+SIBLING_GROUPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def vera_projections(seed: int, r: int, max_in: int, max_out: int, device=None, dtype=None):
@@ -155,6 +160,17 @@ class LowRankLinear(nn.Module):
                      for t in (self.lora_A, self.lora_B, self.lora_core, self.lora_out_scale))
 
     def forward(self, x: Tensor) -> Tensor:
+        # a layer linked to its siblings (fastpeft.group_projections) may take its output from
+        # the group's one pass over x; never while torch.compile traces
+        if not torch.compiler.is_compiling():
+            group = SIBLING_GROUPS.get(self)
+            if group is not None:
+                out = group.output_for(self, x)
+                if out is not None:
+                    return out
+        return self._forward_alone(x)
+
+    def _forward_alone(self, x: Tensor) -> Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         lora_a, lora_b, core, out_scale = self.adapter_tensors(self.weight.dtype)
