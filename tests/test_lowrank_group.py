@@ -343,3 +343,188 @@ def test_opcheck_and_compile():
         assert torch.allclose(grads[1], x.grad, rtol=1e-5, atol=1e-6)
     finally:
         torch._dynamo.reset()
+
+
+# -- modules: LowRankLinearGroup, group_projections ------------------------------------------
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _randomise_adapters(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, fastpeft.LowRankLinear):
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.3)
+                if layer.lora_core is not None:
+                    layer.lora_core.copy_(torch.randn(layer.lora_core.shape, generator=gen))
+    return model
+
+
+def _llama(method="lamda", dropout=0.0, seed=0, dtype=torch.float64):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).to(dtype)
+    model = fastpeft.inject(model, fastpeft.AdapterConfig(method=method, r=4, alpha=8, dropout=dropout,
+                                                          target_modules=TARGETS))
+    return _randomise_adapters(model, seed)
+
+
+@pytest.fixture
+def group_calls(monkeypatch):
+    import fastpeft.nn.group as G
+    seen = []
+    real = G.lowrank_linear_group
+
+    def counted(x, weights, *args, **kwargs):
+        seen.append(len(weights))
+        return real(x, weights, *args, **kwargs)
+
+    monkeypatch.setattr(G, "lowrank_linear_group", counted)
+    return seen
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("checkpointing", [None, True, False], ids=["plain", "ckpt-reentrant", "ckpt-nonreentrant"])
+def test_group_projections_equals_ungrouped_model(group_calls, checkpointing):
+    """A Llama-like model: grouped (q/k/v and gate/up in one op each) == ungrouped, logits and
+    every gradient, with gradient checkpointing too; nothing kept once the forward is over."""
+    model = _llama()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    model.train()
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
+        model.enable_input_require_grads()
+    logits_ref, grads_ref = _loss_and_grads(model, ids)
+    assert group_calls == []
+    fastpeft.group_projections(model)
+    logits, grads = _loss_and_grads(model, ids)
+    per_pass = [3, 2] * 2                           # two decoder layers: q/k/v, then gate/up
+    assert group_calls == per_pass * (2 if checkpointing is not None else 1)
+    assert_close_rel(logits, logits_ref, 1e-12, "logits")
+    assert grads.keys() == grads_ref.keys()
+    for name, g in grads.items():
+        assert_close_rel(g, grads_ref[name], 1e-10, name)
+    from fastpeft.nn.linear import SIBLING_GROUPS
+    groups = {id(g): g for g in SIBLING_GROUPS.values()}.values()
+    assert all(g.enabled and not g._pending for g in groups if any(
+        ref() is not None and any(ref() is m for m in model.modules()) for ref in g._layers))
+
+    fastpeft.ungroup_projections(model)
+    group_calls.clear()
+    _loss_and_grads(model, ids)
+    assert group_calls == []
+
+
+def test_group_projections_with_dropout_shares_one_mask(group_calls):
+    """Training with dropout: one op per group (one mask on x), gradients flow to every adapter."""
+    model = fastpeft.group_projections(_llama(method="lora", dropout=0.2))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    _, grads = _loss_and_grads(model, ids)
+    assert group_calls == [3, 2, 3, 2]
+    for name in TARGETS:
+        assert any(name in n and "lora_A" in n for n in grads), f"no gradient for {name}.lora_A"
+
+
+def test_siblings_on_different_inputs_turn_grouping_off():
+    """q on one tensor, k and v on another (cross-attention): correct outputs, a warning, and the
+    layers run one by one from then on."""
+    cfg = fastpeft.AdapterConfig(method="lora", r=4)
+
+    class Cross(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(16, 16) for _ in range(3))
+
+        def forward(self, x, memory):
+            return self.q_proj(x), self.k_proj(memory), self.v_proj(memory)
+
+    model = _randomise_adapters(fastpeft.inject(Cross(), fastpeft.AdapterConfig(
+        method="lora", r=4, target_modules=["q_proj", "k_proj", "v_proj"])))
+    del cfg
+    x, memory = torch.randn(3, 16), torch.randn(5, 16)
+    expected = model(x, memory)
+    fastpeft.group_projections(model)
+    with pytest.warns(UserWarning, match="grouping of q_proj/k_proj/v_proj turned off"):
+        got = model(x, memory)
+    for a, b in zip(got, expected):
+        assert_close_rel(a, b, 1e-6, "output")
+    from fastpeft.nn.linear import SIBLING_GROUPS
+    assert not SIBLING_GROUPS[model.q_proj].enabled
+    for a, b in zip(model(x, memory), expected):
+        assert torch.equal(a, b)
+
+
+def test_cached_output_not_used_after_in_place_change():
+    """x modified in place between two siblings' calls: the sibling recomputes (never a stale value)."""
+    model = _randomise_adapters(fastpeft.inject(torch.nn.ModuleDict(
+        {"gate_proj": torch.nn.Linear(8, 12), "up_proj": torch.nn.Linear(8, 12)}),
+        fastpeft.AdapterConfig(method="lora", r=2, target_modules=["gate_proj", "up_proj"])))
+    fastpeft.group_projections(model)
+    x = torch.randn(4, 8)
+    model["gate_proj"](x)
+    x.mul_(2.0)
+    with pytest.warns(UserWarning, match="turned off"):
+        up = model["up_proj"](x)
+    assert_close_rel(up, model["up_proj"]._forward_alone(x), 1e-6, "up")
+
+
+def test_lowrank_linear_group_module_and_copies():
+    import copy
+    cfg = fastpeft.AdapterConfig(method="lamda", r=4)
+    layers = [fastpeft.LowRankLinear.from_linear(torch.nn.Linear(24, d), cfg) for d in (24, 8, 8)]
+    _randomise_adapters(torch.nn.ModuleList(layers))
+    group = fastpeft.LowRankLinearGroup(layers)
+    x = torch.randn(2, 3, 24, requires_grad=True)
+    outs = group(x)
+    sum((i + 1) * y.square().sum() for i, y in enumerate(outs)).backward()
+    grads = [x.grad.clone()] + [layer.lora_core.grad.clone() for layer in layers]
+    x.grad = None
+    for layer in layers:
+        layer.lora_core.grad = None
+    alone = [layer(x) for layer in layers]
+    sum((i + 1) * y.square().sum() for i, y in enumerate(alone)).backward()
+    for a, b in zip(outs, alone):
+        assert_close_rel(a, b, 1e-6, "output")
+    for a, b in zip(grads, [x.grad] + [layer.lora_core.grad for layer in layers]):
+        assert_close_rel(a, b, 1e-5, "grad")
+    assert list(group.state_dict())[:2] == ["layers.0.weight", "layers.0.bias"]
+    with pytest.raises(ValueError, match="in_features=16"):
+        fastpeft.LowRankLinearGroup([layers[0], fastpeft.LowRankLinear.from_linear(torch.nn.Linear(16, 8), cfg)])
+
+    # a copy of a grouped model is not linked to the original's layers
+    model = fastpeft.group_projections(_llama())
+    clone = copy.deepcopy(model)
+    from fastpeft.nn.linear import SIBLING_GROUPS
+    assert all(m not in SIBLING_GROUPS for m in clone.modules())
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(0))
+    model.eval(), clone.eval()
+    with torch.no_grad():
+        assert_close_rel(clone(input_ids=ids).logits, model(input_ids=ids).logits, 1e-5, "logits")
+
+
+def test_grouped_model_compiles_without_graph_breaks(group_calls):
+    """Under torch.compile the layers run one by one (no grouping, no graph break)."""
+    model = fastpeft.group_projections(_llama())
+    model.eval()
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+    group_calls.clear()
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            logits = compiled(input_ids=ids).logits
+    finally:
+        torch._dynamo.reset()
+    assert group_calls == []
+    assert_close_rel(logits, eager, 1e-5, "logits")
