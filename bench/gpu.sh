@@ -2,23 +2,28 @@
 # The GPU run: install fastpeft, run the GPU tests, the full layer benchmark and the memory
 # profile, all within a time budget (default 570 s), writing everything into one folder.
 #
-#   bash bench/gpu.sh [RESULTS_DIR]        # default: $OUT if set, else bench/results/gpu-<time>
+#   bash bench/gpu.sh [RESULTS_DIR] [--pack]   # default: $OUT if set, else bench/results/gpu-<time>
 #
 # Needs a machine with a GPU and a Python (python3, or $PYTHON) that has torch, triton,
-# transformers, peft, matplotlib and tqdm. Nothing is fetched: fastpeft is installed with
-# --no-deps into a folder of its own put first on PYTHONPATH (the Python's own packages are left
-# as they are), and wheels placed in .whl/ (or $WHEELS), bitsandbytes say, are installed there too. Every step has its own time limit and runs whatever the earlier ones did; the last lines
-# of the log sum up each step's status. In RESULTS_DIR:
-#   gpu.log                      everything printed, ending with the summary
-#   pytest-gpu.xml               the tests that run on the device (files that use DEVICE or cuda)
-#   bench-*.json/csv/png         fastpeft bench (every provider, Llama projections)
-#   memory-*.json/csv/png        fastpeft memory (1b preset; 4-bit rows need bitsandbytes)
-# With --pack (the default when RESULTS_DIR is $OUT) the result files go into one
-# gpu-results.tar.gz beside gpu.log; unpack it into bench/results/ and run `fastpeft report`.
+# transformers, peft, matplotlib and tqdm. Nothing is fetched. fastpeft is installed with --no-deps
+# into a folder of its own put first on PYTHONPATH (the Python's own packages stay as they are),
+# with the CUDA extension when csrc/ and nvcc are there (pure Python if that build fails). Wheels
+# in .whl/ (or $WHEELS) are installed there first; bitsandbytes (43 MB) is fetched, elsewhere, with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_24_x86_64 -d .whl bitsandbytes==0.50.2
 #
-# Environment: PYTHON, WHEELS, FASTPEFT_SITE (default /tmp/fastpeft-site), FASTPEFT_GPU_BUDGET (total seconds), FASTPEFT_GIT_COMMIT (the
-# commit recorded in the results when the copy has no .git), FASTPEFT_GPU_SMOKE=1 (tiny settings
-# that also run on a CPU, to check the script itself).
+# Every step has its own time limit and runs whatever the earlier ones did; the log ends with each
+# step's status. In RESULTS_DIR:
+#   gpu.log                  everything printed, ending with the summary
+#   pytest-gpu.xml           the tests that run on the device (test files that use DEVICE or cuda)
+#   bench-*.json/csv/png     fastpeft bench (every provider, Llama projections)
+#   memory-*.json/csv/png    fastpeft memory (1b preset; 4-bit rows need bitsandbytes)
+# With --pack (the default when RESULTS_DIR is $OUT) the result files go into one
+# gpu-results.tar.gz beside gpu.log: unpack it into bench/results/, then run `fastpeft report`.
+#
+# Environment: PYTHON, WHEELS, FASTPEFT_SITE (default /tmp/fastpeft-site), FASTPEFT_GPU_BUDGET
+# (total seconds), FASTPEFT_GIT_COMMIT (the commit the results name, where the copy has no .git),
+# FASTPEFT_GPU_SMOKE=1 (tiny settings that also run on a CPU, to check the script itself).
 
 set -uo pipefail
 
@@ -27,7 +32,7 @@ ARGS=()
 for arg in "$@"; do
     case "$arg" in
         --pack) PACK=1 ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
         -*) echo "bench/gpu.sh: unknown option $arg (options: --pack, --help)" >&2; exit 2 ;;
         *) ARGS+=("$arg") ;;
     esac
@@ -63,7 +68,7 @@ step() {
     if (( limit < 10 )); then
         echo "== $name: not run, the total budget of ${TOTAL}s is spent"
         SUMMARY+=("$name: not run (budget spent)")
-        return
+        return 1
     fi
     local command="$*"
     echo "== $name (limit ${limit}s): ${command:0:200}"
@@ -74,6 +79,7 @@ step() {
         124|137) SUMMARY+=("$name: stopped at its ${limit}s limit") ;;
         *) SUMMARY+=("$name: failed (exit $rc) after $(( SECONDS - start ))s") ;;
     esac
+    return $rc
 }
 
 # everything below also goes to gpu.log
@@ -94,8 +100,10 @@ run_all() {
     TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)}
     export TORCH_CUDA_ARCH_LIST MAX_JOBS=${MAX_JOBS:-$(nproc)}
     [[ -z $TORCH_CUDA_ARCH_LIST ]] && unset TORCH_CUDA_ARCH_LIST
-    step "install" "$(budget 120)" "$PY" -m pip install -q --no-deps --no-build-isolation --no-index \
-        --no-cache-dir --upgrade --target "$SITE" "$REPO"
+    install=("$PY" -m pip install -q --no-deps --no-build-isolation --no-index --no-cache-dir --upgrade
+             --target "$SITE" "$REPO")
+    step "install" "$(budget 150)" "${install[@]}" ||
+        FASTPEFT_BUILD_CUDA=0 step "install, pure Python" "$(budget 60)" "${install[@]}"
 
     # run Python from the results folder with -P: the repository's fastpeft/ and kernels/ folders
     # must not shadow the installed package (fastpeft.kernels lives in kernels/)
@@ -114,11 +122,11 @@ if not torch.cuda.is_available(): print("WARNING: torch sees no GPU; the numbers
     # -- the tests that run on the device --------------------------------------------------------------
     mapfile -t TESTS < <(cd "$REPO" && grep -lE "DEVICE|cuda" tests/test_*.py | sed "s|^|$REPO/|")
     if [[ -n $SMOKE ]]; then TESTS=("$REPO/tests/test_lowrank_op.py"); fi
-    step "tests" "$(budget 150)" "$PY" -P -m pytest -q -rfEs -p no:cacheprovider --rootdir "$REPO" \
+    step "tests" "$(budget 120)" "$PY" -P -m pytest -q -rfEs -p no:cacheprovider --rootdir "$REPO" \
         -c "$REPO/pyproject.toml" --junitxml="$DIR/pytest-gpu.xml" "${TESTS[@]}"
 
     # -- benchmark and memory profile ------------------------------------------------------------------
-    b=$(budget 210)
+    b=$(budget 180)
     if [[ -n $SMOKE ]]; then
         step "bench" "$b" "$PY" -P -m fastpeft bench --quick --out "$DIR" --plot --no-progress
     else
@@ -130,13 +138,13 @@ if not torch.cuda.is_available(): print("WARNING: torch sees no GPU; the numbers
         step "memory" "$(budget 120)" "$PY" -P -m fastpeft memory --preset tiny --batch-sizes 1,2 \
             --seq-lens 32 --steps 1 --out "$DIR" --plot --no-progress
     else
-        step "memory" "$(budget 120)" "$PY" -P -m fastpeft memory --preset 1b --batch-sizes 1,2,4,8 \
+        step "memory" "$(budget 90)" "$PY" -P -m fastpeft memory --preset 1b --batch-sizes 1,2,4,8 \
             --seq-lens 512,1024 --steps 3 --out "$DIR" --plot --no-progress
     fi
 
     # -- the README section these results give (printed, nothing is rewritten) -------------------------
     printf '# preview\n' > /tmp/fastpeft-readme-preview.md
-    step "report" "$(budget 30)" "$PY" -P -m fastpeft report --results "$DIR" --readme /tmp/fastpeft-readme-preview.md
+    step "report" "$(budget 20)" "$PY" -P -m fastpeft report --results "$DIR" --readme /tmp/fastpeft-readme-preview.md
 
     if [[ -n $PACK ]]; then
         files=$(cd "$DIR" && ls | grep -vE '^(gpu\.log|gpu-results\.tar\.gz)$')

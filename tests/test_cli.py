@@ -285,3 +285,12 @@ def test_threads_flag_restores_the_thread_count(tmp_path):
     main(["bench", "--shapes", "32x32", "--M", "4", "--r", "4", "--modes", "fwd", "--op", "dense",
           "--providers", "torch-linear", "--out", str(tmp_path), "--no-progress", "--threads", "1"])
     assert torch.get_num_threads() == before
+
+
+def test_gpu_script_parses_and_rejects_bad_options():
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu.sh")
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+    proc = subprocess.run(["bash", script, "--bogus"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "--bogus" in proc.stderr
+    proc = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and "RESULTS_DIR" in proc.stdout
