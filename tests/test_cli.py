@@ -280,11 +280,12 @@ def test_demo_delegates_its_arguments(monkeypatch):
     assert seen == [["--steps", "3", "--r", "4"]]
 
 
-def test_threads_flag_restores_the_thread_count(tmp_path):
+def test_threads_flag_and_progress_bar(tmp_path, capsys):
     before = torch.get_num_threads()
-    main(["bench", "--shapes", "32x32", "--M", "4", "--r", "4", "--modes", "fwd", "--op", "dense",
-          "--providers", "torch-linear", "--out", str(tmp_path), "--no-progress", "--threads", "1"])
+    assert main(["bench", "--shapes", "32x32", "--M", "4", "--r", "4", "--modes", "fwd", "--op", "dense",
+                 "--providers", "torch-linear", "--out", str(tmp_path), "--threads", "1"]) == 0
     assert torch.get_num_threads() == before
+    assert "fastpeft bench" in capsys.readouterr().err      # the tqdm bar, on stderr
 
 
 def test_gpu_script_parses_and_rejects_bad_options():
