@@ -279,6 +279,7 @@ def main(argv=None) -> int:
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--orth-reg", type=float, default=0.1, help="AdaLoRA's orthogonality weight")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--eval-size", type=int, default=512, help="held-out examples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "recipe_finetune.json"))
     args = parser.parse_args(argv)
@@ -286,13 +287,13 @@ def main(argv=None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {METHODS}")
-    if args.steps < 10 or args.r < 2 or args.freeze_b_steps < 0:
-        parser.error("--steps must be >= 10, --r >= 2, --freeze-b-steps >= 0")
+    if args.steps < 10 or args.r < 2 or args.freeze_b_steps < 0 or args.eval_size < 1:
+        parser.error("--steps must be >= 10, --r >= 2, --freeze-b-steps >= 0, --eval-size >= 1")
 
     torch.manual_seed(args.seed)
     encoder, tokenizer = load_encoder()
     texts, labels = make_task(args.steps * args.batch_size, args.seed)
-    eval_texts, eval_labels = make_task(512, args.seed + 1)
+    eval_texts, eval_labels = make_task(args.eval_size, args.seed + 1)
 
     def encode(t, y):
         enc = tokenizer(t, padding=True, return_tensors="pt")
