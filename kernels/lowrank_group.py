@@ -97,16 +97,17 @@ def _lowrank_group_bwd_dx_kernel(
     acc = acc * tl.to_tensor(adapter_scale).to(tl.float32)
     if HAS_DROPOUT:
         acc = tl.where(_keep_mask(seed, rm, rn, N, tl.to_tensor(dropout_p).to(tl.float32)), acc, 0.0)
-    acc = _dx_add_dy_w(acc, dy0_ptr, w0_ptr, rm, rn, M, N, D0, stride_dy0, stride_w0, dtype, UPCAST,
-                       DOT_PRECISION, BLOCK_K)
-    if N_PAIRS > 1:
-        acc = _dx_add_dy_w(acc, dy1_ptr, w1_ptr, rm, rn, M, N, D1, stride_dy1, stride_w1, dtype, UPCAST,
-                           DOT_PRECISION, BLOCK_K)
-    if N_PAIRS > 2:
-        acc = _dx_add_dy_w(acc, dy2_ptr, w2_ptr, rm, rn, M, N, D2, stride_dy2, stride_w2, dtype, UPCAST,
-                           DOT_PRECISION, BLOCK_K)
-    if N_PAIRS > 3:
-        acc = _dx_add_dy_w(acc, dy3_ptr, w3_ptr, rm, rn, M, N, D3, stride_dy3, stride_w3, dtype, UPCAST,
+    # one dY_j W_j main loop at a time, the pair chosen at run time (one loop in the code, so
+    # the address set-up of every pair is not hoisted and kept live: no spills)
+    for j in range(0, N_PAIRS):
+        dy_ptr, w_ptr, D, stride_dym, stride_wk = dy0_ptr, w0_ptr, D0, stride_dy0, stride_w0
+        if j == 1:
+            dy_ptr, w_ptr, D, stride_dym, stride_wk = dy1_ptr, w1_ptr, D1, stride_dy1, stride_w1
+        if j == 2:
+            dy_ptr, w_ptr, D, stride_dym, stride_wk = dy2_ptr, w2_ptr, D2, stride_dy2, stride_w2
+        if j == 3:
+            dy_ptr, w_ptr, D, stride_dym, stride_wk = dy3_ptr, w3_ptr, D3, stride_dy3, stride_w3
+        acc = _dx_add_dy_w(acc, dy_ptr, w_ptr, rm, rn, M, N, D, stride_dym, stride_wk, dtype, UPCAST,
                            DOT_PRECISION, BLOCK_K)
     dx_ptrs = dx_ptr + rm.to(tl.int64)[:, None] * stride_dxm + rn[None, :]
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

@@ -463,6 +463,19 @@ def test_siblings_on_different_inputs_turn_grouping_off():
         assert torch.equal(a, b)
 
 
+def test_inference_mode_runs_layers_alone(group_calls):
+    model = fastpeft.group_projections(_llama())
+    model.eval()
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    assert group_calls == [3, 2, 3, 2]
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits
+    assert group_calls == [3, 2, 3, 2]
+    assert_close_rel(logits, expected, 1e-12, "logits")
+
+
 def test_cached_output_not_used_after_in_place_change():
     """x modified in place between two siblings' calls: the sibling recomputes (never a stale value)."""
     model = _randomise_adapters(fastpeft.inject(torch.nn.ModuleDict(

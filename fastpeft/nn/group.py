@@ -16,8 +16,9 @@ Two ways to use :func:`fastpeft.lowrank_linear_group` with :class:`~fastpeft.Low
 Differences from calling the layers one by one, both intended: with dropout, the siblings share
 one dropout mask on x (the mask belongs to the input, drawn from one seed), and the results can
 differ in the last bits (T of every adapter comes from one product with the concatenated A).
-Under ``torch.compile`` the layers always run one by one (no graph breaks); layers that cannot be
-grouped (merged, different activation or dropout, other layer types) run one by one too.
+Under ``torch.compile`` the layers always run one by one (no graph breaks), and so they do on
+inference tensors (``torch.inference_mode``: no version counter) and where they cannot be grouped
+(merged, different activation or dropout, other layer types).
 """
 
 from __future__ import annotations
@@ -145,7 +146,8 @@ class _SiblingGroup:
 
     def output_for(self, layer: LowRankLinear, x: Tensor) -> Optional[Tensor]:
         """``layer``'s output on ``x`` through the group, or ``None`` to run it alone."""
-        if not self.enabled or not isinstance(x, Tensor):
+        # inference tensors have no version counter to tell an in-place change: run alone
+        if not self.enabled or not isinstance(x, Tensor) or x.is_inference():
             return None
         layers = [ref() for ref in self._layers]
         index = next((i for i, other in enumerate(layers) if other is layer), None)
