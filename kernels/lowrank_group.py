@@ -15,8 +15,9 @@ column slice of U. Groups with Σ r_i > MAX_RANK run one T pass per run of adapt
 Backward, from the dY_i that reach it (dT_i = (G_i S_i) ⊙ σ'(T_i), G_i = (dY_i ⊙ o_i) B_i):
   * per projection, the dense module's pass over dY_i: dT_i, dB_i, dS_i, do_i, db_i;
   * ``_lowrank_group_bwd_dx_kernel``: dX = D'(Σ_i s_i·dT_i A_i) + Σ_i dY_i W_i in one GEMM
-    (up to :data:`MAX_PAIRS` (dY_i, W_i) pairs in its main loops; the adapter term, with the
-    concatenated dT and A, initialises the accumulator): dX written once;
+    (up to :data:`MAX_PAIRS` (dY_i, W_i) pairs in its main loop, further ones added by plain
+    GEMMs; the adapter term, with the concatenated dT and A, initialises the accumulator): dX
+    written once. Not autotuned: the first tile the dense dX kernel's prune rule keeps;
   * dA_i = s_i·dT_iᵀ D(X): the dense module's split-M dA kernel over [dT_1 … dT_n] (one read of X
     for every adapter), the partials summed per adapter in a fixed order.
 """
