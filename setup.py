@@ -34,7 +34,8 @@ def _cuda_extensions():
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
     ext = CUDAExtension(
         "fastpeft._C", sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        # the C++ standard is left to torch's BuildExtension (the one its headers need)
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -31,6 +31,7 @@ _requested = "auto"
 class _Impl:
     loader: Callable[[], object]  # returns an object with the op's functions as attributes
     available: Callable[[torch.device], str | None]  # None if usable, else the reason it is not
+    supports: Callable[[dict], str | None] | None = None  # the same, for one call's problem
 
 
 _IMPLS: dict[tuple[str, str], _Impl] = {}
@@ -71,31 +72,42 @@ def get_backend() -> str:
 
 
 def register_impl(op: str, backend: str, loader: Callable[[], object],
-                  available: Callable[[torch.device], str | None]) -> None:
+                  available: Callable[[torch.device], str | None],
+                  supports: Callable[[dict], str | None] | None = None) -> None:
     """Register ``backend`` for ``op``. ``loader`` imports lazily; ``available(device)`` returns
-    ``None`` when the backend can run on ``device``, else a sentence saying why not."""
-    _IMPLS[(op, _check_name(backend))] = _Impl(loader, available)
+    ``None`` when the backend can run on ``device``, else a sentence saying why not.
+    ``supports(problem)``, for a backend that covers only part of the op (e.g. small M), does the
+    same for the problem an op passes to :func:`resolve_backend` (a dict of sizes and options)."""
+    _IMPLS[(op, _check_name(backend))] = _Impl(loader, available, supports)
+
+
+def _reason(impl: _Impl, device: torch.device, problem: dict | None) -> str | None:
+    reason = impl.available(device)
+    if reason is None and impl.supports is not None and problem is not None:
+        reason = impl.supports(problem)
+    return reason
 
 
 def _auto_order(device: torch.device) -> tuple[str, ...]:
     return ("cuda", "triton", "torch") if device.type == "cuda" else ("torch",)
 
 
-def resolve_backend(op: str, device: torch.device, requested: str | None = None) -> str:
-    """The concrete backend that runs ``op`` on ``device``; a clear error if the requested one
-    cannot run there."""
+def resolve_backend(op: str, device: torch.device, requested: str | None = None,
+                    problem: dict | None = None) -> str:
+    """The concrete backend that runs ``op`` on ``device`` (for ``problem``, when the op passes
+    one); a clear error if the requested one cannot run there."""
     requested = _check_name(requested or _requested)
     if requested == "auto":
         for name in _auto_order(device):
             impl = _IMPLS.get((op, name))
-            if impl is not None and impl.available(device) is None:
+            if impl is not None and _reason(impl, device, problem) is None:
                 return name
         return "torch"
     impl = _IMPLS.get((op, requested))
     if impl is None:
         have = sorted(b for (o, b) in _IMPLS if o == op)
         raise RuntimeError(f"{op} has no {requested!r} implementation; available backends: {have}")
-    reason = impl.available(device)
+    reason = _reason(impl, device, problem)
     if reason is not None:
         raise RuntimeError(f"backend {requested!r} cannot run {op} on {device.type} tensors: {reason}")
     return requested

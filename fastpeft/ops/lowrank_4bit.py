@@ -14,28 +14,34 @@ the backends that dequantise to memory) and is freed before they return.
 
 Backends (``fastpeft.use_backend``): ``"torch"`` dequantises W to a transient dense tensor and
 runs the dense pure-torch op (any device); ``"triton"`` (:mod:`fastpeft.kernels.lowrank_4bit`)
-dequantises tiles of W in registers inside the GEMMs; ``"cuda"`` (``fastpeft._C``, when built)
-runs the small-M forward.
+dequantises tiles of W in registers inside the GEMMs; ``"cuda"`` (``fastpeft._C``, built from
+csrc/) runs the small-M forward (M <= 16, no adapter dropout: decoding) in one kernel that reads
+W once, 4 bits per weight; its backward is the Triton backend's (the torch one without Triton).
+``"auto"`` takes ``"cuda"`` where it applies, else ``"triton"`` on CUDA tensors.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _backend
-from ..quant import QuantState, dequantize_4bit, validate_4bit
-from .lowrank import (autocast_args, lowrank_bwd_torch, lowrank_fwd_torch, seed_tensor,
-                      validate_lowrank_args)
+from ..quant import (QuantState, _code_cached, _packed_bytes, dequantize_4bit, dequantize_absmax,
+                     validate_4bit)
+from .lowrank import (activation_fn, apply_core, autocast_args, lowrank_bwd_torch, lowrank_fwd_torch,
+                      seed_tensor, validate_lowrank_args)
 
 __all__ = [
     "LowRankLinear4bitFunction",
     "lowrank_linear_4bit",
     "lowrank_4bit_fwd_torch",
     "lowrank_4bit_bwd_torch",
+    "lowrank_4bit_fwd_cuda",
     "dequantize_weight",
+    "CUDA_MAX_M",
 ]
 
 OP_NAME = "lowrank_linear_4bit"
@@ -92,8 +98,67 @@ def _triton_available(device):
     return reason
 
 
+# --------------------------------------------------------------------------------------------
+# CUDA backend (fastpeft._C): the small-M forward; backward through the Triton (or torch) backend.
+# --------------------------------------------------------------------------------------------
+
+CUDA_MAX_M = 16
+
+
+def _cuda_ext():
+    from .. import _C
+    return _C
+
+
+def lowrank_4bit_fwd_cuda(x, packed, quant_state, bias, lora_A, lora_B, core, out_scale,
+                          scale: float, dropout_p: float, seed: int, activation: Optional[str]):
+    """Forward on 2-D x [M <= 16, k] without dropout: T = X Aᵀ and U = σ(T)Sᵀ in torch (M·k·r
+    work), then ``fastpeft._C.lowrank4_decode`` reads each packed byte of W once, dequantises in
+    registers and writes Y = X Wᵀ + b + s·(U Bᵀ) ⊙ o (fp32 accumulation). Returns (Y, T)."""
+    if dropout_p != 0.0:
+        raise ValueError("the CUDA decode kernel runs without adapter dropout (dropout_p=0)")
+    shape, _ = validate_4bit(packed, quant_state)
+    d = shape[0]
+    t = x @ lora_A.t()                                       # T = X Aᵀ
+    u = apply_core(activation_fn(t, activation), core)       # U = σ(T) Sᵀ
+    y = _cuda_ext().lowrank4_decode(
+        x if x.stride(-1) == 1 else x.contiguous(), _packed_bytes(packed.detach()),
+        dequantize_absmax(quant_state).contiguous(), _code_cached(quant_state.quant_type, x.device),
+        quant_state.dtype, int(quant_state.blocksize), d, u.contiguous(), lora_B.contiguous(),
+        None if out_scale is None else out_scale.contiguous(), None if bias is None else bias.contiguous(),
+        float(scale))
+    return y, t
+
+
+class _CudaBackend:
+    lowrank_4bit_fwd = staticmethod(lowrank_4bit_fwd_cuda)
+
+    @staticmethod
+    def lowrank_4bit_bwd(grad_y, *args, **kwargs):
+        backend = "triton" if _triton_available(grad_y.device) is None else "torch"
+        return _backend.get_impl(OP_NAME, backend).lowrank_4bit_bwd(grad_y, *args, **kwargs)
+
+
+def _cuda_available(device):
+    reason = _backend.cuda_extension_available(device)
+    if reason is None and not hasattr(_cuda_ext(), "lowrank4_decode"):
+        reason = "fastpeft._C was built without lowrank4_decode; rebuild it"
+    return reason
+
+
+def _cuda_supports(problem: dict) -> Optional[str]:
+    if problem["M"] > CUDA_MAX_M:
+        return f"its kernel is the small-M (decode) forward, M <= {CUDA_MAX_M}; got M={problem['M']}"
+    if problem["dropout_p"] > 0.0:
+        return "its kernel runs without adapter dropout; got dropout_p > 0"
+    if problem["dtype"] not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"its kernel takes float32, float16 or bfloat16 x; got {problem['dtype']}"
+    return None
+
+
 _backend.register_impl(OP_NAME, "torch", lambda: _TorchBackend, lambda device: None)
 _backend.register_impl(OP_NAME, "triton", _triton_module, _triton_available)
+_backend.register_impl(OP_NAME, "cuda", lambda: _CudaBackend, _cuda_available, _cuda_supports)
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,7 +276,8 @@ def lowrank_linear_4bit(x: Tensor, packed: Tensor, quant_state, bias: Optional[T
     x, bias, lora_A, lora_B, core, out_scale = autocast_args(x, bias, lora_A, lora_B, core, out_scale)
     validate_lowrank_args(x, shape, None, packed.device, bias, lora_A, lora_B, core, out_scale,
                           scale, dropout_p, activation, seed, weight_name="the 4-bit weight (quant_state.shape)")
-    backend = _backend.resolve_backend(OP_NAME, x.device)
+    problem = dict(M=math.prod(x.shape[:-1]), dropout_p=float(dropout_p), dtype=x.dtype)
+    backend = _backend.resolve_backend(OP_NAME, x.device, problem=problem)
     seed_t = seed_tensor(seed, float(dropout_p))
     with torch.autocast(x.device.type, enabled=False):
         return LowRankLinear4bitFunction.apply(x, packed, quant_state, bias, lora_A, lora_B, core,
