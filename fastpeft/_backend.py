@@ -18,7 +18,8 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["BACKENDS", "use_backend", "get_backend", "register_impl", "resolve_backend", "get_impl"]
+__all__ = ["BACKENDS", "use_backend", "get_backend", "register_impl", "register_triton", "resolve_backend",
+           "get_impl"]
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -79,6 +80,25 @@ def register_impl(op: str, backend: str, loader: Callable[[], object],
     ``supports(problem)``, for a backend that covers only part of the op (e.g. small M), does the
     same for the problem an op passes to :func:`resolve_backend` (a dict of sizes and options)."""
     _IMPLS[(op, _check_name(backend))] = _Impl(loader, available, supports)
+
+
+def register_triton(op: str, kernel_module: str) -> Callable[[torch.device], str | None]:
+    """Register the Triton kernels in ``fastpeft.kernels.<kernel_module>`` as ``op``'s
+    ``"triton"`` backend; returns its availability check (None, or why the kernels cannot run)."""
+    def load():
+        return importlib.import_module(f"fastpeft.kernels.{kernel_module}")
+
+    def available(device: torch.device) -> str | None:
+        reason = triton_available(device)
+        if reason is None:
+            try:
+                load()
+            except ImportError as err:
+                return f"the Triton kernels failed to import ({err})"
+        return reason
+
+    register_impl(op, "triton", load, available)
+    return available
 
 
 def _reason(impl: _Impl, device: torch.device, problem: dict | None) -> str | None:

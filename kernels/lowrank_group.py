@@ -160,7 +160,6 @@ def lowrank_group_fwd(x, weights, biases, lora_As, lora_Bs, cores, out_scales, s
     the pre-activation D(X)Aᵀ of every adapter, side by side."""
     L._check_dtype(x)
     M = x.shape[0]
-    n = len(weights)
     ranks = [a.shape[0] for a in lora_As]
     offs = _offsets(ranks)
     act = L._ACTIVATIONS[activation]

@@ -1,7 +1,6 @@
 """AdaLoRA budget: cubic schedule, importance scores, pruning to the target rank, masks that
 stay zero under optimisers, and the orthogonality regulariser."""
 
-import math
 
 import pytest
 import torch

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import fastpeft
 from fastpeft import AdapterConfig, LowRankLinear
 from helpers import assert_close_rel
 

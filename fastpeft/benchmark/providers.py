@@ -15,9 +15,8 @@ PEFT's LoRA layer around an ``nn.Linear``: the naive baseline), ``fastpeft-torch
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn as nn

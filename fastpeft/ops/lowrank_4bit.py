@@ -83,21 +83,6 @@ class _TorchBackend:
     lowrank_4bit_bwd = staticmethod(lowrank_4bit_bwd_torch)
 
 
-def _triton_module():
-    from ..kernels import lowrank_4bit
-    return lowrank_4bit
-
-
-def _triton_available(device):
-    reason = _backend.triton_available(device)
-    if reason is None:
-        try:
-            _triton_module()
-        except ImportError as err:
-            return f"the Triton kernels failed to import ({err})"
-    return reason
-
-
 # --------------------------------------------------------------------------------------------
 # CUDA backend (fastpeft._C): the small-M forward; backward through the Triton (or torch) backend.
 # --------------------------------------------------------------------------------------------
@@ -157,7 +142,7 @@ def _cuda_supports(problem: dict) -> Optional[str]:
 
 
 _backend.register_impl(OP_NAME, "torch", lambda: _TorchBackend, lambda device: None)
-_backend.register_impl(OP_NAME, "triton", _triton_module, _triton_available)
+_triton_available = _backend.register_triton(OP_NAME, "lowrank_4bit")
 _backend.register_impl(OP_NAME, "cuda", lambda: _CudaBackend, _cuda_available, _cuda_supports)
 
 

@@ -123,23 +123,8 @@ class _TorchBackend:
     lowrank_group_bwd = staticmethod(lowrank_group_bwd_torch)
 
 
-def _triton_module():
-    from ..kernels import lowrank_group
-    return lowrank_group
-
-
-def _triton_available(device):
-    reason = _backend.triton_available(device)
-    if reason is None:
-        try:
-            _triton_module()
-        except ImportError as err:
-            return f"the Triton kernels failed to import ({err})"
-    return reason
-
-
 _backend.register_impl(OP_NAME, "torch", lambda: _TorchBackend, lambda device: None)
-_backend.register_impl(OP_NAME, "triton", _triton_module, _triton_available)
+_triton_available = _backend.register_triton(OP_NAME, "lowrank_group")
 
 
 @torch.library.custom_op("fastpeft::lowrank_group_fwd", mutates_args=())
