@@ -7,7 +7,7 @@ here and nowhere else.
 
 >>> from fastpeft.kernels import _aot, lowrank                           # doctest: +SKIP
 >>> spec = lowrank.KERNELS[0]
->>> problem = dict(M=4096, N=4096, K=4096, R=16, dtype="bf16", BLOCK_M_DY=64)
+>>> problem = dict(M=4096, N=4096, K=4096, R=16, dtype="bf16")
 >>> jobs = [spec.job(90, problem, c) for c in spec.configs_for(90, problem)]
 >>> [(r.shared, r.spills, r.uses_tensor_cores) for r in _aot.compile_kernels(jobs)]
 """

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from . import lowrank as _dense
 from ._aot import SMEM_LIMIT, KernelSpec, dtype_name
-from .lowrank import _act_fwd, _act_grad, _core_tile, _grouped_pid, _keep_mask, _op
+from .lowrank import _act_grad, _core_tile, _grouped_pid, _keep_mask, _op
 
 __all__ = ["lowrank_4bit_fwd", "lowrank_4bit_bwd", "DECODE_MAX_M", "KERNELS"]
 
@@ -48,32 +48,34 @@ _W_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _QUANT = {"nf4": 0, "fp4": 1}
 _LAYOUTS = ({"layout": 2}, {"layout": 1}, {"layout": 0})
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), in order of preference per architecture
-_GEMM_TILES_SM90 = [(128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3),
-                    (32, 64, 64, 4, 3), (16, 64, 64, 4, 3)]
-_GEMM_TILES_SM80 = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (64, 64, 64, 4, 3),
-                    (32, 64, 64, 4, 3), (16, 64, 64, 4, 3)]
-_DX_TILES_SM90 = [(128, 128, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 3), (32, 64, 64, 4, 3),
-                  (16, 64, 64, 4, 3)]
-_DX_TILES_SM80 = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (64, 64, 64, 4, 3), (32, 64, 64, 4, 3),
-                  (16, 64, 64, 4, 3)]
+# Tiles, in order of preference, the same on sm_80 and sm_90. Forming a W tile in registers
+# (bytes, code values, scales, interleaving) costs far more registers than loading a dense one, so
+# every tile keeps it at 16 weights per thread, and the layouts that gather (k not a multiple of
+# the blocksize, k odd) get a smaller accumulator budget. The static tests compile each tile for
+# both architectures, every layout and its worst r, and check the SASS for spills.
+# GEMM and dX: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+_GEMM_TILES = [(128, 128, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 8, 3), (64, 64, 32, 4, 3),
+               (64, 64, 32, 8, 3), (16, 64, 32, 4, 3), (16, 64, 32, 8, 3)]
+_DX_TILES = [(64, 128, 32, 8, 3), (64, 64, 32, 8, 3), (64, 64, 32, 4, 3), (32, 64, 32, 8, 3), (32, 64, 32, 4, 3),
+             (16, 64, 32, 8, 3), (16, 32, 32, 8, 3)]
 # decode: (BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_M is 16
-_DECODE_TILES = [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3), (128, 64, 8, 3), (32, 64, 4, 3)]
-
-
-def _unique(tiles):
-    return list(dict.fromkeys(tiles))
-
+_DECODE_TILES = [(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3), (32, 64, 8, 3)]
 
 _GEMM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                 for bm, bn, bk, w, s in _unique(_GEMM_TILES_SM90 + _GEMM_TILES_SM80)]
+                 for bm, bn, bk, w, s in _GEMM_TILES]
 _DX_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-               for bm, bn, bk, w, s in _unique(_DX_TILES_SM90 + _DX_TILES_SM80)]
+               for bm, bn, bk, w, s in _DX_TILES]
 _DECODE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                    for bn, bk, w, s in _DECODE_TILES]
-# 32-bit registers a thread may hold: fp32 accumulators; a W tile while it is formed (its code
-# values and scales in fp32, before the rounding to the operand dtype)
-_ACC_WORDS, _TILE_WORDS = 64, 32
+# 32-bit registers per thread (an fp32 value counts 2 units, as in the dense module), per layout:
+# 2 (whole blocks per row), 1 (k even), 0 (k odd: a byte and a scale gathered per element).
+# The W tile being formed; the fp32 accumulators (plus G [BLOCK_M, r] in dX). dX forms its W
+# tile transposed and keeps G live through the main loop, so the gathering layouts get half the
+# tile budget there (measured on the sm_80/sm_90 SASS by the static tests).
+_TILE_WORDS = 16
+_DX_TILE_WORDS = {2: 16, 1: 8, 0: 8}
+_ACC_WORDS = {2: 64, 1: 64, 0: 32}
+_DX_LIVE_WORDS = {2: 40, 1: 36, 0: 32}
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,9 +87,13 @@ def _per_thread(elems: int, num_warps: int) -> int:
     return elems // (num_warps * 32)
 
 
-def _gemm_keep(configs, arch, smem, M, N, block_r, elem, dx=False):
-    tiles = (_DX_TILES_SM90 if arch == 90 else _DX_TILES_SM80) if dx else \
-        (_GEMM_TILES_SM90 if arch == 90 else _GEMM_TILES_SM80)
+def _words(elems: int, elem: int, num_warps: int) -> int:
+    return _per_thread(elems, num_warps) * (2 if elem == 4 else 1)
+
+
+def _gemm_keep(configs, arch, smem, M, N, block_r, elem, layout, dx=False):
+    """Y GEMM (``dx=False``; M, N = d) and dX (M, N = k) over the tiles that fit for ``layout``."""
+    tiles = _DX_TILES if dx else _GEMM_TILES
 
     def tile_of(c):
         return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
@@ -96,12 +102,13 @@ def _gemm_keep(configs, arch, smem, M, N, block_r, elem, dx=False):
         bm, bn, bk, w, s = tile_of(c)
         # pipelined operands: the activation tile and the packed bytes (W is formed in registers)
         main = s * (bm * bk * elem + bn * bk // 2) + bn * bk * elem
-        acc = _per_thread(bm * bn, w)
         if dx:  # G [BM, r] lives beside the accumulator through the main loop
-            acc += _per_thread(bm * block_r, w)
-        w_tile = _per_thread(bn * bk, w)
-        budget = _ACC_WORDS // 2 if arch == 80 and block_r >= 64 else _ACC_WORDS
-        return main <= smem and acc <= budget and w_tile <= _TILE_WORDS
+            live_ok = _words(bm * bn + bm * block_r, elem, w) <= _DX_LIVE_WORDS[layout]
+            tile_ok = _words(bn * bk, elem, w) <= _DX_TILE_WORDS[layout]
+        else:
+            live_ok = _words(bm * bn, elem, w) <= _ACC_WORDS[layout]
+            tile_ok = _words(bn * bk, elem, w) <= _TILE_WORDS
+        return main <= smem and live_ok and tile_ok
 
     def size_ok(c):
         return c.kwargs["BLOCK_M"] <= max(16, _dense._pow2(M)) and c.kwargs["BLOCK_N"] <= max(16, _dense._pow2(N))
@@ -116,7 +123,7 @@ def _decode_keep(configs, arch, smem, N, K, elem):
     def ok(c):
         bn, bk, w, s = tile_of(c)
         main = s * (DECODE_MAX_M * bk * elem + bn * bk // 2)
-        return main <= smem and _per_thread(bn * bk, w) <= _TILE_WORDS
+        return main <= smem and _words(bn * bk, elem, w) <= _TILE_WORDS
 
     def size_ok(c):
         return c.kwargs["BLOCK_N"] <= max(16, _dense._pow2(N)) and c.kwargs["BLOCK_K"] <= max(32, _dense._pow2(K))
@@ -127,14 +134,15 @@ def _decode_keep(configs, arch, smem, N, K, elem):
 def _prune_gemm(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     arch, smem, _ = _dense._limits_of(args["x_ptr"])
-    return _gemm_keep(configs, arch, smem, args["M"], args["N"], args["BLOCK_R"], args["x_ptr"].element_size())
+    return _gemm_keep(configs, arch, smem, args["M"], args["N"], args["BLOCK_R"], args["x_ptr"].element_size(),
+                      args["LAYOUT"])
 
 
 def _prune_dx(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     arch, smem, _ = _dense._limits_of(args["dy_ptr"])
     return _gemm_keep(configs, arch, smem, args["M"], args["N"], args["BLOCK_R"], args["dy_ptr"].element_size(),
-                      dx=True)
+                      args["LAYOUT"], dx=True)
 
 
 def _prune_decode(configs, named_args, **kwargs):
@@ -283,7 +291,7 @@ def _adapter_init(u_ptr, b_ptr, os_ptr, bias_ptr, rm, rn, M, N, R, scale,
 # Forward kernels
 # --------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R"],
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R", "LAYOUT"],
                  prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _lowrank4_fwd_gemm_kernel(
@@ -373,7 +381,7 @@ def _lowrank4_decode_epilogue_kernel(
 # Backward: dX
 # --------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_DX_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R"],
+@triton.autotune(configs=_DX_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R", "LAYOUT"],
                  prune_configs_by={"early_config_prune": _prune_dx})
 @triton.jit(do_not_specialize=["seed"])
 def _lowrank4_bwd_dx_kernel(
@@ -563,7 +571,8 @@ def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_sca
                           BLOCK_K=max(32, _dense._interp_block(K)), num_warps=4, num_stages=1)
             elif not _dense._autotuning():
                 arch, smem, _ = _dense._limits_of(x)
-                fb = _dense._fallback(_gemm_keep(_GEMM_CONFIGS, arch, smem, M, N, BR, x.element_size()))
+                fb = _dense._fallback(_gemm_keep(_GEMM_CONFIGS, arch, smem, M, N, BR, x.element_size(),
+                                                 wmeta["LAYOUT"]))
             else:
                 fb = {}
             _dense._launch(_lowrank4_fwd_gemm_kernel,
@@ -616,7 +625,8 @@ def lowrank_4bit_bwd(grad_y, x, packed, quant_state, T, lora_A, lora_B, core, ou
                           BLOCK_K=_dense._interp_block(N), num_warps=4, num_stages=1)
             elif not _dense._autotuning():
                 arch, smem, _ = _dense._limits_of(grad_y)
-                fb = _dense._fallback(_gemm_keep(_DX_CONFIGS, arch, smem, M, K, BR, grad_y.element_size(), dx=True))
+                fb = _dense._fallback(_gemm_keep(_DX_CONFIGS, arch, smem, M, K, BR, grad_y.element_size(),
+                                                 wmeta["LAYOUT"], dx=True))
             else:
                 fb = {}
             _dense._launch(_lowrank4_bwd_dx_kernel,
@@ -691,7 +701,7 @@ def _br(problem) -> int:
 KERNELS = [
     KernelSpec("lowrank4_fwd_gemm", __name__, "_lowrank4_fwd_gemm_kernel",
                lambda arch, pr: _gemm_keep(_GEMM_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["N"], _br(pr),
-                                           _elem(pr)),
+                                           _elem(pr), pr.get("layout", 2)),
                _sig_fwd_gemm, variants=_LAYOUTS),
     KernelSpec("lowrank4_decode", __name__, "_lowrank4_decode_kernel",
                lambda arch, pr: _decode_keep(_DECODE_CONFIGS, arch, SMEM_LIMIT[arch], pr["N"], pr["K"], _elem(pr)),
@@ -701,6 +711,6 @@ KERNELS = [
                _sig_decode_epilogue),
     KernelSpec("lowrank4_bwd_dx", __name__, "_lowrank4_bwd_dx_kernel",
                lambda arch, pr: _gemm_keep(_DX_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["K"], _br(pr),
-                                           _elem(pr), dx=True),
+                                           _elem(pr), pr.get("layout", 2), dx=True),
                _sig_bwd_dx, variants=_LAYOUTS),
 ]
