@@ -436,6 +436,34 @@ def _lowrank_u_kernel(
     _store_u(_act_fwd(tt, ACTIVATION), core_ptr, u_ptr, rm, M, R, CORE, UPCAST, DOT_PRECISION, BLOCK_R, R_CHUNK)
 
 
+@triton.jit
+def _adapter_init(u_ptr, b_ptr, os_ptr, bias_ptr, rm, rn, M, N, R, stride_um, scale,
+                  HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The accumulator's start: s·(U Bᵀ) ⊙ o + b on a [BLOCK_M, BLOCK_N] tile (R_CHUNK of r at a
+    time; U [M, R] with row stride ``stride_um``)."""
+    dtype = u_ptr.dtype.element_ty
+    mask_m = rm < M
+    mask_n = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    u_rows = u_ptr + rm.to(tl.int64)[:, None] * stride_um
+    b_cols = b_ptr + rn.to(tl.int64)[None, :] * R
+    for r0 in tl.range(0, BLOCK_R, R_CHUNK, num_stages=1):
+        rc = r0 + tl.arange(0, R_CHUNK)
+        mask_c = rc < R
+        u = tl.load(u_rows + rc[None, :], mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+        bt = tl.load(b_cols + rc[:, None], mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(_op(u, dtype, UPCAST), _op(bt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
+    col_scale = tl.zeros((BLOCK_N,), dtype=tl.float32) + tl.to_tensor(scale).to(tl.float32)
+    if HAS_OUT_SCALE:
+        col_scale = col_scale * tl.load(os_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
+    acc = acc * col_scale[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
 @triton.autotune(configs=_GEMM_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R"],
                  prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
@@ -459,21 +487,8 @@ def _lowrank_fwd_gemm_kernel(
     rk = tl.arange(0, BLOCK_K)
     mask_m = rm < M
     mask_n = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    u_rows = u_ptr + rm.to(tl.int64)[:, None] * stride_um
-    b_cols = b_ptr + rn.to(tl.int64)[None, :] * R
-    for r0 in tl.range(0, BLOCK_R, R_CHUNK, num_stages=1):   # not pipelined: registers
-        rc = r0 + tl.arange(0, R_CHUNK)
-        mask_c = rc < R
-        u = tl.load(u_rows + rc[None, :], mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-        bt = tl.load(b_cols + rc[:, None], mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(_op(u, dtype, UPCAST), _op(bt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
-    col_scale = tl.zeros((BLOCK_N,), dtype=tl.float32) + tl.to_tensor(scale).to(tl.float32)
-    if HAS_OUT_SCALE:
-        col_scale = col_scale * tl.load(os_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
-    acc = acc * col_scale[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    acc = _adapter_init(u_ptr, b_ptr, os_ptr, bias_ptr, rm, rn, M, N, R, stride_um, scale, HAS_BIAS,
+                        HAS_OUT_SCALE, UPCAST, DOT_PRECISION, BLOCK_R, R_CHUNK, BLOCK_M, BLOCK_N)
     # rows past M / N read wrapped addresses and are never stored: the loop masks only along k
     x_rows = x_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm
     w_cols = w_ptr + (rn % N).to(tl.int64)[None, :] * stride_wn                      # Wᵀ tile

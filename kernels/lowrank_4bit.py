@@ -39,7 +39,7 @@ import triton.language as tl
 
 from . import lowrank as _dense
 from ._aot import SMEM_LIMIT, KernelSpec, dtype_name
-from .lowrank import _act_grad, _core_tile, _grouped_pid, _keep_mask, _op
+from .lowrank import _act_grad, _adapter_init, _core_tile, _grouped_pid, _keep_mask, _op
 
 __all__ = ["lowrank_4bit_fwd", "lowrank_4bit_bwd", "DECODE_MAX_M", "KERNELS"]
 
@@ -260,33 +260,6 @@ def _w4_tile(packed_ptr, absmax_ptr, rows, col0, n_rows, n_cols,
     return w
 
 
-@triton.jit
-def _adapter_init(u_ptr, b_ptr, os_ptr, bias_ptr, rm, rn, M, N, R, scale,
-                  HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The accumulator's start: s·(U Bᵀ) ⊙ o + b on a [BLOCK_M, BLOCK_N] tile (R_CHUNK of r at a time)."""
-    dtype = u_ptr.dtype.element_ty
-    mask_m = rm < M
-    mask_n = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    u_rows = u_ptr + rm.to(tl.int64)[:, None] * R
-    b_cols = b_ptr + rn.to(tl.int64)[None, :] * R
-    for r0 in tl.range(0, BLOCK_R, R_CHUNK, num_stages=1):
-        rc = r0 + tl.arange(0, R_CHUNK)
-        mask_c = rc < R
-        u = tl.load(u_rows + rc[None, :], mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-        bt = tl.load(b_cols + rc[:, None], mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(_op(u, dtype, UPCAST), _op(bt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
-    col_scale = tl.zeros((BLOCK_N,), dtype=tl.float32) + tl.to_tensor(scale).to(tl.float32)
-    if HAS_OUT_SCALE:
-        col_scale = col_scale * tl.load(os_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
-    acc = acc * col_scale[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    return acc
-
-
 # --------------------------------------------------------------------------------------------
 # Forward kernels
 # --------------------------------------------------------------------------------------------
@@ -310,7 +283,7 @@ def _lowrank4_fwd_gemm_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    acc = _adapter_init(u_ptr, b_ptr, os_ptr, bias_ptr, rm, rn, M, N, R, scale, HAS_BIAS, HAS_OUT_SCALE,
+    acc = _adapter_init(u_ptr, b_ptr, os_ptr, bias_ptr, rm, rn, M, N, R, R, scale, HAS_BIAS, HAS_OUT_SCALE,
                         UPCAST, DOT_PRECISION, BLOCK_R, R_CHUNK, BLOCK_M, BLOCK_N)
     # rows past M read wrapped addresses and are never stored; W rows past N dequantise to 0
     x_rows = x_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm
@@ -367,7 +340,7 @@ def _lowrank4_decode_epilogue_kernel(
     rm = tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
-    acc = _adapter_init(u_ptr, b_ptr, os_ptr, bias_ptr, rm, rn, M, N, R, scale, HAS_BIAS, HAS_OUT_SCALE,
+    acc = _adapter_init(u_ptr, b_ptr, os_ptr, bias_ptr, rm, rn, M, N, R, R, scale, HAS_BIAS, HAS_OUT_SCALE,
                         UPCAST, DOT_PRECISION, BLOCK_R, R_CHUNK, BLOCK_M, BLOCK_N)
     ptrs = part_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
     for _ in range(0, SPLIT):

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from .providers import PROVIDERS, Built, Case, Provider, bytes_moved, flops
-from .runner import (SavedBytes, Skip, cache_bytes, environment, format_table, num_threads,
+from .runner import (SavedBytes, Skip, cache_bytes, environment, format_table, num_threads, resolve_device,
                      progress, time_fn, write_results)
 
 __all__ = ["LLAMA_SHAPES", "MODES", "add_arguments", "validate", "make_cases", "input_sets", "step_function",
@@ -259,9 +259,7 @@ def run(args) -> int:
 
 def _run(args) -> int:
     """Run ``fastpeft bench`` with parsed ``args``; prints the table, writes the files."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("fastpeft bench: --device cuda but no GPU is visible to torch")
+    device = resolve_device(args.device, "fastpeft bench")
     torch.manual_seed(args.seed)
     cases = make_cases(args, device)
     providers = [p for p in PROVIDERS if p.op in args.op or p.floor]

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .runner import (SavedBytes, Skip, environment, format_table, num_threads, optional_import,
+from .runner import (SavedBytes, Skip, environment, format_table, num_threads, resolve_device, optional_import,
                      progress, write_results)
 
 __all__ = ["PRESETS", "METHODS", "TARGETS", "add_arguments", "validate", "build_model", "adapt",
@@ -327,9 +327,7 @@ def run(args) -> int:
 
 def _run(args) -> int:
     """Run ``fastpeft memory`` with parsed ``args``; prints the table, writes the files."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("fastpeft memory: --device cuda but no GPU is visible to torch")
+    device = resolve_device(args.device, "fastpeft memory")
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     _, batches, seqs = PRESETS[args.preset]
     n_methods = len(set(METHODS[m][0] for m in args.methods)) + len(args.methods)

@@ -55,17 +55,25 @@ def _save(fig, path: str) -> str:
     return path
 
 
+def _measured(rows: list[dict]):
+    """(the measured rows, pyplot), or None when nothing was measured or matplotlib is missing."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return None
+    try:
+        return ok, _pyplot()
+    except Skip as reason:
+        print(f"skipped plots: {reason}")
+        return None
+
+
 def plot_bench(rows: list[dict], meta: dict, stem: str) -> list[str]:
     """Draw ``<stem>-time_vs_M.png``, ``<stem>-time_vs_r.png`` and ``<stem>-ratio.png``;
     returns the paths written (none when nothing was measured)."""
-    ok = [r for r in rows if r["status"] == "ok"]
-    if not ok:
+    measured = _measured(rows)
+    if measured is None:
         return []
-    try:
-        plt = _pyplot()
-    except Skip as reason:
-        print(f"skipped plots: {reason}")
-        return []
+    ok, plt = measured
     modes = Counter(r["mode"] for r in ok)
     mode = "fwd+bwd" if "fwd+bwd" in modes else modes.most_common(1)[0][0]
     dtype = Counter(r["dtype"] for r in ok).most_common(1)[0][0]
@@ -121,14 +129,10 @@ def plot_bench(rows: list[dict], meta: dict, stem: str) -> list[str]:
 
 def plot_memory(rows: list[dict], meta: dict, stem: str) -> list[str]:
     """Draw ``<stem>.png``: total memory and adapter-added bytes vs batch size."""
-    ok = [r for r in rows if r["status"] == "ok"]
-    if not ok:
+    measured = _measured(rows)
+    if measured is None:
         return []
-    try:
-        plt = _pyplot()
-    except Skip as reason:
-        print(f"skipped plots: {reason}")
-        return []
+    ok, plt = measured
     seqs = sorted({r["seq"] for r in ok})
     fig, axes = plt.subplots(2, len(seqs), figsize=(max(7.0, 5 * len(seqs)), 8), squeeze=False)
     total = "peak allocated" if meta.get("device") == "cuda" else "saved + params + grads + AdamW state (CPU)"

@@ -38,6 +38,7 @@ __all__ = [
     "Timing",
     "time_fn",
     "environment",
+    "resolve_device",
     "device_name",
     "slug",
     "write_results",
@@ -173,6 +174,14 @@ def num_threads(n: Optional[int]):
 
 
 # -- environment ------------------------------------------------------------------------------
+
+def resolve_device(requested: Optional[str], command: str) -> torch.device:
+    """``--device`` as given, else the GPU when torch sees one, else the CPU."""
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{command}: --device cuda but no GPU is visible to torch")
+    return device
+
 
 def device_name(device: torch.device) -> str:
     """A human-readable name: the GPU's, or the CPU model with the thread count."""
