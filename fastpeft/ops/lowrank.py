@@ -114,12 +114,17 @@ def dropout_keep_mask_torch(seed: int, m: int, k: int, dropout_p: float, device)
     return torch.rand(m, k, generator=gen, device=device) >= dropout_p
 
 
+def _dropout_scale(seed: int, m: int, k: int, dropout_p: float, dtype, device) -> Tensor:
+    """The [m, k] factor of inverted dropout: keep-mask / (1-p), in ``dtype``."""
+    keep = dropout_keep_mask_torch(seed, m, k, dropout_p, device)
+    return keep.to(dtype).mul_(1.0 / (1.0 - dropout_p))
+
+
 def _dropped(x: Tensor, dropout_p: float, seed: int) -> Tensor:
     """D(X): inverted dropout with the mask of ``seed``."""
     if dropout_p == 0.0:
         return x
-    keep = dropout_keep_mask_torch(seed, x.shape[0], x.shape[1], dropout_p, x.device)
-    return x * keep.to(x.dtype) * (1.0 / (1.0 - dropout_p))
+    return x * _dropout_scale(seed, x.shape[0], x.shape[1], dropout_p, x.dtype, x.device)
 
 
 def lowrank_fwd_torch(x, weight, bias, lora_A, lora_B, core, out_scale, scale: float,
@@ -181,15 +186,19 @@ def lowrank_bwd_torch(grad_y, x, weight, t, lora_A, lora_B, core, out_scale, sca
     d_t, d_b, d_core, d_out_scale = lowrank_bwd_r_torch(
         grad_y, t, lora_B, core, out_scale, scale, activation, need_x or need_A, need_B,
         need_core, need_out_scale)
+    # the mask, regenerated once for dX and dA and dropped when backward returns
+    drop = None
+    if dropout_p > 0.0 and (need_x or need_A):
+        drop = _dropout_scale(seed, grad_y.shape[0], lora_A.shape[1], dropout_p, d_t.dtype, grad_y.device)
     if need_x:
         dx = grad_y @ weight                                            # dY W
         adapter = d_t @ lora_A
-        if dropout_p > 0.0:
-            keep = dropout_keep_mask_torch(seed, *adapter.shape, dropout_p, adapter.device)
-            adapter = adapter * keep.to(adapter.dtype) * (1.0 / (1.0 - dropout_p))
+        if drop is not None:
+            adapter.mul_(drop)
         dx.add_(adapter, alpha=scale)                                   # + s·D'(dT A)
     if need_A:
-        d_a = (d_t.t() @ _dropped(x, dropout_p, seed)) * scale          # dA = s·dTᵀ D(X)
+        x_dropped = x if drop is None else x * drop.to(x.dtype)
+        d_a = (d_t.t() @ x_dropped) * scale                            # dA = s·dTᵀ D(X)
     if need_bias:
         d_bias = grad_y.sum(0)                                          # db = Σ dY
     return dx, d_a, d_b, d_core, d_out_scale, d_bias

@@ -34,8 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
-from .lowrank import (_dropped, activation_fn, apply_core, autocast_args, dropout_keep_mask_torch,
-                      lowrank_bwd_r_torch, seed_tensor, validate_lowrank_args)
+from .lowrank import (_dropout_scale, _dropped, activation_fn, apply_core, autocast_args, lowrank_bwd_r_torch, seed_tensor, validate_lowrank_args)
 
 __all__ = [
     "LowRankLinearGroupFunction",
@@ -87,6 +86,11 @@ def lowrank_group_bwd_torch(grad_ys, x, weights, t, lora_As, lora_Bs, cores, out
     n = len(weights)
     offs = _offsets(lora_As)
     dx = adapter = xd = None
+    # the mask, regenerated once for dX and every dA and dropped when backward returns
+    drop = None
+    if dropout_p > 0.0 and (need_x or any(need_As)):
+        m = next(gy.shape[0] for gy in grad_ys if gy is not None)
+        drop = _dropout_scale(seed, m, lora_As[0].shape[1], dropout_p, t.dtype, t.device)
     d_as, d_bs, d_cores, d_oss, d_biases = ([None] * n for _ in range(5))
     for i, gy in enumerate(grad_ys):
         if gy is None:
@@ -102,14 +106,13 @@ def lowrank_group_bwd_torch(grad_ys, x, weights, t, lora_As, lora_Bs, cores, out
             adapter = term if adapter is None else adapter.add_(term)
         if need_As[i]:
             if xd is None:
-                xd = _dropped(x, dropout_p, seed)
+                xd = x if drop is None else x * drop.to(x.dtype)
             d_as[i] = (d_t.t() @ xd) * scales[i]                                  # s_i·dT_iᵀ D(X)
         if need_biases[i]:
             d_biases[i] = gy.sum(0)                                               # Σ dY_i
     if dx is not None:
-        if dropout_p > 0.0:                                                       # D', once
-            keep = dropout_keep_mask_torch(seed, *adapter.shape, dropout_p, adapter.device)
-            adapter = adapter * keep.to(adapter.dtype) * (1.0 / (1.0 - dropout_p))
+        if drop is not None:                                                      # D', once
+            adapter.mul_(drop)
         dx.add_(adapter)
     return dx, d_as, d_bs, d_cores, d_oss, d_biases
 
