@@ -323,7 +323,7 @@ def dequantize_absmax(quant_state) -> torch.Tensor:
     s2 = quant_state.state2
     nb = absmax.numel()
     bs2 = int(s2.blocksize)
-    vals = s2.code.float()[absmax.reshape(-1).int()]
+    vals = s2.code.float().index_select(0, absmax.reshape(-1).int())
     groups = -(-nb // bs2)
     if groups * bs2 != nb:
         vals = torch.nn.functional.pad(vals, (0, groups * bs2 - nb))
@@ -368,7 +368,8 @@ def dequantize_4bit(packed: torch.Tensor, quant_state=None, out: torch.Tensor | 
     absmax = dequantize_absmax(quant_state)
     table = _byte_table_cached(quant_state.quant_type, packed.device)
     with torch.no_grad():
-        vals = table[_packed_bytes(packed.detach()).int()].reshape(-1)  # 2 * nbytes >= n
+        # index_select: a gather, several times faster than advanced indexing on the CPU
+        vals = table.index_select(0, _packed_bytes(packed.detach()).int()).reshape(-1)  # 2 * nbytes >= n
         blocks = absmax.numel()
         if vals.numel() < blocks * blocksize:
             vals = torch.nn.functional.pad(vals, (0, blocks * blocksize - vals.numel()))
