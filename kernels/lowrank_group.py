@@ -59,11 +59,35 @@ def _dx_add_dy_w(acc, dy_ptr, w_ptr, rm, rn, M, N, K, stride_dym, stride_wk, dty
     return acc
 
 
+def _dx_keep(configs, arch: int, smem: int, M: int, K: int, R: int, elem: int, dropout: bool):
+    """The dX GEMM's tiles that fit: the dense dX kernel's rule (the adapter prologue is
+    r-chunked, so R counts only through the sm_80 register rule). On sm_90 the pairs loop keeps
+    every pair's pointers, sizes and strides live, and a 4-warp 64×64 tile with BLOCK_K = 64
+    spills there (the static checks read it in the SASS): such tiles are left out on sm_90."""
+    keep = L._gemm_keep(configs, arch, smem, M, K, max(16, min(L.MAX_RANK, L._pow2(R))), elem,
+                        dx=True, dropout=dropout)
+    if arch == 90:
+        fits = [c for c in keep if not (c.num_warps == 4 and c.kwargs["BLOCK_K"] >= 64
+                                        and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 64 * 64)]
+        keep = fits or keep
+    return keep
+
+
+def _prune_dx(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    arch, smem, _ = L._limits_of(args["dt_ptr"])
+    return _dx_keep(configs, arch, smem, args["M"], args["N"], args["R"], args["dt_ptr"].element_size(),
+                    args["HAS_DROPOUT"])
+
+
+@triton.autotune(configs=L._DX_CONFIGS,
+                 key=["M_KEY", "N", "D0", "D1", "D2", "D3", "R", "N_PAIRS", "HAS_COL_SCALE", "HAS_DROPOUT"],
+                 prune_configs_by={"early_config_prune": _prune_dx})
 @triton.jit(do_not_specialize=["seed"])
 def _lowrank_group_bwd_dx_kernel(
     dy0_ptr, w0_ptr, dy1_ptr, w1_ptr, dy2_ptr, w2_ptr, dy3_ptr, w3_ptr,
     dt_ptr, a_ptr, cs_ptr, dx_ptr,
-    M, N, D0, D1, D2, D3, R,
+    M, N, D0, D1, D2, D3, R, M_KEY,
     stride_dy0, stride_dy1, stride_dy2, stride_dy3, stride_w0, stride_w1, stride_w2, stride_w3,
     stride_dxm,
     seed, dropout_p, adapter_scale,
@@ -203,27 +227,23 @@ def _group_dx(pairs, d_t, a, scales, ranks, dropout_p: float, seed: int, M: int,
     if interp:
         fb = dict(BLOCK_M=L._interp_block(M), BLOCK_N=L._interp_block(K),
                   BLOCK_K=L._interp_block(max(dy.shape[1] for dy, _ in head)), num_warps=4, num_stages=1)
-    else:
+    elif not L._autotuning():
         arch, smem, _ = L._limits_of(d_t)
-        fb = L._fallback(_dx_keep(arch, smem, M, K, R, d_t.element_size(), p > 0.0))
-    grid = (triton.cdiv(M, fb["BLOCK_M"]) * triton.cdiv(K, fb["BLOCK_N"]),)
-    _lowrank_group_bwd_dx_kernel[grid](
-        dys[0], ws[0], dys[1], ws[1], dys[2], ws[2], dys[3], ws[3], d_t, a, cs, dx,
-        M, K, *(dy.shape[1] for dy in dys), R, *(dy.stride(0) for dy in dys), *(w.stride(0) for w in ws),
-        dx.stride(0), int(seed), p, float(adapter_scale),
-        N_PAIRS=len(head), HAS_COL_SCALE=not equal, HAS_DROPOUT=p > 0.0, UPCAST=interp,
-        DOT_PRECISION=L._dot_precision(dtype), R_CHUNK=_R_CHUNK, GROUP_M=L._GROUP_M, **fb)
+        fb = L._fallback(_dx_keep(L._DX_CONFIGS, arch, smem, M, K, R, d_t.element_size(), p > 0.0))
+    else:
+        fb = {}
+    args = dict(dt_ptr=d_t, a_ptr=a, cs_ptr=cs, dx_ptr=dx, M=M, N=K, R=R, M_KEY=L._pow2(M),
+                stride_dxm=dx.stride(0), seed=int(seed), dropout_p=p, adapter_scale=float(adapter_scale),
+                N_PAIRS=len(head), HAS_COL_SCALE=not equal, HAS_DROPOUT=p > 0.0, UPCAST=interp,
+                DOT_PRECISION=L._dot_precision(dtype), R_CHUNK=_R_CHUNK, GROUP_M=L._GROUP_M)
+    for j, (dy, w) in enumerate(zip(dys, ws)):
+        args.update({f"dy{j}_ptr": dy, f"w{j}_ptr": w, f"D{j}": dy.shape[1], f"stride_dy{j}": dy.stride(0),
+                     f"stride_w{j}": w.stride(0)})
+    L._launch(_lowrank_group_bwd_dx_kernel,
+              lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),), args, fb)
     for dy, w in tail:                       # more than MAX_PAIRS projections: plain GEMMs
         dx.addmm_(dy, w)
     return dx
-
-
-def _dx_keep(arch: int, smem: int, M: int, K: int, R: int, elem: int, dropout: bool):
-    """The dX GEMM's tiles that fit (the dense dX kernel's rule; the adapter prologue is
-    r-chunked, so R counts only through the sm_80 register rule). The first is used: this
-    kernel is not autotuned."""
-    return L._gemm_keep(L._DX_CONFIGS, arch, smem, M, K, max(16, min(L.MAX_RANK, L._pow2(R))), elem,
-                        dx=True, dropout=dropout)
 
 
 def lowrank_group_bwd(grad_ys, x, weights, t, lora_As, lora_Bs, cores, out_scales, scales,
@@ -279,7 +299,7 @@ def _sig_group_dx(problem, config):
     names = [f"{kind}{j}_ptr" for j in range(MAX_PAIRS) for kind in ("dy", "w")] + ["dt_ptr", "a_ptr", "dx_ptr"]
     types = {k: f"*{dt}" for k in names}
     types["cs_ptr"] = "*fp32"
-    ints = ["M", "N", *(f"D{j}" for j in range(MAX_PAIRS)), "R", *(f"stride_dy{j}" for j in range(MAX_PAIRS)),
+    ints = ["M", "N", *(f"D{j}" for j in range(MAX_PAIRS)), "R", "M_KEY", *(f"stride_dy{j}" for j in range(MAX_PAIRS)),
             *(f"stride_w{j}" for j in range(MAX_PAIRS)), "stride_dxm", "seed"]
     types.update({k: "i32" for k in ints})
     types.update({"dropout_p": "fp32", "adapter_scale": "fp32"})
@@ -288,11 +308,11 @@ def _sig_group_dx(problem, config):
     return types, cex
 
 
-# ``configs_for(arch, problem)``: the one config the launcher uses on ``arch``; problem keys as
-# in :data:`fastpeft.kernels.lowrank.KERNELS` (R = the group's total rank).
+# ``configs_for(arch, problem)``: the configs the prune function keeps on ``arch``; problem keys
+# as in :data:`fastpeft.kernels.lowrank.KERNELS` (R = the group's total rank).
 KERNELS = [
     KernelSpec("lowrank_group_bwd_dx", __name__, "_lowrank_group_bwd_dx_kernel",
-               lambda arch, pr: _dx_keep(arch, SMEM_LIMIT[arch], pr["M"], pr["K"], pr["R"], L._elem_of(pr),
-                                         pr.get("dropout", True))[:1],
+               lambda arch, pr: _dx_keep(L._DX_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["K"], pr["R"],
+                                         L._elem_of(pr), pr.get("dropout", True)),
                _sig_group_dx, variants=({"dropout": True}, {"dropout": False})),
 ]
