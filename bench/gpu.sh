@@ -2,7 +2,11 @@
 # The GPU run: install fastpeft, run the GPU tests, the full layer benchmark and the memory
 # profile, all within a time budget (default 570 s), writing everything into one folder.
 #
-#   bash bench/gpu.sh [RESULTS_DIR] [--pack]   # default: $OUT if set, else bench/results/gpu-<time>
+#   bash bench/gpu.sh [RESULTS_DIR] [--pack] [--sanitize]   # default: $OUT if set, else bench/results/gpu-<time>
+#
+# --sanitize runs, after the install, compute-sanitizer's memcheck and racecheck over every kernel
+# at odd shapes (bench/sanitize.py: output and gradients against float64 as well) instead of the
+# tests, the benchmark and the memory profile.
 #
 # Needs a machine with a GPU and a Python (python3, or $PYTHON) that has torch, triton,
 # transformers, peft, matplotlib and tqdm. Nothing is fetched. fastpeft is installed with --no-deps
@@ -18,6 +22,7 @@
 #   pytest-gpu.xml           the tests that run on the device (test files that use DEVICE or cuda)
 #   bench-*.json/csv/png     fastpeft bench (every provider, Llama projections)
 #   memory-*.json/csv/png    fastpeft memory (1b preset; 4-bit rows need bitsandbytes)
+#   sanitize-*.log           with --sanitize: each compute-sanitizer tool's report
 # With --pack (the default when RESULTS_DIR is $OUT) the result files go into one
 # gpu-results.tar.gz beside gpu.log: unpack it into bench/results/, then run `fastpeft report`.
 #
@@ -28,12 +33,14 @@
 set -uo pipefail
 
 PACK=""
+SANITIZE=""
 ARGS=()
 for arg in "$@"; do
     case "$arg" in
         --pack) PACK=1 ;;
-        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
-        -*) echo "bench/gpu.sh: unknown option $arg (options: --pack, --help)" >&2; exit 2 ;;
+        --sanitize) SANITIZE=1 ;;
+        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+        -*) echo "bench/gpu.sh: unknown option $arg (options: --pack, --sanitize, --help)" >&2; exit 2 ;;
         *) ARGS+=("$arg") ;;
     esac
 done
@@ -119,6 +126,33 @@ print("  fastpeft from", fastpeft.__file__)
 if not torch.cuda.is_available(): print("WARNING: torch sees no GPU; the numbers below are CPU numbers")
 '
 
+    if [[ -n $SANITIZE ]]; then
+        sanitize
+    else
+        measure
+    fi
+    pack_and_summarise
+}
+
+# compute-sanitizer over bench/sanitize.py (every kernel, odd shapes, fast and deterministic modes)
+sanitize() {
+    local tool sanitizer
+    sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+    if [[ -z $sanitizer ]]; then
+        echo "== sanitize: compute-sanitizer not found"; SUMMARY+=("sanitize: compute-sanitizer not found")
+        return
+    fi
+    local args=("$REPO/bench/sanitize.py")
+    [[ -n $SMOKE ]] && args+=(--smoke --dtypes fp32)
+    for tool in memcheck racecheck; do
+        step "sanitize $tool" "$(budget 240)" "$sanitizer" --tool "$tool" --error-exitcode 3 \
+            --log-file "$DIR/sanitize-$tool.log" --print-limit 50 "$PY" -P "${args[@]}"
+        tail -n 20 "$DIR/sanitize-$tool.log" 2>/dev/null
+    done
+}
+
+# the GPU tests, the benchmark, the memory profile and a README preview
+measure() {
     # -- the tests that run on the device --------------------------------------------------------------
     mapfile -t TESTS < <(cd "$REPO" && grep -lE "DEVICE|cuda" tests/test_*.py | sed "s|^|$REPO/|")
     if [[ -n $SMOKE ]]; then TESTS=("$REPO/tests/test_lowrank_op.py"); fi
@@ -145,7 +179,9 @@ if not torch.cuda.is_available(): print("WARNING: torch sees no GPU; the numbers
     # -- the README section these results give (printed, nothing is rewritten) -------------------------
     printf '# preview\n' > /tmp/fastpeft-readme-preview.md
     step "report" "$(budget 20)" "$PY" -P -m fastpeft report --results "$DIR" --readme /tmp/fastpeft-readme-preview.md
+}
 
+pack_and_summarise() {
     if [[ -n $PACK ]]; then
         files=$(cd "$DIR" && ls | grep -vE '^(gpu\.log|gpu-results\.tar\.gz)$')
         if [[ -n $files ]] && (cd "$DIR" && tar czf gpu-results.tar.gz $files && rm -f $files); then

@@ -21,6 +21,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -220,20 +221,36 @@ def _run_job(job: AotJob) -> AotResult:
                          error=f"{type(err).__name__}: {err}")
 
 
+def _workers(n_jobs: int) -> int:
+    """Worker processes for ``n_jobs`` compilations: ``FASTPEFT_AOT_WORKERS``, else the usable CPUs."""
+    env = os.environ.get("FASTPEFT_AOT_WORKERS")
+    cpus = int(env) if env else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(n_jobs, cpus or 1))
+
+
 def compile_kernels(jobs: list[AotJob]) -> list[AotResult]:
-    """Compile every job; in a subprocess without TRITON_INTERPRET when this process interprets.
-    A job that fails to compile comes back with ``error`` set."""
+    """Compile every job, in results' order the jobs'; a job that fails to compile comes back
+    with ``error`` set. One job compiles in this process (unless it interprets); more are dealt
+    round-robin to worker subprocesses, one per CPU, that run without TRITON_INTERPRET."""
     jobs = list(jobs)
     if not jobs:
         return []
-    if not _interpreting():
+    n = _workers(len(jobs))
+    if n == 1 and not _interpreting():
         return [_run_job(job) for job in jobs]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", __name__], input=json.dumps([asdict(j) for j in jobs]),
-                         capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"ahead-of-time compilation subprocess failed:\n{out.stderr[-4000:]}")
-    return [AotResult(**r) for r in json.loads(out.stdout)]
+    shares = [jobs[i::n] for i in range(n)]
+    procs = [subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in shares]
+    with ThreadPoolExecutor(n) as pool:   # one thread a worker feeds its stdin and reads its stdout
+        outputs = list(pool.map(lambda ps: ps[0].communicate(json.dumps([asdict(j) for j in ps[1]])),
+                                zip(procs, shares)))
+    results: list = [None] * len(jobs)
+    for w, (proc, (stdout, stderr)) in enumerate(zip(procs, outputs)):
+        if proc.returncode != 0:
+            raise RuntimeError(f"ahead-of-time compilation subprocess failed:\n{stderr[-4000:]}")
+        results[w::n] = [AotResult(**r) for r in json.loads(stdout)]
+    return results
 
 
 if __name__ == "__main__":   # worker: JSON list of jobs on stdin, JSON list of results on stdout

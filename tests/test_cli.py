@@ -295,3 +295,20 @@ def test_gpu_script_parses_and_rejects_bad_options():
     assert proc.returncode == 2 and "--bogus" in proc.stderr
     proc = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and "RESULTS_DIR" in proc.stdout
+
+
+def test_sanitize_program_runs_every_kernel_under_the_interpreter():
+    """bench/sanitize.py (the program compute-sanitizer runs on a GPU) passes interpreted, at its
+    smoke shapes, against float64; and refuses CPU tensors without the interpreter."""
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "sanitize.py")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, script, "--smoke", "--device", "cpu", "--dtypes", "fp32"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("ok", "FAIL"))]
+    assert len(lines) == 16 and all(ln.startswith("ok") for ln in lines), proc.stdout
+    assert {"dense", "group", "4bit-nf4", "4bit-fp4"} <= {ln.split()[1] for ln in lines}
+    env.pop("TRITON_INTERPRET")
+    proc = subprocess.run([sys.executable, script, "--smoke", "--device", "cpu"], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "TRITON_INTERPRET=1" in proc.stderr
