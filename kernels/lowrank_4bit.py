@@ -27,11 +27,21 @@ Backward:
     H = G S | G ⊙ S | G, dT = H ⊙ σ'(T) and adds s/(1-p)·mask ⊙ (dT A) (the mask regenerated);
   * dA, dB, dS, d_o, db: the dense module's kernels (they never read W).
 
+Transient dense buffer (opt-in, ``FASTPEFT_4BIT_BUFFER_MIN_M``): at M > 16 and M at or above
+that value, forward and dX dequantise the whole W once into a dense buffer
+(``_dequant4_kernel``, bit-exact with bitsandbytes) and run the dense module's fused kernels on
+it; the buffer lives only inside the launcher call and is never saved for backward. Unset, W is
+always dequantised in registers; ``fastpeft bench`` times both (``fastpeft-4bit-triton`` and
+``fastpeft-4bit-triton-buffered``), side by side, so the crossover M is set from measurements.
+
 Every accumulation is fp32; under the interpreter the operands are upcast to fp32 (its bf16
 arithmetic is wrong).
 """
 
 from __future__ import annotations
+
+import os
+from typing import Optional
 
 import torch
 import triton
@@ -41,9 +51,11 @@ from . import lowrank as _dense
 from ._aot import SMEM_LIMIT, KernelSpec, dtype_name
 from .lowrank import _act_grad, _adapter_init, _core_tile, _grouped_pid, _keep_mask, _op
 
-__all__ = ["lowrank_4bit_fwd", "lowrank_4bit_bwd", "DECODE_MAX_M", "KERNELS"]
+__all__ = ["lowrank_4bit_fwd", "lowrank_4bit_bwd", "dequantize_4bit_dense", "buffer_min_m", "DECODE_MAX_M",
+           "BUFFER_MIN_M_ENV", "KERNELS"]
 
 DECODE_MAX_M = 16
+BUFFER_MIN_M_ENV = "FASTPEFT_4BIT_BUFFER_MIN_M"
 _W_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _QUANT = {"nf4": 0, "fp4": 1}
 _LAYOUTS = ({"layout": 2}, {"layout": 1}, {"layout": 0})
@@ -60,6 +72,8 @@ _DX_TILES = [(64, 128, 32, 8, 3), (64, 64, 32, 8, 3), (64, 64, 32, 4, 3), (32, 6
              (16, 64, 32, 8, 3), (16, 32, 32, 8, 3)]
 # decode: (BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_M is 16
 _DECODE_TILES = [(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3), (32, 64, 8, 3)]
+# dequantisation into a dense buffer: (BLOCK_N, BLOCK_K, num_warps); 16 weights per thread
+_DEQUANT_TILE = (32, 128, 8)
 
 _GEMM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                  for bm, bn, bk, w, s in _GEMM_TILES]
@@ -434,6 +448,20 @@ def _lowrank4_bwd_dx_kernel(
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _dequant4_kernel(packed_ptr, absmax_ptr, w_ptr, N, K, stride_wn,
+                     QBLOCK: tl.constexpr, QUANT: tl.constexpr, W_KIND: tl.constexpr, LAYOUT: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W [N, K] = code[q]·absmax, rounded to the quant state's dtype, then cast to W's dtype (as
+    bitsandbytes' dequantisation followed by ``.to(dtype)``): one [BLOCK_N, BLOCK_K] tile a program."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    rk = k0 + tl.arange(0, BLOCK_K)
+    wt = _w4_tile(packed_ptr, absmax_ptr, rn, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK, QUANT, W_KIND, LAYOUT)
+    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+    tl.store(w_ptrs, wt.to(w_ptr.dtype.element_ty), mask=(rn < N)[:, None] & (rk < K)[None, :])
+
+
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
@@ -455,6 +483,42 @@ def _weight_args(packed, quant_state, device):
 def _layout(k: int, qblock: int) -> int:
     """2: every row holds whole blocks; 1: rows start on a byte; 0: k odd."""
     return 2 if k % qblock == 0 else (1 if k % 2 == 0 else 0)
+
+
+def dequantize_4bit_dense(packed, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    """The dense W [d, k] in ``dtype`` on the packed weight's device, in one kernel: equal bit for
+    bit to ``fastpeft.dequantize_4bit(packed, quant_state).to(dtype)`` (on a GPU; under the
+    interpreter, which truncates fp32 -> bf16, a bf16 state may differ by one ulp)."""
+    if dtype not in _W_KIND:
+        raise TypeError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+    data, absmax, wmeta, (d, k) = _weight_args(packed, quant_state, None)
+    w = torch.empty((d, k), dtype=dtype, device=data.device)
+    if w.numel() == 0:
+        return w
+    if _dense._interpreting():
+        bn, bk, warps = _dense._interp_block(d), max(32, _dense._interp_block(k)), 4
+    else:
+        bn, bk, warps = _DEQUANT_TILE
+    with _dense._device(w):
+        _dequant4_kernel[(triton.cdiv(d, bn), triton.cdiv(k, bk))](
+            data, absmax, w, d, k, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **wmeta)
+    return w
+
+
+def buffer_min_m() -> Optional[int]:
+    """The smallest M at which the launchers dequantise W into a transient dense buffer and run
+    the dense fused kernels (``FASTPEFT_4BIT_BUFFER_MIN_M``; unset or empty: never)."""
+    value = os.environ.get(BUFFER_MIN_M_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{BUFFER_MIN_M_ENV} must be a whole number >= 1 (or unset), got {value!r}")
+    return int(value)
+
+
+def _buffered(M: int) -> bool:
+    min_m = buffer_min_m()
+    return M > DECODE_MAX_M and min_m is not None and M >= min_m
 
 
 def _t_pass(x, lora_A, core, dropout_p, seed, act, core_kind):
@@ -494,12 +558,17 @@ def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_sca
                      dropout_p: float, seed: int, activation):
     """Forward on 2-D x [M, k] over the 4-bit W: returns (Y [M, d], T [M, r]) in x's dtype.
 
-    Y = X Wᵀ + b + s·(σ(D(X)Aᵀ)Sᵀ)Bᵀ ⊙ o with W dequantised in registers (never in memory)."""
+    Y = X Wᵀ + b + s·(σ(D(X)Aᵀ)Sᵀ)Bᵀ ⊙ o with W dequantised in registers (never in memory), or,
+    where :func:`buffer_min_m` asks for it, into a dense buffer freed when this call returns."""
     _dense._check_dtype(x)
     M, K = x.shape
     data, absmax, wmeta, (N, k) = _weight_args(packed, quant_state, x.device)
     if k != K:
         raise ValueError(f"x has k={K} columns but the 4-bit weight is [d={N}, k={k}]")
+    if _buffered(M):
+        weight = dequantize_4bit_dense(packed, quant_state, x.dtype)
+        return _dense.lowrank_fwd(x, weight, bias, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
+                                  activation)
     R = lora_A.shape[0]
     BR = _dense._block_r(R)
     act = _dense._ACTIVATIONS[activation]
@@ -567,6 +636,11 @@ def lowrank_4bit_bwd(grad_y, x, packed, quant_state, T, lora_A, lora_B, core, ou
     data, absmax, wmeta, (d, K) = _weight_args(packed, quant_state, grad_y.device)
     if d != N:
         raise ValueError(f"grad_y has {N} columns but the 4-bit weight is [d={d}, k={K}]")
+    if need_x and _buffered(M):   # dX through the dense kernels over a transient W
+        weight = dequantize_4bit_dense(packed, quant_state, grad_y.dtype)
+        return _dense.lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
+                                  activation, need_x, need_A, need_B, need_core, need_out_scale, need_bias,
+                                  deterministic=deterministic)
     placeholder = grad_y.new_zeros((1, 1)).expand(N, K)
     _, d_a, d_b, d_core, d_os, d_bias = _dense.lowrank_bwd(
         grad_y, x, placeholder, T, lora_A, lora_B, core, out_scale, scale, dropout_p, seed, activation,
@@ -666,6 +740,14 @@ def _sig_bwd_dx(problem, config):
     return types, cex
 
 
+def _sig_dequant(problem, config):
+    dt, common, _ = _flags(problem)
+    types = {"packed_ptr": "*u8", "absmax_ptr": "*fp32", "w_ptr": f"*{dt}", "N": "i32", "K": "i32",
+             "stride_wn": "i32"}
+    cex = {k: common[k] for k in ("QBLOCK", "QUANT", "W_KIND", "LAYOUT")}
+    return types, {**cex, **config.kwargs}
+
+
 def _br(problem) -> int:
     return max(16, _dense._pow2(problem["R"]))
 
@@ -686,4 +768,8 @@ KERNELS = [
                lambda arch, pr: _gemm_keep(_DX_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["K"], _br(pr),
                                            _elem(pr), pr.get("layout", 2), dx=True),
                _sig_bwd_dx, variants=_LAYOUTS),
+    KernelSpec("dequant4", __name__, "_dequant4_kernel",
+               lambda arch, pr: [triton.Config({"BLOCK_N": _DEQUANT_TILE[0], "BLOCK_K": _DEQUANT_TILE[1]},
+                                               num_warps=_DEQUANT_TILE[2], num_stages=1)],
+               _sig_dequant, tensor_cores=False, variants=_LAYOUTS),
 ]

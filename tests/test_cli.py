@@ -1,6 +1,7 @@
 """The ``fastpeft`` command: bench and memory on CPU, result files, plots, flags, skipped providers,
 and the memory claim (what the adapters add to the frozen base model's saved activations)."""
 
+import contextlib
 import csv
 import glob
 import json
@@ -175,6 +176,56 @@ def test_missing_providers_are_skipped_rows(tmp_path, monkeypatch, capsys):
     assert status["peft-lora"][0] == "skipped" and "peft" in status["peft-lora"][1]
     assert status["base-4bit"][0] == "skipped" and "bitsandbytes" in status["base-4bit"][1]
     assert status["fastpeft-lamda"][0] == "ok" and status["base"][0] == "ok"
+
+
+
+def test_provider_scope_holds_through_backward(monkeypatch):
+    """A provider's scope (the buffered 4-bit provider sets its environment there) is active in
+    every forward and every backward the harness runs, the memory probe's included."""
+    from fastpeft.benchmark import lowrank as bench_lowrank
+    from fastpeft.benchmark.providers import Built, Case, Provider
+
+    inside, seen = [False], []
+
+    @contextlib.contextmanager
+    def scope():
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(("fwd", inside[0]))
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(("bwd", inside[0]))
+            return g * 2
+
+    provider = Provider("probe", "dense", lambda case, device: Built(Probe.apply, [], [], scope))
+    rows = bench_lowrank.measure(provider, Case("dense", 4, 8, 8, 2, torch.float32), torch.device("cpu"),
+                                 quick=True)
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert {kind for kind, _ in seen} == {"fwd", "bwd"} and all(flag for _, flag in seen)
+    assert not inside[0]
+
+
+def test_buffered_4bit_provider_skips_without_a_gpu_and_at_decode_sizes(monkeypatch):
+    from fastpeft.benchmark.providers import PROVIDERS, Case
+    from fastpeft.benchmark.runner import Skip
+    from fastpeft.kernels import lowrank_4bit
+
+    provider = next(p for p in PROVIDERS if p.name == "fastpeft-4bit-triton-buffered")
+    monkeypatch.delenv(lowrank_4bit.BUFFER_MIN_M_ENV, raising=False)
+    with pytest.raises(Skip, match="no GPU"):
+        provider.build(Case("4bit", 32, 64, 48, 8, torch.float32), torch.device("cpu"))
+    device = type("Device", (), {"type": "cuda"})()     # past the GPU check, then the M check
+    with pytest.raises(Skip, match="M > 16"):
+        provider.build(Case("4bit", 16, 64, 48, 8, torch.float32), device)
 
 
 README = ("# title\n\nintro\n\n## Results\n\n<!-- results:start -->\nstale\n<!-- results:end -->\n\n"

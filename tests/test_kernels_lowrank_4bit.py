@@ -159,3 +159,60 @@ def test_rank_limit_points_to_the_torch_backend():
     c = make_case(4, 16, 200, 130, torch.float32, None, False, "nf4", 64, False)
     with fastpeft.use_backend("triton"), pytest.raises(ValueError, match="r <= 128"):
         fastpeft.lowrank_linear_4bit(c["x"][:, :16], c["packed"], c["state"], None, c["lora_A"], c["lora_B"])
+
+
+# -- the transient dense buffer (FASTPEFT_4BIT_BUFFER_MIN_M) ---------------------------------------
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [True, False], ids=["nested", "plain"])
+@pytest.mark.parametrize("k,blocksize", [(123, 64), (100, 64), (256, 32), (64, 128)],
+                         ids=["k123-odd", "k100-even", "k256-blocks", "k64-bs128"])
+def test_dense_dequantisation_equals_bitsandbytes_layout(quant_type, nested, k, blocksize):
+    """The buffer kernel gives fastpeft.dequantize_4bit(...).to(dtype) bit for bit: every layout
+    (k odd, k even, k a multiple of the blocksize), every state and output dtype. The interpreter
+    truncates fp32 -> bf16 instead of rounding, so there a bf16 value may be one ulp off."""
+    gen = torch.Generator().manual_seed(k + blocksize)
+    for state_dtype in (torch.float32, torch.float16, torch.bfloat16):
+        w = torch.randn(37, k, generator=gen).to(DEVICE, state_dtype)
+        packed, state = fastpeft.quantize_4bit(w, quant_type=quant_type, blocksize=blocksize,
+                                               compress_statistics=nested)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            ref = fastpeft.dequantize_4bit(packed, state).to(dtype)
+            got = L4.dequantize_4bit_dense(packed, state, dtype)
+            assert got.dtype == dtype and got.shape == (37, k) and got.device == ref.device
+            if DEVICE == "cpu" and torch.bfloat16 in (state_dtype, dtype):
+                ulp = ref.float().abs() * 2.0 ** -7
+                assert ((got.float() - ref.float()).abs() <= ulp).all()
+            else:
+                assert torch.equal(got, ref), f"state {state_dtype}, out {dtype}"
+    with pytest.raises(TypeError, match="dtype must be"):
+        L4.dequantize_4bit_dense(packed, state, torch.float64)
+
+
+@pytest.mark.parametrize("M,buffered", [(16, False), (17, False), (20, True)])
+def test_buffer_dispatch_by_M(monkeypatch, M, buffered):
+    """With FASTPEFT_4BIT_BUFFER_MIN_M=18, M >= 18 dequantises W into a buffer for forward and
+    for dX (the dense kernels then run), smaller M keeps W in registers; output and every
+    gradient match float64 either way, and backward never keeps a dense W."""
+    monkeypatch.setenv(L4.BUFFER_MIN_M_ENV, "18")
+    calls = []
+    real = L4.dequantize_4bit_dense
+    monkeypatch.setattr(L4, "dequantize_4bit_dense", lambda *a: calls.append(a[2]) or real(*a))
+    c = make_case(M, 45, 30, 5, torch.float32, "full", True, "nf4", 64, True, seed=M)
+    run_and_check(c, torch.float32, 0.1, "gelu")
+    assert calls == ([torch.float32] * 2 if buffered else [])
+    x = c["x"].clone().requires_grad_()
+    with fastpeft.use_backend("triton"), saved_tensors() as saved:
+        y = fastpeft.lowrank_linear_4bit(x, c["packed"], c["state"], None, c["lora_A"], c["lora_B"])
+    y.sum().backward()
+    assert [tuple(t.shape) for t in saved.tensors if t.is_floating_point() and t.numel() >= 30 * 45] == []
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many", "1.5"])
+def test_buffer_setting_is_checked(monkeypatch, value):
+    monkeypatch.setenv(L4.BUFFER_MIN_M_ENV, value)
+    c = make_case(20, 32, 24, 4, torch.float32, None, False, "nf4", 64, False)
+    with fastpeft.use_backend("triton"), pytest.raises(ValueError, match=L4.BUFFER_MIN_M_ENV):
+        fastpeft.lowrank_linear_4bit(c["x"], c["packed"], c["state"], None, c["lora_A"], c["lora_B"])
+    monkeypatch.setenv(L4.BUFFER_MIN_M_ENV, "")
+    assert L4.buffer_min_m() is None

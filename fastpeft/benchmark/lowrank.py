@@ -156,7 +156,8 @@ def measure(provider: Provider, case: Case, device: torch.device, modes=MODES,
     try:
         built = provider.build(case, device)
         sets = input_sets(case, device)
-        extra = _memory_probe(built, sets[0], device)
+        with built.scope():
+            extra = _memory_probe(built, sets[0], device)
     except Skip as reason:
         return [{**base, "mode": m, "status": "skipped", "reason": str(reason)} for m in modes]
     except Exception as err:  # a provider that breaks is reported, not fatal
@@ -166,8 +167,9 @@ def measure(provider: Provider, case: Case, device: torch.device, modes=MODES,
     rows = []
     for mode in modes:
         try:
-            timing = time_fn(step_function(built, sets, mode), device, quick=quick,
-                             grad_to_none=built.grads + [x for x, _ in sets])
+            with built.scope():
+                timing = time_fn(step_function(built, sets, mode), device, quick=quick,
+                                 grad_to_none=built.grads + [x for x, _ in sets])
         except Exception as err:
             rows.append({**base, "mode": mode, "status": "error", "reason": f"{type(err).__name__}: {err}"[:300]})
             _release(device)

@@ -10,11 +10,15 @@ Dense providers: ``torch-linear`` (the floor: the base ``F.linear`` alone), ``pe
 PEFT's LoRA layer around an ``nn.Linear``: the naive baseline), ``fastpeft-torch``,
 ``fastpeft-triton`` and ``fastpeft-cuda`` (the op under each backend). 4-bit providers:
 ``bnb-4bit`` (bitsandbytes ``Linear4bit`` alone), ``bnb-4bit+peft-lora`` and
-``fastpeft-4bit-torch`` / ``fastpeft-4bit-triton`` (``fastpeft.lowrank_linear_4bit``).
+``fastpeft-4bit-torch`` / ``fastpeft-4bit-triton`` (``fastpeft.lowrank_linear_4bit``), and
+``fastpeft-4bit-triton-buffered``: the Triton backend with W dequantised into a transient dense
+buffer feeding the dense fused kernels (M > 16), the alternative to dequantising in registers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -50,6 +54,7 @@ class Built:
     forward: Callable[[torch.Tensor], torch.Tensor]
     grads: list = field(default_factory=list)     # tensors whose .grad a step fills
     params: list = field(default_factory=list)    # every parameter (excluded from saved bytes)
+    scope: Callable = contextlib.nullcontext      # entered around every call, backward included
 
 
 @dataclass(frozen=True)
@@ -181,7 +186,21 @@ def _build_bnb_peft(case: Case, device) -> Built:
     return Built(layer, [p for p in params if p.requires_grad], params)
 
 
-def _build_fastpeft_4bit(backend: str):
+@contextlib.contextmanager
+def _environment(name: str, value: str):
+    """``os.environ[name] = value`` inside the block, restored after it."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _build_fastpeft_4bit(backend: str, buffered: bool = False):
     def build(case: Case, device) -> Built:
         import fastpeft
 
@@ -191,6 +210,13 @@ def _build_fastpeft_4bit(backend: str):
             raise Skip("fastpeft.lowrank_linear_4bit is not in this build")
         if backend != "torch" and device.type != "cuda":
             raise Skip("no GPU")
+        scope = contextlib.nullcontext
+        if buffered:
+            from ..kernels import lowrank_4bit as kernels_4bit
+
+            if case.M <= kernels_4bit.DECODE_MAX_M:
+                raise Skip(f"the dense buffer applies at M > {kernels_4bit.DECODE_MAX_M} (decode keeps 4 bits)")
+            scope = lambda: _environment(kernels_4bit.BUFFER_MIN_M_ENV, "1")
         packed, state = quantize(_base_weight(case, device), quant_type="nf4", blocksize=64,
                                  compress_statistics=True)
         lora_a, lora_b, core, out_scale, activation, scale = _adapter_tensors(case, device)
@@ -201,7 +227,7 @@ def _build_fastpeft_4bit(backend: str):
                           scale=scale, dropout_p=case.dropout, activation=activation)
 
         params = [t for t in (packed, lora_a, lora_b, core, out_scale) if t is not None]
-        return Built(forward, [t for t in params if t.requires_grad], params)
+        return Built(forward, [t for t in params if t.requires_grad], params, scope)
     return build
 
 
@@ -215,6 +241,7 @@ PROVIDERS: list[Provider] = [
     Provider("bnb-4bit+peft-lora", "4bit", _build_bnb_peft),
     Provider("fastpeft-4bit-torch", "4bit", _build_fastpeft_4bit("torch")),
     Provider("fastpeft-4bit-triton", "4bit", _build_fastpeft_4bit("triton")),
+    Provider("fastpeft-4bit-triton-buffered", "4bit", _build_fastpeft_4bit("triton", buffered=True)),
 ]
 
 
