@@ -60,6 +60,7 @@ class KernelSpec:
     signature: Callable[[dict, Any], tuple[dict, dict]]
     tensor_cores: bool = True
     variants: tuple = ({},)
+    options: tuple = ()          # extra compile options, as at launch: (("enable_fp_fusion", False),)
 
     @property
     def kernel(self):
@@ -72,7 +73,8 @@ class KernelSpec:
 
     def job(self, arch: int, problem: dict, config) -> "AotJob":
         types, constexprs = self.signature(problem, config)
-        return AotJob(self.module, self.attr, types, constexprs, arch, config.num_warps, config.num_stages)
+        return AotJob(self.module, self.attr, types, constexprs, arch, config.num_warps, config.num_stages,
+                      dict(self.options))
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class AotJob:
     arch: int
     num_warps: int = 4
     num_stages: int = 3
+    options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -182,14 +185,15 @@ def _resources(cubin: bytes) -> dict:
 
 
 def compile_kernel(kernel, signature: dict, constexprs: dict, arch: int, num_warps: int = 4,
-                   num_stages: int = 3) -> AotResult:
+                   num_stages: int = 3, options: dict | None = None) -> AotResult:
     """Compile ``kernel`` (a ``@triton.jit`` function, or an autotuned one) for
     ``GPUTarget("cuda", arch, 32)``.
 
     ``signature`` maps every non-constexpr argument to its Triton type (``"*bf16"``, ``"i32"``,
     ``"fp32"``); ``constexprs`` maps the others (meta-parameters, and arguments specialised to a
-    value such as a unit stride) to their values. Returns the shared memory per block, the SASS,
-    the PTX and cuobjdump's resource usage.
+    value such as a unit stride) to their values; ``options``, more compile options (as a launch
+    passes them). Returns the shared memory per block, the SASS, the PTX and cuobjdump's resource
+    usage.
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -200,7 +204,7 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, arch: int, num_war
     if missing:
         raise KeyError(f"{fn.__name__}: no type for {missing}")
     target = GPUTarget("cuda", arch, 32)
-    options = {"num_warps": num_warps, "num_stages": num_stages}
+    options = {"num_warps": num_warps, "num_stages": num_stages, **(options or {})}
     try:
         ck = triton.compile(_ast_source(fn, full, constexprs, _pointer_attrs(fn, full)),
                             target=target, options=options)
@@ -215,7 +219,8 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, arch: int, num_war
 def _run_job(job: AotJob) -> AotResult:
     try:
         kernel = getattr(importlib.import_module(job.module), job.attr)
-        return compile_kernel(kernel, job.signature, job.constexprs, job.arch, job.num_warps, job.num_stages)
+        return compile_kernel(kernel, job.signature, job.constexprs, job.arch, job.num_warps, job.num_stages,
+                              job.options)
     except Exception as err:  # reported per job: one bad config must not hide the others
         return AotResult(name=job.attr, arch=job.arch, shared=-1, sass="", ptx="",
                          error=f"{type(err).__name__}: {err}")

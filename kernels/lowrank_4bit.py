@@ -2,7 +2,8 @@
 
 W [d, k] is stored as bitsandbytes packs it: element i = n·k + c of the flattened W is the code
 index in nibble ``i & 1`` (0 = high) of byte ``i >> 1``, scaled by the fp32 ``absmax[i // QBLOCK]``
-(the nested statistics are expanded to fp32 on the host: d·k / QBLOCK floats). Tiles of W are
+(nested statistics are first expanded to those d·k / QBLOCK floats by
+``_absmax_nested_kernel``, one launch, bit-exact). Tiles of W are
 dequantised in registers (``code[q] · absmax`` in fp32, rounded to the quant state's dtype as
 bitsandbytes does, then fed to ``tl.dot``) and never written to memory. ``code[q]`` is a tree of
 selects on the four index bits (NF4 or FP4 constants; no table in memory). The tile loader has
@@ -51,7 +52,8 @@ from . import lowrank as _dense
 from ._aot import SMEM_LIMIT, KernelSpec, dtype_name
 from .lowrank import _act_grad, _adapter_init, _core_tile, _grouped_pid, _keep_mask, _op
 
-__all__ = ["lowrank_4bit_fwd", "lowrank_4bit_bwd", "dequantize_4bit_dense", "buffer_min_m", "DECODE_MAX_M",
+__all__ = ["lowrank_4bit_fwd", "lowrank_4bit_bwd", "dequantize_4bit_dense", "absmax_fp32", "buffer_min_m",
+           "DECODE_MAX_M",
            "BUFFER_MIN_M_ENV", "KERNELS"]
 
 DECODE_MAX_M = 16
@@ -449,6 +451,18 @@ def _lowrank4_bwd_dx_kernel(
 
 
 @triton.jit
+def _absmax_nested_kernel(q_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, n,
+                          BLOCK2: tl.constexpr, BLOCK: tl.constexpr):
+    """absmax[i] = code2[q[i]]·absmax2[i // BLOCK2] + offset in fp32, each operation rounded on
+    its own as bitsandbytes does (launched with FMA contraction off)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    q = tl.load(q_ptr + i, mask=mask, other=0).to(tl.int32)
+    v = tl.load(code2_ptr + q, mask=mask, other=0.0) * tl.load(absmax2_ptr + i // BLOCK2, mask=mask, other=0.0)
+    tl.store(out_ptr + i, v + tl.load(offset_ptr), mask=mask)
+
+
+@triton.jit
 def _dequant4_kernel(packed_ptr, absmax_ptr, w_ptr, N, K, stride_wn,
                      QBLOCK: tl.constexpr, QUANT: tl.constexpr, W_KIND: tl.constexpr, LAYOUT: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -466,14 +480,40 @@ def _dequant4_kernel(packed_ptr, absmax_ptr, w_ptr, N, K, stride_wn,
 # Launchers
 # --------------------------------------------------------------------------------------------
 
+_ABSMAX_BLOCK = 1024
+
+
+def absmax_fp32(quant_state) -> torch.Tensor:
+    """The fp32 absmax per block of ``quant_state``, equal bit for bit to
+    ``fastpeft.quant.dequantize_absmax``: nested statistics (fp32 second level, as bitsandbytes
+    writes them) expand in one kernel instead of a chain of torch ops (fewer launches per call,
+    which decoding feels); other states go through the torch function."""
+    from fastpeft.quant import dequantize_absmax
+
+    s2 = quant_state.state2
+    absmax = quant_state.absmax
+    if (s2 is None or absmax.dtype != torch.uint8 or s2.absmax.dtype != torch.float32
+            or s2.code.dtype != torch.float32 or s2.dtype not in (None, torch.float32)
+            or quant_state.offset is None or quant_state.offset.dtype != torch.float32):
+        return dequantize_absmax(quant_state).contiguous()
+    n = absmax.numel()
+    out = torch.empty(n, dtype=torch.float32, device=absmax.device)
+    if n:
+        with _dense._device(out):
+            _absmax_nested_kernel[(triton.cdiv(n, _ABSMAX_BLOCK),)](
+                absmax.reshape(-1), s2.code.contiguous(), s2.absmax.reshape(-1), quant_state.offset.reshape(1),
+                out, n, BLOCK2=int(s2.blocksize), BLOCK=_ABSMAX_BLOCK, num_warps=4, enable_fp_fusion=False)
+    return out
+
+
 def _weight_args(packed, quant_state, device):
     """(flat uint8 bytes, fp32 absmax per block, the weight's constexprs, (d, k))."""
-    from fastpeft.quant import _packed_bytes, dequantize_absmax, validate_4bit
+    from fastpeft.quant import _packed_bytes, validate_4bit
 
     shape, _ = validate_4bit(packed, quant_state)
     d, k = shape
     data = _packed_bytes(packed.detach())
-    absmax = dequantize_absmax(quant_state).contiguous()
+    absmax = absmax_fp32(quant_state)
     qblock = int(quant_state.blocksize)
     meta = dict(QBLOCK=qblock, QUANT=_QUANT[quant_state.quant_type], W_KIND=_W_KIND[quant_state.dtype],
                 LAYOUT=_layout(k, qblock))
@@ -748,6 +788,12 @@ def _sig_dequant(problem, config):
     return types, {**cex, **config.kwargs}
 
 
+def _sig_absmax(problem, config):
+    types = {"q_ptr": "*u8", "code2_ptr": "*fp32", "absmax2_ptr": "*fp32", "offset_ptr": "*fp32",
+             "out_ptr": "*fp32", "n": "i32"}
+    return types, {"BLOCK2": 256, **config.kwargs}
+
+
 def _br(problem) -> int:
     return max(16, _dense._pow2(problem["R"]))
 
@@ -772,4 +818,7 @@ KERNELS = [
                lambda arch, pr: [triton.Config({"BLOCK_N": _DEQUANT_TILE[0], "BLOCK_K": _DEQUANT_TILE[1]},
                                                num_warps=_DEQUANT_TILE[2], num_stages=1)],
                _sig_dequant, tensor_cores=False, variants=_LAYOUTS),
+    KernelSpec("absmax_nested", __name__, "_absmax_nested_kernel",
+               lambda arch, pr: [triton.Config({"BLOCK": _ABSMAX_BLOCK}, num_warps=4, num_stages=1)],
+               _sig_absmax, tensor_cores=False, options=(("enable_fp_fusion", False),)),
 ]

@@ -13,6 +13,7 @@ Compilation runs once for the whole file (in a subprocess when the interpreter i
 cached by Triton on disk, so a second run is fast.
 """
 
+import dataclasses
 import functools
 import itertools
 
@@ -99,3 +100,19 @@ def test_compiles_without_spills(case):
     if spec.tensor_cores and problem["dtype"] != "fp32":
         ops = res.tensor_core_ops
         assert any(op in TENSOR_CORE_OPS[arch] for op in ops), f"{name}: no tensor-core instruction ({ops})"
+
+
+@pytest.mark.slow
+def test_kernels_without_fp_fusion_round_every_operation():
+    """A kernel launched with ``enable_fp_fusion=False`` (the nested-absmax expansion, which must
+    round its multiply and its add apart, as bitsandbytes does) has no fused multiply-add in its
+    PTX, where the same kernel compiled with fusion has one (so this check can fail)."""
+    unfused = [(name, spec, arch, config, problem) for name, spec, arch, config, problem in PLAN
+               if dict(spec.options).get("enable_fp_fusion") is False]
+    assert unfused
+    for name, *_ in unfused:
+        ptx = _results()[name].ptx
+        assert "fma.rn.f32" not in ptx and "mul.rn.f32" in ptx, name
+    _, spec, arch, config, problem = unfused[0]
+    fused = _aot.compile_kernels([dataclasses.replace(spec.job(arch, problem, config), options={})])[0]
+    assert not fused.error and "fma.rn.f32" in fused.ptx

@@ -108,11 +108,20 @@ def lowrank_4bit_fwd_cuda(x, packed, quant_state, bias, lora_A, lora_B, core, ou
     u = apply_core(activation_fn(t, activation), core)       # U = σ(T) Sᵀ
     y = _cuda_ext().lowrank4_decode(
         x if x.stride(-1) == 1 else x.contiguous(), _packed_bytes(packed.detach()),
-        dequantize_absmax(quant_state).contiguous(), _code_cached(quant_state.quant_type, x.device),
+        _absmax_fp32(quant_state, x.device), _code_cached(quant_state.quant_type, x.device),
         quant_state.dtype, int(quant_state.blocksize), d, u.contiguous(), lora_B.contiguous(),
         None if out_scale is None else out_scale.contiguous(), None if bias is None else bias.contiguous(),
         float(scale))
     return y, t
+
+
+def _absmax_fp32(quant_state, device) -> Tensor:
+    """The fp32 absmax per block: nested statistics expanded in one Triton kernel where Triton
+    runs (one launch instead of a chain of torch ops), else by :func:`dequantize_absmax`."""
+    if _triton_available(device) is None:
+        from ..kernels.lowrank_4bit import absmax_fp32
+        return absmax_fp32(quant_state)
+    return dequantize_absmax(quant_state).contiguous()
 
 
 class _CudaBackend:
