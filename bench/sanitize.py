@@ -5,8 +5,8 @@ compute-sanitizer (memcheck, racecheck) on a GPU.
     compute-sanitizer --tool racecheck python3 bench/sanitize.py
     TRITON_INTERPRET=1 python3 bench/sanitize.py --smoke --device cpu    # the same, interpreted
 
-Cases: the dense op, the grouped op (three projections) and the 4-bit op (NF4, nested, and FP4),
-each forward and backward with every feature on (full core, out_scale, gelu, bias, dropout 0.1,
+Cases: the dense op, the grouped op (three projections) and the 4-bit op (NF4, nested, and FP4;
+and NF4 through the transient dense buffer at the larger M), each forward and backward with every feature on (full core, out_scale, gelu, bias, dropout 0.1,
 A trainable), at k = 123, d = 77, r = 12 and M = 1 and M = 4097 (``--smoke``: M = 1 and 33), in
 the backend's fast mode and in deterministic mode. Deterministic mode also turns on PyTorch's
 filling of fresh memory with NaN, so an output element a kernel never wrote shows up as NaN.
@@ -150,16 +150,21 @@ def _has_cuda_extension() -> bool:
     return True
 
 
+BUFFER = {"FASTPEFT_4BIT_BUFFER_MIN_M": "1"}     # the 4-bit op through a transient dense W (M > 16)
+
+
 def cases(device, smoke: bool, dtypes):
+    """(name, make, dtype, environment) for every case."""
     ms = (1, 33) if smoke else (1, 4097)
     for dtype in dtypes:
         for M in ms:
-            yield f"dense M={M}", lambda M=M, dt=dtype: dense_case(M, dt, device), dtype
-            yield f"group M={M}", lambda M=M, dt=dtype: group_case(M, dt, device), dtype
+            yield f"dense M={M}", lambda M=M, dt=dtype: dense_case(M, dt, device), dtype, {}
+            yield f"group M={M}", lambda M=M, dt=dtype: group_case(M, dt, device), dtype, {}
             for qt in ("nf4", "fp4"):
-                yield f"4bit-{qt} M={M}", lambda M=M, dt=dtype, qt=qt: four_bit_case(M, dt, device, qt), dtype
+                yield f"4bit-{qt} M={M}", lambda M=M, dt=dtype, qt=qt: four_bit_case(M, dt, device, qt), dtype, {}
+        yield f"4bit-nf4 M={ms[-1]} (buffer)", lambda dt=dtype: four_bit_case(ms[-1], dt, device), dtype, BUFFER
         if device.type == "cuda" and _has_cuda_extension():
-            yield "4bit-nf4 M=1 (cuda)", lambda dt=dtype: four_bit_case(1, dt, device, "nf4", "cuda"), dtype
+            yield "4bit-nf4 M=1 (cuda)", lambda dt=dtype: four_bit_case(1, dt, device, "nf4", "cuda"), dtype, {}
 
 
 def main(argv=None) -> int:
@@ -173,17 +178,24 @@ def main(argv=None) -> int:
         parser.error("--device cpu runs the kernels under the Triton interpreter: set TRITON_INTERPRET=1")
     dtypes = [DTYPE[name] for name in args.dtypes.split(",")]
     failed = 0
-    for name, make, dtype in cases(device, args.smoke, dtypes):
+    for name, make, dtype, environment in cases(device, args.smoke, dtypes):
         for mode in ("fast", "deterministic"):
             torch.manual_seed(0)
             fn, ref, leaves, backend = make()
             torch.use_deterministic_algorithms(mode == "deterministic", warn_only=True)
+            saved = {k: os.environ.get(k) for k in environment}
+            os.environ.update(environment)
             try:
                 errs = _errors(fn, ref, leaves, backend)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
             finally:
                 torch.use_deterministic_algorithms(False)
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
             worst = max(errs.values(), key=lambda e: float("inf") if e != e else e)
             ok = worst == worst and worst <= TOLERANCE[dtype]
             failed += not ok

@@ -53,8 +53,7 @@ from ._aot import SMEM_LIMIT, KernelSpec, dtype_name
 from .lowrank import _act_grad, _adapter_init, _core_tile, _grouped_pid, _keep_mask, _op
 
 __all__ = ["lowrank_4bit_fwd", "lowrank_4bit_bwd", "dequantize_4bit_dense", "absmax_fp32", "buffer_min_m",
-           "DECODE_MAX_M",
-           "BUFFER_MIN_M_ENV", "KERNELS"]
+           "DECODE_MAX_M", "BUFFER_MIN_M_ENV", "KERNELS"]
 
 DECODE_MAX_M = 16
 BUFFER_MIN_M_ENV = "FASTPEFT_4BIT_BUFFER_MIN_M"

@@ -357,8 +357,9 @@ def test_sanitize_program_runs_every_kernel_under_the_interpreter():
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("ok", "FAIL"))]
-    assert len(lines) == 16 and all(ln.startswith("ok") for ln in lines), proc.stdout
+    assert len(lines) == 18 and all(ln.startswith("ok") for ln in lines), proc.stdout
     assert {"dense", "group", "4bit-nf4", "4bit-fp4"} <= {ln.split()[1] for ln in lines}
+    assert sum("(buffer)" in ln for ln in lines) == 2
     env.pop("TRITON_INTERPRET")
     proc = subprocess.run([sys.executable, script, "--smoke", "--device", "cpu"], capture_output=True,
                           text=True, timeout=120, env=env)
