@@ -224,7 +224,10 @@ def _check_blocksize(blocksize, name: str) -> None:
 
 
 def _numel(shape) -> int:
-    return math.prod(int(s) for s in shape)
+    n = 1
+    for size in shape:   # a plain loop: torch.compile traces it (a generator it cannot)
+        n *= int(size)
+    return n
 
 
 def _get(state, attr: str, where: str):
@@ -254,7 +257,7 @@ def validate_4bit(packed: torch.Tensor, quant_state) -> tuple[torch.Size, int]:
     if dtype not in _FLOAT_DTYPES:
         raise ValueError(f"quant_state.dtype must be one of float32/float16/bfloat16, got {dtype}")
     shape = _get(quant_state, "shape", "quant_state")
-    if shape is None or not all(isinstance(s, int) and s >= 0 for s in tuple(shape)):
+    if shape is None or not all([isinstance(s, int) and s >= 0 for s in tuple(shape)]):
         raise ValueError(f"quant_state.shape must be the dense tensor's shape, got {shape!r}")
     shape = torch.Size(shape)
     n = _numel(shape)

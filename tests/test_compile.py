@@ -154,3 +154,69 @@ def test_opcheck_lowrank_bwd(core_kind, with_os, with_bias, dropout_p, activatio
     partial = [True, False, True, False, False, with_bias]
     args = args[:12] + (partial,) + args[13:]
     torch.library.opcheck(torch.ops.fastpeft.lowrank_bwd.default, args)
+
+
+# -- the 4-bit op -------------------------------------------------------------------------------
+
+def _stack_4bit(preset, seed=0):
+    """A fastpeft model over a 4-bit (NF4, nested) base: the 4-bit layers of ``preset``."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.Linear(40, 24), nn.GELU(), nn.Linear(24, 8))
+    config = AdapterConfig(r=4, alpha=8, **preset)
+    for i in (0, 2, 4):
+        layer = fastpeft.LowRankLinear4bit.from_linear(model[i], config)
+        with torch.no_grad():
+            layer.lora_B.normal_(std=0.3)
+            if layer.lora_core is not None:
+                layer.lora_core.normal_()
+        model[i] = layer
+    return model
+
+
+@pytest.mark.parametrize("preset", [dict(method="lora"), dict(method="lamda"), dict(method="vera"),
+                                    dict(method="lora", train_bias=True)], ids=lambda p: "-".join(map(str, p.values())))
+def test_4bit_layers_compile_fullgraph_and_match_eager(preset):
+    """Models of 4-bit layers: no graph break, one graph, and Inductor's loss and gradients equal
+    eager ones (the op is a pair of custom ops; the quant state crosses as tensors)."""
+    eager, compiled = _stack_4bit(preset).train(), _stack_4bit(preset).train()
+    x = torch.randn(3, 5, 24)
+
+    def step(model):
+        return model(x).square().mean()
+
+    explanation = _explain(step, compiled)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    want = step(eager)
+    want.backward()
+    got = torch.compile(step, fullgraph=True)(compiled)
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    trained = [(n, p) for n, p in eager.named_parameters() if p.requires_grad]
+    assert trained
+    for (name, p), (_, q) in zip(trained, [(n, q) for n, q in compiled.named_parameters() if q.requires_grad]):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _op_args_4bit(core_kind, with_os, with_bias, dropout_p, activation, nested):
+    from fastpeft.ops.lowrank_4bit import _state_meta, _state_tensors
+
+    a = _op_args(core_kind, with_os, with_bias, dropout_p, activation)
+    packed, state = fastpeft.quantize_4bit(a.pop("weight"), blocksize=32, compress_statistics=nested)
+    return a, (packed, *_state_tensors(state), *_state_meta(state))
+
+
+@pytest.mark.parametrize("core_kind,with_os,with_bias,dropout_p,activation", OP_CASES)
+@pytest.mark.parametrize("nested", [True, False], ids=["nested", "plain"])
+def test_opcheck_lowrank_4bit(core_kind, with_os, with_bias, dropout_p, activation, nested):
+    a, weight = _op_args_4bit(core_kind, with_os, with_bias, dropout_p, activation, nested)
+    rest = (a["lora_A"], a["lora_B"], a["core"], a["out_scale"], a["scale"], a["dropout_p"], a["seed"],
+            a["activation"])
+    fwd = (a["x"], *weight, a["bias"], *rest, "torch")
+    torch.library.opcheck(torch.ops.fastpeft.lowrank_4bit_fwd.default, fwd)
+    _, t = torch.ops.fastpeft.lowrank_4bit_fwd(*fwd)
+    grad_y = torch.randn(6, 7, generator=torch.Generator().manual_seed(1))
+    for needs in ([True, True, True, core_kind is not None, with_os, with_bias],
+                  [True, False, True, False, False, with_bias]):
+        bwd = (grad_y, a["x"], *weight, t, *rest, needs, "torch", False)
+        torch.library.opcheck(torch.ops.fastpeft.lowrank_4bit_bwd.default, bwd)

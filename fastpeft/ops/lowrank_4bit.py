@@ -18,6 +18,10 @@ dequantises tiles of W in registers inside the GEMMs; ``"cuda"`` (``fastpeft._C`
 csrc/) runs the small-M forward (M <= 16, no adapter dropout: decoding) in one kernel that reads
 W once, 4 bits per weight; its backward is the Triton backend's (the torch one without Triton).
 ``"auto"`` takes ``"cuda"`` where it applies, else ``"triton"`` on CUDA tensors.
+
+The forward and backward halves are ``torch.library`` custom ops (``fastpeft::lowrank_4bit_fwd``
+and ``fastpeft::lowrank_4bit_bwd``) with fake implementations; the quant state crosses them as
+its tensors and constants, so ``torch.compile(fullgraph=True)`` traces QLoRA-style models too.
 """
 
 from __future__ import annotations
@@ -156,7 +160,9 @@ _backend.register_impl(OP_NAME, "cuda", lambda: _CudaBackend, _cuda_available, _
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd.
+# Custom ops and autograd. A quant state crosses the op boundary as its tensors (absmax, offset,
+# absmax2, code2) and its constants (shape, dtype, blocksize, quant type, nested blocksize and
+# dtype), so torch.compile traces models of 4-bit layers without graph breaks.
 # --------------------------------------------------------------------------------------------
 
 def _state_tensors(quant_state) -> tuple:
@@ -168,67 +174,110 @@ def _state_tensors(quant_state) -> tuple:
 
 
 def _state_meta(quant_state) -> tuple:
+    """(shape, dtype, blocksize, quant_type, nested blocksize or 0, nested dtype or None)."""
     s2 = quant_state.state2
-    return (torch.Size(quant_state.shape), quant_state.dtype, int(quant_state.blocksize),
-            quant_state.quant_type, None if s2 is None else (int(s2.blocksize), s2.dtype))
+    return ([int(n) for n in quant_state.shape], quant_state.dtype, int(quant_state.blocksize),
+            quant_state.quant_type, 0 if s2 is None else int(s2.blocksize), None if s2 is None else s2.dtype)
 
 
-def _rebuild_state(meta, absmax, offset, absmax2, code2) -> QuantState:
-    """A light QuantState over the saved tensors (no copies) for backward."""
-    shape, dtype, blocksize, quant_type, nested = meta
+def _rebuild_state(shape, dtype, blocksize, quant_type, blocksize2, dtype2, absmax, offset, absmax2,
+                   code2) -> QuantState:
+    """A light QuantState over the given tensors (no copies)."""
     state2 = None
-    if nested is not None:
-        state2 = QuantState(absmax=absmax2, code=code2, blocksize=nested[0], dtype=nested[1])
-    return QuantState(absmax=absmax, shape=shape, blocksize=blocksize, quant_type=quant_type,
+    if blocksize2:
+        state2 = QuantState(absmax=absmax2, code=code2, blocksize=blocksize2, dtype=dtype2)
+    return QuantState(absmax=absmax, shape=torch.Size(shape), blocksize=blocksize, quant_type=quant_type,
                       dtype=dtype, offset=offset, state2=state2)
+
+
+@torch.library.custom_op("fastpeft::lowrank_4bit_fwd", mutates_args=())
+def _lowrank_4bit_fwd_op(x: Tensor, packed: Tensor, absmax: Tensor, offset: Optional[Tensor],
+                         absmax2: Optional[Tensor], code2: Optional[Tensor], shape: list[int],
+                         state_dtype: torch.dtype, blocksize: int, quant_type: str, blocksize2: int,
+                         dtype2: Optional[torch.dtype], bias: Optional[Tensor], lora_A: Tensor,
+                         lora_B: Tensor, core: Optional[Tensor], out_scale: Optional[Tensor],
+                         scale: float, dropout_p: float, seed: Tensor, activation: Optional[str],
+                         backend: str) -> tuple[Tensor, Tensor]:
+    state = _rebuild_state(shape, state_dtype, blocksize, quant_type, blocksize2, dtype2, absmax, offset,
+                           absmax2, code2)
+    impl = _backend.get_impl(OP_NAME, backend) if x.shape[0] else _TorchBackend
+    return impl.lowrank_4bit_fwd(x, packed, state, bias, lora_A, lora_B, core, out_scale, float(scale),
+                                 float(dropout_p), int(seed), activation)
+
+
+@_lowrank_4bit_fwd_op.register_fake
+def _(x, packed, absmax, offset, absmax2, code2, shape, state_dtype, blocksize, quant_type, blocksize2,
+      dtype2, bias, lora_A, lora_B, core, out_scale, scale, dropout_p, seed, activation, backend):
+    return x.new_empty(x.shape[0], shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.custom_op("fastpeft::lowrank_4bit_bwd", mutates_args=())
+def _lowrank_4bit_bwd_op(grad_y: Tensor, x: Optional[Tensor], packed: Tensor, absmax: Tensor,
+                         offset: Optional[Tensor], absmax2: Optional[Tensor], code2: Optional[Tensor],
+                         shape: list[int], state_dtype: torch.dtype, blocksize: int, quant_type: str,
+                         blocksize2: int, dtype2: Optional[torch.dtype], t: Tensor, lora_A: Tensor,
+                         lora_B: Tensor, core: Optional[Tensor], out_scale: Optional[Tensor],
+                         scale: float, dropout_p: float, seed: Tensor, activation: Optional[str],
+                         needs: list[bool], backend: str, deterministic: bool) -> list[Tensor]:
+    state = _rebuild_state(shape, state_dtype, blocksize, quant_type, blocksize2, dtype2, absmax, offset,
+                           absmax2, code2)
+    impl = _backend.get_impl(OP_NAME, backend) if grad_y.shape[0] else _TorchBackend
+    grads = impl.lowrank_4bit_bwd(grad_y, x, packed, state, t, lora_A, lora_B, core, out_scale, float(scale),
+                                  float(dropout_p), int(seed), activation, *needs, deterministic=deterministic)
+    # custom ops return tensors only: an unneeded gradient travels as an empty tensor
+    return [g if g is not None else grad_y.new_empty(0) for g in grads]
+
+
+@_lowrank_4bit_bwd_op.register_fake
+def _(grad_y, x, packed, absmax, offset, absmax2, code2, shape, state_dtype, blocksize, quant_type,
+      blocksize2, dtype2, t, lora_A, lora_B, core, out_scale, scale, dropout_p, seed, activation, needs,
+      backend, deterministic):
+    tensors = [None, lora_A, lora_B, core, out_scale, None]
+    shapes = [(grad_y.shape[0], shape[1])] + [None if v is None else v.shape for v in tensors[1:5]] + [(shape[0],)]
+    return [grad_y.new_empty(s if need else (0,), dtype=grad_y.dtype if v is None else v.dtype)
+            for s, v, need in zip(shapes, tensors, needs)]
 
 
 class LowRankLinear4bitFunction(torch.autograd.Function):
     """Autograd of the 4-bit op. ``save_for_backward`` receives the packed weight, the quant
-    state's tensors and the dense op's contract (x only if A trains, T, the seed): no dense W."""
+    state's tensors and the dense op's contract (x only if A trains, T, the seed): no dense W.
+    ``meta`` is :func:`_state_meta` of the state whose tensors follow it."""
 
     @staticmethod
-    def forward(ctx, x, packed, quant_state, bias, lora_A, lora_B, core, out_scale, scale,
-                dropout_p, seed, activation, backend):
-        impl = _backend.get_impl(OP_NAME, backend)
+    def forward(ctx, x, packed, absmax, offset, absmax2, code2, meta, bias, lora_A, lora_B, core,
+                out_scale, scale, dropout_p, seed, activation, backend):
         x2d = x.reshape(-1, x.shape[-1])
-        d = quant_state.shape[0]
-        if x2d.shape[0] == 0:
-            impl = _TorchBackend
-        y, t = impl.lowrank_4bit_fwd(x2d, packed, quant_state, bias, lora_A, lora_B, core,
-                                     out_scale, scale, dropout_p, int(seed), activation)
+        y, t = torch.ops.fastpeft.lowrank_4bit_fwd(x2d, packed, absmax, offset, absmax2, code2, *meta, bias,
+                                                   lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
+                                                   activation, backend)
         keep_x = lora_A.requires_grad
-        ctx.save_for_backward(x if keep_x else None, packed, lora_A, lora_B, core, out_scale, t,
-                              seed, *_state_tensors(quant_state))
-        ctx.meta = _state_meta(quant_state)
+        ctx.save_for_backward(x if keep_x else None, packed, lora_A, lora_B, core, out_scale, t, seed,
+                              absmax, offset, absmax2, code2)
+        ctx.meta = meta
         ctx.scale, ctx.dropout_p, ctx.activation, ctx.backend = scale, dropout_p, activation, backend
         ctx.has_bias = bias is not None
-        return y.reshape(*x.shape[:-1], d)
+        return y.reshape(*x.shape[:-1], meta[0][0])
 
     @staticmethod
     def backward(ctx, grad_out):
         x, packed, lora_A, lora_B, core, out_scale, t, seed, *state = ctx.saved_tensors
-        quant_state = _rebuild_state(ctx.meta, *state)
         need = ctx.needs_input_grad
-        needs = [need[0], need[4], need[5], need[6] and core is not None,
-                 need[7] and out_scale is not None, need[3] and ctx.has_bias]
-        grads = [None] * 13
+        needs = [need[0], need[8], need[9], need[10] and core is not None,
+                 need[11] and out_scale is not None, need[7] and ctx.has_bias]
+        grads = [None] * 17
         if not any(needs):
             return tuple(grads)
         grad_y = grad_out.reshape(-1, grad_out.shape[-1])
         if grad_y.stride(-1) != 1:
             grad_y = grad_y.contiguous()
         x2d = x.reshape(-1, x.shape[-1]) if x is not None and needs[1] else None
-        impl = _backend.get_impl(OP_NAME, ctx.backend)
-        if grad_y.shape[0] == 0:
-            impl = _TorchBackend
-        dx, d_a, d_b, d_core, d_os, d_bias = impl.lowrank_4bit_bwd(
-            grad_y, x2d, packed, quant_state, t, lora_A, lora_B, core, out_scale, ctx.scale,
-            ctx.dropout_p, int(seed), ctx.activation, *needs,
-            deterministic=torch.are_deterministic_algorithms_enabled())
+        out = torch.ops.fastpeft.lowrank_4bit_bwd(
+            grad_y, x2d, packed, *state, *ctx.meta, t, lora_A, lora_B, core, out_scale, ctx.scale,
+            ctx.dropout_p, seed, ctx.activation, needs, ctx.backend, torch.are_deterministic_algorithms_enabled())
+        dx, d_a, d_b, d_core, d_os, d_bias = (g if n else None for g, n in zip(out, needs))
         if dx is not None:
             dx = dx.reshape(grad_out.shape[:-1] + (dx.shape[-1],))
-        grads[0], grads[3], grads[4], grads[5], grads[6], grads[7] = dx, d_bias, d_a, d_b, d_core, d_os
+        grads[0], grads[7], grads[8], grads[9], grads[10], grads[11] = dx, d_bias, d_a, d_b, d_core, d_os
         return tuple(grads)
 
 
@@ -273,7 +322,8 @@ def lowrank_linear_4bit(x: Tensor, packed: Tensor, quant_state, bias: Optional[T
     problem = dict(M=math.prod(x.shape[:-1]), dropout_p=float(dropout_p), dtype=x.dtype)
     backend = _backend.resolve_backend(OP_NAME, x.device, problem=problem)
     seed_t = seed_tensor(seed, float(dropout_p))
+    meta = _state_meta(quant_state)
     with torch.autocast(x.device.type, enabled=False):
-        return LowRankLinear4bitFunction.apply(x, packed, quant_state, bias, lora_A, lora_B, core,
-                                               out_scale, float(scale), float(dropout_p), seed_t,
+        return LowRankLinear4bitFunction.apply(x, packed, *_state_tensors(quant_state), meta, bias, lora_A,
+                                               lora_B, core, out_scale, float(scale), float(dropout_p), seed_t,
                                                activation, backend)
