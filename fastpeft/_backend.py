@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import torch
 
 __all__ = ["BACKENDS", "use_backend", "get_backend", "register_impl", "register_triton", "resolve_backend",
-           "get_impl"]
+           "get_impl", "custom_op"]
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -136,6 +136,41 @@ def resolve_backend(op: str, device: torch.device, requested: str | None = None,
 def get_impl(op: str, backend: str):
     """The module (or object) holding ``backend``'s functions for ``op``."""
     return _IMPLS[(op, backend)].loader()
+
+
+# -- the op boundary -------------------------------------------------------------------------
+
+def custom_op(name: str, fn: Callable, fake: Callable) -> Callable:
+    """Register ``fn`` as the ``torch.library`` custom op ``name`` with the fake implementation
+    ``fake``, and return the callable the autograd Functions use: ``fn`` itself in plain eager
+    mode, where the custom-op dispatcher would add tens of microseconds a call (felt when decoding,
+    where every layer's call is small); the custom op whenever anything traces (torch.compile,
+    export, AOT autograd, opcheck, a dispatch mode, fake or other tensor subclasses), so that a
+    graph holds one opaque node."""
+    op = torch.library.custom_op(name, fn, mutates_args=())
+    op.register_fake(fake)
+    namespace, op_name = name.split("::")
+    packet = getattr(getattr(torch.ops, namespace), op_name)
+
+    def call(first, *args):
+        if _plain_eager(first):
+            return fn(first, *args)
+        return packet(first, *args)
+
+    call.op = op
+    return call
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(first) -> bool:
+    """True outside any tracing, with a plain tensor (or a list holding one) as first argument."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    if isinstance(first, (list, tuple)):    # a list of tensors (the group op's gradients)
+        first = next((t for t in first if t is not None), None)
+    return type(first) in _PLAIN and first.device.type != "meta"
 
 
 # -- availability checks shared by the kernel backends ---------------------------------------

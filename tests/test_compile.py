@@ -220,3 +220,26 @@ def test_opcheck_lowrank_4bit(core_kind, with_os, with_bias, dropout_p, activati
                   [True, False, True, False, False, with_bias]):
         bwd = (grad_y, a["x"], *weight, t, *rest, needs, "torch", False)
         torch.library.opcheck(torch.ops.fastpeft.lowrank_4bit_bwd.default, bwd)
+
+
+def test_compiled_graphs_hold_the_custom_ops():
+    """Eager calls skip the custom-op dispatcher; traced ones must not: the forward and backward
+    graphs AOT autograd builds hold fastpeft's ops as single opaque nodes, dense and 4-bit."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {"fw": [], "bw": []}
+
+    def keep(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+            return gm.forward
+        return compiler
+
+    backend = aot_autograd(fw_compiler=keep("fw"), bw_compiler=keep("bw"))
+    dense, four_bit = _stack(dict(method="lora", dropout=0.1)), _stack_4bit(dict(method="lora"))
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    for model, name in ((dense, "lowrank"), (four_bit, "lowrank_4bit")):
+        graphs["fw"].clear(), graphs["bw"].clear()
+        torch.compile(lambda x: model(x).square().mean(), fullgraph=True, backend=backend)(x).backward()
+        assert f"fastpeft.{name}_fwd.default" in set().union(*graphs["fw"]), graphs["fw"]
+        assert f"fastpeft.{name}_bwd.default" in set().union(*graphs["bw"]), graphs["bw"]

@@ -24,7 +24,9 @@ when A (or W) trains; never a dropped copy of x or a mask.
 The forward and backward halves are ``torch.library`` custom ops (``fastpeft::lowrank_fwd`` and
 ``fastpeft::lowrank_bwd``) with fake implementations, so ``torch.compile(fullgraph=True)``
 traces models built from this op without graph breaks; the backend that runs them is chosen in
-the forward pass and reused in backward.
+the forward pass and reused in backward. Untraced eager calls run the ops' Python implementations
+directly (:func:`fastpeft._backend.custom_op`): the custom-op dispatcher alone would cost more
+host time than a small layer's kernels.
 """
 
 from __future__ import annotations
@@ -217,11 +219,10 @@ _backend.register_impl(OP_NAME, "torch", lambda: _TorchBackend, lambda device: N
 _triton_available = _backend.register_triton(OP_NAME, "lowrank")
 
 
-@torch.library.custom_op("fastpeft::lowrank_fwd", mutates_args=())
-def _lowrank_fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
-                    lora_B: Tensor, core: Optional[Tensor], out_scale: Optional[Tensor],
-                    scale: float, dropout_p: float, seed: Tensor, activation: Optional[str],
-                    backend: str) -> tuple[Tensor, Tensor]:
+def _lowrank_fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                      lora_B: Tensor, core: Optional[Tensor], out_scale: Optional[Tensor],
+                      scale: float, dropout_p: float, seed: Tensor, activation: Optional[str],
+                      backend: str) -> tuple[Tensor, Tensor]:
     impl = _backend.get_impl(OP_NAME, backend)
     if x.shape[0] == 0:  # an empty batch needs no kernel
         impl = _TorchBackend
@@ -229,17 +230,19 @@ def _lowrank_fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: T
                             float(dropout_p), int(seed), activation)
 
 
-@_lowrank_fwd_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, core, out_scale, scale, dropout_p, seed, activation, backend):
+def _lowrank_fwd_fake(x, weight, bias, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
+                      activation, backend):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
 
 
-@torch.library.custom_op("fastpeft::lowrank_bwd", mutates_args=())
-def _lowrank_bwd_op(grad_y: Tensor, x: Optional[Tensor], weight: Tensor, t: Tensor,
-                    lora_A: Tensor, lora_B: Tensor, core: Optional[Tensor],
-                    out_scale: Optional[Tensor], scale: float, dropout_p: float, seed: Tensor,
-                    activation: Optional[str], needs: Sequence[bool], backend: str,
-                    deterministic: bool) -> list[Tensor]:
+_lowrank_fwd = _backend.custom_op("fastpeft::lowrank_fwd", _lowrank_fwd_impl, _lowrank_fwd_fake)
+
+
+def _lowrank_bwd_impl(grad_y: Tensor, x: Optional[Tensor], weight: Tensor, t: Tensor,
+                      lora_A: Tensor, lora_B: Tensor, core: Optional[Tensor],
+                      out_scale: Optional[Tensor], scale: float, dropout_p: float, seed: Tensor,
+                      activation: Optional[str], needs: Sequence[bool], backend: str,
+                      deterministic: bool) -> list[Tensor]:
     impl = _backend.get_impl(OP_NAME, backend)
     args = (grad_y, x, weight, t, lora_A, lora_B, core, out_scale, float(scale),
             float(dropout_p), int(seed), activation, *needs)
@@ -251,9 +254,8 @@ def _lowrank_bwd_op(grad_y: Tensor, x: Optional[Tensor], weight: Tensor, t: Tens
     return [g if g is not None else grad_y.new_empty(0) for g in grads]
 
 
-@_lowrank_bwd_op.register_fake
-def _(grad_y, x, weight, t, lora_A, lora_B, core, out_scale, scale, dropout_p, seed, activation,
-      needs, backend, deterministic):
+def _lowrank_bwd_fake(grad_y, x, weight, t, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
+                      activation, needs, backend, deterministic):
     shapes = [(grad_y.shape[0], weight.shape[1]), lora_A.shape, lora_B.shape,
               core.shape if core is not None else (0,),
               out_scale.shape if out_scale is not None else (0,), (weight.shape[0],)]
@@ -262,6 +264,9 @@ def _(grad_y, x, weight, t, lora_A, lora_B, core, out_scale, scale, dropout_p, s
               out_scale.dtype if out_scale is not None else grad_y.dtype, grad_y.dtype]
     return [grad_y.new_empty(shape if need else (0,), dtype=dtype)
             for shape, dtype, need in zip(shapes, dtypes, needs)]
+
+
+_lowrank_bwd = _backend.custom_op("fastpeft::lowrank_bwd", _lowrank_bwd_impl, _lowrank_bwd_fake)
 
 
 def _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, core, out_scale, scale, dropout_p,
@@ -289,7 +294,7 @@ def _gradients(ctx, grad_out):
     grads = [None] * 7
     needs = [need_x, need_A, need_B, need_core, need_os, need_bias]
     if any(needs):
-        out = torch.ops.fastpeft.lowrank_bwd(
+        out = _lowrank_bwd(
             grad_y, x2d if need_A else None, weight, t, lora_A, lora_B, core, out_scale,
             ctx.scale, ctx.dropout_p, seed, ctx.activation, needs, ctx.backend,
             torch.are_deterministic_algorithms_enabled())
@@ -316,7 +321,7 @@ class LowRankLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
                 activation, backend):
         x2d = x.reshape(-1, x.shape[-1])
-        y, t = torch.ops.fastpeft.lowrank_fwd(x2d, weight, bias, lora_A, lora_B, core, out_scale,
+        y, t = _lowrank_fwd(x2d, weight, bias, lora_A, lora_B, core, out_scale,
                                               scale, dropout_p, seed, activation, backend)
         _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, core, out_scale, scale,
                            dropout_p, seed, activation, backend, t)

@@ -190,14 +190,13 @@ def _rebuild_state(shape, dtype, blocksize, quant_type, blocksize2, dtype2, absm
                       dtype=dtype, offset=offset, state2=state2)
 
 
-@torch.library.custom_op("fastpeft::lowrank_4bit_fwd", mutates_args=())
-def _lowrank_4bit_fwd_op(x: Tensor, packed: Tensor, absmax: Tensor, offset: Optional[Tensor],
-                         absmax2: Optional[Tensor], code2: Optional[Tensor], shape: list[int],
-                         state_dtype: torch.dtype, blocksize: int, quant_type: str, blocksize2: int,
-                         dtype2: Optional[torch.dtype], bias: Optional[Tensor], lora_A: Tensor,
-                         lora_B: Tensor, core: Optional[Tensor], out_scale: Optional[Tensor],
-                         scale: float, dropout_p: float, seed: Tensor, activation: Optional[str],
-                         backend: str) -> tuple[Tensor, Tensor]:
+def _lowrank_4bit_fwd_impl(x: Tensor, packed: Tensor, absmax: Tensor, offset: Optional[Tensor],
+                           absmax2: Optional[Tensor], code2: Optional[Tensor], shape: list[int],
+                           state_dtype: torch.dtype, blocksize: int, quant_type: str, blocksize2: int,
+                           dtype2: Optional[torch.dtype], bias: Optional[Tensor], lora_A: Tensor,
+                           lora_B: Tensor, core: Optional[Tensor], out_scale: Optional[Tensor],
+                           scale: float, dropout_p: float, seed: Tensor, activation: Optional[str],
+                           backend: str) -> tuple[Tensor, Tensor]:
     state = _rebuild_state(shape, state_dtype, blocksize, quant_type, blocksize2, dtype2, absmax, offset,
                            absmax2, code2)
     impl = _backend.get_impl(OP_NAME, backend) if x.shape[0] else _TorchBackend
@@ -205,20 +204,23 @@ def _lowrank_4bit_fwd_op(x: Tensor, packed: Tensor, absmax: Tensor, offset: Opti
                                  float(dropout_p), int(seed), activation)
 
 
-@_lowrank_4bit_fwd_op.register_fake
-def _(x, packed, absmax, offset, absmax2, code2, shape, state_dtype, blocksize, quant_type, blocksize2,
-      dtype2, bias, lora_A, lora_B, core, out_scale, scale, dropout_p, seed, activation, backend):
+def _lowrank_4bit_fwd_fake(x, packed, absmax, offset, absmax2, code2, shape, state_dtype, blocksize,
+                           quant_type, blocksize2, dtype2, bias, lora_A, lora_B, core, out_scale, scale,
+                           dropout_p, seed, activation, backend):
     return x.new_empty(x.shape[0], shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
 
 
-@torch.library.custom_op("fastpeft::lowrank_4bit_bwd", mutates_args=())
-def _lowrank_4bit_bwd_op(grad_y: Tensor, x: Optional[Tensor], packed: Tensor, absmax: Tensor,
-                         offset: Optional[Tensor], absmax2: Optional[Tensor], code2: Optional[Tensor],
-                         shape: list[int], state_dtype: torch.dtype, blocksize: int, quant_type: str,
-                         blocksize2: int, dtype2: Optional[torch.dtype], t: Tensor, lora_A: Tensor,
-                         lora_B: Tensor, core: Optional[Tensor], out_scale: Optional[Tensor],
-                         scale: float, dropout_p: float, seed: Tensor, activation: Optional[str],
-                         needs: list[bool], backend: str, deterministic: bool) -> list[Tensor]:
+_lowrank_4bit_fwd = _backend.custom_op("fastpeft::lowrank_4bit_fwd", _lowrank_4bit_fwd_impl,
+                                       _lowrank_4bit_fwd_fake)
+
+
+def _lowrank_4bit_bwd_impl(grad_y: Tensor, x: Optional[Tensor], packed: Tensor, absmax: Tensor,
+                           offset: Optional[Tensor], absmax2: Optional[Tensor], code2: Optional[Tensor],
+                           shape: list[int], state_dtype: torch.dtype, blocksize: int, quant_type: str,
+                           blocksize2: int, dtype2: Optional[torch.dtype], t: Tensor, lora_A: Tensor,
+                           lora_B: Tensor, core: Optional[Tensor], out_scale: Optional[Tensor],
+                           scale: float, dropout_p: float, seed: Tensor, activation: Optional[str],
+                           needs: list[bool], backend: str, deterministic: bool) -> list[Tensor]:
     state = _rebuild_state(shape, state_dtype, blocksize, quant_type, blocksize2, dtype2, absmax, offset,
                            absmax2, code2)
     impl = _backend.get_impl(OP_NAME, backend) if grad_y.shape[0] else _TorchBackend
@@ -228,14 +230,18 @@ def _lowrank_4bit_bwd_op(grad_y: Tensor, x: Optional[Tensor], packed: Tensor, ab
     return [g if g is not None else grad_y.new_empty(0) for g in grads]
 
 
-@_lowrank_4bit_bwd_op.register_fake
-def _(grad_y, x, packed, absmax, offset, absmax2, code2, shape, state_dtype, blocksize, quant_type,
-      blocksize2, dtype2, t, lora_A, lora_B, core, out_scale, scale, dropout_p, seed, activation, needs,
-      backend, deterministic):
+def _lowrank_4bit_bwd_fake(grad_y, x, packed, absmax, offset, absmax2, code2, shape, state_dtype,
+                           blocksize, quant_type, blocksize2, dtype2, t, lora_A, lora_B, core,
+                           out_scale, scale, dropout_p, seed, activation, needs, backend,
+                           deterministic):
     tensors = [None, lora_A, lora_B, core, out_scale, None]
     shapes = [(grad_y.shape[0], shape[1])] + [None if v is None else v.shape for v in tensors[1:5]] + [(shape[0],)]
     return [grad_y.new_empty(s if need else (0,), dtype=grad_y.dtype if v is None else v.dtype)
             for s, v, need in zip(shapes, tensors, needs)]
+
+
+_lowrank_4bit_bwd = _backend.custom_op("fastpeft::lowrank_4bit_bwd", _lowrank_4bit_bwd_impl,
+                                       _lowrank_4bit_bwd_fake)
 
 
 class LowRankLinear4bitFunction(torch.autograd.Function):
@@ -247,7 +253,7 @@ class LowRankLinear4bitFunction(torch.autograd.Function):
     def forward(ctx, x, packed, absmax, offset, absmax2, code2, meta, bias, lora_A, lora_B, core,
                 out_scale, scale, dropout_p, seed, activation, backend):
         x2d = x.reshape(-1, x.shape[-1])
-        y, t = torch.ops.fastpeft.lowrank_4bit_fwd(x2d, packed, absmax, offset, absmax2, code2, *meta, bias,
+        y, t = _lowrank_4bit_fwd(x2d, packed, absmax, offset, absmax2, code2, *meta, bias,
                                                    lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
                                                    activation, backend)
         keep_x = lora_A.requires_grad
@@ -271,7 +277,7 @@ class LowRankLinear4bitFunction(torch.autograd.Function):
         if grad_y.stride(-1) != 1:
             grad_y = grad_y.contiguous()
         x2d = x.reshape(-1, x.shape[-1]) if x is not None and needs[1] else None
-        out = torch.ops.fastpeft.lowrank_4bit_bwd(
+        out = _lowrank_4bit_bwd(
             grad_y, x2d, packed, *state, *ctx.meta, t, lora_A, lora_B, core, out_scale, ctx.scale,
             ctx.dropout_p, seed, ctx.activation, needs, ctx.backend, torch.are_deterministic_algorithms_enabled())
         dx, d_a, d_b, d_core, d_os, d_bias = (g if n else None for g, n in zip(out, needs))

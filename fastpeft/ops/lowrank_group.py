@@ -130,11 +130,10 @@ _backend.register_impl(OP_NAME, "torch", lambda: _TorchBackend, lambda device: N
 _triton_available = _backend.register_triton(OP_NAME, "lowrank_group")
 
 
-@torch.library.custom_op("fastpeft::lowrank_group_fwd", mutates_args=())
-def _lowrank_group_fwd_op(x: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]],
-                          lora_As: List[Tensor], lora_Bs: List[Tensor], cores: List[Optional[Tensor]],
-                          out_scales: List[Optional[Tensor]], scales: List[float], dropout_p: float,
-                          seed: Tensor, activation: Optional[str], backend: str) -> List[Tensor]:
+def _lowrank_group_fwd_impl(x: Tensor, weights: List[Tensor], biases: List[Optional[Tensor]],
+                            lora_As: List[Tensor], lora_Bs: List[Tensor], cores: List[Optional[Tensor]],
+                            out_scales: List[Optional[Tensor]], scales: List[float], dropout_p: float,
+                            seed: Tensor, activation: Optional[str], backend: str) -> List[Tensor]:
     impl = _backend.get_impl(OP_NAME, backend)
     if x.shape[0] == 0:  # an empty batch needs no kernel
         impl = _TorchBackend
@@ -143,20 +142,22 @@ def _lowrank_group_fwd_op(x: Tensor, weights: List[Tensor], biases: List[Optiona
     return [*ys, t]
 
 
-@_lowrank_group_fwd_op.register_fake
-def _(x, weights, biases, lora_As, lora_Bs, cores, out_scales, scales, dropout_p, seed, activation,
-      backend):
+def _lowrank_group_fwd_fake(x, weights, biases, lora_As, lora_Bs, cores, out_scales, scales, dropout_p,
+                            seed, activation, backend):
     rank = sum(a.shape[0] for a in lora_As)
     return [x.new_empty(x.shape[0], w.shape[0]) for w in weights] + [x.new_empty(x.shape[0], rank)]
 
 
-@torch.library.custom_op("fastpeft::lowrank_group_bwd", mutates_args=())
-def _lowrank_group_bwd_op(grad_ys: List[Optional[Tensor]], x: Optional[Tensor], weights: List[Tensor],
-                          t: Tensor, lora_As: List[Tensor], lora_Bs: List[Tensor],
-                          cores: List[Optional[Tensor]], out_scales: List[Optional[Tensor]],
-                          scales: List[float], dropout_p: float, seed: Tensor,
-                          activation: Optional[str], needs: Sequence[bool], backend: str,
-                          deterministic: bool) -> List[Tensor]:
+_lowrank_group_fwd = _backend.custom_op("fastpeft::lowrank_group_fwd", _lowrank_group_fwd_impl,
+                                        _lowrank_group_fwd_fake)
+
+
+def _lowrank_group_bwd_impl(grad_ys: List[Optional[Tensor]], x: Optional[Tensor], weights: List[Tensor],
+                            t: Tensor, lora_As: List[Tensor], lora_Bs: List[Tensor],
+                            cores: List[Optional[Tensor]], out_scales: List[Optional[Tensor]],
+                            scales: List[float], dropout_p: float, seed: Tensor,
+                            activation: Optional[str], needs: Sequence[bool], backend: str,
+                            deterministic: bool) -> List[Tensor]:
     n = len(weights)
     impl = _backend.get_impl(OP_NAME, backend)
     if t.shape[0] == 0:
@@ -170,9 +171,8 @@ def _lowrank_group_bwd_op(grad_ys: List[Optional[Tensor]], x: Optional[Tensor], 
     return [g if g is not None else t.new_empty(0) for g in (dx, *(g for grads in lists for g in grads))]
 
 
-@_lowrank_group_bwd_op.register_fake
-def _(grad_ys, x, weights, t, lora_As, lora_Bs, cores, out_scales, scales, dropout_p, seed,
-      activation, needs, backend, deterministic):
+def _lowrank_group_bwd_fake(grad_ys, x, weights, t, lora_As, lora_Bs, cores, out_scales, scales,
+                            dropout_p, seed, activation, needs, backend, deterministic):
     n = len(weights)
     any_grad = any(g is not None for g in grad_ys)
     out = [t.new_empty((t.shape[0], weights[0].shape[1]) if needs[0] and any_grad else (0,))]
@@ -186,6 +186,10 @@ def _(grad_ys, x, weights, t, lora_As, lora_Bs, cores, out_scales, scales, dropo
     return out
 
 
+_lowrank_group_bwd = _backend.custom_op("fastpeft::lowrank_group_bwd", _lowrank_group_bwd_impl,
+                                        _lowrank_group_bwd_fake)
+
+
 class LowRankLinearGroupFunction(torch.autograd.Function):
     """Autograd of the group op; saves only what the memory contract allows (module docstring).
 
@@ -197,7 +201,7 @@ class LowRankLinearGroupFunction(torch.autograd.Function):
         n = len(scales)
         weights, biases, lora_As, lora_Bs, cores, out_scales = (list(tensors[j * n:(j + 1) * n]) for j in range(6))
         x2d = x.reshape(-1, x.shape[-1])
-        out = torch.ops.fastpeft.lowrank_group_fwd(x2d, weights, biases, lora_As, lora_Bs, cores,
+        out = _lowrank_group_fwd(x2d, weights, biases, lora_As, lora_Bs, cores,
                                                    out_scales, list(scales), dropout_p, seed,
                                                    activation, backend)
         # x is kept only when a gradient needs it (dA_i = s_i·dT_iᵀ D(X), dW_i = dY_iᵀ X): the
@@ -236,7 +240,7 @@ class LowRankLinearGroupFunction(torch.autograd.Function):
         grads = [None] * (base + 6 * n)
         needs = [need_x, *need_A, *need_B, *need_core, *need_os, *need_bias]
         if any(needs):
-            out = torch.ops.fastpeft.lowrank_group_bwd(
+            out = _lowrank_group_bwd(
                 grad_ys, x2d if any(need_A) else None, list(weights), t, list(lora_As), list(lora_Bs),
                 list(cores), list(out_scales), ctx.scales, ctx.dropout_p, seed, ctx.activation, needs,
                 ctx.backend, torch.are_deterministic_algorithms_enabled())
