@@ -204,3 +204,31 @@ class TestBadInput:
         with pytest.raises(RuntimeError, match=r"TRITON_INTERPRET=1"):
             with fastpeft.use_backend("triton"):
                 self.call()
+
+
+def _three_ops(x, w, a, b, core):
+    """The dense, 4-bit and grouped ops on one input (the group: two projections)."""
+    packed, state = fastpeft.quantize_4bit(w.detach().float(), blocksize=32)
+    return (fastpeft.lowrank_linear(x, w, None, a, b, core=core, scale=0.5),
+            fastpeft.lowrank_linear_4bit(x, packed, state, None, a, b, core=core, scale=0.5),
+            *fastpeft.lowrank_linear_group(x, [w, w], [None, None], [a, a], [b, b], cores=[core, core],
+                                           scales=[0.5, 0.5]))
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_calls_that_need_no_graph_match_those_that_do(autocast):
+    """With grad mode off, or nothing requiring grad, the ops run without an autograd node (less
+    host time a call) and give the same values, dtype included under autocast, as the calls that
+    build one."""
+    gen = torch.Generator().manual_seed(3)
+    w, a, b, core = (torch.randn(*s, generator=gen) for s in ((20, 32), (4, 32), (20, 4), (4, 4)))
+    x = torch.randn(3, 32, generator=gen)
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        with torch.no_grad():
+            no_grad = _three_ops(x, w, a, b, core)
+        frozen = _three_ops(x, w, a, b, core)
+        graph = _three_ops(x.clone().requires_grad_(), w, a.clone().requires_grad_(), b, core)
+    for y0, y1, y2 in zip(no_grad, frozen, graph):
+        assert y0.grad_fn is None and y1.grad_fn is None and y2.grad_fn is not None
+        assert y0.dtype == y2.dtype == (torch.bfloat16 if autocast else torch.float32)
+        assert torch.equal(y0, y2.detach()) and torch.equal(y1, y2.detach())

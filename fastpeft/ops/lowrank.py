@@ -31,6 +31,7 @@ host time than a small layer's kernels.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Sequence
 
@@ -51,6 +52,7 @@ __all__ = [
     "validate_lowrank_args",
     "apply_core",
     "activation_fn",
+    "apply_function",
 ]
 
 ACTIVATIONS = (None, "relu", "gelu", "silu")
@@ -417,6 +419,30 @@ def autocast_args(x: Tensor, *tensors):
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x, *tensors))
 
 
+class _NoGraph:
+    """The ``ctx`` of an autograd Function's forward run without autograd: keeps nothing."""
+
+    def save_for_backward(self, *tensors):
+        pass
+
+    def set_materialize_grads(self, value):
+        pass
+
+
+def apply_function(function, x: Tensor, *args):
+    """``function.apply(x, *args)`` with autocast off (the Functions cast for themselves), or,
+    when no autograd graph is wanted (grad mode off, or no tensor argument requires grad) and
+    nothing traces, ``function.forward`` alone: the autograd-Function machinery and its saved
+    tensors cost host time that inference calls, one small layer at a time, feel."""
+    device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(
+                isinstance(a, Tensor) and a.requires_grad for a in (x, *args))):
+            return function.forward(_NoGraph(), x, *args)
+        return function.apply(x, *args)
+
+
 def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                    lora_B: Tensor, *, core: Optional[Tensor] = None,
                    out_scale: Optional[Tensor] = None, scale: float = 1.0,
@@ -452,7 +478,5 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
                           out_scale, scale, dropout_p, activation, seed)
     backend = _backend.resolve_backend(OP_NAME, x.device)
     seed_t = seed_tensor(seed, float(dropout_p))
-    with torch.autocast(x.device.type, enabled=False):
-        return LowRankLinearFunction.apply(x, weight, bias, lora_A, lora_B, core, out_scale,
-                                           float(scale), float(dropout_p), seed_t, activation,
-                                           backend)
+    return apply_function(LowRankLinearFunction, x, weight, bias, lora_A, lora_B, core, out_scale, float(scale),
+                          float(dropout_p), seed_t, activation, backend)

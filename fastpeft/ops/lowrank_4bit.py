@@ -35,8 +35,8 @@ from torch import Tensor
 from .. import _backend
 from ..quant import (QuantState, _code_cached, _packed_bytes, dequantize_4bit, dequantize_absmax,
                      validate_4bit)
-from .lowrank import (activation_fn, apply_core, autocast_args, lowrank_bwd_torch, lowrank_fwd_torch,
-                      seed_tensor, validate_lowrank_args)
+from .lowrank import (activation_fn, apply_core, apply_function, autocast_args, lowrank_bwd_torch,
+                      lowrank_fwd_torch, seed_tensor, validate_lowrank_args)
 
 __all__ = [
     "LowRankLinear4bitFunction",
@@ -329,7 +329,5 @@ def lowrank_linear_4bit(x: Tensor, packed: Tensor, quant_state, bias: Optional[T
     backend = _backend.resolve_backend(OP_NAME, x.device, problem=problem)
     seed_t = seed_tensor(seed, float(dropout_p))
     meta = _state_meta(quant_state)
-    with torch.autocast(x.device.type, enabled=False):
-        return LowRankLinear4bitFunction.apply(x, packed, *_state_tensors(quant_state), meta, bias, lora_A,
-                                               lora_B, core, out_scale, float(scale), float(dropout_p), seed_t,
-                                               activation, backend)
+    return apply_function(LowRankLinear4bitFunction, x, packed, *_state_tensors(quant_state), meta, bias, lora_A,
+                          lora_B, core, out_scale, float(scale), float(dropout_p), seed_t, activation, backend)

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
-from .lowrank import (_dropout_scale, _dropped, activation_fn, apply_core, autocast_args, lowrank_bwd_r_torch, seed_tensor, validate_lowrank_args)
+from .lowrank import (_dropout_scale, _dropped, activation_fn, apply_core, apply_function, autocast_args,
+                      lowrank_bwd_r_torch, seed_tensor, validate_lowrank_args)
 
 __all__ = [
     "LowRankLinearGroupFunction",
@@ -345,7 +346,5 @@ def lowrank_linear_group(x: Tensor, weights: Sequence[Tensor], biases: Optional[
             raise type(err)(f"projection {i} (weights[{i}], lora_As[{i}], lora_Bs[{i}], ...): {err}") from None
     backend = _backend.resolve_backend(OP_NAME, x.device)
     seed_t = seed_tensor(seed, float(dropout_p))
-    with torch.autocast(x.device.type, enabled=False):
-        return LowRankLinearGroupFunction.apply(
-            x, tuple(float(s) for s in scales), float(dropout_p), seed_t, activation, backend,
-            *weights, *biases, *lora_As, *lora_Bs, *cores, *out_scales)
+    return apply_function(LowRankLinearGroupFunction, x, tuple(float(s) for s in scales), float(dropout_p), seed_t,
+                          activation, backend, *weights, *biases, *lora_As, *lora_Bs, *cores, *out_scales)
