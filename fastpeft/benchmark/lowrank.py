@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 
 from .providers import PROVIDERS, Built, Case, Provider, bytes_moved, flops
-from .runner import (SavedBytes, Skip, cache_bytes, environment, format_table, num_threads, resolve_device,
-                     progress, time_fn, write_results)
+from .runner import (SavedBytes, Skip, add_common_arguments, cache_bytes, environment, format_table, num_threads,
+                     progress, resolve_device, time_fn, validate_common, write_results)
 
 __all__ = ["LLAMA_SHAPES", "MODES", "add_arguments", "validate", "make_cases", "input_sets", "step_function",
            "measure", "run", "main_table"]
@@ -81,7 +81,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..config import METHODS
 
     parser.add_argument("--quick", action="store_true", help="a small set (under a minute on a CPU)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     parser.add_argument("--op", type=_choice_list(("dense", "4bit")), default=["dense", "4bit"],
                         help="dense, 4bit or both (default)")
     parser.add_argument("--providers", type=_choice_list([p.name for p in PROVIDERS]), default=None,
@@ -94,28 +93,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", type=_choice_list(list(DTYPES)), default=None,
                         help="fp32, fp16, bf16 (default: bf16 on a GPU, fp32 on a CPU)")
     parser.add_argument("--modes", type=_choice_list(MODES), default=list(MODES))
-    parser.add_argument("--dropout", type=float, default=0.1, help="adapter dropout (default 0.1)")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop starting new cases after this long (the rest are skipped rows)")
-    parser.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
-    parser.add_argument("--plot", action="store_true", help="also draw PNG charts")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice)")
+    add_common_arguments(parser, plot_help="also draw PNG charts")
 
 
 def validate(args) -> Optional[str]:
     """A message for flag values argparse cannot check, else ``None``."""
-    if args.threads is not None and args.threads < 1:
-        return f"--threads must be >= 1, got {args.threads}"
-    if not 0.0 <= args.dropout < 1.0:
-        return f"--dropout must be in [0, 1), got {args.dropout:g}"
     if args.max_minutes is not None and args.max_minutes <= 0:
         return f"--max-minutes must be positive, got {args.max_minutes:g}"
-    if args.device not in (None, "cpu", "cuda") and not str(args.device).startswith("cuda:"):
-        return f"--device must be cpu or cuda, got {args.device!r}"
-    return None
+    return validate_common(args)
 
 
 def make_cases(args, device: torch.device) -> list[Case]:

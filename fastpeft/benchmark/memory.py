@@ -31,8 +31,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .runner import (SavedBytes, Skip, environment, format_table, num_threads, resolve_device, optional_import,
-                     progress, write_results)
+from .runner import (SavedBytes, Skip, add_common_arguments, environment, format_table, num_threads,
+                     optional_import, progress, resolve_device, validate_common, write_results)
 
 __all__ = ["PRESETS", "METHODS", "TARGETS", "add_arguments", "validate", "build_model", "adapt",
            "measure_step", "profile", "run"]
@@ -97,34 +97,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-lens", type=_int_list, default=None)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32.0)
-    parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="model dtype (default: bf16 on a GPU, fp32 on a CPU)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps for tokens/s (default 2)")
-    parser.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
-    parser.add_argument("--plot", action="store_true", help="also draw the memory-vs-batch-size PNG")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's choice)")
+    add_common_arguments(parser, plot_help="also draw the memory-vs-batch-size PNG")
 
 
 def validate(args) -> Optional[str]:
     """A message for flag values argparse cannot check, else ``None``."""
-    if args.threads is not None and args.threads < 1:
-        return f"--threads must be >= 1, got {args.threads}"
     if args.r < 1:
         return f"--r must be >= 1, got {args.r}"
-    if not 0.0 <= args.dropout < 1.0:
-        return f"--dropout must be in [0, 1), got {args.dropout:g}"
     if args.steps < 1:
         return f"--steps must be >= 1, got {args.steps}"
     if args.model is not None and not os.path.isdir(args.model):
         return f"--model {args.model!r} is not a folder with a model (config.json and weights)"
-    if args.device not in (None, "cpu", "cuda") and not str(args.device).startswith("cuda:"):
-        return f"--device must be cpu or cuda, got {args.device!r}"
-    return None
+    return validate_common(args)
 
 
 # -- models -------------------------------------------------------------------------------------

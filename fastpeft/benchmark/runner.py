@@ -37,6 +37,8 @@ __all__ = [
     "Skip",
     "Timing",
     "time_fn",
+    "add_common_arguments",
+    "validate_common",
     "environment",
     "resolve_device",
     "device_name",
@@ -174,6 +176,29 @@ def num_threads(n: Optional[int]):
 
 
 # -- environment ------------------------------------------------------------------------------
+
+def add_common_arguments(parser, plot_help: str) -> None:
+    """The flags ``fastpeft bench`` and ``fastpeft memory`` share."""
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    parser.add_argument("--dropout", type=float, default=0.1, help="adapter dropout (default 0.1)")
+    parser.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
+    parser.add_argument("--plot", action="store_true", help=plot_help)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice)")
+
+
+def validate_common(args) -> Optional[str]:
+    """A message for a shared flag's value that argparse cannot check, else ``None``."""
+    if args.threads is not None and args.threads < 1:
+        return f"--threads must be >= 1, got {args.threads}"
+    if not 0.0 <= args.dropout < 1.0:
+        return f"--dropout must be in [0, 1), got {args.dropout:g}"
+    if args.device not in (None, "cpu", "cuda") and not str(args.device).startswith("cuda:"):
+        return f"--device must be cpu or cuda, got {args.device!r}"
+    return None
+
 
 def resolve_device(requested: Optional[str], command: str) -> torch.device:
     """``--device`` as given, else the GPU when torch sees one, else the CPU."""
