@@ -157,7 +157,6 @@ def custom_op(name: str, fn: Callable, fake: Callable) -> Callable:
             return fn(first, *args)
         return packet(first, *args)
 
-    call.op = op
     return call
 
 

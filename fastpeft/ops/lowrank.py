@@ -430,10 +430,11 @@ class _NoGraph:
 
 
 def apply_function(function, x: Tensor, *args):
-    """``function.apply(x, *args)`` with autocast off (the Functions cast for themselves), or,
-    when no autograd graph is wanted (grad mode off, or no tensor argument requires grad) and
-    nothing traces, ``function.forward`` alone: the autograd-Function machinery and its saved
-    tensors cost host time that inference calls, one small layer at a time, feel."""
+    """``function.apply(x, *args)`` with autocast off (the caller cast the arguments already, as
+    F.linear would under autocast), or, when no autograd graph is wanted (grad mode off, or no
+    tensor argument requires grad) and nothing traces, ``function.forward`` alone: the
+    autograd-Function machinery and its saved tensors cost host time that inference calls, one
+    small layer at a time, feel."""
     device_type = x.device.type
     autocast = torch.is_autocast_enabled(device_type)
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
