@@ -29,6 +29,7 @@ os.environ.setdefault("FASTPEFT_AUTOTUNE", "0")
 import torch  # noqa: E402
 
 import fastpeft  # noqa: E402
+from fastpeft.benchmark.runner import env_vars  # noqa: E402
 
 K, D, R = 123, 77, 12
 TOLERANCE = {torch.float32: 3e-3, torch.float16: 2e-2, torch.bfloat16: 3e-2}   # tf32 / 16-bit dots
@@ -183,19 +184,13 @@ def main(argv=None) -> int:
             torch.manual_seed(0)
             fn, ref, leaves, backend = make()
             torch.use_deterministic_algorithms(mode == "deterministic", warn_only=True)
-            saved = {k: os.environ.get(k) for k in environment}
-            os.environ.update(environment)
             try:
-                errs = _errors(fn, ref, leaves, backend)
+                with env_vars(environment):
+                    errs = _errors(fn, ref, leaves, backend)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
             finally:
                 torch.use_deterministic_algorithms(False)
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
             worst = max(errs.values(), key=lambda e: float("inf") if e != e else e)
             ok = worst == worst and worst <= TOLERANCE[dtype]
             failed += not ok

@@ -524,13 +524,14 @@ def _layout(k: int, qblock: int) -> int:
     return 2 if k % qblock == 0 else (1 if k % 2 == 0 else 0)
 
 
-def dequantize_4bit_dense(packed, quant_state, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_4bit_dense(packed, quant_state, dtype: torch.dtype, weight_args=None) -> torch.Tensor:
     """The dense W [d, k] in ``dtype`` on the packed weight's device, in one kernel: equal bit for
     bit to ``fastpeft.dequantize_4bit(packed, quant_state).to(dtype)`` (on a GPU; under the
-    interpreter, which truncates fp32 -> bf16, a bf16 state may differ by one ulp)."""
+    interpreter, which truncates fp32 -> bf16, a bf16 state may differ by one ulp).
+    ``weight_args``: what :func:`_weight_args` returned for them, when the caller has it."""
     if dtype not in _W_KIND:
         raise TypeError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
-    data, absmax, wmeta, (d, k) = _weight_args(packed, quant_state, None)
+    data, absmax, wmeta, (d, k) = weight_args or _weight_args(packed, quant_state, None)
     w = torch.empty((d, k), dtype=dtype, device=data.device)
     if w.numel() == 0:
         return w
@@ -601,11 +602,12 @@ def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_sca
     where :func:`buffer_min_m` asks for it, into a dense buffer freed when this call returns."""
     _dense._check_dtype(x)
     M, K = x.shape
-    data, absmax, wmeta, (N, k) = _weight_args(packed, quant_state, x.device)
+    weight_args = _weight_args(packed, quant_state, x.device)
+    data, absmax, wmeta, (N, k) = weight_args
     if k != K:
         raise ValueError(f"x has k={K} columns but the 4-bit weight is [d={N}, k={k}]")
     if _buffered(M):
-        weight = dequantize_4bit_dense(packed, quant_state, x.dtype)
+        weight = dequantize_4bit_dense(packed, quant_state, x.dtype, weight_args)
         return _dense.lowrank_fwd(x, weight, bias, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
                                   activation)
     R = lora_A.shape[0]
@@ -672,11 +674,12 @@ def lowrank_4bit_bwd(grad_y, x, packed, quant_state, T, lora_A, lora_B, core, ou
     (they never read W, which is passed there as a zero-stride placeholder)."""
     _dense._check_dtype(grad_y)
     M, N = grad_y.shape
-    data, absmax, wmeta, (d, K) = _weight_args(packed, quant_state, grad_y.device)
+    weight_args = _weight_args(packed, quant_state, grad_y.device)
+    data, absmax, wmeta, (d, K) = weight_args
     if d != N:
         raise ValueError(f"grad_y has {N} columns but the 4-bit weight is [d={d}, k={K}]")
     if need_x and _buffered(M):   # dX through the dense kernels over a transient W
-        weight = dequantize_4bit_dense(packed, quant_state, grad_y.dtype)
+        weight = dequantize_4bit_dense(packed, quant_state, grad_y.dtype, weight_args)
         return _dense.lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
                                   activation, need_x, need_A, need_B, need_core, need_out_scale, need_bias,
                                   deterministic=deterministic)

@@ -18,7 +18,6 @@ buffer feeding the dense fused kernels (M > 16), the alternative to dequantising
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -26,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .runner import Skip, optional_import
+from .runner import Skip, env_vars, optional_import
 
 __all__ = ["Case", "Built", "Provider", "PROVIDERS", "provider_names", "flops", "bytes_moved"]
 
@@ -186,20 +185,6 @@ def _build_bnb_peft(case: Case, device) -> Built:
     return Built(layer, [p for p in params if p.requires_grad], params)
 
 
-@contextlib.contextmanager
-def _environment(name: str, value: str):
-    """``os.environ[name] = value`` inside the block, restored after it."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 def _build_fastpeft_4bit(backend: str, buffered: bool = False):
     def build(case: Case, device) -> Built:
         import fastpeft
@@ -216,7 +201,7 @@ def _build_fastpeft_4bit(backend: str, buffered: bool = False):
 
             if case.M <= kernels_4bit.DECODE_MAX_M:
                 raise Skip(f"the dense buffer applies at M > {kernels_4bit.DECODE_MAX_M} (decode keeps 4 bits)")
-            scope = lambda: _environment(kernels_4bit.BUFFER_MIN_M_ENV, "1")
+            scope = lambda: env_vars({kernels_4bit.BUFFER_MIN_M_ENV: "1"})
         packed, state = quantize(_base_weight(case, device), quant_type="nf4", blocksize=64,
                                  compress_statistics=True)
         lora_a, lora_b, core, out_scale, activation, scale = _adapter_tensors(case, device)

@@ -37,6 +37,7 @@ __all__ = [
     "Skip",
     "Timing",
     "time_fn",
+    "env_vars",
     "add_common_arguments",
     "validate_common",
     "environment",
@@ -176,6 +177,21 @@ def num_threads(n: Optional[int]):
 
 
 # -- environment ------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def env_vars(values: dict):
+    """``os.environ`` updated with ``values`` inside the block, restored after it."""
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
 
 def add_common_arguments(parser, plot_help: str) -> None:
     """The flags ``fastpeft bench`` and ``fastpeft memory`` share."""

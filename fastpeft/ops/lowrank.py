@@ -323,8 +323,8 @@ class LowRankLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
                 activation, backend):
         x2d = x.reshape(-1, x.shape[-1])
-        y, t = _lowrank_fwd(x2d, weight, bias, lora_A, lora_B, core, out_scale,
-                                              scale, dropout_p, seed, activation, backend)
+        y, t = _lowrank_fwd(x2d, weight, bias, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
+                            activation, backend)
         _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, core, out_scale, scale,
                            dropout_p, seed, activation, backend, t)
         return y.reshape(*x.shape[:-1], weight.shape[0])

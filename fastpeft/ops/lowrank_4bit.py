@@ -253,9 +253,8 @@ class LowRankLinear4bitFunction(torch.autograd.Function):
     def forward(ctx, x, packed, absmax, offset, absmax2, code2, meta, bias, lora_A, lora_B, core,
                 out_scale, scale, dropout_p, seed, activation, backend):
         x2d = x.reshape(-1, x.shape[-1])
-        y, t = _lowrank_4bit_fwd(x2d, packed, absmax, offset, absmax2, code2, *meta, bias,
-                                                   lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
-                                                   activation, backend)
+        y, t = _lowrank_4bit_fwd(x2d, packed, absmax, offset, absmax2, code2, *meta, bias, lora_A, lora_B,
+                                 core, out_scale, scale, dropout_p, seed, activation, backend)
         keep_x = lora_A.requires_grad
         ctx.save_for_backward(x if keep_x else None, packed, lora_A, lora_B, core, out_scale, t, seed,
                               absmax, offset, absmax2, code2)

@@ -202,9 +202,8 @@ class LowRankLinearGroupFunction(torch.autograd.Function):
         n = len(scales)
         weights, biases, lora_As, lora_Bs, cores, out_scales = (list(tensors[j * n:(j + 1) * n]) for j in range(6))
         x2d = x.reshape(-1, x.shape[-1])
-        out = _lowrank_group_fwd(x2d, weights, biases, lora_As, lora_Bs, cores,
-                                                   out_scales, list(scales), dropout_p, seed,
-                                                   activation, backend)
+        out = _lowrank_group_fwd(x2d, weights, biases, lora_As, lora_Bs, cores, out_scales, list(scales),
+                                 dropout_p, seed, activation, backend)
         # x is kept only when a gradient needs it (dA_i = s_i·dT_iᵀ D(X), dW_i = dY_iᵀ X): the
         # caller's own tensor, never a dropped copy; with every A and W frozen nothing M×k is kept
         keep_x = any(a.requires_grad for a in lora_As) or any(w.requires_grad for w in weights)
