@@ -14,6 +14,7 @@ from .inject import adapter_state_dict, inject, load_adapter, save_adapter, trai
 from .lamda import PMBFreezer, energy_scores, lamda_plus_ranks, pmb_freezer_callback
 from .nn import LowRankLinear, LowRankLinear4bit
 from .nn import LowRankLinearGroup, group_projections, ungroup_projections
+from .ops.dora import dora_linear, dora_linear_4bit
 from .ops.lowrank import LowRankLinearFunction, lowrank_linear
 from .ops.lowrank_group import LowRankLinearGroupFunction, lowrank_linear_group
 from .ops.lowrank_4bit import LowRankLinear4bitFunction, lowrank_linear_4bit
@@ -35,6 +36,8 @@ __all__ = [
     "adapter_state_dict",
     "budget_schedule",
     "dequantize_4bit",
+    "dora_linear",
+    "dora_linear_4bit",
     "energy_scores",
     "from_peft",
     "get_backend",

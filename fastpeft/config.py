@@ -15,6 +15,11 @@ method         A (lora_A)           core S (lora_core)     B (lora_B)       note
 ``adalora``    trainable (P)        diag Λ, trainable, 0   trainable (Q)    rank budget pruning
 ``parallel``   trainable, Kaiming   none                   trainable, 0     σ on the r-dim middle
 ``bitfit``     —                    —                      —                only biases train
+``dora``       trainable, Kaiming   none                   trainable, 0     magnitude m [d]
+                                                                            trainable, ‖W_j‖ at
+                                                                            start (Liu et al.
+                                                                            2024): y = (m/n) ⊙
+                                                                            (x Wᵀ + s·x AᵀBᵀ) + b
 =============  ===================  =====================  ===============  =====================
 
 ``train_bias=True`` adds BitFit to any preset.
@@ -42,6 +47,7 @@ class MethodSpec:
     init: str                    # "kaiming" | "svd" | "vera" | "adalora"
     activation: Optional[str] = None
     has_adapter: bool = True
+    magnitude: bool = False      # DoRA: a trainable row magnitude m [d] (``lora_magnitude``)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -52,6 +58,7 @@ METHODS: dict[str, MethodSpec] = {
     "adalora": MethodSpec(True, True, "diag", False, "adalora"),
     "parallel": MethodSpec(True, True, None, False, "kaiming", activation="relu"),
     "bitfit": MethodSpec(False, False, None, False, "kaiming", has_adapter=False),
+    "dora": MethodSpec(True, True, None, False, "kaiming", magnitude=True),
 }
 _ALIASES = {"lamda++": "lamda", "lamdapp": "lamda", "lora-fa": "lora_fa", "parallel_adapter": "parallel"}
 

@@ -135,8 +135,8 @@ class TestErrors:
             AdapterConfig(r=r) if r < 1 or isinstance(r, float) else LowRankLinear(K, D, config=AdapterConfig(r=r))
 
     def test_unknown_method(self):
-        with pytest.raises(ValueError, match=r"unknown method 'dora'"):
-            AdapterConfig(method="dora")
+        with pytest.raises(ValueError, match=r"unknown method 'boft'"):
+            AdapterConfig(method="boft")
 
     @pytest.mark.parametrize("p", [1.0, -0.2, 2])
     def test_bad_dropout(self, p):

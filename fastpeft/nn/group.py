@@ -49,6 +49,8 @@ def _why_not_grouped(layers: Sequence[nn.Module], x: Tensor) -> Optional[str]:
             return f"{type(layer).__name__} is not a dense fastpeft.LowRankLinear"
         if layer.merged:
             return "a layer is merged"
+        if getattr(layer, "lora_magnitude", None) is not None:
+            return "a DoRA layer scales its own rows"
         if layer.in_features != first.in_features or layer.weight.dtype != first.weight.dtype \
                 or layer.weight.device != first.weight.device:
             return "the layers differ in input size, dtype or device"

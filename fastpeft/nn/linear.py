@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import AdapterConfig
+from ..ops.dora import dora_linear, dora_norm, dora_row_scale, row_sq_norms
 from ..ops.lowrank import lowrank_linear
 
 __all__ = ["LowRankLinear", "ADAPTER_PARAMS", "vera_projections"]
 
-ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_core", "lora_out_scale")
+ADAPTER_PARAMS = ("lora_A", "lora_B", "lora_core", "lora_out_scale", "lora_magnitude")
 
 # layer -> the sibling group it belongs to (see fastpeft.nn.group); weak keys, so copies of a model
 # and layers that are gone are never linked
@@ -38,8 +39,8 @@ class LowRankLinear(nn.Module):
     """``y = x Wᵀ + b + s·(σ(D(x) Aᵀ) coreᵀ) Bᵀ ⊙ out_scale`` as a module.
 
     Keeps ``nn.Linear``'s state-dict keys (``weight``, ``bias``) and adds ``lora_A`` [r, k],
-    ``lora_B`` [d, r], ``lora_core`` (``None``, [r] or [r, r]) and ``lora_out_scale``
-    (``None`` or [d]). Build one from an existing layer with :meth:`from_linear`, which shares
+    ``lora_B`` [d, r], ``lora_core`` (``None``, [r] or [r, r]), ``lora_out_scale``
+    (``None`` or [d]) and ``lora_magnitude`` (DoRA's m [d], else ``None``). Build one from an existing layer with :meth:`from_linear`, which shares
     the base weight and bias (no copy).
 
     ``merge()`` adds ``s·diag(out_scale)·B·core·A`` (computed in fp32) to the weight and
@@ -47,6 +48,10 @@ class LowRankLinear(nn.Module):
     each of the two roundings moves an element by at most half an ulp of its value, so the
     drift is bounded by one ulp of ``|W| + |ΔW|`` per element (2⁻¹⁰ relative for fp16, 2⁻⁷ for
     bf16); keep an fp32 copy if you need the exact weight back.
+
+    DoRA (``method="dora"``): ``y = (m / n) ⊙ (x Wᵀ + s·(D(x) Aᵀ) Bᵀ) + b`` with n = ‖W + s·B·A‖
+    per row (:mod:`fastpeft.ops.dora`); ‖W_j‖² is cached while the weight is unchanged.
+    ``merge()`` writes ``W' = (m / n) ⊙ (W + s·B·A)`` and keeps n for ``unmerge()``.
 
     >>> import torch, fastpeft
     >>> base = torch.nn.Linear(32, 16)
@@ -107,6 +112,16 @@ class LowRankLinear(nn.Module):
         self.lora_B = nn.Parameter(lora_b, requires_grad=spec.train_B)
         self.lora_core = None if core is None else nn.Parameter(core)
         self.lora_out_scale = None if out_scale is None else nn.Parameter(out_scale)
+        self._merge_norm = None     # DoRA: n of the unmerged weight while merged
+        self._w_sq_cache = None     # DoRA: (key of the weight, ‖W_j‖² fp32 [d])
+        if spec.magnitude:
+            if self.activation is not None:
+                raise ValueError(f"method {config.method!r} needs a linear adapter; activation "
+                                 f"{self.activation!r} is not supported with it")
+            # m starts at ‖W_j‖ (n at B = 0): the layer starts as the base layer
+            self.lora_magnitude = nn.Parameter(self._weight_sq_norm().sqrt().to(device=device, dtype=dtype))
+        else:
+            self.lora_magnitude = None
 
     @staticmethod
     def _base_shape(weight) -> tuple[int, int]:
@@ -151,6 +166,19 @@ class LowRankLinear(nn.Module):
             return lora_a, lora_b, cast(core), cast(out_scale)
         return cast(lora_a), cast(lora_b), cast(core), cast(out_scale)
 
+    def _weight_sq_norm(self) -> Tensor:
+        """‖W_j‖² (fp32 [d]) of the base weight, cached while the weight is unchanged."""
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
+        if self._w_sq_cache is None or self._w_sq_cache[0] != key:
+            self._w_sq_cache = (key, row_sq_norms(w))
+        return self._w_sq_cache[1]
+
+    def dora_norm(self) -> Tensor:
+        """n = ‖W + s·B·A‖ per output row (fp32 [d], detached) of the unmerged weight."""
+        lora_a, lora_b = self.lora_A.detach().to(self.weight.dtype), self.lora_B.detach().to(self.weight.dtype)
+        return dora_norm(self.weight, lora_a, lora_b, self.scale, weight_sq_norm=self._weight_sq_norm())
+
     # -- forward ----------------------------------------------------------------------------
 
     def adapter_tensors(self, dtype) -> tuple:
@@ -174,6 +202,10 @@ class LowRankLinear(nn.Module):
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         lora_a, lora_b, core, out_scale = self.adapter_tensors(self.weight.dtype)
+        if self.lora_magnitude is not None:
+            return dora_linear(x, self.weight, self.bias, lora_a, lora_b, self.lora_magnitude,
+                               scale=self.scale, dropout_p=self.dropout_p if self.training else 0.0,
+                               weight_sq_norm=self._weight_sq_norm())
         return lowrank_linear(x, self.weight, self.bias, lora_a, lora_b, core=core,
                               out_scale=out_scale, scale=self.scale,
                               dropout_p=self.dropout_p if self.training else 0.0,
@@ -201,6 +233,16 @@ class LowRankLinear(nn.Module):
         if self.merged:
             raise RuntimeError("the adapter is already merged; call unmerge() first")
         delta = self.delta_weight()
+        if self.lora_magnitude is not None:          # W' = (m / n) ⊙ (W + ΔW), n kept for unmerge
+            norm = self.dora_norm()
+            factor = dora_row_scale(self.lora_magnitude.detach(), norm)
+            if not bool((factor != 0).all()):
+                raise RuntimeError("merge() is refused: a DoRA row scale m / n is 0 (m_j = 0 or a "
+                                   "zero row of W + s·B·A), which unmerge() could not undo")
+            self.weight.copy_((self.weight.float() + delta) * factor[:, None])
+            self._merge_norm = norm
+            self.merged = True
+            return
         self.weight.copy_(self.weight.float() + delta)
         self.merged = True
 
@@ -210,6 +252,15 @@ class LowRankLinear(nn.Module):
         if not self.merged:
             raise RuntimeError("the adapter is not merged; nothing to unmerge")
         delta = self.delta_weight()
+        if self.lora_magnitude is not None:
+            if self._merge_norm is None:
+                raise RuntimeError("the DoRA norm of the unmerged weight was not kept (the layer was "
+                                   "merged elsewhere); it cannot be unmerged")
+            factor = dora_row_scale(self.lora_magnitude.detach(), self._merge_norm)
+            self.weight.copy_(self.weight.float() / factor[:, None] - delta)
+            self._merge_norm = None
+            self.merged = False
+            return
         self.weight.copy_(self.weight.float() - delta)
         self.merged = False
 

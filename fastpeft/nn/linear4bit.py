@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..config import AdapterConfig
+from ..ops.dora import dora_linear_4bit, dora_norm, dora_row_scale, row_sq_norms
 from ..ops.lowrank_4bit import lowrank_linear_4bit
 from ..quant import dequantize_4bit, quantize_4bit, validate_4bit
 from .linear import LowRankLinear
@@ -117,6 +118,22 @@ class LowRankLinear4bit(LowRankLinear):
     def _dense_weight_fp32(self) -> Tensor:
         return dequantize_4bit(self.weight, self.quant_state).float()
 
+    def _weight_sq_norm(self) -> Tensor:
+        """‖W_j‖² (fp32 [d]) of the dequantised weight, cached while the packed weight and its
+        quant state are unchanged (computed once, through a transient dense W)."""
+        w, qs = self.weight, self.quant_state
+        key = (w.data_ptr(), w._version, w.device, id(qs))
+        if self._w_sq_cache is None or self._w_sq_cache[0] != key:
+            self._w_sq_cache = (key, row_sq_norms(dequantize_4bit(w, qs)))
+        return self._w_sq_cache[1]
+
+    def dora_norm(self) -> Tensor:
+        """n = ‖W + s·B·A‖ per output row (fp32 [d], detached); the Triton backend dequantises
+        W's tiles in registers, never a dense W."""
+        dtype = self.compute_dtype or self.quant_state.dtype
+        return dora_norm(self.weight, self.lora_A.detach().to(dtype), self.lora_B.detach().to(dtype),
+                         self.scale, quant_state=self.quant_state, weight_sq_norm=self._weight_sq_norm())
+
     # -- forward ----------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
@@ -124,6 +141,11 @@ class LowRankLinear4bit(LowRankLinear):
         xc = x if x.dtype == dtype else x.to(dtype)
         lora_a, lora_b, core, out_scale = self.adapter_tensors(dtype)
         bias = self.bias if self.bias is None or self.bias.dtype == dtype else self.bias.to(dtype)
+        if self.lora_magnitude is not None:
+            y = dora_linear_4bit(xc, self.weight, self.quant_state, bias, lora_a, lora_b, self.lora_magnitude,
+                                 scale=self.scale, dropout_p=self.dropout_p if self.training else 0.0,
+                                 weight_sq_norm=self._weight_sq_norm())
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         y = lowrank_linear_4bit(xc, self.weight, self.quant_state, bias, lora_a, lora_b, core=core,
                                 out_scale=out_scale, scale=self.scale,
                                 dropout_p=self.dropout_p if self.training else 0.0,
@@ -148,7 +170,11 @@ class LowRankLinear4bit(LowRankLinear):
         dtype = dtype or self.quant_state.dtype
         w = dequantize_4bit(self.weight, self.quant_state).float()
         if merge:
-            w = w + self.delta_weight()
+            if self.lora_magnitude is not None:     # DoRA: (m / n) ⊙ (W + ΔW)
+                factor = dora_row_scale(self.lora_magnitude.detach(), self.dora_norm())
+                w = (w + self.delta_weight()) * factor[:, None]
+            else:
+                w = w + self.delta_weight()
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=w.device, dtype=dtype)
         linear.weight.copy_(w)

@@ -1,0 +1,222 @@
+"""DoRA (weight-decomposed low-rank adaptation) as the low-rank op plus one output-row scale.
+
+For x flattened to X [M, k], a frozen W [d, k] (dense or 4-bit), A [r, k], B [d, r], the
+trainable magnitude m [d] and the scaling s::
+
+    n = ‖W + s·B·A‖ per output row        [d]     detached: a constant in backward
+    c = m / n                              [d]     the row scale (0 where n = 0, see below)
+    Z = X Wᵀ + s·(D(X) Aᵀ) Bᵀ              [M, d]  the low-rank op without its bias
+    Y = c ⊙ Z + b
+
+The norm never forms B·A nor W + s·B·A::
+
+    n_j² = ‖W_j‖² + 2s·⟨B_j, (W Aᵀ)_j⟩ + s²·B_j (A Aᵀ) B_jᵀ
+
+``‖W_j‖²`` is cached by the modules (W is frozen); W Aᵀ [d, r] is one skinny product, A Aᵀ is
+r × r. The fused path computes all of it in one pass over W (``fastpeft.kernels.dora``, the
+4-bit W dequantised in registers there): nothing of W's size is allocated.
+
+Backward (n a constant; dZ feeds the low-rank op's backward unchanged)::
+
+    dZ = dY ⊙ c                 (broadcast over rows)
+    dc = Σ_rows dY ⊙ Z          [d]
+    dm = dc / n                 (0 where n = 0)
+    db = Σ_rows dY
+
+What backward keeps: the low-rank op's contract (T [M, r], the seed, x only when A trains),
+plus Z [M, d] when the magnitude trains (the op's own output, held by reference, not a copy),
+plus c [d].
+
+Zero-norm rows: where n_j = 0 the row W_j + s·B_j·A is zero, its direction is undefined, and
+c_j is taken as 0 (the output row is the bias; m_j gets no gradient). HF PEFT divides by zero
+there (NaN or inf); any n_j > 0 is treated exactly as PEFT treats it.
+
+Dropout: D applies to the adapter input only, as in the op. HF PEFT's DoRA, when training with
+dropout, applies the dropped input to the base term's correction as well
+(Y = X Wᵀ + (c - 1) ⊙ D(X) Wᵀ + c ⊙ s·D(X) Aᵀ Bᵀ + b); both agree in expectation and are equal
+without dropout or in eval mode.
+
+Merging: W' = c ⊙ (W + s·B·A) row by row, with n computed from the unmerged W and kept for
+``unmerge``: W = W' / c - s·B·A (PEFT's rule).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _backend
+from .lowrank import autocast_args, lowrank_linear
+
+__all__ = [
+    "dora_linear",
+    "dora_linear_4bit",
+    "dora_norm",
+    "dora_norm_torch",
+    "dora_row_scale",
+    "row_sq_norms",
+    "validate_magnitude",
+]
+
+OP_NAME = "dora_norm"
+_CHUNK_ELEMS = 1 << 22
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Norms accumulate in fp32 (float64 stays float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_sq_norms(weight: Tensor) -> Tensor:
+    """‖W_j‖² per row in fp32 [d], a block of rows at a time (never an fp32 copy of W)."""
+    d, k = weight.shape
+    rows = max(1, min(d, _CHUNK_ELEMS // max(k, 1), max(1, d // 4)))
+    acc = _acc(weight.dtype)
+    out = torch.empty(d, dtype=acc, device=weight.device)
+    w = weight.detach()
+    for i in range(0, d, rows):
+        out[i:i + rows] = torch.linalg.vector_norm(w[i:i + rows], dim=1, dtype=acc).square()
+    return out
+
+
+def _norm_from_parts(w_sq: Tensor, wat: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:
+    """n from ‖W_j‖² [d], W Aᵀ [d, r] (fp32) and the adapter: the module docstring's identity."""
+    a = lora_A.detach().to(w_sq.dtype)
+    b = lora_B.detach().to(w_sq.dtype)
+    aat = a @ a.t()                                                     # A Aᵀ [r, r]
+    n_sq = w_sq + (2.0 * scale) * (b * wat).sum(1) + (scale * scale) * ((b @ aat) * b).sum(1)
+    return n_sq.clamp_min_(0.0).sqrt_()
+
+
+@torch.no_grad()
+def dora_norm_torch(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
+                    weight_sq_norm: Optional[Tensor] = None) -> Tensor:
+    """n = ‖W + s·B·A‖ per row, fp32 [d], from a dense W without forming B·A (torch)."""
+    acc = _acc(weight.dtype)
+    wat = F.linear(lora_A.detach().to(weight.dtype), weight.detach()).t().to(acc)   # W Aᵀ [d, r]
+    w_sq = row_sq_norms(weight) if weight_sq_norm is None else weight_sq_norm.to(acc)
+    return _norm_from_parts(w_sq, wat, lora_A, lora_B, scale)
+
+
+class _TorchBackend:
+    @staticmethod
+    def dora_norm(weight, lora_A, lora_B, scale, weight_sq_norm=None):
+        return dora_norm_torch(weight, lora_A, lora_B, scale, weight_sq_norm)
+
+    @staticmethod
+    def dora_norm_4bit(packed, quant_state, lora_A, lora_B, scale, weight_sq_norm=None):
+        from .lowrank_4bit import dequantize_weight
+        w = dequantize_weight(packed, quant_state, quant_state.dtype)     # torch: a transient W
+        return dora_norm_torch(w, lora_A, lora_B, scale, weight_sq_norm)
+
+
+_backend.register_impl(OP_NAME, "torch", lambda: _TorchBackend, lambda device: None)
+_backend.register_triton(OP_NAME, "dora")
+
+
+@torch.no_grad()
+def dora_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, *,
+              quant_state=None, weight_sq_norm: Optional[Tensor] = None) -> Tensor:
+    """n = ‖W + s·B·A‖ per output row, fp32 [d], detached, without forming B·A or W + s·B·A.
+
+    ``weight`` is the dense W [d, k], or the packed 4-bit weight with its ``quant_state``.
+    ``weight_sq_norm`` (fp32 [d]) is ‖W_j‖² when the caller caches it (the torch backend uses
+    it; the Triton kernel computes it in the same pass over W, for free). The backend is the one
+    :func:`fastpeft.use_backend` selects; the Triton one reads W once and never allocates
+    anything of W's size (4-bit tiles are dequantised in registers).
+
+    >>> import torch, fastpeft
+    >>> from fastpeft.ops.dora import dora_norm
+    >>> w, a, b = torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+    >>> torch.allclose(dora_norm(w, a, b, 0.5), torch.linalg.norm(w + 0.5 * b @ a, dim=1))
+    True
+    """
+    backend = _backend.resolve_backend(OP_NAME, lora_A.device)
+    impl = _backend.get_impl(OP_NAME, backend)
+    if quant_state is not None:
+        return impl.dora_norm_4bit(weight, quant_state, lora_A, lora_B, float(scale), weight_sq_norm)
+    return impl.dora_norm(weight, lora_A, lora_B, float(scale), weight_sq_norm)
+
+
+def dora_row_scale(magnitude: Tensor, norm: Tensor) -> Tensor:
+    """c = m / n in fp32, differentiable in m (n a constant); c_j = 0 where n_j = 0."""
+    inv = torch.where(norm > 0, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
+    return magnitude.to(_acc(magnitude.dtype)) * inv
+
+
+def validate_magnitude(magnitude, d: int, x: Tensor) -> None:
+    """A clear error for a magnitude that is not a floating [d] tensor on x's device."""
+    if not isinstance(magnitude, Tensor):
+        raise TypeError(f"magnitude must be a torch.Tensor of shape [d={d}], got {type(magnitude).__name__}")
+    if tuple(magnitude.shape) != (d,):
+        raise ValueError(f"magnitude must have shape [d={d}] (one entry per output row), "
+                         f"got shape {tuple(magnitude.shape)}")
+    if not magnitude.is_floating_point():
+        raise TypeError(f"magnitude must be a floating-point tensor, got dtype {magnitude.dtype}")
+    if magnitude.device != x.device:
+        raise ValueError(f"magnitude is on {magnitude.device} but x is on {x.device}; "
+                         "all tensors must be on one device")
+
+
+def _scaled(z: Tensor, c: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Y = c ⊙ Z + b; autograd keeps Z (by reference) only when c needs a gradient."""
+    c = c.to(z.dtype)
+    if bias is None:
+        return z * c
+    return torch.addcmul(bias.to(z.dtype), z, c)
+
+
+def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                magnitude: Tensor, *, scale: float = 1.0, dropout_p: float = 0.0,
+                seed: Optional[int] = None, weight_sq_norm: Optional[Tensor] = None,
+                norm: Optional[Tensor] = None) -> Tensor:
+    """``Y = (m / n) ⊙ (x Wᵀ + scale·(D(x) Aᵀ) Bᵀ) + b`` with n = ‖W + scale·B·A‖ per row (DoRA).
+
+    Args:
+        x: input ``[..., k]``; weight: ``[d, k]``; bias: ``[d]`` or ``None``.
+        lora_A: ``[r, k]``; lora_B: ``[d, r]``; magnitude: ``[d]`` (m, trainable).
+        scale, dropout_p, seed: as :func:`fastpeft.lowrank_linear`.
+        weight_sq_norm: cached ‖W_j‖² (fp32 ``[d]``), optional.
+        norm: n itself (fp32 ``[d]``) when the caller has it, else computed by :func:`dora_norm`.
+
+    n is a constant in backward (DoRA's and PEFT's choice); rows with n = 0 get the scale 0
+    (module docstring).
+
+    >>> import torch, fastpeft
+    >>> x, w = torch.randn(3, 8), torch.randn(6, 8)
+    >>> a, b = torch.randn(2, 8), torch.zeros(6, 2)
+    >>> m = torch.linalg.norm(w, dim=1)                # DoRA's initial magnitude
+    >>> torch.allclose(fastpeft.dora_linear(x, w, None, a, b, m), x @ w.t(), atol=1e-5)
+    True
+    """
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    validate_magnitude(magnitude, weight.shape[0] if weight.dim() == 2 else -1, x)
+    z = lowrank_linear(x, weight, None, lora_A, lora_B, scale=scale, dropout_p=dropout_p, seed=seed)
+    xa, wa, la, lb, bias = autocast_args(x, weight, lora_A, lora_B, bias)
+    if norm is None:
+        norm = dora_norm(wa, la, lb, scale, weight_sq_norm=weight_sq_norm)
+    return _scaled(z, dora_row_scale(magnitude, norm), bias)
+
+
+def dora_linear_4bit(x: Tensor, packed: Tensor, quant_state, bias: Optional[Tensor], lora_A: Tensor,
+                     lora_B: Tensor, magnitude: Tensor, *, scale: float = 1.0, dropout_p: float = 0.0,
+                     seed: Optional[int] = None, weight_sq_norm: Optional[Tensor] = None,
+                     norm: Optional[Tensor] = None) -> Tensor:
+    """:func:`dora_linear` over a 4-bit W (bitsandbytes' layout): QDoRA. The norm kernel
+    dequantises W's tiles in registers (Triton backend); the low-rank part is
+    :func:`fastpeft.lowrank_linear_4bit`."""
+    from ..quant import validate_4bit
+    from .lowrank_4bit import lowrank_linear_4bit
+
+    shape, _ = validate_4bit(packed, quant_state)
+    validate_magnitude(magnitude, shape[0], x)
+    z = lowrank_linear_4bit(x, packed, quant_state, None, lora_A, lora_B, scale=scale,
+                            dropout_p=dropout_p, seed=seed)
+    if norm is None:
+        norm = dora_norm(packed, lora_A.to(z.dtype), lora_B.to(z.dtype), scale, quant_state=quant_state,
+                         weight_sq_norm=weight_sq_norm)
+    return _scaled(z, dora_row_scale(magnitude, norm), bias)
