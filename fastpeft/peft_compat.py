@@ -136,11 +136,14 @@ def _plan_layer(name, module, adapter, peft_type):
         raise ValueError(f"{name}: the base layer {type(base).__name__} is not supported; expected "
                          "torch.nn.Linear, transformers Conv1D or bitsandbytes Linear4bit")
     if peft_type == "lora":
-        if module.use_dora.get(adapter, False):
-            raise ValueError(f"{name}: use_dora=True (DoRA) is not supported: fastpeft has no "
-                             "magnitude vector; merge the adapter with PEFT (merge_and_unload) instead")
-        if adapter in getattr(module, "lora_variant", {}):
-            variant = type(module.lora_variant[adapter]).__name__
+        dora = bool(module.use_dora.get(adapter, False))
+        if dora and adapter in getattr(module, "merged_adapters", []) \
+                and getattr(module, "_caches", {}).get(f"{adapter}-weight_norm") is None:
+            raise ValueError(f"{name}: the DoRA adapter is merged but PEFT kept no norm of the unmerged "
+                             "weight; call peft_model.unmerge_adapter() first")
+        variant = getattr(module, "lora_variant", {}).get(adapter)
+        if variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant"):
+            variant = type(variant).__name__
             raise ValueError(f"{name}: the LoRA variant {variant} is not supported; expected plain LoRA")
         if module.lora_bias.get(adapter, False):
             raise ValueError(f"{name}: lora_bias=True is not supported (fastpeft's lora_B has no bias)")
@@ -181,6 +184,10 @@ def _build_layer(module, adapter, peft_type, kind, r, merged, config):
         layer.lora_B = module.lora_B[adapter].weight
         layer.scale = float(module.scaling[adapter])
         layer.dropout_p = _dropout_p(module.lora_dropout[adapter])
+        if module.use_dora.get(adapter, False):
+            layer.lora_magnitude = module.lora_magnitude_vector[adapter].weight
+            if merged:          # PEFT's norm of the unmerged weight, for unmerge()
+                layer._merge_norm = module._caches[f"{adapter}-weight_norm"].detach().float()
     elif peft_type == "adalora":
         lora_e = module.lora_E[adapter]
         layer.lora_A = module.lora_A[adapter]
@@ -210,7 +217,7 @@ def _fastpeft_config(peft_type, peft_config, names_ranks, adapter_scale):
     rank_pattern = {name: rank for name, rank in names_ranks.items() if rank != r}
     kwargs = dict(r=r, target_modules=sorted(names_ranks), rank_pattern=rank_pattern)
     if peft_type == "lora":
-        return AdapterConfig(method="lora", alpha=float(peft_config.lora_alpha),
+        return AdapterConfig(method="dora" if getattr(peft_config, "use_dora", False) else "lora", alpha=float(peft_config.lora_alpha),
                              dropout=float(peft_config.lora_dropout),
                              use_rslora=bool(peft_config.use_rslora), **kwargs)
     if peft_type == "adalora":
@@ -251,7 +258,11 @@ def from_peft(peft_model) -> nn.Module:
         is the transposed view [d, k] of the Conv1D weight [k, d] (same storage), so the model's
         state-dict shows that weight transposed.
 
-    Refused with a ValueError naming the layer: DoRA (``use_dora``), other LoRA variants,
+      - DoRA (``use_dora=True``, dense and bitsandbytes 4-bit bases): PEFT's magnitude vector
+        becomes ``lora_magnitude`` (the same tensor); outputs and gradients are PEFT's (training
+        with dropout differs as described in :mod:`fastpeft.ops.dora`).
+
+    Refused with a ValueError naming the layer: other LoRA variants,
     ``lora_bias``, base layers other than Linear / Conv1D / 4-bit, several active adapters,
     adapters disabled or merged other than the active one, other PEFT methods. Nothing is
     changed when a check fails. Other adapters than the active one are dropped. AdaLoRA's rank
@@ -388,10 +399,16 @@ def _trainable_biases(model: nn.Module, layer_names) -> dict[str, torch.Tensor]:
 
 def _lora_export(layers):
     tensors, ranks, alphas = {}, {}, {}
+    dora = {getattr(layer, "lora_magnitude", None) is not None for _, layer in layers}
+    if len(dora) > 1:
+        raise ValueError("model cannot be written in PEFT's format: some layers are DoRA and some are "
+                         "not, and PEFT's use_dora holds for the whole adapter")
     for name, layer in layers:
         lora_a, lora_b = _folded_lora(layer)
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = _tensor(lora_a)
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = _tensor(lora_b)
+        if layer.lora_magnitude is not None:
+            tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = _tensor(layer.lora_magnitude)
         ranks[name] = layer.r
         alphas[name] = _alpha_for(float(layer.scale), layer.r)
     r = Counter(ranks.values()).most_common(1)[0][0]
@@ -400,6 +417,8 @@ def _lora_export(layers):
     rank_pattern = {re.escape(n): v for n, v in ranks.items() if v != r}
     alpha_pattern = {re.escape(n): v for n, v in alphas.items() if v != alpha}
     kwargs = dict(r=r, lora_alpha=alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    if dora == {True}:
+        kwargs["use_dora"] = True
     return tensors, kwargs
 
 
