@@ -185,9 +185,15 @@ def trainable_parameter_count(model: nn.Module) -> int:
     return total
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def adapter_state_dict(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, torch.Tensor]:
     """The adapter tensors of ``model`` (adapter parameters of every fastpeft layer, plus the
-    biases that train), detached, contiguous, on CPU, under their module-qualified names."""
+    biases that train), detached, contiguous, on CPU, under their module-qualified names.
+    ``adapter_name`` picks one of several adapters (default: the active one); the keys are the
+    same whichever it is (``{layer}.lora_A``, ...)."""
+    from .adapters import active_adapter, list_adapters, named_adapter_state_dict
+
+    if adapter_name is not None or len(list_adapters(model)) > 1:
+        return named_adapter_state_dict(model, active_adapter(model) if adapter_name is None else adapter_name)
     out = {}
     for name, layer in lowrank_layers(model):
         for attr in ADAPTER_PARAMS:
@@ -200,27 +206,46 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: Optional[str] = None) -> None:
     """Write the adapter of ``model`` to the folder ``path``: ``fastpeft_adapter.safetensors``
     (adapter tensors only) and ``fastpeft_config.json``. Saving is deterministic: the same
-    adapter always gives the same bytes."""
+    adapter always gives the same bytes. ``adapter_name`` picks one of several adapters
+    (default: the active one); the file is the same as a single-adapter model's."""
     from safetensors.torch import save_file
 
     config = getattr(model, "fastpeft_config", None)
     if config is None:
         raise ValueError("model has no fastpeft adapter: call fastpeft.inject(model, config) first")
-    tensors = adapter_state_dict(model)
+    if adapter_name is not None:
+        from .adapters import _check_name, _registry
+
+        _check_name(model, adapter_name)
+        config = _registry(model)[adapter_name]
+        if config is None:
+            raise ValueError(f"adapter {adapter_name!r} has no AdapterConfig to save with it")
+    tensors = adapter_state_dict(model, adapter_name)
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, ADAPTER_FILE), metadata={"format": "pt"})
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
         f.write(config.to_json() + "\n")
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: Optional[str] = None) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter` into ``model`` (injecting the layers first
     if the model has none). Names and shapes are checked before anything changes: a mismatch
-    raises a ValueError and leaves the model as it was. Loading never unpickles."""
+    raises a ValueError and leaves the model as it was. Loading never unpickles.
+
+    ``adapter_name``: the adapter to load into (default: the active one, or ``"default"`` in a
+    model without adapters). An existing adapter is overwritten in place (its tensors keep their
+    identity, so a compiled model does not recompile); a new name adds an adapter to the layers
+    the file names, which fastpeft must already adapt (see :mod:`fastpeft.adapters`)."""
     from safetensors.torch import load_file
+
+    from .adapters import BASE_ADAPTER, active_adapter, list_adapters, load_named_adapter
+
+    if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name
+                                     or adapter_name == BASE_ADAPTER):
+        raise ValueError(f"adapter_name must be a non-empty str other than {BASE_ADAPTER!r}, got {adapter_name!r}")
 
     config_path = os.path.join(path, CONFIG_FILE)
     tensor_path = os.path.join(path, ADAPTER_FILE)
@@ -230,6 +255,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     with open(config_path) as f:
         config = AdapterConfig.from_dict(json.load(f))
     tensors = load_file(tensor_path)
+    if lowrank_layers(model):
+        names = list_adapters(model)
+        name = active_adapter(model) if adapter_name is None else adapter_name
+        if len(names) > 1 or name not in names:
+            load_named_adapter(model, name, config, tensors)
+            return model
 
     ranks = {key[: -len(".lora_A")]: t.shape[0] for key, t in tensors.items() if key.endswith(".lora_A")}
     snapshot = None
@@ -284,6 +315,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             if key.endswith("bias"):
                 target.requires_grad_(True)
     model.fastpeft_config = config
+    if "fastpeft_adapters" in model.__dict__:
+        model.fastpeft_adapters = {**model.fastpeft_adapters, active_adapter(model): config}
+    if adapter_name is not None and snapshot is not None:   # a model's first adapter, named
+        from .adapters import _store
+
+        for _, layer in lowrank_layers(model):
+            layer.active_adapter = adapter_name
+        _store(model, {adapter_name: config}, adapter_name)
     return model
 
 

@@ -58,7 +58,16 @@ class LowRankLinear(nn.Module):
     >>> layer = fastpeft.LowRankLinear.from_linear(base, fastpeft.AdapterConfig(method="lora", r=4))
     >>> layer.weight is base.weight, layer(torch.randn(3, 32)).shape
     (True, torch.Size([3, 16]))
+
+    A layer may hold several named adapters (:func:`fastpeft.load_adapter` with
+    ``adapter_name``): the parameters above are those of ``active_adapter``, the others wait in
+    ``lora_slots`` (see :mod:`fastpeft.nn.multi`).
     """
+
+    # the name of the adapter whose tensors are the parameters above; ``_routing`` (set by
+    # fastpeft.set_adapter / mixed_batch) redirects forward when not None
+    active_adapter = "default"
+    _routing = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  config: Optional[AdapterConfig] = None, *, r: Optional[int] = None,
@@ -188,6 +197,8 @@ class LowRankLinear(nn.Module):
                      for t in (self.lora_A, self.lora_B, self.lora_core, self.lora_out_scale))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._routing is not None:    # a mixed batch, or the model's active adapter is not here
+            return self._routing(self, x)
         # a layer linked to its siblings (fastpeft.group_projections) may take its output from
         # the group's one pass over x; never while torch.compile traces
         if not torch.compiler.is_compiling():

@@ -137,6 +137,8 @@ class LowRankLinear4bit(LowRankLinear):
     # -- forward ----------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._routing is not None:    # a mixed batch, or the model's active adapter is not here
+            return self._routing(self, x)
         dtype = self.compute_dtype or x.dtype
         xc = x if x.dtype == dtype else x.to(dtype)
         lora_a, lora_b, core, out_scale = self.adapter_tensors(dtype)

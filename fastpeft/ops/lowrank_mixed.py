@@ -1,0 +1,352 @@
+"""Several adapters in one batch: each sample (batch dim 0) runs with its own adapter, or none.
+
+For X [M, k] (x [B, ..., k] flattened; the rows of sample b are its ``M / B`` consecutive rows)
+and adapters i = 0..n-1, R_i the rows whose sample uses adapter i::
+
+    Y = X Wᵀ + b                                            one base GEMM over all M rows
+    Y[R_i] += s_i·(σ_i(D_i(X[R_i]) A_iᵀ) S_iᵀ) B_iᵀ ⊙ o_i    per adapter, over its rows only
+
+The rows with an adapter are gathered once in adapter order (``rows``: a permutation that sorts
+them by adapter, the rows of no adapter last), so each adapter reads one contiguous segment;
+the adapter terms are added back with one scatter. Adapters may differ in rank, core (none,
+diagonal, full) and out_scale.
+
+Backward, per adapter i with dY_i = dY[R_i] and its saved T_i = D_i(X[R_i]) A_iᵀ::
+
+    dX = dY W;   dX[R_i] += s_i·D_i'(dT_i A_i)         dT_i = (dY_i ⊙ o_i) B_i S_i ⊙ σ_i'(T_i)
+    dA_i = s_i·dT_iᵀ D_i(X[R_i]);   dB_i, dS_i, do_i: the one-adapter r-chain on (dY_i, T_i)
+    db = Σ_rows dY
+
+so every adapter's gradient is a sum over its own rows only. What backward keeps is the
+one-adapter contract: each T_i and a seed (adapter i's dropout mask is regenerated from
+``seed + i``); the caller's x itself only when some A (or W) trains; for a 4-bit W the packed
+weight, dequantised again for dX.
+
+Backends: ``"torch"`` (the reference, and the CPU implementation) and ``"triton"`` for the
+forward (:mod:`fastpeft.kernels.lowrank_mixed`: the T pass and the base GEMM's epilogue gather
+each row tile's adapter; dense and 4-bit W), used when no dropout is active; backward runs the
+torch code above from the saved T_i.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _backend
+from .lowrank import (_dropped, _dropout_scale, activation_fn, apply_core, autocast_args,
+                      lowrank_bwd_r_torch, seed_tensor, validate_lowrank_args)
+
+__all__ = ["MixedAdapter", "MixedRows", "LowRankMixedFunction", "lowrank_linear_mixed",
+           "lowrank_mixed_fwd_torch"]
+
+OP_NAME = "lowrank_linear_mixed"
+
+
+class MixedAdapter(NamedTuple):
+    """One adapter of a mixed batch: its tensors (in x's dtype) and how it runs."""
+    lora_A: Tensor
+    lora_B: Tensor
+    core: Optional[Tensor] = None
+    out_scale: Optional[Tensor] = None
+    scale: float = 1.0
+    dropout_p: float = 0.0
+    activation: Optional[str] = None
+
+
+class MixedRows:
+    """Which adapter each sample uses (``-1``: none), and the row orders derived from it.
+
+    ``rows(rows_per_sample, device)`` gives (``order`` [M] int64: the rows of adapter 0, then
+    adapter 1, ..., then the rows of no adapter, each group in batch order; ``counts``: rows per
+    adapter), cached per shape and device, so every layer of a model shares one computation.
+    """
+
+    def __init__(self, sample_adapter: Sequence[int], n_adapters: int):
+        ids = [int(i) for i in sample_adapter]
+        bad = [i for i in ids if not -1 <= i < n_adapters]
+        if bad:
+            raise ValueError(f"sample_adapter entries must be in [-1, {n_adapters - 1}], got {bad[:5]}")
+        self.sample_adapter = tuple(ids)
+        self.n_adapters = n_adapters
+        self.samples_of = [[b for b, i in enumerate(ids) if i == a] for a in range(n_adapters)]
+        self.base_samples = [b for b, i in enumerate(ids) if i == -1]
+        self._cache: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.sample_adapter)
+
+    def rows(self, rows_per_sample: int, device) -> tuple[Tensor, list[int]]:
+        key = (rows_per_sample, torch.device(device))
+        if key not in self._cache:
+            samples = [b for group in self.samples_of for b in group] + self.base_samples
+            order = torch.tensor(samples, dtype=torch.int64)
+            order = (order[:, None] * rows_per_sample + torch.arange(rows_per_sample)).reshape(-1)
+            counts = [len(group) * rows_per_sample for group in self.samples_of]
+            self._cache[key] = (order.to(device), counts)
+        return self._cache[key]
+
+
+# --------------------------------------------------------------------------------------------
+# Pure-torch implementation
+# --------------------------------------------------------------------------------------------
+
+def _seed_of(seed: int, i: int) -> int:
+    return (int(seed) + i) & 0x7FFFFFFF
+
+
+def _segments(counts, adapters):
+    """(adapter index, first row in ``order``, number of rows) of the adapters that have rows."""
+    out, start = [], 0
+    for i, (count, adapter) in enumerate(zip(counts, adapters)):
+        if count and adapter is not None:
+            out.append((i, start, count))
+        start += count
+    return out
+
+
+def _segment_rows(order: Tensor, segments) -> Tensor:
+    """The rows of ``segments``, in order: one slice of ``order`` unless an adapter this layer
+    lacks leaves a gap."""
+    first, last = segments[0][1], segments[-1][1] + segments[-1][2]
+    if sum(count for *_, count in segments) == last - first:
+        return order[first:last]
+    return torch.cat([order[start:start + count] for _, start, count in segments])
+
+
+def _base_weight(weight, quant_state, dtype):
+    if quant_state is None:
+        return weight
+    from .lowrank_4bit import dequantize_weight
+    return dequantize_weight(weight, quant_state, dtype)
+
+
+def lowrank_mixed_fwd_torch(x, weight, bias, order, counts, adapters, quant_state, seed: int):
+    """Forward on 2-D x [M, k]: (Y [M, d], [T_i of each adapter with rows, else None])."""
+    y = F.linear(x, _base_weight(weight, quant_state, x.dtype), bias)     # one base GEMM
+    segments = _segments(counts, adapters)
+    ts: list = [None] * len(adapters)
+    if not segments:
+        return y, ts
+    n_rows = sum(counts)
+    xs = x.index_select(0, order[:n_rows])                               # rows in adapter order
+    deltas = []
+    for i, start, count in segments:
+        a = adapters[i]
+        xi = _dropped(xs[start:start + count], a.dropout_p, _seed_of(seed, i))
+        t = xi @ a.lora_A.t()                                            # T_i = D_i(X_i) A_iᵀ
+        delta = apply_core(activation_fn(t, a.activation), a.core) @ a.lora_B.t()
+        if a.out_scale is not None:
+            delta = delta * a.out_scale
+        deltas.append(delta * a.scale)
+        ts[i] = t
+    y.index_add_(0, _segment_rows(order, segments), torch.cat(deltas))   # one scatter
+    return y, ts
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------
+
+_FIELDS = 4   # lora_A, lora_B, core, out_scale per adapter in the flat argument list
+
+
+class LowRankMixedFunction(torch.autograd.Function):
+    """Autograd of the mixed op (module docstring); ``meta`` = (counts, [(scale, dropout_p,
+    activation) or None per adapter], quant_state, seed, backend)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, order, meta, *flat):
+        counts, specs, quant_state, seed, backend = meta
+        adapters = _adapters(specs, flat)
+        x2d = x.reshape(-1, x.shape[-1])
+        if backend == "triton":
+            from ..kernels.lowrank_mixed import lowrank_mixed_fwd
+            y, ts = lowrank_mixed_fwd(x2d, weight, bias, order, counts, adapters, quant_state)
+        else:
+            y, ts = lowrank_mixed_fwd_torch(x2d, weight, bias, order, counts, adapters, quant_state, seed)
+        keep_x = weight.requires_grad or any(a is not None and a.lora_A.requires_grad for a in adapters)
+        present = [i for i, t in enumerate(ts) if t is not None]
+        ctx.save_for_backward(x if keep_x else None, weight, order, *flat, *(ts[i] for i in present))
+        ctx.meta, ctx.present, ctx.has_bias = meta, present, bias is not None
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        counts, specs, quant_state, seed, _ = ctx.meta
+        saved = ctx.saved_tensors
+        x, weight, order = saved[:3]
+        flat = saved[3:3 + _FIELDS * len(specs)]
+        ts = dict(zip(ctx.present, saved[3 + _FIELDS * len(specs):]))
+        adapters = _adapters(specs, flat)
+        need = ctx.needs_input_grad
+        need_x, need_w, need_bias = need[0], need[1], need[2] and ctx.has_bias
+        grad_y = grad_out.reshape(-1, grad_out.shape[-1])
+        dx = d_w = d_bias = None
+        grads = [None] * len(flat)
+        if need_x:
+            dx = grad_y @ _base_weight(weight, quant_state, grad_y.dtype)        # dY W
+        if need_w:
+            d_w = grad_y.t() @ x.reshape(-1, x.shape[-1])                        # dW = dYᵀ X
+        if need_bias:
+            d_bias = grad_y.sum(0)                                               # db = Σ dY
+        segments = [s for s in _segments(counts, adapters) if s[0] in ts]
+        n_rows = sum(counts)
+        gys = grad_y.index_select(0, order[:n_rows]) if segments else None
+        any_a = any(need[5 + _FIELDS * i] for i, _, _ in segments)
+        xs = x.reshape(-1, x.shape[-1]).index_select(0, order[:n_rows]) if any_a else None
+        dx_parts = []
+        for i, start, count in segments:
+            a, base = adapters[i], _FIELDS * i
+            need_a, need_b = need[5 + base], need[6 + base]
+            need_core = need[7 + base] and a.core is not None
+            need_os = need[8 + base] and a.out_scale is not None
+            d_t, d_b, d_core, d_os = lowrank_bwd_r_torch(
+                gys[start:start + count], ts[i], a.lora_B, a.core, a.out_scale, a.scale, a.activation,
+                need_x or need_a, need_b, need_core, need_os)
+            drop = None
+            if a.dropout_p > 0.0 and (need_x or need_a):                         # D_i, regenerated
+                drop = _dropout_scale(_seed_of(seed, i), count, a.lora_A.shape[1], a.dropout_p,
+                                      d_t.dtype, grad_y.device)
+            if need_x:
+                part = d_t @ a.lora_A                                            # s_i·D_i'(dT_i A_i)
+                dx_parts.append(part.mul_(drop).mul_(a.scale) if drop is not None else part.mul_(a.scale))
+            if need_a:
+                xi = xs[start:start + count]
+                xi = xi if drop is None else xi * drop.to(xi.dtype)
+                grads[base] = (d_t.t() @ xi) * a.scale                          # dA_i = s_i·dT_iᵀ D_i(X_i)
+            grads[base + 1], grads[base + 2], grads[base + 3] = d_b, d_core, d_os
+        if dx_parts:
+            dx.index_add_(0, _segment_rows(order, segments), torch.cat(dx_parts))
+        if dx is not None:
+            dx = dx.reshape(grad_out.shape[:-1] + (dx.shape[-1],))
+        return (dx, d_w, d_bias, None, None, *grads)
+
+
+def _adapters(specs, flat):
+    out = []
+    for i, spec in enumerate(specs):
+        if spec is None:
+            out.append(None)
+            continue
+        a, b, core, out_scale = flat[_FIELDS * i:_FIELDS * (i + 1)]
+        out.append(MixedAdapter(a, b, core, out_scale, *spec))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------
+
+_backend.register_impl(OP_NAME, "torch", lambda: None, lambda device: None)
+_backend.register_triton(OP_NAME, "lowrank_mixed")
+
+
+def _triton_supports(adapters, training_dropout: bool) -> Optional[str]:
+    if training_dropout:
+        return "dropout on the adapter input runs on the torch backend in a mixed batch"
+    acts = {a.activation for a in adapters if a is not None}
+    if len(acts) > 1:
+        return f"the adapters of one mixed batch must share one activation for the Triton kernels, got {acts}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
+
+def lowrank_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                         adapters: Sequence[Optional[MixedAdapter]],
+                         sample_adapter: Union[Sequence[int], MixedRows], *, quant_state=None,
+                         seed: Optional[int] = None) -> Tensor:
+    """``y[b] = x[b] Wᵀ + bias + (adapter sample_adapter[b] applied to x[b])`` for every sample b.
+
+    Args:
+        x: input ``[B, ..., k]``; batch dim 0 holds the samples.
+        weight: base weight ``[d, k]``, or the packed 4-bit weight with ``quant_state``.
+        bias: ``[d]`` or ``None``.
+        adapters: :class:`MixedAdapter` tuples (``None`` for an adapter that this layer lacks:
+            its samples get the base alone), tensors in x's dtype; ranks, cores and out_scales
+            may differ.
+        sample_adapter: B indexes into ``adapters`` (``-1``: no adapter), or a
+            :class:`MixedRows` built from them (reused by every layer of a model).
+        seed: dropout seed (adapter i uses ``seed + i``); drawn when ``None``.
+
+    Returns ``[B, ..., d]`` in x's dtype; each sample equals running it alone with its adapter.
+
+    >>> import torch, fastpeft
+    >>> from fastpeft.ops.lowrank_mixed import MixedAdapter, lowrank_linear_mixed
+    >>> x, w = torch.randn(3, 5, 16), torch.randn(8, 16)
+    >>> a1 = MixedAdapter(torch.randn(4, 16), torch.randn(8, 4), scale=2.0)
+    >>> a2 = MixedAdapter(torch.randn(2, 16), torch.randn(8, 2))
+    >>> y = lowrank_linear_mixed(x, w, None, [a1, a2], [1, -1, 0])
+    >>> torch.allclose(y[1], x[1] @ w.t())
+    True
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have a batch dimension and features [B, ..., k], got shape {tuple(x.shape)}")
+    adapters = list(adapters)
+    if not isinstance(sample_adapter, MixedRows):
+        sample_adapter = MixedRows(sample_adapter, len(adapters))
+    elif sample_adapter.n_adapters != len(adapters):
+        raise ValueError(f"sample_adapter indexes {sample_adapter.n_adapters} adapters but "
+                         f"{len(adapters)} were given")
+    if len(sample_adapter) != x.shape[0]:
+        raise ValueError(f"sample_adapter must name one adapter per sample: got {len(sample_adapter)} "
+                         f"for a batch of {x.shape[0]} (x of shape {tuple(x.shape)})")
+    if quant_state is not None:
+        shape, wdtype = tuple(quant_state.shape), None
+    else:
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+        shape, wdtype = tuple(weight.shape), weight.dtype
+    flat, specs = [], []
+    for i, a in enumerate(adapters):
+        if a is None:
+            flat += [None] * _FIELDS
+            specs.append(None)
+            continue
+        if not isinstance(a, MixedAdapter):
+            raise TypeError(f"adapters[{i}] must be a MixedAdapter or None, got {type(a).__name__}")
+        if quant_state is None:
+            x_, _, _, lora_a, lora_b, core, out_scale = autocast_args(x, weight, bias, a.lora_A, a.lora_B,
+                                                                      a.core, a.out_scale)
+        else:
+            x_, lora_a, lora_b, core, out_scale = x, a.lora_A, a.lora_B, a.core, a.out_scale
+        validate_lowrank_args(x_, shape, wdtype, weight.device, bias, lora_a, lora_b, core, out_scale,
+                              a.scale, a.dropout_p, a.activation, None)
+        flat += [lora_a, lora_b, core, out_scale]
+        specs.append((float(a.scale), float(a.dropout_p), a.activation))
+    if quant_state is None:
+        x, weight, bias = autocast_args(x, weight, bias)
+    if x.shape[-1] != shape[1]:
+        raise ValueError(f"x must have last dimension k={shape[1]} to match the weight [d={shape[0]}, "
+                         f"k={shape[1]}], got x of shape {tuple(x.shape)}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    rows_per_sample = math.prod(x.shape[1:-1])
+    order, counts = sample_adapter.rows(rows_per_sample, x.device)
+    dropout = any(s is not None and s[1] > 0.0 for s in specs)
+    seed = int(seed_tensor(seed, 0.5 if dropout else 0.0))
+    backend = _resolve(x.device, _triton_supports(adapters, dropout))
+    meta = (counts, specs, quant_state, seed, backend)
+    return LowRankMixedFunction.apply(x, weight, bias, order, meta, *flat)
+
+
+def _resolve(device, reason: Optional[str]) -> str:
+    """The backend: the requested one (``"auto"``: Triton on CUDA where it supports the call)."""
+    requested = _backend.get_backend()
+    if requested == "auto":
+        if device.type != "cuda" or reason is not None:
+            return "torch"
+        return _backend.resolve_backend(OP_NAME, device, "auto")
+    backend = _backend.resolve_backend(OP_NAME, device, requested)
+    if backend == "triton" and reason is not None:
+        raise RuntimeError(f"backend 'triton' cannot run {OP_NAME}: {reason}")
+    return backend
