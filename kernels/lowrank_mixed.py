@@ -1,0 +1,271 @@
+"""Fused Triton kernels of the mixed-batch op (``fastpeft.kernels.lowrank_mixed``): every row of X
+runs with its own adapter (or none) over one base weight, dense or 4-bit.
+
+The host sorts the rows by adapter (``order``: the rows of adapter 0, then 1, ..., then the rows
+of no adapter) and cuts each adapter's segment into row tiles of BLOCK_M; a tile never spans
+two adapters. A table of tiles (adapter slot or -1, first and end position in ``order``) drives
+both kernels, so every program reads one adapter (as SGMV does). The adapters are packed, rank
+padded with zeros to the largest r (R): A [n, R, k], B [n, d, R], core [n, R] or [n, R, R] (a
+missing core becomes ones or the identity, a diagonal one its diagonal matrix where another
+adapter needs a full core), out_scale [n, d] (ones where missing), s [n]. Zero padding adds
+nothing: padded columns of T are 0, and σ(0) = 0 for every activation.
+
+  * ``_mixed_t_kernel``: per adapter tile, T = X[rows] A_iᵀ and U = σ(T) S_iᵀ (the dense
+    module's ``_store_u``), in ``order``'s positions, [rows with an adapter, R];
+  * ``_mixed_gemm_kernel``: per tile and d-block, Y[rows] = X[rows] Wᵀ + b + s_i·(U B_iᵀ) ⊙ o_i:
+    the adapter term and the bias start the accumulator (the dense module's ``_adapter_init``,
+    skipped on tiles of no adapter), the main loop adds X Wᵀ with W loaded, or dequantised tile by
+    tile in registers (the 4-bit module's ``_w4_tile``): one base GEMM over all rows, Y written
+    once.
+
+Only the forward runs here (serving and evaluation); the op's backward runs the torch code from
+the saved T (:mod:`fastpeft.ops.lowrank_mixed`), and calls with dropout run on the torch backend.
+Every accumulation is fp32; under the interpreter dot operands are upcast to fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import lowrank as _dense
+from .lowrank import _act_fwd, _adapter_init, _op, _store_u
+from .lowrank_4bit import _w4_tile, _weight_args
+
+__all__ = ["lowrank_mixed_fwd", "pack_adapters", "tile_table", "gpu_tiles"]
+
+
+@triton.jit
+def _mixed_t_kernel(
+    x_ptr, order_ptr, tiles_ptr, a_ptr, core_ptr, t_ptr, u_ptr,
+    K, R, stride_xm, stride_xk,
+    ACTIVATION: tl.constexpr, CORE: tl.constexpr, STORE_U: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """T = X[rows] A_iᵀ and U = σ(T) S_iᵀ | σ(T) ⊙ S_i for one tile of adapter i's rows."""
+    dtype = x_ptr.dtype.element_ty
+    tile = tl.program_id(0)
+    slot = tl.load(tiles_ptr + tile * 3).to(tl.int64)
+    start = tl.load(tiles_ptr + tile * 3 + 1)
+    end = tl.load(tiles_ptr + tile * 3 + 2)
+    pos = start + tl.arange(0, BLOCK_M)
+    mask_m = pos < end
+    rr = tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K)
+    mask_r = rr < R
+    rows = tl.load(order_ptr + pos, mask=mask_m, other=0)           # gathered rows of X
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    a_cols = a_ptr + slot * R * K + (rr % R)[None, :] * K            # A_iᵀ tile [BK, BR]
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        mask_k = kk < K
+        xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_k[None, :], other=0.0)
+        at = tl.load(a_cols + kk[:, None], mask=mask_k[:, None], other=0.0)
+        acc = tl.dot(_op(xt, dtype, UPCAST), _op(at, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
+    offs = pos.to(tl.int64)[:, None] * R + rr[None, :]
+    tl.store(t_ptr + offs, acc.to(t_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+    if STORE_U:
+        z = tl.where(mask_r[None, :], _act_fwd(acc, ACTIVATION), 0.0)
+        if CORE == 2:
+            core_i = core_ptr + slot * R * R
+        else:
+            core_i = core_ptr + slot * R
+        _store_u(z, core_i, u_ptr, pos, end, R, CORE, UPCAST, DOT_PRECISION, BLOCK_R, R_CHUNK)
+
+
+@triton.jit
+def _mixed_gemm_kernel(
+    x_ptr, order_ptr, tiles_ptr, w_ptr, absmax_ptr, bias_ptr, u_ptr, b_ptr, os_ptr, scale_ptr, y_ptr,
+    N, K, R, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, W4: tl.constexpr, QBLOCK: tl.constexpr,
+    QUANT: tl.constexpr, W_KIND: tl.constexpr, LAYOUT: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Y[rows] = s_i·(U B_iᵀ) ⊙ o_i + b + X[rows] Wᵀ for one row tile (adapter i, or none when
+    its slot is -1) and one block of d; W dense, or 4-bit (W4) dequantised in registers."""
+    dtype = x_ptr.dtype.element_ty
+    tile = tl.program_id(0)
+    slot = tl.load(tiles_ptr + tile * 3)
+    start = tl.load(tiles_ptr + tile * 3 + 1)
+    end = tl.load(tiles_ptr + tile * 3 + 2)
+    pos = start + tl.arange(0, BLOCK_M)
+    mask_m = pos < end
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = rn < N
+    rk = tl.arange(0, BLOCK_K)
+    if slot >= 0:
+        s64 = slot.to(tl.int64)
+        acc = _adapter_init(u_ptr, b_ptr + s64 * N * R, os_ptr + s64 * N, bias_ptr, pos, rn, end, N, R, R,
+                            tl.load(scale_ptr + s64), HAS_BIAS, HAS_OUT_SCALE, UPCAST, DOT_PRECISION,
+                            BLOCK_R, R_CHUNK, BLOCK_M, BLOCK_N)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    rows = tl.load(order_ptr + pos, mask=mask_m, other=0)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + (rn % N).to(tl.int64)[None, :] * stride_wn
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        mask_k = kk < K
+        xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_k[None, :], other=0.0)
+        if W4:
+            wt = tl.trans(_w4_tile(w_ptr, absmax_ptr, rn % N, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK, QUANT,
+                                   W_KIND, LAYOUT))
+        else:
+            wt = tl.load(w_cols + kk[:, None] * stride_wk, mask=mask_k[:, None], other=0.0)
+        acc = tl.dot(_op(xt, dtype, UPCAST), _op(wt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
+    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+def pack_adapters(adapters, d: int, k: int, dtype, device):
+    """Stack ``adapters`` (MixedAdapter tuples, all present) rank-padded to the largest r:
+    (A [n, R, k], B [n, d, R], core kind 0/1/2 and its pack, out_scale [n, d] or None, s [n]
+    fp32, R). See the module docstring for how missing and diagonal cores are filled in."""
+    n = len(adapters)
+    R = max(a.lora_A.shape[0] for a in adapters)
+    kinds = {0 if a.core is None else a.core.dim() for a in adapters}
+    core_kind = 2 if 2 in kinds else (1 if 1 in kinds else 0)
+    a_pack = torch.zeros((n, R, k), dtype=dtype, device=device)
+    b_pack = torch.zeros((n, d, R), dtype=dtype, device=device)
+    core_pack = None
+    if core_kind == 1:
+        core_pack = torch.zeros((n, R), dtype=dtype, device=device)
+    elif core_kind == 2:
+        core_pack = torch.zeros((n, R, R), dtype=dtype, device=device)
+    has_os = any(a.out_scale is not None for a in adapters)
+    os_pack = torch.ones((n, d), dtype=dtype, device=device) if has_os else None
+    with torch.no_grad():
+        for i, a in enumerate(adapters):
+            r = a.lora_A.shape[0]
+            a_pack[i, :r] = a.lora_A
+            b_pack[i, :, :r] = a.lora_B
+            if core_kind == 1:
+                core_pack[i, :r] = 1.0 if a.core is None else a.core
+            elif core_kind == 2:
+                if a.core is None:
+                    core_pack[i, :r, :r] = torch.eye(r, dtype=dtype, device=device)
+                elif a.core.dim() == 1:
+                    core_pack[i, :r, :r] = torch.diag(a.core)
+                else:
+                    core_pack[i, :r, :r] = a.core
+            if a.out_scale is not None:
+                os_pack[i] = a.out_scale
+    scales = torch.tensor([float(a.scale) for a in adapters], dtype=torch.float32, device=device)
+    return a_pack, b_pack, core_kind, core_pack, os_pack, scales, R
+
+
+def tile_table(segments, n_rows: int, n_total: int, block_m: int, device) -> tuple[torch.Tensor, int]:
+    """int32 [tiles, 3]: (pack slot, first, end) in ``order``'s positions; the tiles of the
+    adapters first (``segments``: (slot, first, count)), then those of every other row (slot -1:
+    rows of no adapter, and of adapters absent from this layer). Returns (table, adapter tiles)."""
+    tiles = []
+    covered = []
+    for slot, start, count in segments:
+        end = start + count
+        tiles += [(slot, s, end) for s in range(start, end, block_m)]
+        covered.append((start, end))
+    n_adapter_tiles = len(tiles)
+    gaps, cursor = [], 0
+    for start, end in covered + [(n_total, n_total)]:
+        if start > cursor:
+            gaps.append((cursor, start))
+        cursor = max(cursor, end)
+    for start, end in gaps:
+        tiles += [(-1, s, end) for s in range(start, end, block_m)]
+    table = torch.tensor(tiles, dtype=torch.int32).reshape(-1, 3).to(device)
+    return table, n_adapter_tiles
+
+
+def gpu_tiles(max_count: int, w4: bool, block_m=None) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU: row tiles no taller than the
+    largest segment (16..64 rows), d-blocks of 64; the static test compiles each of them for sm_80
+    and sm_90 without spills (dense 64-row tiles need 8 warps, a 4-bit W tile is formed 32
+    columns at a time)."""
+    bm = block_m or max(16, min(64, _dense._pow2(max_count)))
+    if w4:
+        return bm, 64, 32, 4, 3
+    return bm, 64, 64, 8 if bm >= 64 else 4, 3
+
+
+def _blocks(max_count: int, N: int, K: int, w4: bool, block_m=None):
+    """The tiles of one call; under the interpreter, one block over small dims."""
+    if _dense._interpreting():
+        bm = block_m or min(64, _dense._interp_block(max_count))
+        return bm, _dense._interp_block(N), max(32, _dense._interp_block(K)), 4, 1
+    return gpu_tiles(max_count, w4, block_m)
+
+
+def lowrank_mixed_fwd(x, weight, bias, order, counts, adapters, quant_state=None, block_m=None):
+    """Forward of the mixed op on 2-D x [M, k] (see :mod:`fastpeft.ops.lowrank_mixed` for the
+    arguments): returns (Y [M, d], [T_i [rows of adapter i, r_i] or None per adapter]).
+    ``block_m`` forces the row tile (tests)."""
+    _dense._check_dtype(x)
+    M, K = x.shape
+    w4 = quant_state is not None
+    if w4:
+        data, absmax, wmeta, (N, k) = _weight_args(weight, quant_state, x.device)
+        w_arg, stride_wn, stride_wk = data, 0, 0
+    else:
+        N, k = weight.shape
+        data, absmax, wmeta = weight, weight, dict(QBLOCK=64, QUANT=0, W_KIND=0, LAYOUT=2)
+        w_arg, stride_wn, stride_wk = weight, weight.stride(0), weight.stride(1)
+    if k != K:
+        raise ValueError(f"x has k={K} columns but the weight is [d={N}, k={k}]")
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y, [None] * len(adapters)
+    n_rows = sum(counts)
+    segments, present, start = [], [], 0
+    for a, count in zip(adapters, counts):
+        if a is not None and count:
+            segments.append((len(present), start, count))
+            present.append(a)
+        start += count
+    ts = [None] * len(adapters)
+    max_count = max([c for *_, c in segments] + [max(M - n_rows, 1)])
+    bm, bn, bk, warps, stages = _blocks(max_count, N, K, w4, block_m)
+    interp = _dense._interpreting()
+    precision = _dense._dot_precision(x.dtype)
+    tiles, n_adapter_tiles = tile_table(segments, n_rows, M, bm, x.device)
+    with _dense._device(x):
+        if present:
+            a_pack, b_pack, core_kind, core_pack, os_pack, scales, R = pack_adapters(present, N, K, x.dtype,
+                                                                                     x.device)
+            activation = present[0].activation
+            BR = _dense._block_r(R)
+            t = torch.empty((n_rows, R), dtype=x.dtype, device=x.device)
+            store_u = core_kind != 0 or activation is not None
+            u = torch.empty_like(t) if store_u else t
+            _mixed_t_kernel[(n_adapter_tiles,)](
+                x, order, tiles, a_pack, core_pack if core_pack is not None else a_pack, t, u,
+                K, R, x.stride(0), x.stride(1), ACTIVATION=_dense._ACTIVATIONS[activation], CORE=core_kind,
+                STORE_U=store_u, UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR,
+                R_CHUNK=_dense._r_chunk(BR), BLOCK_M=bm, BLOCK_K=bk,
+                num_warps=warps, num_stages=stages)
+            slot = 0
+            for i, (a, count) in enumerate(zip(adapters, counts)):
+                if a is not None and count:
+                    _, first, _ = segments[slot]
+                    ts[i] = t[first:first + count, :a.lora_A.shape[0]]
+                    slot += 1
+        else:
+            u = b_pack = os_pack = scales = y
+            R, BR = 1, 16
+        _mixed_gemm_kernel[(tiles.shape[0], triton.cdiv(N, bn))](
+            x, order, tiles, w_arg, absmax, bias if bias is not None else y, u, b_pack,
+            os_pack if os_pack is not None else b_pack, scales, y,
+            N, K, R, x.stride(0), x.stride(1), stride_wn, stride_wk, y.stride(0), y.stride(1),
+            HAS_BIAS=bias is not None, HAS_OUT_SCALE=os_pack is not None, W4=w4, **wmeta,
+            UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR, R_CHUNK=_dense._r_chunk(BR),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    return y, ts
