@@ -7,6 +7,8 @@ launchers on 2-D tensors (the autograd Functions live in ``fastpeft.ops``):
   ``lowrank_bwd`` / ``dropout_keep_mask``.
 * :mod:`fastpeft.kernels.lowrank_group`: several projections of one input (q/k/v, gate/up),
   ``lowrank_group_fwd`` / ``lowrank_group_bwd``.
+* :mod:`fastpeft.kernels.lowrank_mixed`: several adapters in one batch, each row tile with its
+  own, ``lowrank_mixed_fwd``.
 * :mod:`fastpeft.kernels._aot`: ahead-of-time compilation for sm_80 / sm_90 without a GPU and the
   static checks on the result (shared memory, spills, tensor-core instructions).
 
