@@ -11,7 +11,8 @@ from ._backend import get_backend, use_backend
 from .adapters import active_adapter, add_adapter, delete_adapter, list_adapters, mixed_batch, set_adapter
 from .adalora import AdaLoRABudget, budget_schedule, orthogonality_loss
 from .config import AdapterConfig
-from .inject import adapter_state_dict, inject, load_adapter, save_adapter, trainable_parameter_count
+from .inject import (adapter_state_dict, inject, load_adapter, merge, save_adapter, trainable_parameter_count,
+                     unmerge)
 from .lamda import PMBFreezer, energy_scores, lamda_plus_ranks, pmb_freezer_callback
 from .nn import LowRankLinear, LowRankLinear4bit
 from .nn import LowRankLinearGroup, group_projections, ungroup_projections
@@ -57,6 +58,7 @@ __all__ = [
     "lowrank_linear_4bit",
     "lowrank_linear_mixed",
     "mixed_batch",
+    "merge",
     "orthogonality_loss",
     "pmb_freezer_callback",
     "quantize_4bit",
@@ -65,6 +67,7 @@ __all__ = [
     "to_peft",
     "trainable_parameter_count",
     "ungroup_projections",
+    "unmerge",
     "use_backend",
     "__version__",
 ]

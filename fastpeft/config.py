@@ -71,6 +71,39 @@ def method_spec(method: str) -> MethodSpec:
     return METHODS[key]
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_regex(field_name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"{field_name}: {pattern!r} is not a valid regex ({err})") from None
+
+
+def _check_names(field_name: str, value, regex: bool = True):
+    """``None``, one regex (a str) or a list of names; tuples and sets become sorted lists."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not regex:
+            return [value]
+        if value != "all-linear":
+            _check_regex(field_name, value)
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        bad = [n for n in value if not isinstance(n, str) or not n]
+        if bad:
+            raise TypeError(f"{field_name} must list module names (non-empty str), got {bad[0]!r}")
+        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    raise TypeError(f"{field_name} must be None, a regex (str) or a list of module names, got {value!r}")
+
+
 @dataclass
 class AdapterConfig:
     """How to adapt Linear layers.
@@ -95,6 +128,12 @@ class AdapterConfig:
             projections).
         vera_d_initial: initial value of VeRA's λ_d.
         freeze_b_steps: LaMDA's PMB gradual freezing horizon (steps), ``None`` to keep B trainable.
+        modules_to_save: names of whole modules (a classification head, say) that train fully
+            beside the adapter, as PEFT's ``modules_to_save``: their parameters are saved with
+            the adapter and exported by :func:`fastpeft.to_peft`.
+
+    Every field is checked when the config is built: a TypeError or ValueError names the field
+    and what it expects (booleans must be ``True``/``False``, regexes must compile).
     """
     method: str = "lora"
     r: int = 8
@@ -110,29 +149,44 @@ class AdapterConfig:
     seed: int = 0
     vera_d_initial: float = 0.1
     freeze_b_steps: Optional[int] = None
+    modules_to_save: Optional[list[str]] = None
 
     def __post_init__(self):
+        if not isinstance(self.method, str):
+            raise TypeError(f"method must be a string such as 'lora', got {self.method!r}")
         self.spec  # validates the method
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+        if not _is_int(self.r) or self.r < 1:
             raise ValueError(f"r must be an int >= 1, got {self.r!r}")
+        if not isinstance(self.rank_pattern, dict):
+            raise TypeError(f"rank_pattern must be a dict {{name or regex: rank}}, got {self.rank_pattern!r}")
         for name, rank in self.rank_pattern.items():
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            if not isinstance(name, str):
+                raise TypeError(f"rank_pattern keys must be names or regexes (str), got {name!r}")
+            _check_regex("rank_pattern", name)
+            if not _is_int(rank) or rank < 1:
                 raise ValueError(f"rank_pattern[{name!r}] must be an int >= 1, got {rank!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
+        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
-        if self.alpha is not None and (not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha)):
+        if self.alpha is not None and (not _is_real(self.alpha) or not math.isfinite(self.alpha)):
             raise ValueError(f"alpha must be a finite number or None, got {self.alpha!r}")
+        for name in ("use_rslora", "train_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         from .ops.lowrank import ACTIVATIONS
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.adapter_dtype is not None:
+            if not isinstance(self.adapter_dtype, str):  # a torch.dtype is kept by its name (JSON)
+                self.adapter_dtype = str(self.adapter_dtype).replace("torch.", "")
             self.torch_adapter_dtype  # validates
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
-        if isinstance(self.exclude_modules, tuple):
-            self.exclude_modules = list(self.exclude_modules)
-        if self.freeze_b_steps is not None and (not isinstance(self.freeze_b_steps, int) or self.freeze_b_steps < 0):
+        self.target_modules = _check_names("target_modules", self.target_modules)
+        self.exclude_modules = _check_names("exclude_modules", self.exclude_modules)
+        self.modules_to_save = _check_names("modules_to_save", self.modules_to_save, regex=False)
+        if not _is_int(self.seed) or not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        if not _is_real(self.vera_d_initial) or not math.isfinite(self.vera_d_initial):
+            raise ValueError(f"vera_d_initial must be a finite number, got {self.vera_d_initial!r}")
+        if self.freeze_b_steps is not None and (not _is_int(self.freeze_b_steps) or self.freeze_b_steps < 0):
             raise ValueError(f"freeze_b_steps must be an int >= 0 or None, got {self.freeze_b_steps!r}")
 
     @property
@@ -176,6 +230,8 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "AdapterConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"an AdapterConfig is read from a dict (a JSON object), got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

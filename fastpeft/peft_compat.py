@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from .config import AdapterConfig
-from .inject import lowrank_layers
+from .inject import linear_view_of_conv1d, lowrank_layers
 from .nn.linear import LowRankLinear
 
 __all__ = ["from_peft", "to_peft", "PEFT_CONFIG_FILE", "PEFT_WEIGHTS_FILE"]
@@ -80,17 +80,6 @@ def _base_kind(base: nn.Module) -> Optional[str]:
             and base.weight.dim() == 2:
         return "conv1d"
     return None
-
-
-def _linear_view_of_conv1d(conv: nn.Module) -> nn.Linear:
-    """An ``nn.Linear`` whose weight is the transposed view [d, k] of Conv1D's weight [k, d]
-    (same storage: merging into it changes the Conv1D's weight too)."""
-    linear = nn.Linear.__new__(nn.Linear)
-    nn.Module.__init__(linear)
-    linear.in_features, linear.out_features = conv.weight.shape
-    linear.weight = nn.Parameter(conv.weight.detach().t(), requires_grad=conv.weight.requires_grad)
-    linear.bias = conv.bias
-    return linear
 
 
 def _factory(kind: str):
@@ -171,7 +160,7 @@ def _shared_param(tensor: torch.Tensor, requires_grad: bool) -> nn.Parameter:
 
 def _build_layer(module, adapter, peft_type, kind, r, merged, config):
     base = module.get_base_layer()
-    target = _linear_view_of_conv1d(base) if kind == "conv1d" else base
+    target = linear_view_of_conv1d(base) if kind == "conv1d" else base
     factory = _factory(kind)
     with torch.random.fork_rng(devices=[]):  # the throw-away initialisation leaves torch's RNG alone
         if peft_type == "vera":

@@ -326,7 +326,7 @@ def test_to_peft_refusals(tmp_path):
     parallel = fastpeft.inject(_llama(), fastpeft.AdapterConfig(method="parallel", r=4, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="activation 'relu'.*non-linear"):
         fastpeft.to_peft(parallel, tmp_path)
-    bitfit = fastpeft.inject(_llama(), fastpeft.AdapterConfig(method="bitfit", target_modules=["q_proj"]))
+    bitfit = fastpeft.inject(_gpt2(), fastpeft.AdapterConfig(method="bitfit", target_modules=["c_attn"]))
     with pytest.raises(ValueError, match="no fastpeft layers"):
         fastpeft.to_peft(bitfit, tmp_path)
     lamda = fastpeft.inject(_llama(), fastpeft.AdapterConfig(method="lamda", r=4, target_modules=["q_proj"]))

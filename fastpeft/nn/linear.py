@@ -97,8 +97,11 @@ class LowRankLinear(nn.Module):
         spec = config.spec
         out_features, in_features = self._base_shape(weight)
         r = config.r if r is None else r
-        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(in_features, out_features):
-            raise ValueError(f"r must be an int in [1, min(d={out_features}, k={in_features})], got {r!r}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be an int >= 1, got {r!r}")
+        if spec.init == "svd" and r > min(in_features, out_features):
+            raise ValueError(f"r must be an int in [1, min(d={out_features}, k={in_features})] for "
+                             f"{config.method}'s SVD initialisation, got {r!r}")
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.method = config.method
         self.scale = config.scale_for(r)
@@ -146,7 +149,11 @@ class LowRankLinear(nn.Module):
         core = out_scale = None
         if init == "svd":
             # LaMDA: A = top-r right singular vectors, B = top-r left singular vectors, core 0.
-            u, _, vh = torch.linalg.svd(self._dense_weight_fp32(), full_matrices=False)
+            weight = self._dense_weight_fp32()
+            if not torch.isfinite(weight).all():
+                raise ValueError("the base weight has NaN or Inf entries; LaMDA's SVD initialisation needs "
+                                 "a finite weight")
+            u, _, vh = torch.linalg.svd(weight, full_matrices=False)
             # contiguous copies: LAPACK returns column-major factors, and strided parameters
             # break FSDP2 sharding and slow the kernels
             lora_a, lora_b = vh[:r].contiguous().clone(), u[:, :r].contiguous().clone()
@@ -238,11 +245,26 @@ class LowRankLinear(nn.Module):
             lora_b = lora_b * self.lora_out_scale.float()[:, None]
         return (lora_b @ self.lora_A.float()) * self.scale
 
+    def merge_refusal(self) -> Optional[str]:
+        """Why :meth:`merge` would be refused (``None`` when it would not)."""
+        if self.activation is not None:
+            return (f"a {self.method} adapter with activation {self.activation!r} is not linear in x "
+                    "and cannot be merged into the weight")
+        shared = getattr(self, "weight_shared_with", None)
+        if shared:
+            return (f"the weight is shared with {', '.join(shared[:5])} (tied weights): merging would "
+                    "change those modules too")
+        return None
+
     @torch.no_grad()
     def merge(self) -> None:
-        """Add the adapter into the base weight (in place, in fp32, rounded once)."""
+        """Add the adapter into the base weight (in place, in fp32, rounded once). Refused for a
+        weight that :func:`fastpeft.inject` found shared with other modules (tied weights)."""
         if self.merged:
             raise RuntimeError("the adapter is already merged; call unmerge() first")
+        reason = self.merge_refusal()
+        if reason is not None:
+            raise RuntimeError(f"cannot merge: {reason}")
         delta = self.delta_weight()
         if self.lora_magnitude is not None:          # W' = (m / n) ⊙ (W + ΔW), n kept for unmerge
             norm = self.dora_norm()

@@ -156,6 +156,9 @@ class LowRankLinear4bit(LowRankLinear):
 
     # -- merging ----------------------------------------------------------------------------
 
+    def merge_refusal(self) -> Optional[str]:
+        return "a 4-bit weight is never merged (see merge()); use layer.to_linear()"
+
     def merge(self) -> None:
         raise RuntimeError(
             "merge() is refused for a 4-bit weight: W + ΔW would have to be quantised again, which "

@@ -1,0 +1,315 @@
+"""Hostile input to the library API: a failing call changes nothing (model, files, config), a
+load gives the saved model exactly or a clear refusal, configs are checked when built, and
+inject adapts what PEFT adapts (Conv1D, Linear subclasses, "all-linear", ranks above min(d, k))."""
+
+import builtins
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastpeft
+from fastpeft import AdapterConfig, LowRankLinear
+from fastpeft.inject import ADAPTER_FILE, CONFIG_FILE, lowrank_layers
+
+transformers = pytest.importorskip("transformers")
+
+
+class Net(nn.Module):
+    def __init__(self, dim=8):
+        super().__init__()
+        self.embed = nn.Embedding(20, dim)
+        self.q = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.up = nn.Linear(dim, 2 * dim)
+        self.down = nn.Linear(2 * dim, dim, bias=False)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.q(h) + self.v(h)
+        return self.head(h + self.down(torch.relu(self.up(h))))
+
+
+IDS = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0))
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return Net()
+
+
+def _state(model):
+    return ({n: type(m) for n, m in model.named_modules()},
+            {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()},
+            getattr(model, "fastpeft_config", None))
+
+
+def _assert_same(model, before):
+    modules, params, config = _state(model)
+    assert modules == before[0]
+    assert params.keys() == before[1].keys()
+    for n, (value, flag) in params.items():
+        old = before[1][n][0]
+        assert value.shape == old.shape and torch.allclose(value, old, rtol=0, atol=0, equal_nan=True), n
+        assert flag == before[1][n][1], n
+    assert config == before[2]
+
+
+def _randomise(model, seed=1):
+    """Non-zero adapter values, so that outputs depend on every adapter tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lowrank_layers(model):
+            for t in (layer.lora_A, layer.lora_B, layer.lora_core, layer.lora_out_scale):
+                if t is not None:
+                    t.copy_(torch.randn(t.shape, generator=gen) * 0.3)
+    return model
+
+
+def _files(path):
+    return {name: (path / name).read_bytes() for name in sorted(os.listdir(path))}
+
+
+# -- configuration is checked when it is built ---------------------------------------------
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(seed="x"), "seed"), (dict(seed=1.5), "seed"), (dict(seed=True), "seed"),
+    (dict(train_bias="no"), "train_bias"), (dict(use_rslora="no"), "use_rslora"),
+    (dict(vera_d_initial=float("nan")), "vera_d_initial"), (dict(alpha=float("inf")), "alpha"),
+    (dict(alpha=True), "alpha"), (dict(dropout=float("nan")), "dropout"),
+    (dict(target_modules=5), "target_modules"), (dict(target_modules="("), "target_modules"),
+    (dict(target_modules=["q", 3]), "target_modules"), (dict(exclude_modules="[a-"), "exclude_modules"),
+    (dict(rank_pattern={"(": 2}), "rank_pattern"), (dict(rank_pattern=[("q", 2)]), "rank_pattern"),
+    (dict(method=["lora"]), "method"), (dict(freeze_b_steps=True), "freeze_b_steps"),
+    (dict(modules_to_save=7), "modules_to_save"),
+], ids=lambda v: str(v) if isinstance(v, str) else None)
+def test_config_fields_are_checked_at_construction(kwargs, field):
+    with pytest.raises((TypeError, ValueError), match=field):
+        AdapterConfig(**kwargs)
+
+
+def test_config_keeps_a_dtype_as_its_name():
+    config = AdapterConfig(adapter_dtype=torch.bfloat16)
+    assert config.adapter_dtype == "bfloat16" and json.loads(config.to_json())["adapter_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("text", ["[]", "null", "5", '{"method": ["lora"]}', "{not json"])
+def test_damaged_config_file_is_a_clear_error_and_changes_nothing(tmp_path, text):
+    model = fastpeft.inject(_net(), AdapterConfig(r=2, target_modules=["q"]))
+    fastpeft.save_adapter(model, tmp_path)
+    (tmp_path / CONFIG_FILE).write_text(text)
+    fresh = _net()
+    before = _state(fresh)
+    with pytest.raises((TypeError, ValueError), match=CONFIG_FILE):
+        fastpeft.load_adapter(fresh, tmp_path)
+    _assert_same(fresh, before)
+
+
+# -- a failing inject or load changes nothing ------------------------------------------------
+
+@pytest.mark.parametrize("case", ["vera-rank-pattern", "fractional-rank", "lamda-nonfinite", "lamda-rank",
+                                  "unknown-rank-name"])
+def test_failed_inject_changes_nothing(case):
+    model = _net()
+    if case == "lamda-nonfinite":
+        with torch.no_grad():
+            model.up.weight[0, 0] = float("nan")
+    before = _state(model)
+    config, ranks = {
+        "vera-rank-pattern": (AdapterConfig(method="vera", r=2, rank_pattern={"up": 4}), None),
+        "fractional-rank": (AdapterConfig(r=2, target_modules=["q"]), {"q": 2.5}),
+        "lamda-nonfinite": (AdapterConfig(method="lamda", r=2, target_modules=["q", "up"]), None),
+        "lamda-rank": (AdapterConfig(method="lamda", r=2, target_modules=["q", "head"]), {"head": 4}),
+        "unknown-rank-name": (AdapterConfig(r=2, target_modules=["q"]), {"nope": 2}),
+    }[case]
+    with pytest.raises((TypeError, ValueError)) as info:
+        fastpeft.inject(model, config, ranks=ranks)
+    if case in ("lamda-nonfinite", "lamda-rank"):  # the error names the layer
+        assert ("'up'" if case == "lamda-nonfinite" else "'head'") in str(info.value)
+    _assert_same(model, before)
+
+
+def test_failed_injection_inside_load_changes_nothing(tmp_path):
+    model = fastpeft.inject(_net(), AdapterConfig(method="lamda", r=2, target_modules=["q", "up"]))
+    fastpeft.save_adapter(model, tmp_path)
+    fresh = _net()
+    with torch.no_grad():
+        fresh.up.weight[1, 2] = float("inf")   # the injection's SVD initialisation refuses it
+    before = _state(fresh)
+    with pytest.raises(ValueError, match="'up'.*NaN or Inf"):
+        fastpeft.load_adapter(fresh, tmp_path)
+    _assert_same(fresh, before)
+
+
+def _tampered(tmp_path, edit, config=None):
+    from safetensors.torch import load_file, save_file
+    model = _randomise(fastpeft.inject(_net(), config or AdapterConfig(r=2, target_modules=["q", "up"])))
+    fastpeft.save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / ADAPTER_FILE)
+    edit(tensors)
+    save_file(tensors, tmp_path / ADAPTER_FILE)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int32, torch.bool, torch.uint16, torch.float8_e4m3fn],
+                         ids=str)
+@pytest.mark.parametrize("target", ["fresh", "adapted"])
+def test_adapter_tensors_must_be_floating_point(tmp_path, dtype, target):
+    def edit(tensors):  # the last key, so that a load that copies in order has copied the others
+        key = sorted(tensors)[-1]
+        tensors[key] = (tensors[key] * 4).to(dtype) if dtype != torch.bool else tensors[key] > 0
+
+    _tampered(tmp_path, edit)
+    victim = _net(1) if target == "fresh" else fastpeft.inject(_net(1), AdapterConfig(r=2, target_modules=["q", "up"]))
+    before = _state(victim)
+    with pytest.raises(ValueError, match=str(dtype).replace("torch.", "")):
+        fastpeft.load_adapter(victim, tmp_path)
+    _assert_same(victim, before)
+
+
+def test_one_dimensional_lora_a_is_refused(tmp_path):
+    _tampered(tmp_path, lambda t: t.__setitem__("q.lora_A", t["q.lora_A"].reshape(-1)))
+    fresh = _net()
+    before = _state(fresh)
+    with pytest.raises(ValueError, match="q.lora_A is 1-D, expected 2-D"):
+        fastpeft.load_adapter(fresh, tmp_path)
+    _assert_same(fresh, before)
+
+
+def test_save_adapter_is_atomic(tmp_path, monkeypatch):
+    model = _randomise(fastpeft.inject(_net(), AdapterConfig(r=2, target_modules=["q"])))
+    fastpeft.save_adapter(model, tmp_path)
+    old = _files(tmp_path)
+    _randomise(model, seed=7)
+    model.fastpeft_config = AdapterConfig(r=2, alpha=4, target_modules=["q"])
+    real_open = builtins.open
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        if str(file).endswith(CONFIG_FILE) and "w" in mode:
+            raise OSError(28, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", failing_open)
+    with pytest.raises(OSError, match="No space"):
+        fastpeft.save_adapter(model, tmp_path)
+    monkeypatch.undo()
+    assert _files(tmp_path) == old    # both old files, nothing left behind
+
+    real_rename = os.rename
+    calls = []
+
+    def failing_rename(src, dst):      # the last rename (the new config into place) fails, once
+        if str(dst) == str(tmp_path / CONFIG_FILE) and not calls:
+            calls.append(dst)
+            raise OSError(5, "I/O error")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    with pytest.raises(OSError, match="I/O error"):
+        fastpeft.save_adapter(model, tmp_path)
+    monkeypatch.undo()
+    assert _files(tmp_path) == old
+    fastpeft.save_adapter(model, tmp_path)
+    assert _files(tmp_path) != old and sorted(os.listdir(tmp_path)) == [ADAPTER_FILE, CONFIG_FILE]
+
+
+def test_save_adapter_never_writes_through_a_symlink(tmp_path):
+    outside = tmp_path / "precious.json"
+    outside.write_text("keep me")
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    os.symlink(outside, folder / CONFIG_FILE)
+    os.symlink(tmp_path / "precious.bin", folder / ADAPTER_FILE)
+    model = fastpeft.inject(_net(), AdapterConfig(r=2, target_modules=["q"]))
+    fastpeft.save_adapter(model, folder)
+    assert outside.read_text() == "keep me" and not (tmp_path / "precious.bin").exists()
+    assert not os.path.islink(folder / CONFIG_FILE) and not os.path.islink(folder / ADAPTER_FILE)
+    fastpeft.load_adapter(_net(), folder)
+
+
+# -- a load gives the saved model exactly, or a clear refusal ---------------------------------
+
+def test_load_applies_the_saved_scale(tmp_path):
+    saved = _randomise(fastpeft.inject(_net(), AdapterConfig(r=2, alpha=32, use_rslora=True, target_modules=["q"])))
+    want = saved(IDS)
+    fastpeft.save_adapter(saved, tmp_path)
+    other = fastpeft.inject(_net(), AdapterConfig(r=2, alpha=8, target_modules=["q"]))
+    fastpeft.load_adapter(other, tmp_path)
+    torch.testing.assert_close(other(IDS), want, rtol=0, atol=0)
+    assert other.q.scale == saved.q.scale and other.fastpeft_config.alpha == 32
+
+
+def test_load_of_another_method_is_refused(tmp_path):
+    fastpeft.save_adapter(fastpeft.inject(_net(), AdapterConfig(method="lora_fa", r=2, target_modules=["q"])), tmp_path)
+    model = fastpeft.inject(_net(), AdapterConfig(method="lora", r=2, target_modules=["q"]))
+    before = _state(model)
+    with pytest.raises(ValueError, match="lora_fa adapter but the model's layers are not"):
+        fastpeft.load_adapter(model, tmp_path)
+    _assert_same(model, before)
+
+
+def test_load_into_merged_layers_is_refused_and_unmerge_restores(tmp_path):
+    original = _net().q.weight.detach().clone()
+    fastpeft.save_adapter(_randomise(fastpeft.inject(_net(), AdapterConfig(r=2, target_modules=["q"])), 3), tmp_path)
+    model = _randomise(fastpeft.inject(_net(), AdapterConfig(r=2, target_modules=["q"])))
+    fastpeft.merge(model)
+    before = _state(model)
+    with pytest.raises(ValueError, match="merged.*unmerge"):
+        fastpeft.load_adapter(model, tmp_path)
+    _assert_same(model, before)
+    fastpeft.unmerge(model)
+    torch.testing.assert_close(model.q.weight, original, rtol=0, atol=1e-6)
+
+
+def test_vera_file_with_layers_that_do_not_share_projections_is_refused(tmp_path):
+    config = AdapterConfig(method="vera", r=2, target_modules=["q", "v"])
+
+    def edit(tensors):
+        tensors["v.lora_A"] = tensors["v.lora_A"] + 1.0
+
+    _tampered(tmp_path, edit, config)
+    for victim in (_net(), fastpeft.inject(_net(), config)):
+        before = _state(victim)
+        with pytest.raises(ValueError, match="shares its projections.*v.lora_A"):
+            fastpeft.load_adapter(victim, tmp_path)
+        _assert_same(victim, before)
+
+
+# -- inject: bare layers, bitfit, twice ------------------------------------------------------
+
+def test_inject_on_a_bare_linear_returns_a_fastpeft_layer(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6)
+    layer = fastpeft.inject(base, AdapterConfig(r=2))
+    assert isinstance(layer, LowRankLinear) and layer.weight is base.weight
+    assert not [n for n, _ in layer.named_children()]
+    _randomise(layer)
+    x = torch.randn(3, 8)
+    assert not torch.allclose(layer(x), base(x))       # the adapter is in the forward
+    fastpeft.save_adapter(layer, tmp_path)
+    torch.manual_seed(0)
+    again = fastpeft.load_adapter(nn.Linear(8, 6), tmp_path)
+    assert isinstance(again, LowRankLinear)
+    torch.testing.assert_close(again(x), layer(x), rtol=0, atol=0)
+
+
+def test_bitfit_without_a_match_is_an_error_and_ignores_r():
+    for targets in (["nope"], ["down"]):   # nothing matched; matched, without a bias
+        model = _net()
+        before = _state(model)
+        with pytest.raises(ValueError, match="no Linear layer matched|none of the 1 layers"):
+            fastpeft.inject(model, AdapterConfig(method="bitfit", target_modules=targets))
+        _assert_same(model, before)
+    model = fastpeft.inject(_net(), AdapterConfig(method="bitfit", r=64, target_modules=["head"]))  # r > d = 3
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"head.bias"}
+
+
+def test_injecting_twice_is_refused():
+    model = fastpeft.inject(_net(), AdapterConfig(r=2, target_modules=["q"]))
+    before = _state(model)
+    with pytest.raises(ValueError, match="already has 1 fastpeft layers"):
+        fastpeft.inject(model, AdapterConfig(r=2, target_modules=["v"]))
+    _assert_same(model, before)
