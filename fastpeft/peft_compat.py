@@ -28,6 +28,7 @@ the adapter non-linear and is refused, as is BitFit without an adapter.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -38,8 +39,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ._files import write_folder
 from .config import AdapterConfig
-from .inject import linear_view_of_conv1d, lowrank_layers
+from .inject import _saved_module_names, linear_view_of_conv1d, lowrank_layers
 from .nn.linear import LowRankLinear
 
 __all__ = ["from_peft", "to_peft", "PEFT_CONFIG_FILE", "PEFT_WEIGHTS_FILE"]
@@ -230,7 +232,8 @@ def from_peft(peft_model) -> nn.Module:
     every PEFT layer of the active adapter is replaced by a :class:`fastpeft.LowRankLinear`
     (:class:`fastpeft.LowRankLinear4bit` over a bitsandbytes 4-bit base) that shares the base
     weight and bias and, where the layouts agree, PEFT's adapter parameters themselves; PEFT's
-    ``modules_to_save`` wrappers are replaced by the active copy. The model gets a
+    ``modules_to_save`` wrappers are replaced by the active copy, which the config records in its
+    ``modules_to_save`` (so it is saved and exported with the adapter). The model gets a
     ``fastpeft_config`` so that :func:`fastpeft.save_adapter` and :func:`to_peft` work on it.
     Do not use ``peft_model`` afterwards: its module tree is the returned model.
 
@@ -313,6 +316,10 @@ def from_peft(peft_model) -> nn.Module:
         active = getattr(wrapper, "modules_to_save", {})
         chosen = active[adapter] if adapter in active and not wrapper.disable_adapters else wrapper.original_module
         _set_submodule(inner, name, chosen)
+    saved = sorted(name for name, wrapper in wrappers.items()
+                   if adapter in getattr(wrapper, "modules_to_save", {}) and not wrapper.disable_adapters)
+    if saved:  # the trained copies are saved and exported with the adapter
+        config = dataclasses.replace(config, modules_to_save=saved)
     inner.fastpeft_config = config
     odd = sorted(name for name, layer in new_layers.items()
                  if not math.isclose(layer.scale, config.scale_for(layer.r), rel_tol=1e-9))
@@ -478,7 +485,9 @@ def to_peft(model: nn.Module, path: str | os.PathLike, *, peft_type: Optional[st
 
     Per-layer ranks and scales go to ``rank_pattern`` / ``alpha_pattern`` (LoRA's ``lora_alpha``
     is chosen so that PEFT's ``lora_alpha / r`` equals the layer's scale exactly); biases that
-    train (BitFit beside an adapter) are written with ``bias="all"``. Refused with a ValueError:
+    train (BitFit beside an adapter) are written with ``bias="all"``, and the modules of
+    ``modules_to_save`` as PEFT's ``modules_to_save``. The files are written into a temporary
+    folder and renamed into place (never through a symlink; a failure leaves old files whole). Refused with a ValueError:
     an activation on the r-dim intermediate (parallel adapter), a model without fastpeft layers
     (BitFit alone), a preset the requested ``peft_type`` cannot express. The file holds the
     adapter values whether or not the layers are merged.
@@ -501,24 +510,32 @@ def to_peft(model: nn.Module, path: str | os.PathLike, *, peft_type: Optional[st
     exporter = {"lora": _lora_export, "vera": _vera_export, "adalora": _adalora_export}[peft_type]
     tensors, kwargs = exporter(layers)
     names = {name for name, _ in layers}
-    biases = _trainable_biases(model, names)
+    fp_config = getattr(model, "fastpeft_config", None)
+    saved = _saved_module_names(model, fp_config) if fp_config is not None and fp_config.modules_to_save else []
+    saved_tensors = {f"{_PREFIX}{name}.{pname}": _tensor(param) for name in saved
+                     for pname, param in model.get_submodule(name).named_parameters()}
+    biases = {k: v for k, v in _trainable_biases(model, names).items() if k not in saved_tensors}
     if biases:
         kwargs["bias"] = "all"
     tensors.update(biases)
+    tensors.update(saved_tensors)
 
     dropouts = Counter(float(layer.dropout_p) for _, layer in layers).most_common(1)[0][0]
     common = dict(target_modules=_names_regex(names), task_type=task_type, inference_mode=True,
                   base_model_name_or_path=base_model_name_or_path,
-                  fan_in_fan_out=all(getattr(layer, "fan_in_fan_out", False) for _, layer in layers))
+                  fan_in_fan_out=all(getattr(layer, "fan_in_fan_out", False) for _, layer in layers),
+                  modules_to_save=saved or None)
     if peft_type == "lora":
         config = peft.LoraConfig(lora_dropout=dropouts, **common, **kwargs)
     elif peft_type == "adalora":
         config = peft.AdaLoraConfig(lora_dropout=dropouts, **common, **kwargs)
     else:
-        fp_config = getattr(model, "fastpeft_config", None)
         config = peft.VeraConfig(vera_dropout=dropouts,
                                  projection_prng_key=int(getattr(fp_config, "seed", 0) or 0),
                                  **common, **kwargs)
-    os.makedirs(path, exist_ok=True)
-    config.save_pretrained(os.fspath(path))
-    save_file(tensors, os.path.join(os.fspath(path), PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+
+    def write(folder):
+        config.save_pretrained(folder)
+        save_file(tensors, os.path.join(folder, PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+
+    write_folder(path, [PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE], write)

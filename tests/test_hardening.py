@@ -313,3 +313,191 @@ def test_injecting_twice_is_refused():
     with pytest.raises(ValueError, match="already has 1 fastpeft layers"):
         fastpeft.inject(model, AdapterConfig(r=2, target_modules=["v"]))
     _assert_same(model, before)
+
+
+# -- interop with PEFT: what inject adapts ---------------------------------------------------
+
+peft = pytest.importorskip("peft")
+
+
+def _gpt2(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_positions=16)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _bert_classifier(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=24, num_labels=3)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+HF_IDS = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(0))
+
+
+def _peft_adapted(model, **kwargs):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(model, peft.LoraConfig(r=2, **kwargs))
+    from peft.tuners.lora import LoraLayer
+    return sorted(n.removeprefix("base_model.model.") for n, m in pm.named_modules() if isinstance(m, LoraLayer))
+
+
+def _adapted(model):
+    return sorted(n for n, _ in lowrank_layers(model))
+
+
+@pytest.mark.parametrize("make", [_bert_classifier, _llama, _gpt2], ids=["bert-seq-cls", "llama", "gpt2"])
+def test_all_linear_selects_peft_layers(make):
+    want = _peft_adapted(make(), target_modules="all-linear")
+    got = _adapted(fastpeft.inject(make(), AdapterConfig(r=2, target_modules="all-linear")))
+    assert got == want
+    assert _adapted(fastpeft.inject(make(), AdapterConfig(r=2))) == want   # None means all-linear
+    if make is _bert_classifier:
+        assert "classifier" in got
+
+
+def test_gpt2_conv1d_layers_are_adapted_as_peft(tmp_path):
+    targets = ["c_attn", "c_proj", "c_fc", "lm_head"]
+    want = _peft_adapted(_gpt2(), target_modules=targets, fan_in_fan_out=True)
+    model = fastpeft.inject(_gpt2(), AdapterConfig(r=2, alpha=4, target_modules=targets))
+    assert _adapted(model) == want and len(want) == 9
+    layer = model.transformer.h[0].attn.c_attn
+    assert layer.fan_in_fan_out and layer.weight.shape == (48, 16)
+    base = _gpt2()
+    with torch.no_grad():
+        torch.testing.assert_close(model(HF_IDS).logits, base(HF_IDS).logits)   # B = 0: the base model
+    _randomise(model)
+    with torch.no_grad():
+        logits = model(HF_IDS).logits
+    fastpeft.to_peft(model, tmp_path)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(_gpt2(), tmp_path).eval()
+    with torch.no_grad():
+        assert (back(HF_IDS).logits - logits).abs().max() <= 1e-5
+
+
+class PlainSubclass(nn.Linear):
+    pass
+
+
+class OwnForward(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_linear_subclasses_are_adapted_or_refused_by_name():
+    model = nn.Sequential(PlainSubclass(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    assert _adapted(fastpeft.inject(model, AdapterConfig(r=2, target_modules=["0", "2"]))) == ["0", "2"]
+    cases = {
+        "own forward": (nn.Sequential(OwnForward(8, 8), nn.Linear(8, 4)), ["0", "1"], "'0' is a OwnForward"),
+        "embedding": (_net(), ["q", "embed"], "'embed' is a Embedding"),
+        "container": (nn.Sequential(nn.Sequential(nn.Linear(8, 8)), nn.Linear(8, 4)), ["0", "1"], "'0' is a Sequential"),
+        "mha out_proj": (nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "fc": nn.Linear(8, 8)}),
+                         ["out_proj", "fc"], "out_proj of an nn.MultiheadAttention"),
+    }
+    for what, (model, targets, message) in cases.items():
+        before = _state(model)
+        with pytest.raises(ValueError, match=message):
+            fastpeft.inject(model, AdapterConfig(r=2, target_modules=targets))
+        _assert_same(model, before)
+
+
+def test_ranks_above_min_d_k_match_peft(tmp_path):
+    model = _randomise(fastpeft.inject(_net(), AdapterConfig(r=6, alpha=3, target_modules=["head", "q"])))
+    assert model.head.lora_A.shape == (6, 8) and model.head.lora_B.shape == (3, 6)    # d = 3 < r
+    want = model(IDS)
+    fastpeft.to_peft(model, tmp_path)
+    back = peft.PeftModel.from_pretrained(_net(), tmp_path).eval()
+    torch.testing.assert_close(back(IDS), want, rtol=1e-5, atol=1e-6)
+
+
+# -- merging whole models, tied weights ----------------------------------------------------------
+
+def test_model_level_merge_and_unmerge():
+    model = _randomise(fastpeft.inject(_net(), AdapterConfig(r=2, target_modules=["q", "up", "down"])))
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("weight")}
+    want = model(IDS)
+    assert fastpeft.merge(model) is model and all(layer.merged for _, layer in lowrank_layers(model))
+    torch.testing.assert_close(model(IDS), want, rtol=1e-5, atol=1e-5)
+    before = _state(model)
+    with pytest.raises(ValueError, match="already merged"):
+        fastpeft.merge(model)
+    _assert_same(model, before)
+    fastpeft.unmerge(model)
+    for n, p in model.named_parameters():
+        if n in weights:
+            torch.testing.assert_close(p, weights[n], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="not merged"):
+        fastpeft.unmerge(model)
+    # one layer that cannot merge: nothing merges
+    mixed = _randomise(fastpeft.inject(_net(), AdapterConfig(method="parallel", r=2, target_modules=["q", "up"])))
+    before = _state(mixed)
+    with pytest.raises(ValueError, match="cannot merge.*activation"):
+        fastpeft.merge(mixed)
+    _assert_same(mixed, before)
+    with pytest.raises(ValueError, match="no fastpeft layers"):
+        fastpeft.merge(_net())
+
+
+def test_merging_a_tied_weight_is_refused():
+    tied = _net()
+    tied.v.weight = tied.q.weight                     # two adapted layers, one weight
+    model = _randomise(fastpeft.inject(tied, AdapterConfig(r=2, target_modules=["q", "v"])))
+    before = _state(model)
+    with pytest.raises(ValueError, match="shared with v.weight"):
+        fastpeft.merge(model)
+    _assert_same(model, before)
+    with pytest.raises(RuntimeError, match="tied weights"):
+        model.q.merge()
+    gpt2 = _randomise(fastpeft.inject(_gpt2(), AdapterConfig(r=2, target_modules=["c_attn", "lm_head"])))
+    embedding = gpt2.transformer.wte.weight.detach().clone()
+    with pytest.raises(ValueError, match="lm_head.*transformer.wte.weight"):
+        fastpeft.merge(gpt2)
+    assert torch.equal(gpt2.transformer.wte.weight, embedding)
+    assert not any(layer.merged for _, layer in lowrank_layers(gpt2))
+
+
+# -- modules_to_save ---------------------------------------------------------------------------
+
+def test_modules_to_save_are_saved_and_exported(tmp_path):
+    config = peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    pm = peft.get_peft_model(_llama(), config)
+    with torch.no_grad():
+        pm.base_model.model.lm_head.modules_to_save["default"].weight.mul_(2)
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    with torch.no_grad():
+        want = pm(HF_IDS).logits
+    model = fastpeft.from_peft(pm)
+    assert model.fastpeft_config.modules_to_save == ["lm_head"]
+    fastpeft.save_adapter(model, tmp_path / "fp")
+    fresh = fastpeft.load_adapter(_llama(), tmp_path / "fp")
+    assert fresh.lm_head.weight.requires_grad
+    fastpeft.to_peft(model, tmp_path / "peft")
+    back = peft.PeftModel.from_pretrained(_llama(), tmp_path / "peft").eval()
+    with torch.no_grad():
+        for other in (fresh, back):
+            assert (other(HF_IDS).logits - want).abs().max() <= 1e-5
+
+
+def test_inject_trains_modules_to_save():
+    model = fastpeft.inject(_net(), AdapterConfig(r=2, modules_to_save=["head"]))
+    assert "head" not in _adapted(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"head.weight", "head.bias"} <= trainable
+    assert {"head.weight", "head.bias"} <= set(fastpeft.adapter_state_dict(model))
+    with pytest.raises(ValueError, match="modules_to_save names \\['nope'\\]"):
+        fastpeft.inject(_net(), AdapterConfig(r=2, modules_to_save=["nope"]))
