@@ -501,3 +501,65 @@ def test_inject_trains_modules_to_save():
     assert {"head.weight", "head.bias"} <= set(fastpeft.adapter_state_dict(model))
     with pytest.raises(ValueError, match="modules_to_save names \\['nope'\\]"):
         fastpeft.inject(_net(), AdapterConfig(r=2, modules_to_save=["nope"]))
+
+
+# -- fastpeft report on damaged result files ------------------------------------------------------
+
+RESULTS = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "results")
+
+
+def _results_copy(tmp_path):
+    import glob
+    import shutil
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for path in glob.glob(os.path.join(RESULTS, "bench-*.json")) + glob.glob(os.path.join(RESULTS, "memory-*.json")):
+        shutil.copy(path, folder)
+    readme = tmp_path / "README.md"
+    readme.write_text("# t\n\n<!-- results:start -->\nold results\n<!-- results:end -->\n")
+    return folder, readme
+
+
+def _newest(folder, kind):
+    return sorted(p for p in os.listdir(folder) if p.startswith(kind + "-") and p.endswith(".json"))[-1]
+
+
+def test_report_skips_a_damaged_file_names_it_and_fails(tmp_path, capsys):
+    from fastpeft.cli import main
+    folder, readme = _results_copy(tmp_path)
+    good = folder / _newest(folder, "bench")
+    data = json.loads(good.read_text())
+    assert main(["report", "--results", str(folder), "--readme", str(readme)]) == 0
+    # a newer bench file cut short, and a memory file whose rows lack a field
+    stamp = data["meta"]["timestamp"]
+    truncated = folder / "bench-zz-truncated.json"
+    truncated.write_text(good.read_text()[: len(good.read_text()) // 2])
+    memory = folder / _newest(folder, "memory")
+    mdata = json.loads(memory.read_text())
+    mdata["meta"]["timestamp"] = "9999"
+    for row in mdata["rows"]:
+        row.pop("status", None)
+    broken = folder / "memory-zz-missing-field.json"
+    broken.write_text(json.dumps(mdata))
+    capsys.readouterr()
+    assert main(["report", "--results", str(folder), "--readme", str(readme)]) == 1
+    err = capsys.readouterr().err
+    assert "bench-zz-truncated.json" in err and "memory-zz-missing-field.json" in err and "status" in err
+    text = readme.read_text()
+    assert "Layer microbenchmark" in text and stamp[:10] in text   # the good bench file is still shown
+    assert main(["report", "--results", str(folder), "--readme", str(readme), "--check"]) == 1
+
+
+def test_report_never_replaces_results_with_nothing(tmp_path, capsys):
+    from fastpeft.cli import main
+    folder, readme = _results_copy(tmp_path)
+    for name in os.listdir(folder):
+        (folder / name).write_text("{")     # every file damaged
+    before = readme.read_text()
+    assert main(["report", "--results", str(folder), "--readme", str(readme)]) == 1
+    assert readme.read_text() == before and "old results" in before
+    assert "left as it is" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", "--results", str(empty), "--readme", str(readme)]) == 1
+    assert readme.read_text() == before

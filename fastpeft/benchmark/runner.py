@@ -329,9 +329,10 @@ def load_results(path: str) -> dict:
         return json.load(f)
 
 
-def latest_results(results_dir: str, kind: str) -> list[dict]:
+def latest_results(results_dir: str, kind: str, problems: Optional[list] = None) -> list[dict]:
     """The newest ``kind`` result file per device name in ``results_dir`` (loaded, oldest
-    first; each with its file path under ``"_path"``)."""
+    first; each with its file path under ``"_path"``). Files that cannot be read or are not
+    ``kind`` results are skipped; with ``problems`` (a list), ``"path: why"`` is appended for each."""
     newest: dict[str, tuple[str, dict]] = {}
     if not os.path.isdir(results_dir):
         return []
@@ -341,13 +342,17 @@ def latest_results(results_dir: str, kind: str) -> list[dict]:
         path = os.path.join(results_dir, name)
         try:
             data = load_results(path)
-        except (OSError, ValueError):
+        except (OSError, ValueError) as err:
+            if problems is not None:
+                problems.append(f"{path}: cannot be read as JSON ({err})")
             continue
-        if not isinstance(data, dict) or data.get("kind") != kind or "meta" not in data:
+        if not isinstance(data, dict) or data.get("kind") != kind or not isinstance(data.get("meta"), dict):
+            if problems is not None:
+                problems.append(f"{path}: not a {kind} result (a JSON object with kind {kind!r} and meta)")
             continue
         data["_path"] = path
         key = data["meta"].get("device_name", "?")
-        stamp = data["meta"].get("timestamp", "")
+        stamp = str(data["meta"].get("timestamp", ""))
         if key not in newest or stamp >= newest[key][0]:
             newest[key] = (stamp, data)
     return [data for _, data in sorted(newest.values(), key=lambda v: v[0])]
