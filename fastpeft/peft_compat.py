@@ -257,7 +257,11 @@ def from_peft(peft_model) -> nn.Module:
     Refused with a ValueError naming the layer: other LoRA variants,
     ``lora_bias``, base layers other than Linear / Conv1D / 4-bit, several active adapters,
     adapters disabled or merged other than the active one, other PEFT methods. Nothing is
-    changed when a check fails. Other adapters than the active one are dropped. AdaLoRA's rank
+    changed when a check fails. Adapters keep PEFT's names. The other LoRA and VeRA adapters of
+    a lora or vera active adapter are kept as named adapters beside it (:func:`fastpeft.list_adapters`,
+    :func:`fastpeft.set_adapter`, :func:`fastpeft.mixed_batch`); adapters that cannot share a
+    layer (AdaLoRA, DoRA, or any beside an AdaLoRA or DoRA active one) are dropped with a
+    warning that names them. AdaLoRA's rank
     allocator and orthogonality regulariser live in PEFT's training loop and are not carried.
     """
     peft = _import_peft()
@@ -275,7 +279,7 @@ def from_peft(peft_model) -> nn.Module:
     from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 
     # 1. check everything before changing anything
-    plans, wrappers, unwrap = {}, {}, {}
+    plans, wrappers, unwrap, tuners = {}, {}, {}, {}
     for name, module in inner.named_modules():
         if any(name.startswith(p + ".") for p in list(plans) + list(wrappers) + list(unwrap)):
             continue
@@ -284,6 +288,7 @@ def from_peft(peft_model) -> nn.Module:
                 raise ValueError(f"{name}: PEFT's {type(module).__name__} is not supported")
             wrappers[name] = module
         elif isinstance(module, BaseTunerLayer):
+            tuners[name] = module
             plan = _plan_layer(name, module, adapter, peft_type)
             if plan is None or plan[1] == 0:  # no weights of the active adapter (or AdaLoRA r = 0)
                 unwrap[name] = module.get_base_layer()
@@ -291,6 +296,8 @@ def from_peft(peft_model) -> nn.Module:
                 plans[name] = (module, *plan)
     if not plans:
         raise ValueError(f"peft_model has no {peft_type.upper()} layer of the active adapter {adapter!r}")
+    method = "dora" if peft_type == "lora" and getattr(peft_config, "use_dora", False) else peft_type
+    extras, dropped = _plan_extra_adapters(peft_model, adapter, method, tuners)
 
     # 2. build the new layers (restoring every requires_grad flag the factories touch)
     flags = {p: p.requires_grad for p in inner.parameters()}
@@ -303,6 +310,10 @@ def from_peft(peft_model) -> nn.Module:
         config = _fastpeft_config(peft_type, peft_config, {n: p[2] for n, p in plans.items()}, scale0)
         for name, (module, kind, r, merged) in plans.items():
             new_layers[name] = _build_layer(module, adapter, peft_type, kind, r, merged, config)
+        extra_layers = {other: (extra_config, {name: _build_layer(module, other, other_type, kind, r, False,
+                                                                  extra_config)
+                                               for name, (module, kind, r) in layers.items()})
+                        for other, (other_type, extra_config, layers) in extras.items()}
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
@@ -321,6 +332,10 @@ def from_peft(peft_model) -> nn.Module:
     if saved:  # the trained copies are saved and exported with the adapter
         config = dataclasses.replace(config, modules_to_save=saved)
     inner.fastpeft_config = config
+    _attach_extra_adapters(inner, adapter, config, new_layers, extra_layers)
+    if dropped:
+        warnings.warn("from_peft kept the adapters " + str([adapter, *extra_layers]) + " and dropped "
+                      + "; ".join(f"{n!r} ({why})" for n, why in dropped), stacklevel=2)
     odd = sorted(name for name, layer in new_layers.items()
                  if not math.isclose(layer.scale, config.scale_for(layer.r), rel_tol=1e-9))
     if odd:
@@ -329,6 +344,73 @@ def from_peft(peft_model) -> nn.Module:
                       "but fastpeft.save_adapter -> load_adapter into a fresh model would not",
                       stacklevel=2)
     return inner
+
+
+def _plan_extra_adapters(peft_model, adapter, method, tuners):
+    """The adapters other than the active one that can share fastpeft layers with it (LoRA and
+    VeRA beside a lora / vera active adapter): ({name: (peft type, AdapterConfig, {layer:
+    (module, kind, r)})}, [(name, why it is dropped)])."""
+    from .nn.multi import MULTI_METHODS
+
+    extras, dropped = {}, []
+    for other, other_config in peft_model.peft_config.items():
+        if other == adapter:
+            continue
+        other_type = str(getattr(other_config.peft_type, "value", other_config.peft_type)).lower()
+        if method not in MULTI_METHODS:
+            dropped.append((other, f"the active adapter is {method}, which cannot share a layer"))
+            continue
+        if other_type not in ("lora", "vera") or getattr(other_config, "use_dora", False):
+            kind = "dora" if getattr(other_config, "use_dora", False) else other_type
+            dropped.append((other, f"a {kind} adapter cannot share a layer; several adapters per layer "
+                                   f"support {list(MULTI_METHODS)}"))
+            continue
+        layers = {}
+        try:
+            for name, module in tuners.items():
+                if other_type == "vera" and not hasattr(module, "vera_lambda_d") \
+                        or other_type == "lora" and not hasattr(module, "lora_A"):
+                    continue
+                if getattr(module, "merged_adapters", []):
+                    raise ValueError(f"{name}: an adapter is merged into the base weight")
+                plan = _plan_layer(name, module, other, other_type)
+                if plan is not None and plan[1]:
+                    layers[name] = (module, plan[0], plan[1])
+        except ValueError as err:
+            dropped.append((other, str(err)))
+            continue
+        if not layers:
+            continue
+        module0 = next(iter(layers.values()))[0]
+        scale0 = 1.0 if other_type == "vera" else float(module0.scaling[other])
+        extras[other] = (other_type, _fastpeft_config(other_type, other_config,
+                                                      {n: p[2] for n, p in layers.items()}, scale0), layers)
+    return extras, dropped
+
+
+def _attach_extra_adapters(inner, adapter, config, new_layers, extra_layers) -> None:
+    """Hang the converted extra adapters on the fastpeft layers (a layer where only extra
+    adapters have weights becomes a fastpeft layer that runs its base while ``adapter`` is
+    active)."""
+    from .adapters import _set_routing, _store
+    from .nn.multi import BASE_ONLY, add_adapter_slot, adapter_settings_of, adapter_tensors_of
+
+    for layer in new_layers.values():
+        layer.active_adapter = adapter               # PEFT's name for it
+    registry = {adapter: config}
+    for other, (extra_config, layers) in extra_layers.items():
+        for name, tmp in layers.items():
+            target = new_layers.get(name)
+            if target is None:                       # the active adapter has no weights here
+                tmp.active_adapter = other
+                _set_routing(tmp, BASE_ONLY)
+                _set_submodule(inner, name, tmp)
+                new_layers[name] = tmp
+                continue
+            add_adapter_slot(target, other, adapter_tensors_of(tmp, tmp.active_adapter),
+                             adapter_settings_of(tmp, tmp.active_adapter))
+        registry[other] = extra_config
+    _store(inner, registry, adapter)
 
 
 # --------------------------------------------------------------------------------------------

@@ -347,3 +347,33 @@ def test_hot_swap_does_not_recompile(tmp_path):
     assert_close_rel(y_reloaded, model(x), 1e-6)
     assert (y_a1 - y_default).abs().max() > 1e-3 and (y_changed - y_default).abs().max() > 1e-3
     assert counter.frame_count == 1
+
+
+# -- HF PEFT: several adapters carried over, mixed batches equal to PEFT's ------------------------
+
+def test_from_peft_keeps_every_adapter_and_matches_peft_mixed_batches():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = _mlp()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]))
+    model.add_adapter("b", peft.LoraConfig(r=6, lora_alpha=3, target_modules=["2"]))
+    model.add_adapter("c", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0"], use_rslora=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    model.eval()
+    names = ["b", "__base__", "default", "c", "b", "default"]
+    x = torch.randn(len(names), 3, 23)
+    with torch.no_grad():
+        expected = model(x, adapter_names=names)
+        alone_c = model(x, adapter_names=["c"] * len(names))
+    inner = fastpeft.from_peft(model)
+    assert fastpeft.list_adapters(inner) == ["default", "b", "c"]
+    assert fastpeft.active_adapter(inner) == "default"
+    with torch.no_grad(), fastpeft.mixed_batch(inner, names):
+        got = inner(x)
+    assert_close_rel(got, expected, 1e-5, "mixed batch vs PEFT")
+    fastpeft.set_adapter(inner, "c")                     # layer "2" has no "c": it runs its base
+    with torch.no_grad():
+        assert_close_rel(inner(x), alone_c, 1e-5, "adapter c vs PEFT")

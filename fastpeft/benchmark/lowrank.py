@@ -81,10 +81,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..config import METHODS
 
     parser.add_argument("--quick", action="store_true", help="a small set (under a minute on a CPU)")
-    parser.add_argument("--op", type=_choice_list(("dense", "4bit")), default=["dense", "4bit"],
-                        help="dense, 4bit or both (default)")
-    parser.add_argument("--providers", type=_choice_list([p.name for p in PROVIDERS]), default=None,
-                        help="comma-separated subset of: " + ", ".join(p.name for p in PROVIDERS))
+    from .mixed import PROVIDERS as MIXED_PROVIDERS
+
+    parser.add_argument("--op", type=_choice_list(("dense", "4bit", "mixed")), default=["dense", "4bit"],
+                        help="dense, 4bit or both (default); mixed (alone): several adapters in one batch")
+    names = list(dict.fromkeys([p.name for p in PROVIDERS] + MIXED_PROVIDERS))
+    parser.add_argument("--providers", type=_choice_list(names), default=None,
+                        help="comma-separated subset of: " + ", ".join(p.name for p in PROVIDERS)
+                        + "; with --op mixed: " + ", ".join(MIXED_PROVIDERS))
+    parser.add_argument("--adapters", type=_int_list, default=None,
+                        help="--op mixed: numbers of adapters in one batch (default 1,4,16,64)")
     parser.add_argument("--method", choices=sorted(m for m in METHODS if m != "bitfit"), default="lora",
                         help="fastpeft preset benchmarked (HF PEFT is always LoRA)")
     parser.add_argument("--shapes", type=_shape_list, default=None, help="KxD list, e.g. 4096x4096,4096x11008")
@@ -102,6 +108,20 @@ def validate(args) -> Optional[str]:
     """A message for flag values argparse cannot check, else ``None``."""
     if args.max_minutes is not None and args.max_minutes <= 0:
         return f"--max-minutes must be positive, got {args.max_minutes:g}"
+    from .mixed import PROVIDERS as MIXED_PROVIDERS
+
+    if "mixed" in args.op:
+        if len(args.op) > 1:
+            return f"--op mixed runs its own sweep: give it alone, got --op {','.join(args.op)}"
+        bad = [p for p in args.providers or [] if p not in MIXED_PROVIDERS]
+        if bad:
+            return f"--providers {','.join(bad)} do not run with --op mixed; choose from {', '.join(MIXED_PROVIDERS)}"
+    else:
+        bad = [p for p in args.providers or [] if p not in {q.name for q in PROVIDERS}]
+        if bad:
+            return f"--providers {','.join(bad)} run only with --op mixed"
+        if args.adapters is not None:
+            return "--adapters is a flag of --op mixed"
     return validate_common(args)
 
 
@@ -243,6 +263,9 @@ def main_table(rows: list[dict]) -> str:
 def run(args) -> int:
     """Run with parsed ``args`` (CPU threads as ``--threads`` says, restored afterwards)."""
     with num_threads(args.threads):
+        if args.op == ["mixed"]:
+            from .mixed import run as run_mixed
+            return run_mixed(args)
         return _run(args)
 
 

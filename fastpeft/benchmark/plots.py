@@ -13,7 +13,7 @@ from collections import Counter
 
 from .runner import Skip, optional_import
 
-__all__ = ["plot_bench", "plot_memory"]
+__all__ = ["plot_bench", "plot_memory", "plot_mixed"]
 
 
 def _pyplot():
@@ -161,3 +161,34 @@ def plot_memory(rows: list[dict], meta: dict, stem: str) -> list[str]:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=6)
     return [_save(fig, f"{stem}.png")]
+
+
+def plot_mixed(rows: list[dict], meta: dict, stem: str) -> list[str]:
+    """Draw ``<stem>-time_vs_adapters.png``: time of one mixed-batch forward vs the number of
+    adapters in the batch, one panel per shape (and M), one line per provider."""
+    measured = _measured(rows)
+    if measured is None:
+        return []
+    ok, plt = measured
+    dtype = Counter(r["dtype"] for r in ok).most_common(1)[0][0]
+    ok = [r for r in ok if r["dtype"] == dtype]
+    panels = list(dict.fromkeys((r["shape"], r["M"], r["r"]) for r in ok))
+    fig, axes = _grid(plt, len(panels), f"mixed-batch forward, {dtype}\n{_subtitle(meta)}")
+    for ax, (shape, m, rank) in zip(axes, panels):
+        series: dict[str, list] = {}
+        for r in ok:
+            if (r["shape"], r["M"], r["r"]) == (shape, m, rank):
+                series.setdefault(r["provider"], []).append((r["adapters"], r["ms"]))
+        xs = []
+        for label, points in series.items():
+            points = sorted(points)
+            ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+            xs += [p[0] for p in points]
+        ax.set_xscale("log", base=2)
+        _ticks(ax, xs)
+        ax.set_yscale("log")
+        ax.set_title(f"k->d = {shape.replace('x', ' -> ')}, M = {m}, r = {rank}", fontsize=9)
+        ax.set_xlabel("adapters in the batch", fontsize=8)
+        ax.set_ylabel("ms per forward", fontsize=8)
+        ax.legend(fontsize=7)
+    return [_save(fig, f"{stem}-time_vs_adapters.png")]

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
-from .lowrank import (_dropped, _dropout_scale, activation_fn, apply_core, autocast_args,
+from .lowrank import (_dropped, _dropout_scale, activation_fn, apply_core, apply_function, autocast_args,
                       lowrank_bwd_r_torch, seed_tensor, validate_lowrank_args)
 
 __all__ = ["MixedAdapter", "MixedRows", "LowRankMixedFunction", "lowrank_linear_mixed",
@@ -63,7 +63,9 @@ class MixedRows:
 
     ``rows(rows_per_sample, device)`` gives (``order`` [M] int64: the rows of adapter 0, then
     adapter 1, ..., then the rows of no adapter, each group in batch order; ``counts``: rows per
-    adapter), cached per shape and device, so every layer of a model shares one computation.
+    adapter; ``where`` [M] int64: each row's position in ``order``, rows of no adapter pointing
+    one past the adapters' rows), cached per shape and device, so every layer of a model shares
+    one computation.
     """
 
     def __init__(self, sample_adapter: Sequence[int], n_adapters: int):
@@ -80,14 +82,17 @@ class MixedRows:
     def __len__(self) -> int:
         return len(self.sample_adapter)
 
-    def rows(self, rows_per_sample: int, device) -> tuple[Tensor, list[int]]:
+    def rows(self, rows_per_sample: int, device) -> tuple[Tensor, list[int], Tensor]:
         key = (rows_per_sample, torch.device(device))
         if key not in self._cache:
             samples = [b for group in self.samples_of for b in group] + self.base_samples
             order = torch.tensor(samples, dtype=torch.int64)
             order = (order[:, None] * rows_per_sample + torch.arange(rows_per_sample)).reshape(-1)
             counts = [len(group) * rows_per_sample for group in self.samples_of]
-            self._cache[key] = (order.to(device), counts)
+            where = torch.empty_like(order)
+            where[order] = torch.arange(order.numel())
+            where.clamp_(max=sum(counts))
+            self._cache[key] = (order.to(device), counts, where.to(device))
         return self._cache[key]
 
 
@@ -109,15 +114,6 @@ def _segments(counts, adapters):
     return out
 
 
-def _segment_rows(order: Tensor, segments) -> Tensor:
-    """The rows of ``segments``, in order: one slice of ``order`` unless an adapter this layer
-    lacks leaves a gap."""
-    first, last = segments[0][1], segments[-1][1] + segments[-1][2]
-    if sum(count for *_, count in segments) == last - first:
-        return order[first:last]
-    return torch.cat([order[start:start + count] for _, start, count in segments])
-
-
 def _base_weight(weight, quant_state, dtype):
     if quant_state is None:
         return weight
@@ -125,7 +121,17 @@ def _base_weight(weight, quant_state, dtype):
     return dequantize_weight(weight, quant_state, dtype)
 
 
-def lowrank_mixed_fwd_torch(x, weight, bias, order, counts, adapters, quant_state, seed: int):
+def _unsort(parts, segments, n_rows: int, where: Tensor, like: Tensor) -> Tensor:
+    """The per-adapter ``parts`` (rows in ``order``) back in the rows' own order, zero on rows of
+    no adapter: written into one buffer in adapter order, then one gather (a scatter-add would
+    serialise on a CPU)."""
+    buf = like.new_zeros(n_rows + 1, parts[0].shape[1])
+    for (_, start, count), part in zip(segments, parts):
+        buf[start:start + count] = part
+    return buf.index_select(0, where)
+
+
+def lowrank_mixed_fwd_torch(x, weight, bias, order, counts, adapters, quant_state, seed: int, where=None):
     """Forward on 2-D x [M, k]: (Y [M, d], [T_i of each adapter with rows, else None])."""
     y = F.linear(x, _base_weight(weight, quant_state, x.dtype), bias)     # one base GEMM
     segments = _segments(counts, adapters)
@@ -133,18 +139,23 @@ def lowrank_mixed_fwd_torch(x, weight, bias, order, counts, adapters, quant_stat
     if not segments:
         return y, ts
     n_rows = sum(counts)
+    if where is None:
+        where = torch.empty_like(order)
+        where[order] = torch.arange(order.numel(), device=order.device)
+        where.clamp_(max=n_rows)
     xs = x.index_select(0, order[:n_rows])                               # rows in adapter order
     deltas = []
     for i, start, count in segments:
         a = adapters[i]
         xi = _dropped(xs[start:start + count], a.dropout_p, _seed_of(seed, i))
         t = xi @ a.lora_A.t()                                            # T_i = D_i(X_i) A_iᵀ
-        delta = apply_core(activation_fn(t, a.activation), a.core) @ a.lora_B.t()
+        u = apply_core(activation_fn(t, a.activation), a.core)
+        delta = (u * a.scale if a.out_scale is not None or a.scale != 1.0 else u) @ a.lora_B.t()
         if a.out_scale is not None:
             delta = delta * a.out_scale
-        deltas.append(delta * a.scale)
+        deltas.append(delta)
         ts[i] = t
-    y.index_add_(0, _segment_rows(order, segments), torch.cat(deltas))   # one scatter
+    y += _unsort(deltas, segments, n_rows, where, y)
     return y, ts
 
 
@@ -160,7 +171,7 @@ class LowRankMixedFunction(torch.autograd.Function):
     activation) or None per adapter], quant_state, seed, backend)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, order, meta, *flat):
+    def forward(ctx, x, weight, bias, order, where, meta, *flat):
         counts, specs, quant_state, seed, backend = meta
         adapters = _adapters(specs, flat)
         x2d = x.reshape(-1, x.shape[-1])
@@ -168,10 +179,10 @@ class LowRankMixedFunction(torch.autograd.Function):
             from ..kernels.lowrank_mixed import lowrank_mixed_fwd
             y, ts = lowrank_mixed_fwd(x2d, weight, bias, order, counts, adapters, quant_state)
         else:
-            y, ts = lowrank_mixed_fwd_torch(x2d, weight, bias, order, counts, adapters, quant_state, seed)
+            y, ts = lowrank_mixed_fwd_torch(x2d, weight, bias, order, counts, adapters, quant_state, seed, where)
         keep_x = weight.requires_grad or any(a is not None and a.lora_A.requires_grad for a in adapters)
         present = [i for i, t in enumerate(ts) if t is not None]
-        ctx.save_for_backward(x if keep_x else None, weight, order, *flat, *(ts[i] for i in present))
+        ctx.save_for_backward(x if keep_x else None, weight, order, where, *flat, *(ts[i] for i in present))
         ctx.meta, ctx.present, ctx.has_bias = meta, present, bias is not None
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -179,9 +190,9 @@ class LowRankMixedFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         counts, specs, quant_state, seed, _ = ctx.meta
         saved = ctx.saved_tensors
-        x, weight, order = saved[:3]
-        flat = saved[3:3 + _FIELDS * len(specs)]
-        ts = dict(zip(ctx.present, saved[3 + _FIELDS * len(specs):]))
+        x, weight, order, where = saved[:4]
+        flat = saved[4:4 + _FIELDS * len(specs)]
+        ts = dict(zip(ctx.present, saved[4 + _FIELDS * len(specs):]))
         adapters = _adapters(specs, flat)
         need = ctx.needs_input_grad
         need_x, need_w, need_bias = need[0], need[1], need[2] and ctx.has_bias
@@ -197,14 +208,14 @@ class LowRankMixedFunction(torch.autograd.Function):
         segments = [s for s in _segments(counts, adapters) if s[0] in ts]
         n_rows = sum(counts)
         gys = grad_y.index_select(0, order[:n_rows]) if segments else None
-        any_a = any(need[5 + _FIELDS * i] for i, _, _ in segments)
+        any_a = any(need[6 + _FIELDS * i] for i, _, _ in segments)
         xs = x.reshape(-1, x.shape[-1]).index_select(0, order[:n_rows]) if any_a else None
         dx_parts = []
         for i, start, count in segments:
             a, base = adapters[i], _FIELDS * i
-            need_a, need_b = need[5 + base], need[6 + base]
-            need_core = need[7 + base] and a.core is not None
-            need_os = need[8 + base] and a.out_scale is not None
+            need_a, need_b = need[6 + base], need[7 + base]
+            need_core = need[8 + base] and a.core is not None
+            need_os = need[9 + base] and a.out_scale is not None
             d_t, d_b, d_core, d_os = lowrank_bwd_r_torch(
                 gys[start:start + count], ts[i], a.lora_B, a.core, a.out_scale, a.scale, a.activation,
                 need_x or need_a, need_b, need_core, need_os)
@@ -221,10 +232,10 @@ class LowRankMixedFunction(torch.autograd.Function):
                 grads[base] = (d_t.t() @ xi) * a.scale                          # dA_i = s_i·dT_iᵀ D_i(X_i)
             grads[base + 1], grads[base + 2], grads[base + 3] = d_b, d_core, d_os
         if dx_parts:
-            dx.index_add_(0, _segment_rows(order, segments), torch.cat(dx_parts))
+            dx += _unsort(dx_parts, segments, n_rows, where, dx)
         if dx is not None:
             dx = dx.reshape(grad_out.shape[:-1] + (dx.shape[-1],))
-        return (dx, d_w, d_bias, None, None, *grads)
+        return (dx, d_w, d_bias, None, None, None, *grads)
 
 
 def _adapters(specs, flat):
@@ -331,12 +342,12 @@ def lowrank_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
     rows_per_sample = math.prod(x.shape[1:-1])
-    order, counts = sample_adapter.rows(rows_per_sample, x.device)
+    order, counts, where = sample_adapter.rows(rows_per_sample, x.device)
     dropout = any(s is not None and s[1] > 0.0 for s in specs)
     seed = int(seed_tensor(seed, 0.5 if dropout else 0.0))
     backend = _resolve(x.device, _triton_supports(adapters, dropout))
     meta = (counts, specs, quant_state, seed, backend)
-    return LowRankMixedFunction.apply(x, weight, bias, order, meta, *flat)
+    return apply_function(LowRankMixedFunction, x, weight, bias, order, where, meta, *flat)
 
 
 def _resolve(device, reason: Optional[str]) -> str:
