@@ -240,11 +240,15 @@ def named_adapter_state_dict(model: nn.Module, adapter_name: str) -> dict:
         if adapter_name in adapter_names(layer):
             for attr, tensor in adapter_tensors_of(layer, adapter_name).items():
                 if tensor is not None:
-                    out[f"{name}.{attr}"] = tensor.detach().cpu().contiguous().clone()
+                    out[_key(name, attr)] = tensor.detach().cpu().contiguous().clone()
     for name, param in model.named_parameters():
         if param.requires_grad and name.endswith("bias"):
             out[name] = param.detach().cpu().contiguous().clone()
     return out
+
+
+def _key(name: str, attr: str) -> str:
+    return f"{name}.{attr}" if name else attr
 
 
 def _split_key(key: str):
@@ -269,7 +273,7 @@ def _load_existing(model, adapter_name, config, tensors):
         if adapter_name in adapter_names(layer):
             for attr, tensor in adapter_tensors_of(layer, adapter_name).items():
                 if tensor is not None:
-                    expected[f"{name}.{attr}"] = tensor
+                    expected[_key(name, attr)] = tensor
     params = dict(model.named_parameters())
     for key in tensors:
         if key not in expected and key.endswith("bias") and key in params:
@@ -283,9 +287,25 @@ def _load_existing(model, adapter_name, config, tensors):
     if wrong:
         raise ValueError(f"adapter shapes (ranks) do not fit adapter {adapter_name!r} of the model: "
                          + "; ".join(wrong[:10]))
-    with torch.no_grad():
+    from .inject import _canonical
+
+    method = _canonical(config.method)
+    other = [f"{name} ({adapter_settings_of(layer, adapter_name)['method']})" for name, layer in layers
+             if adapter_name in adapter_names(layer)
+             and _canonical(adapter_settings_of(layer, adapter_name)["method"]) != method]
+    if other:
+        raise ValueError(f"the file holds a {config.method} adapter but adapter {adapter_name!r} of the model is "
+                         "not: " + ", ".join(other[:10]))
+    ready = {key: tensors[key].to(device=target.device, dtype=target.dtype) for key, target in expected.items()}
+    with torch.no_grad():                      # nothing below can fail
         for key, target in expected.items():
-            target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
+            target.copy_(ready[key])
+    for _, layer in layers:                    # the file's scale, dropout and activation
+        if adapter_name in adapter_names(layer):
+            holder = layer if layer.active_adapter == adapter_name else layer.lora_slots[adapter_name]
+            holder.scale = config.scale_for(holder.r)
+            holder.dropout_p = float(config.dropout)
+            holder.activation = config.effective_activation
     registry = dict(_registry(model))
     registry[adapter_name] = config
     _store(model, registry, active_adapter(model))
