@@ -117,7 +117,9 @@ class AdapterConfig:
         dropout: dropout probability on the adapter input (mask regenerated, never stored).
         target_modules: module names (a name matches itself and any dotted suffix, as PEFT) or
             one regex matched against the full name; ``None`` or ``"all-linear"`` adapts every
-            Linear layer except an output head (``lm_head``, ``classifier``, ``score``).
+            Linear-like layer (``nn.Linear`` and subclasses, transformers ``Conv1D``,
+            bitsandbytes ``Linear4bit``) except a transformers model's output layer
+            (``get_output_embeddings()``, e.g. ``lm_head``), exactly as PEFT selects them.
         exclude_modules: names or a regex never to adapt.
         activation: activation on the r-dim intermediate (``parallel`` defaults to ``"relu"``).
         train_bias: also train the biases of the adapted layers (BitFit); ``bitfit`` alone

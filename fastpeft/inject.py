@@ -8,6 +8,7 @@ transformers models included.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from typing import Callable, Iterable, Optional
@@ -399,6 +400,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: Option
         config = _registry(model)[adapter_name]
         if config is None:
             raise ValueError(f"adapter {adapter_name!r} has no AdapterConfig to save with it")
+    elif len(_adapter_names(model)) <= 1:
+        odd = [name for name, layer in lowrank_layers(model)
+               if not math.isclose(layer.scale, config.scale_for(layer.r), rel_tol=1e-9)]
+        if odd:
+            raise ValueError(f"layers {odd[:10]} have a scale that fastpeft_config does not give "
+                             "(per-layer alphas from from_peft); a load would not restore it: write the "
+                             "adapter with fastpeft.to_peft instead")
     tensors = adapter_state_dict(model, adapter_name)
     text = config.to_json() + "\n"
 
@@ -408,6 +416,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: Option
             f.write(text)
 
     write_folder(path, [ADAPTER_FILE, CONFIG_FILE], write)
+
+
+def _adapter_names(model: nn.Module) -> list[str]:
+    from .adapters import list_adapters
+
+    return list_adapters(model)
 
 
 def _read_adapter(path) -> tuple[AdapterConfig, dict]:
@@ -496,6 +510,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: Option
     config, tensors = _read_adapter(path)
     tensor_path = os.path.join(path, ADAPTER_FILE)
     _check_vera_file(config, tensors, tensor_path)
+    merged = [name for name, layer in lowrank_layers(model) if layer.merged]
+    if merged:
+        raise ValueError(f"cannot load into merged layers {merged[:10]}: the weight holds the adapter; "
+                         "call fastpeft.unmerge(model) first")
     if lowrank_layers(model):
         names = list_adapters(model)
         name = active_adapter(model) if adapter_name is None else adapter_name
@@ -596,10 +614,6 @@ def _check_load(model, config, tensors, expected, layers) -> dict[str, torch.Ten
     if other:
         raise ValueError(f"the file holds a {config.method} adapter but the model's layers are not {method}: "
                          + ", ".join(other[:10]))
-    merged = [name for name, layer in layers if layer.merged]
-    if merged:
-        raise ValueError(f"cannot load into merged layers {merged[:10]}: the weight holds the old adapter; "
-                         "call fastpeft.unmerge(model) first")
     return {key: tensors[key].to(device=target.device, dtype=target.dtype) for key, target in expected.items()}
 
 

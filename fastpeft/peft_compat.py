@@ -341,7 +341,7 @@ def from_peft(peft_model) -> nn.Module:
     if odd:
         warnings.warn(f"{len(odd)} converted layers (first: {odd[0]!r}) have a scale that fastpeft's "
                       "AdapterConfig cannot record (per-layer alphas); the layers and to_peft keep it, "
-                      "but fastpeft.save_adapter -> load_adapter into a fresh model would not",
+                      "but fastpeft.save_adapter refuses it (a load would apply the config's one scale)",
                       stacklevel=2)
     return inner
 

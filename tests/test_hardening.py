@@ -184,7 +184,7 @@ def test_save_adapter_is_atomic(tmp_path, monkeypatch):
     fastpeft.save_adapter(model, tmp_path)
     old = _files(tmp_path)
     _randomise(model, seed=7)
-    model.fastpeft_config = AdapterConfig(r=2, alpha=4, target_modules=["q"])
+    model.fastpeft_config = AdapterConfig(r=2, dropout=0.1, target_modules=["q"])
     real_open = builtins.open
 
     def failing_open(file, mode="r", *args, **kwargs):
@@ -563,3 +563,14 @@ def test_report_never_replaces_results_with_nothing(tmp_path, capsys):
     empty.mkdir()
     assert main(["report", "--results", str(empty), "--readme", str(readme)]) == 1
     assert readme.read_text() == before
+
+
+def test_save_refuses_per_layer_scales_it_cannot_restore(tmp_path):
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], alpha_pattern={"v_proj": 8})
+    pm = peft.get_peft_model(_llama(), config)
+    with pytest.warns(UserWarning, match="save_adapter refuses it"):
+        model = fastpeft.from_peft(pm)
+    with pytest.raises(ValueError, match="v_proj.*to_peft"):
+        fastpeft.save_adapter(model, tmp_path)
+    assert not os.path.exists(tmp_path / CONFIG_FILE)
+    fastpeft.to_peft(model, tmp_path / "peft")   # PEFT's format keeps per-layer alphas
