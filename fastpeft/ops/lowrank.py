@@ -32,6 +32,7 @@ host time than a small layer's kernels.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -111,31 +112,83 @@ def _apply_core_transposed(g: Tensor, core: Optional[Tensor]) -> Tensor:
     return g @ core
 
 
-def dropout_keep_mask_torch(seed: int, m: int, k: int, dropout_p: float, device) -> Tensor:
-    """The keep-mask [m, k] that the torch backend draws for ``seed``: regenerated, never stored."""
+# The torch backend's dropout draws: 15-bit integers from torch's generator seeded with ``seed``,
+# two per 32-bit word (random_() fills int32 with [0, 2³¹): the high half is 15 random bits, the
+# low half is masked to 15), ⌈k/2⌉ words per row. Half the generator calls of torch.rand and a
+# quarter of bernoulli_'s (CPU generator calls, serial, dominate the mask's cost). p rounds to a
+# multiple of 2⁻¹⁵: the keep-probability is 1 − round(p·2¹⁵)/2¹⁵.
+_DRAW_LEVELS = 1 << 15
+
+
+@functools.lru_cache(maxsize=64)
+def _int16_scalar(value: int) -> Tensor:
+    """A 0-dim int16 CPU tensor (cheaper in elementwise ops than a Python int, on any device)."""
+    return torch.tensor(value, dtype=torch.int16)
+
+
+def _dropout_draws(seed: int, m: int, k: int, device) -> Tensor:
+    """int16 draws [m, k], uniform on [0, 2¹⁵), from a generator seeded with ``seed``."""
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
-    return torch.rand(m, k, generator=gen, device=device) >= dropout_p
+    words = torch.empty(m, (k + 1) // 2, dtype=torch.int32, device=device).random_(generator=gen)
+    draws = words.view(torch.int16)
+    if k % 2:
+        draws = draws[:, :k]
+    return draws.bitwise_and_(_int16_scalar(_DRAW_LEVELS - 1))
+
+
+def _drop_threshold(dropout_p: float) -> int:
+    return int(round(dropout_p * _DRAW_LEVELS))
+
+
+def dropout_keep_mask_torch(seed: int, m: int, k: int, dropout_p: float, device) -> Tensor:
+    """The keep-mask [m, k] (bool) that the torch backend draws for ``seed``: regenerated, never
+    stored. An element is kept when its draw is at least round(p·2¹⁵)."""
+    return _dropout_draws(seed, m, k, device) >= _drop_threshold(dropout_p)
+
+
+def _keep_factor(seed: int, m: int, k: int, dropout_p: float, dtype, device) -> Tensor:
+    """The keep-mask of ``seed`` as 0/1 in ``dtype`` [m, k], written by one comparison (the
+    1/(1-p) factor is applied to the r-dim side by the callers)."""
+    draws = _dropout_draws(seed, m, k, device)
+    return torch.ge(draws, _int16_scalar(_drop_threshold(dropout_p)),
+                    out=torch.empty(m, k, dtype=dtype, device=device))
 
 
 def _dropout_scale(seed: int, m: int, k: int, dropout_p: float, dtype, device) -> Tensor:
     """The [m, k] factor of inverted dropout: keep-mask / (1-p), in ``dtype``."""
-    keep = dropout_keep_mask_torch(seed, m, k, dropout_p, device)
-    return keep.to(dtype).mul_(1.0 / (1.0 - dropout_p))
+    return _keep_factor(seed, m, k, dropout_p, dtype, device).mul_(1.0 / (1.0 - dropout_p))
 
 
 def _dropped(x: Tensor, dropout_p: float, seed: int) -> Tensor:
     """D(X): inverted dropout with the mask of ``seed``."""
     if dropout_p == 0.0:
         return x
-    return x * _dropout_scale(seed, x.shape[0], x.shape[1], dropout_p, x.dtype, x.device)
+    keep = _keep_factor(seed, x.shape[0], x.shape[1], dropout_p, x.dtype, x.device)
+    return keep.mul_(x).mul_(1.0 / (1.0 - dropout_p))
+
+
+def _plain(core, out_scale, activation) -> bool:
+    """The LoRA / LoRA-FA form (no core, no output scale, no activation): the lean path."""
+    return core is None and out_scale is None and activation is None
 
 
 def lowrank_fwd_torch(x, weight, bias, lora_A, lora_B, core, out_scale, scale: float,
                       dropout_p: float, seed: int, activation: Optional[str]):
-    """Forward on 2-D x [M, k]. Returns (Y [M, d], T [M, r]), both in x's dtype."""
+    """Forward on 2-D x [M, k]. Returns (Y [M, d], T [M, r]), both in x's dtype.
+
+    T = (X ⊙ keep) Aᵀ / (1-p): the 0/1 mask multiplies x (one pass over [M, k], in the mask's
+    buffer) and the 1/(1-p) factor the r-dim product. Without core, output scale and activation
+    the adapter is added inside the last GEMM: Y = X Wᵀ + b, then Y += s·T Bᵀ (addmm)."""
     y = F.linear(x, weight, bias)
-    t = _dropped(x, dropout_p, seed) @ lora_A.t()           # T = D(X) Aᵀ
+    if dropout_p > 0.0:
+        keep = _keep_factor(seed, x.shape[0], x.shape[1], dropout_p, x.dtype, x.device)
+        t = torch.mm(keep.mul_(x), lora_A.t()).mul_(1.0 / (1.0 - dropout_p))   # T = D(X) Aᵀ
+        del keep
+    else:
+        t = x @ lora_A.t()
+    if _plain(core, out_scale, activation):
+        return y.addmm_(t, lora_B.t(), alpha=scale), t                       # Y += s·T Bᵀ
     u = apply_core(activation_fn(t, activation), core)       # U = σ(T) Sᵀ
     delta = u @ lora_B.t()                                   # U Bᵀ
     if out_scale is not None:
@@ -149,6 +202,9 @@ def lowrank_bwd_r_torch(grad_y, t, lora_B, core, out_scale, scale: float,
                         need_out_scale: bool):
     """The r-dim chain of backward (2-D): returns (dT, dB, dcore, dout_scale), ``None`` where not
     needed. dT = (G S) ⊙ σ'(T) in dY's dtype, without the scale s (module docstring)."""
+    if _plain(core, out_scale, activation) and grad_y.dtype not in (torch.float16, torch.bfloat16):
+        d_b = torch.mm(grad_y.t(), t).mul_(scale) if need_B else None           # dB = s·dYᵀ T
+        return (torch.mm(grad_y, lora_B) if need_dt else None), d_b, None, None  # dT = dY B
     d_t = d_b = d_core = d_out_scale = None
     # the r-dim chain runs in fp32 for half inputs (as the kernels accumulate): dS and dout_scale
     # are sums over M with cancellation, and rounding G to 16 bits would cost percents
@@ -160,7 +216,7 @@ def lowrank_bwd_r_torch(grad_y, t, lora_B, core, out_scale, scale: float,
     if need_B or need_out_scale:
         u = apply_core(z, None if core is None else core.to(acc))
         if need_B:
-            d_b = ((gy_o.t() @ u) * scale).to(lora_B.dtype)                # dB = s·dYoᵀ U
+            d_b = torch.mm(gy_o.t(), u).mul_(scale).to(lora_B.dtype)      # dB = s·dYoᵀ U
         if need_out_scale:                                              # s·rowsum(B ⊙ dYᵀU)
             d_out_scale = ((lora_b * (gy.t() @ u)).sum(1) * scale).to(out_scale.dtype)
     if need_dt or need_core:
@@ -190,19 +246,21 @@ def lowrank_bwd_torch(grad_y, x, weight, t, lora_A, lora_B, core, out_scale, sca
     d_t, d_b, d_core, d_out_scale = lowrank_bwd_r_torch(
         grad_y, t, lora_B, core, out_scale, scale, activation, need_x or need_A, need_B,
         need_core, need_out_scale)
-    # the mask, regenerated once for dX and dA and dropped when backward returns
-    drop = None
-    if dropout_p > 0.0 and (need_x or need_A):
-        drop = _dropout_scale(seed, grad_y.shape[0], lora_A.shape[1], dropout_p, d_t.dtype, grad_y.device)
-    if need_x:
-        dx = grad_y @ weight                                            # dY W
-        adapter = d_t @ lora_A
-        if drop is not None:
-            adapter.mul_(drop)
-        dx.add_(adapter, alpha=scale)                                   # + s·D'(dT A)
-    if need_A:
-        x_dropped = x if drop is None else x * drop.to(x.dtype)
-        d_a = (d_t.t() @ x_dropped) * scale                            # dA = s·dTᵀ D(X)
+    if need_x or need_A:
+        # dX and dA share the factor c = s/(1-p) of D'(dT A) and dTᵀ D(X): applied once, to dT [M, r]
+        d_t = d_t.mul(scale / (1.0 - dropout_p))
+        # the 0/1 mask, regenerated once for dX and dA and dropped when backward returns
+        keep = None
+        if dropout_p > 0.0:
+            keep = _keep_factor(seed, grad_y.shape[0], lora_A.shape[1], dropout_p, grad_y.dtype, grad_y.device)
+        if need_x:
+            adapter = torch.mm(d_t, lora_A)                             # c·dT A
+            if keep is not None:
+                adapter.mul_(keep)
+            dx = adapter.addmm_(grad_y, weight)                         # dX = dY W + s·D'(dT A)
+        if need_A:
+            x_dropped = x if keep is None else keep.mul_(x)             # X ⊙ keep, in the mask's buffer
+            d_a = torch.mm(d_t.t(), x_dropped)                          # dA = s·dTᵀ D(X)
     if need_bias:
         d_bias = grad_y.sum(0)                                          # db = Σ dY
     return dx, d_a, d_b, d_core, d_out_scale, d_bias
@@ -323,8 +381,13 @@ class LowRankLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
                 activation, backend):
         x2d = x.reshape(-1, x.shape[-1])
-        y, t = _lowrank_fwd(x2d, weight, bias, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
-                            activation, backend)
+        if backend == "torch" and x2d.shape[0] and _backend.plain_eager(x2d):
+            # the torch backend in plain eager mode: its function directly, no op boundary
+            y, t = lowrank_fwd_torch(x2d, weight, bias, lora_A, lora_B, core, out_scale, scale,
+                                     dropout_p, int(seed), activation)
+        else:
+            y, t = _lowrank_fwd(x2d, weight, bias, lora_A, lora_B, core, out_scale, scale, dropout_p,
+                                seed, activation, backend)
         _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, core, out_scale, scale,
                            dropout_p, seed, activation, backend, t)
         return y.reshape(*x.shape[:-1], weight.shape[0])
