@@ -5,6 +5,7 @@ ever written through a symlink that sits in the target folder."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from typing import Callable
@@ -31,7 +32,9 @@ def write_folder(path: str | os.PathLike, names: list[str], write: Callable[[str
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(path):
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.", dir=parent)
+        # os.mkdir, not mkdtemp: the folder gets the permissions os.makedirs would give it
+        tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.{secrets.token_hex(8)}")
+        os.mkdir(tmp)
         try:
             _write_all(tmp, names, write)
             os.rename(tmp, path)  # the folder appears whole or not at all

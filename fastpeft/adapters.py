@@ -206,10 +206,11 @@ def add_adapter(model: nn.Module, config: AdapterConfig, adapter_name: str) -> n
                          f"adapted layers: {[n for n, _ in _layers(model)][:10]}")
     _check_target_layers(model, layers, adapter_name, config)
     ranks = {n: config.rank_for(n) for n in layers}
-    for n, layer in layers.items():
-        if not 1 <= ranks[n] <= min(layer.in_features, layer.out_features):
+    for n, layer in layers.items():  # any rank, but SVD initialisation takes r singular vectors
+        if config.spec.init == "svd" and ranks[n] > min(layer.in_features, layer.out_features):
             raise ValueError(f"r={ranks[n]} for {n!r} must be in [1, min(d={layer.out_features}, "
-                             f"k={layer.in_features})]")
+                             f"k={layer.in_features})]: {config.method}'s SVD initialisation takes r "
+                             "singular vectors")
     shared = None
     if config.spec.init == "vera":
         if len(set(ranks.values())) != 1:
@@ -343,8 +344,8 @@ def _load_new(model, adapter_name, config, tensors):
             want["lora_out_scale"] = (d,)
         if set(raw) != set(want):
             problems.append(f"{name}: a {config.method} adapter has {sorted(want)}, the file {sorted(raw)}")
-        elif r is None or not 1 <= r <= min(d, k):
-            problems.append(f"{name}: rank {r} does not fit the layer [d={d}, k={k}] (1 <= r <= {min(d, k)})")
+        elif r is None or r < 1:
+            problems.append(f"{name}: rank {r} does not fit the layer [d={d}, k={k}] (r >= 1)")
         else:
             problems += [f"{name}.{attr}: file {tuple(raw[attr].shape)} vs layer {shape}"
                          for attr, shape in want.items() if tuple(raw[attr].shape) != shape]

@@ -216,6 +216,16 @@ def test_save_adapter_is_atomic(tmp_path, monkeypatch):
     assert _files(tmp_path) != old and sorted(os.listdir(tmp_path)) == [ADAPTER_FILE, CONFIG_FILE]
 
 
+def test_save_adapter_creates_a_folder_as_makedirs_does(tmp_path):
+    model = fastpeft.inject(_net(), AdapterConfig(r=2, target_modules=["q"]))
+    fastpeft.save_adapter(model, tmp_path / "new" / "adapter")
+    os.makedirs(tmp_path / "reference")
+    assert os.stat(tmp_path / "new" / "adapter").st_mode == os.stat(tmp_path / "reference").st_mode
+    assert sorted(os.listdir(tmp_path / "new")) == ["adapter"]
+    with pytest.raises(NotADirectoryError):
+        fastpeft.save_adapter(model, tmp_path / "new" / "adapter" / CONFIG_FILE)
+
+
 def test_save_adapter_never_writes_through_a_symlink(tmp_path):
     outside = tmp_path / "precious.json"
     outside.write_text("keep me")
@@ -574,3 +584,16 @@ def test_save_refuses_per_layer_scales_it_cannot_restore(tmp_path):
         fastpeft.save_adapter(model, tmp_path)
     assert not os.path.exists(tmp_path / CONFIG_FILE)
     fastpeft.to_peft(model, tmp_path / "peft")   # PEFT's format keeps per-layer alphas
+
+
+def test_named_adapters_accept_ranks_above_min_d_k(tmp_path):
+    model = fastpeft.inject(_net(), AdapterConfig(r=2, target_modules=["head"]))
+    fastpeft.add_adapter(model, AdapterConfig(r=6, target_modules=["head"]), "wide")     # d = 3 < r
+    assert model.head.lora_slots["wide"].lora_A.shape == (6, 8)
+    with pytest.raises(ValueError, match="'head'.*SVD"):
+        fastpeft.add_adapter(model, AdapterConfig(method="lamda", r=6, target_modules=["head"]), "svd")
+    wide = _randomise(fastpeft.inject(_net(), AdapterConfig(r=6, target_modules=["head"])))
+    fastpeft.save_adapter(wide, tmp_path)
+    fastpeft.load_adapter(model, tmp_path, adapter_name="loaded")
+    fastpeft.set_adapter(model, "loaded")
+    torch.testing.assert_close(model(IDS), wide(IDS), rtol=0, atol=0)

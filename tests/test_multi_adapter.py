@@ -162,7 +162,7 @@ def test_bad_names_and_lengths(tmp_path):
     with pytest.raises(ValueError, match="cannot share a layer"):
         fastpeft.add_adapter(model, AdapterConfig(method="adalora", r=2), "ada")
     with pytest.raises(ValueError, match="must be in \\[1"):
-        fastpeft.add_adapter(model, AdapterConfig(r=12), "big")        # min(d, k) = 11 on layer 2
+        fastpeft.add_adapter(model, AdapterConfig(method="lamda", r=12), "big")   # min(d, k) = 11 on layer 2
     with pytest.raises(ValueError, match="other than '__base__'"):
         fastpeft.load_adapter(model, tmp_path, adapter_name="__base__")
     with fastpeft.mixed_batch(model, ["a1", "__base__", "default"]):
