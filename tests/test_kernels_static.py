@@ -22,6 +22,7 @@ import pytest
 pytest.importorskip("triton")
 
 from fastpeft.kernels import _aot  # noqa: E402
+from fastpeft.kernels import dora  # noqa: E402
 from fastpeft.kernels import lowrank  # noqa: E402
 from fastpeft.kernels import lowrank_group  # noqa: E402
 from fastpeft.kernels import lowrank_4bit  # noqa: E402
@@ -30,7 +31,7 @@ ARCHS = (80, 90)
 BLOCK_RS = (16, 32, 64, 128)
 BIG = dict(M=8192, N=8192, K=8192)
 TENSOR_CORE_OPS = {90: ("HGMMA", "HMMA"), 80: ("HMMA",)}
-MODULES = [lowrank, lowrank_group, lowrank_4bit]
+MODULES = [lowrank, lowrank_group, lowrank_4bit, dora]
 
 
 def _config_key(config):

@@ -1,0 +1,141 @@
+"""DoRA's row norms in one pass over W (``fastpeft.kernels.dora``).
+
+For W [d, k] (dense, or 4-bit in bitsandbytes' layout, dequantised tile by tile in registers),
+A [r, k], B [d, r] and the scale s::
+
+    n_j² = ‖W_j‖² + 2s·⟨B_j, (W Aᵀ)_j⟩ + s²·⟨(B·AAᵀ)_j, B_j⟩        n = sqrt(max(n², 0))
+
+``_dora_norm_kernel``: one program per BLOCK_N rows of W streams them along k once, accumulating
+the skinny product W Aᵀ [BLOCK_N, r] with ``tl.dot`` and ‖W_j‖² beside it, and writes both
+(fp32, [d, r] and [d]). The launchers finish n on [d, r] tensors (A Aᵀ is r × r): nothing of
+W's size is allocated. fp32 products are exact (``ieee``): the norm sets the scale of the whole
+output row.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import lowrank as _dense
+from ._aot import KernelSpec, dtype_name
+from .lowrank import _op
+from .lowrank_4bit import _w4_tile, _weight_args
+
+__all__ = ["dora_norm", "dora_norm_4bit", "KERNELS"]
+
+_WARPS, _STAGES = 8, 2
+
+
+def _tile(block_r: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K): the W tile and the [BLOCK_N, r] accumulator in registers, no spills."""
+    return 64, 32
+
+
+@triton.jit
+def _dora_norm_kernel(
+    w_ptr, packed_ptr, absmax_ptr, a_ptr, wat_ptr, sq_ptr,
+    N, K, R, stride_wn, stride_wk,
+    IS_4BIT: tl.constexpr, QBLOCK: tl.constexpr, QUANT: tl.constexpr, W_KIND: tl.constexpr,
+    LAYOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """W Aᵀ [N, R] and ‖W_j‖² [N] (fp32) for BLOCK_N rows, in one pass along k."""
+    dtype = a_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    mask_n = rn < N
+    mask_r = rr < R
+    wat = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)                  # W Aᵀ
+    sq = tl.zeros((BLOCK_N,), dtype=tl.float32)                            # ‖W_j‖²
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        mask_k = kk < K
+        if IS_4BIT:
+            wt = _w4_tile(packed_ptr, absmax_ptr, rn, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK, QUANT, W_KIND, LAYOUT)
+        else:
+            wt = tl.load(w_ptr + rn.to(tl.int64)[:, None] * stride_wn + kk[None, :] * stride_wk,
+                         mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        at = tl.load(a_ptr + rr[None, :] * K + kk[:, None], mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        wq = _op(wt, dtype, UPCAST)                    # the operand W Aᵀ is taken of (A's dtype)
+        wf = wq.to(tl.float32)
+        sq += tl.sum(wf * wf, axis=1)
+        wat = tl.dot(wq, _op(at, dtype, UPCAST), wat, input_precision=DOT_PRECISION)
+    idx = rn.to(tl.int64)[:, None] * R + rr[None, :]
+    tl.store(wat_ptr + idx, wat, mask=mask_n[:, None] & mask_r[None, :])
+    tl.store(sq_ptr + rn, sq, mask=mask_n)
+
+
+def _launch(w, packed, absmax, meta, a, N, K, stride_wn, stride_wk, is_4bit):
+    """(W Aᵀ [N, R], ‖W_j‖² [N]) in fp32 from one pass over W."""
+    interp = _dense._interpreting()
+    R = a.shape[0]
+    BR = _dense._block_r(R)
+    wat = torch.empty((N, R), dtype=torch.float32, device=a.device)
+    sq = torch.empty((N,), dtype=torch.float32, device=a.device)
+    if N == 0:
+        return wat, sq
+    if interp:
+        bn, bk = _dense._interp_block(N), max(32, _dense._interp_block(K))
+    else:
+        bn, bk = _tile(BR)
+    precision = "ieee" if a.dtype == torch.float32 else "tf32"
+    with _dense._device(a):
+        _dora_norm_kernel[(triton.cdiv(N, bn),)](
+            w, packed, absmax, a, wat, sq, N, K, R, stride_wn, stride_wk,
+            IS_4BIT=is_4bit, **meta, UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR, BLOCK_N=bn,
+            BLOCK_K=bk, num_warps=_WARPS, num_stages=_STAGES if not interp else 1)
+    return wat, sq
+
+
+def dora_norm(weight, lora_A, lora_B, scale: float, weight_sq_norm=None):
+    """n = ‖W + s·B·A‖ per row, fp32 [d], for a dense W [d, k] (any strides): W Aᵀ and ‖W_j‖²
+    from the kernel (``weight_sq_norm`` is not needed), the rest on [d, r] tensors."""
+    from fastpeft.ops.dora import _norm_from_parts
+
+    _dense._check_dtype(lora_A)
+    N, K = weight.shape
+    a = lora_A.detach().to(weight.dtype).contiguous()
+    w = weight.detach()
+    wat, sq = _launch(w, a, a, dict(QBLOCK=64, QUANT=0, W_KIND=0, LAYOUT=0), a, N, K, w.stride(0), w.stride(1),
+                      False)
+    return _norm_from_parts(sq, wat, lora_A, lora_B, scale)
+
+
+def dora_norm_4bit(packed, quant_state, lora_A, lora_B, scale: float, weight_sq_norm=None):
+    """n for a 4-bit W (bitsandbytes' layout), dequantised tile by tile in registers."""
+    from fastpeft.ops.dora import _norm_from_parts
+
+    _dense._check_dtype(lora_A)
+    data, absmax, meta, (N, K) = _weight_args(packed, quant_state, lora_A.device)
+    a = lora_A.detach().contiguous()
+    wat, sq = _launch(a, data, absmax, meta, a, N, K, 0, 0, True)
+    return _norm_from_parts(sq, wat, lora_A, lora_B, scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Static checks (tests/test_kernels_static.py): the kernel compiled for sm_80 / sm_90
+# --------------------------------------------------------------------------------------------
+
+def _sig_norm(problem, config):
+    dt = dtype_name(problem["dtype"])
+    four = problem.get("four_bit", False)
+    types = {"w_ptr": f"*{dt}", "packed_ptr": "*u8" if four else f"*{dt}", "absmax_ptr": "*fp32" if four else f"*{dt}",
+             "a_ptr": f"*{dt}", "wat_ptr": "*fp32", "sq_ptr": "*fp32",
+             "N": "i32", "K": "i32", "R": "i32", "stride_wn": "i32", "stride_wk": "i32"}
+    br = max(16, _dense._pow2(problem["R"]))
+    cex = {"IS_4BIT": four, "QBLOCK": 64, "QUANT": 0, "W_KIND": {"fp32": 0, "fp16": 1, "bf16": 2}[dt],
+           "LAYOUT": problem.get("layout", 0), "UPCAST": False, "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32",
+           "BLOCK_R": br, **config.kwargs}
+    return types, cex
+
+
+KERNELS = [
+    KernelSpec("dora_norm", __name__, "_dora_norm_kernel",
+               lambda arch, pr: [triton.Config(dict(zip(("BLOCK_N", "BLOCK_K"), _tile(max(16, _dense._pow2(pr["R"]))))),
+                                               num_warps=_WARPS, num_stages=_STAGES)],
+               _sig_norm, variants=({"four_bit": False}, {"four_bit": True, "layout": 0},
+                                    {"four_bit": True, "layout": 1}, {"four_bit": True, "layout": 2})),
+]

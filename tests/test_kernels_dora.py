@@ -1,0 +1,133 @@
+"""DoRA through the Triton kernels (``fastpeft.kernels.dora`` and the fused low-rank kernels)
+against float64: the norm kernel (dense and every 4-bit layout), the layers' output and every
+gradient at odd shapes, and a training step that allocates nothing of W's size.
+
+Without a GPU they run under the Triton interpreter on CPU tensors (tests/conftest.py)."""
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+import fastpeft  # noqa: E402
+from fastpeft.kernels import dora as KD  # noqa: E402
+from helpers import assert_close_rel  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+K, D, R = 123, 77, 12
+
+
+def _norm64(w, a, b, s):
+    return torch.linalg.norm(w.double() + s * b.double() @ a.double(), dim=1)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3)], ids=["fp32", "fp16"])
+def test_norm_kernel_dense(dtype, tol):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(D, K, generator=gen).to(DEVICE, dtype)
+    a, b = torch.randn(R, K, generator=gen).to(DEVICE, dtype), torch.randn(D, R, generator=gen).to(DEVICE, dtype)
+    assert_close_rel(KD.dora_norm(w, a, b, 0.3), _norm64(w, a, b, 0.3), tol, "n")
+    wt = torch.randn(K, D, generator=gen).to(DEVICE, dtype).t()               # a strided W
+    assert_close_rel(KD.dora_norm(wt, a, b, 0.3), _norm64(wt, a, b, 0.3), tol, "n (strided W)")
+
+
+@pytest.mark.parametrize("k,quant_type,blocksize,nested", [
+    (123, "nf4", 64, True),      # k odd: a byte and a scale per element
+    (96, "fp4", 64, False),      # rows hold whole blocks
+    (100, "nf4", 128, True),     # k even, blocks straddle rows
+], ids=["k123-nf4", "k96-fp4", "k100-nf4-b128"])
+def test_norm_kernel_4bit(k, quant_type, blocksize, nested):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(D, k, generator=gen).to(DEVICE)
+    packed, state = fastpeft.quantize_4bit(w, quant_type=quant_type, blocksize=blocksize, compress_statistics=nested)
+    a, b = torch.randn(R, k, generator=gen).to(DEVICE), torch.randn(D, R, generator=gen).to(DEVICE)
+    want = _norm64(fastpeft.dequantize_4bit(packed, state), a, b, 0.7)
+    assert_close_rel(KD.dora_norm_4bit(packed, state, a, b, 0.7), want, 1e-6, "n")
+
+
+def _layer(four_bit, bias=True, seed=0):
+    torch.manual_seed(seed)
+    base = nn.Linear(K, D, bias=bias).to(DEVICE)
+    cfg = fastpeft.AdapterConfig(method="dora", r=R, alpha=24)
+    layer = (fastpeft.LowRankLinear4bit.from_linear(base, cfg) if four_bit
+             else fastpeft.LowRankLinear.from_linear(base, cfg))
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.2)
+        layer.lora_magnitude.mul_(torch.rand(D, device=DEVICE) + 0.5)
+    if bias:
+        layer.bias.requires_grad_(True)
+    return layer
+
+
+def _reference(layer, x):
+    w = layer._dense_weight_fp32().double()
+    a, b, m = layer.lora_A.double(), layer.lora_B.double(), layer.lora_magnitude.double()
+    n = torch.linalg.norm(w + layer.scale * b @ a, dim=1).detach()
+    y = (m / n) * (x.double() @ w.t() + layer.scale * (x.double() @ a.t()) @ b.t())
+    return y if layer.bias is None else y + layer.bias.double()
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["dense", "4bit"])
+@pytest.mark.parametrize("M,bias", [(1, True), (300, False)], ids=["M1-bias", "M300-3tiles"])
+def test_layer_through_triton_matches_float64(four_bit, M, bias):
+    layer = _layer(four_bit, bias)
+    x = torch.randn(M, K, device=DEVICE, requires_grad=True)
+    params = [layer.lora_A, layer.lora_B, layer.lora_magnitude] + ([layer.bias] if bias else [])
+    with fastpeft.use_backend("triton"):
+        y = layer(x)
+        g = torch.randn_like(y)
+        got = torch.autograd.grad(y, [x, *params], g)
+    want = _reference(layer, x)
+    assert_close_rel(y, want, 1e-5, "y")
+    exp = torch.autograd.grad(want, [x, *params], g.double())
+    for name, a, e in zip(["dx", "dA", "dB", "dm", "db"], got, exp):
+        assert_close_rel(a, e, 2e-5, name)
+
+
+def _storage_ptr(v):
+    if isinstance(v, torch.Tensor):
+        return v.untyped_storage().data_ptr()
+    if isinstance(v, (torch.UntypedStorage, torch.TypedStorage)):
+        return v.data_ptr()
+    return None
+
+
+class _Allocations(TorchDispatchMode):
+    """Records the element count of every tensor an op returns in new memory (not a view or an
+    in-place result of one of its inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {_storage_ptr(v) for v in torch.utils._pytree.tree_leaves((args, kwargs))} - {None}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and _storage_ptr(t) not in inputs:
+                self.sizes.append((t.numel(), str(func)))
+        return out
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["dense", "4bit"])
+def test_training_step_allocates_nothing_weight_sized(four_bit):
+    layer = _layer(four_bit)
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=1e-3)
+    x = torch.randn(2, 8, K, device=DEVICE, requires_grad=True)
+    with fastpeft.use_backend("triton"):
+        layer(x).sum().backward()          # a first step (caches filled)
+        opt.step()
+        opt.zero_grad()
+        with _Allocations() as seen:
+            layer(x).square().sum().backward()
+            opt.step()
+    big = [(n, f) for n, f in seen.sizes if n >= D * K]
+    assert seen.sizes and not big, f"weight-sized tensors allocated: {big[:5]}"
