@@ -180,8 +180,10 @@ def _key(name: str, attr: str) -> str:
     return f"{name}.{attr}" if name else attr
 
 
-def _shared_weights(model: nn.Module, found) -> dict[str, list[str]]:
-    """{layer name: names of the other parameters sharing its weight's storage} (tied weights)."""
+def _shared_weights(model: nn.Module, found, own: Callable[[str], str] = lambda name: _key(name, "weight")
+                    ) -> dict[str, list[str]]:
+    """{layer name: names of the other parameters sharing its weight's storage} (tied weights);
+    ``own(name)`` is the name of the layer's weight itself."""
     by_storage: dict[int, list[str]] = {}
     for pname, param in model.named_parameters(remove_duplicate=False):
         if param.device.type != "meta":
@@ -191,7 +193,7 @@ def _shared_weights(model: nn.Module, found) -> dict[str, list[str]]:
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
             continue
-        others = [n for n in by_storage.get(weight.untyped_storage().data_ptr(), []) if n != _key(name, "weight")]
+        others = [n for n in by_storage.get(weight.untyped_storage().data_ptr(), []) if n != own(name)]
         if others:
             shared[name] = others
     return shared

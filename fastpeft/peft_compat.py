@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from ._files import write_folder
 from .config import AdapterConfig
-from .inject import _saved_module_names, linear_view_of_conv1d, lowrank_layers
+from .inject import _saved_module_names, _shared_weights, linear_view_of_conv1d, lowrank_layers
 from .nn.linear import LowRankLinear
 
 __all__ = ["from_peft", "to_peft", "PEFT_CONFIG_FILE", "PEFT_WEIGHTS_FILE"]
@@ -317,6 +317,11 @@ def from_peft(peft_model) -> nn.Module:
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
+
+    shared = _shared_weights(inner, [(name, plan[0].get_base_layer()) for name, plan in plans.items()],
+                             own=lambda name: f"{name}.base_layer.weight")
+    for name, others in shared.items():  # tied weights: merging is refused
+        new_layers[name].weight_shared_with = others
 
     # 3. swap
     for name, layer in new_layers.items():

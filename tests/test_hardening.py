@@ -597,3 +597,17 @@ def test_named_adapters_accept_ranks_above_min_d_k(tmp_path):
     fastpeft.load_adapter(model, tmp_path, adapter_name="loaded")
     fastpeft.set_adapter(model, "loaded")
     torch.testing.assert_close(model(IDS), wide(IDS), rtol=0, atol=0)
+
+
+def test_from_peft_marks_tied_weights():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(_gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn", "lm_head"],
+                                                          fan_in_fan_out=True))
+    model = fastpeft.from_peft(pm)
+    embedding = model.transformer.wte.weight.detach().clone()
+    with pytest.raises(ValueError, match="lm_head.*transformer.wte.weight"):
+        fastpeft.merge(model)
+    assert torch.equal(model.transformer.wte.weight, embedding)
+    assert not getattr(model.transformer.h[0].attn.c_attn, "weight_shared_with", None)
