@@ -611,3 +611,14 @@ def test_from_peft_marks_tied_weights():
         fastpeft.merge(model)
     assert torch.equal(model.transformer.wte.weight, embedding)
     assert not getattr(model.transformer.h[0].attn.c_attn, "weight_shared_with", None)
+
+
+def test_to_peft_never_writes_through_a_symlink(tmp_path):
+    outside = tmp_path / "precious.json"
+    outside.write_text("keep me")
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    os.symlink(outside, folder / "adapter_config.json")
+    fastpeft.to_peft(fastpeft.inject(_net(), AdapterConfig(r=2, target_modules=["q"])), folder)
+    assert outside.read_text() == "keep me" and not os.path.islink(folder / "adapter_config.json")
+    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
