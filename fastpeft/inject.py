@@ -548,7 +548,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: Option
     try:
         if snapshot is not None:
             root = _inject(model, config, ranks, names=set(ranks))
-        expected, layers = _expected_tensors(root, config, tensors)
+        expected, layers, saved = _expected_tensors(root, config, tensors)
         ready = _check_load(root, config, tensors, expected, layers)
     except BaseException:
         if snapshot is not None:
@@ -559,7 +559,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: Option
     if not config.spec.has_adapter and getattr(root, "fastpeft_config", None) is None:
         for param in root.parameters():  # BitFit alone, as after inject: only the saved biases train
             param.requires_grad_(False)
-    saved = set(_saved_module_tensors(root, config)) if config.modules_to_save else set()
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(ready[key])
@@ -582,7 +581,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: Option
 
 
 def _expected_tensors(model, config, tensors):
-    """({key: the model's tensor that the file's tensor of that key is copied into}, layers)."""
+    """({key: the model's tensor that the file's tensor of that key is copied into}, layers,
+    keys of the modules_to_save parameters)."""
     layers = lowrank_layers(model)
     expected = {}
     for name, layer in layers:
@@ -594,11 +594,13 @@ def _expected_tensors(model, config, tensors):
     for key in tensors:
         if key not in expected and key.endswith("bias") and key in params:
             expected[key] = params[key]
+    saved = set()
     if config.modules_to_save:
         for name in _saved_module_names(model, config):
             for pname, param in model.get_submodule(name).named_parameters():
                 expected[f"{name}.{pname}"] = param
-    return expected, layers
+                saved.add(f"{name}.{pname}")
+    return expected, layers, saved
 
 
 def _check_load(model, config, tensors, expected, layers) -> dict[str, torch.Tensor]:
