@@ -622,3 +622,37 @@ def test_to_peft_never_writes_through_a_symlink(tmp_path):
     fastpeft.to_peft(fastpeft.inject(_net(), AdapterConfig(r=2, target_modules=["q"])), folder)
     assert outside.read_text() == "keep me" and not os.path.islink(folder / "adapter_config.json")
     assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+class MLP(nn.Module):
+    """PEFT's own small test model: layers narrower than the ranks of its default test configs."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin0 = nn.Linear(10, 20)
+        self.lin1 = nn.Linear(20, 2)
+
+    def forward(self, x):
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+@pytest.mark.parametrize("make_config", [
+    lambda: peft.VeraConfig(r=256, target_modules=["lin0", "lin1"]),
+    lambda: peft.AdaLoraConfig(init_r=12, target_r=12, total_step=1, target_modules=["lin0", "lin1"]),
+    lambda: peft.LoraConfig(r=8, target_modules=["lin0", "lin1"]),
+], ids=["vera-r256", "adalora-r12", "lora-r8"])
+def test_from_peft_accepts_peft_default_ranks_above_min_d_k(make_config):
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(MLP(), make_config())
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if p.requires_grad and ("lora_" in name or "vera_" in name):
+                p.copy_(torch.randn_like(p) * 0.1)
+    pm.eval()
+    x = torch.randn(4, 10)
+    with torch.no_grad():
+        want = pm(x)
+    model = fastpeft.from_peft(pm)
+    assert model.lin1.r > 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
