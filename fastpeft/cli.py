@@ -4,6 +4,7 @@
     fastpeft bench     low-rank layer microbenchmarks, every provider side by side
     fastpeft memory    peak memory of one training step of a Llama-like decoder
     fastpeft report    regenerate the README's results section from bench/results
+    fastpeft inspect   compile a problem's kernels for sm_80/sm_90 without a GPU and read the SASS
 
 ``fastpeft <command> --help`` lists each command's flags. Bad flags exit with status 2 and a
 message naming the flag.
@@ -37,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="regenerate the README's results section",
                             description=readme.__doc__.split("\n\n")[0])
     readme.add_arguments(report)
+    from .kernels import inspect as inspect_kernels
+    insp = sub.add_parser("inspect", help="the binaries a training step or decode call would run, compiled "
+                          "for sm_80/sm_90 without a GPU", description=inspect_kernels.__doc__.split("\n\n")[0])
+    inspect_kernels.add_arguments(insp)
     return parser
 
 
@@ -51,8 +56,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments for 'fastpeft {args.command}': {' '.join(rest)}")
     from .benchmark import lowrank, memory, readme
+    from .kernels import inspect as inspect_kernels
 
-    module = {"bench": lowrank, "memory": memory, "report": readme}[args.command]
+    module = {"bench": lowrank, "memory": memory, "report": readme, "inspect": inspect_kernels}[args.command]
     problem = module.validate(args)
     if problem:
         parser.error(f"fastpeft {args.command}: {problem}")

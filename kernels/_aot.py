@@ -1,19 +1,26 @@
-"""Compile Triton kernels ahead of time for a named GPU, without a GPU, and inspect the result.
+"""Compile Triton kernels ahead of time for a named GPU, without a GPU, exactly as a launch would.
 
-Used by the static tests of every kernel module: shared memory per block, local-memory spills
-(``LDL``/``STL`` in the SASS) and tensor-core instructions (``HGMMA`` on sm_90, ``HMMA`` on
-sm_80). The version-sensitive parts of Triton's API (``ASTSource``, signatures, attributes) live
-here and nowhere else.
+Two halves, and the only code of the package that touches Triton's version-sensitive internals:
 
->>> from fastpeft.kernels import _aot, lowrank                           # doctest: +SKIP
->>> spec = lowrank.KERNELS[0]
->>> problem = dict(M=4096, N=4096, K=4096, R=16, dtype="bf16")
->>> jobs = [spec.job(90, problem, c) for c in spec.configs_for(90, problem)]
->>> [(r.shared, r.spills, r.uses_tensor_cores) for r in _aot.compile_kernels(jobs)]
+* :func:`capture` turns the launches a host launcher makes into :class:`AotJob` records instead
+  of running them. The specialisation of each one (argument types, constexprs, and the
+  divisibility attributes of pointers *and* integers, unit strides turned into constants) is
+  computed by Triton's own ``JITFunction.run`` on the real arguments, for the target
+  architecture: a stand-in driver names the target, and ``knobs.runtime.jit_cache_hook`` (called
+  by ``run`` just before it would compile) records what it would compile and stops it. An
+  autotuned launch is captured once for every config that the autotuner's prune function keeps.
+* :func:`compile_kernels` compiles each job with ``triton.compile`` for
+  ``GPUTarget("cuda", arch, 32)`` and disassembles the cubin with Triton's bundled
+  ``cuobjdump``: registers, shared memory, local-memory spills, the SASS.
+
+Under ``TRITON_INTERPRET=1`` every ``@triton.jit`` function of the process is an interpreted one
+that the compiler cannot use: capture and compilation then run in subprocesses without the
+variable (see :mod:`fastpeft.kernels.inspect`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -23,14 +30,17 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Iterator
 
-__all__ = ["SMEM_LIMIT", "KernelSpec", "AotResult", "AotJob", "jit_function", "compile_kernel",
-           "compile_kernels", "cuobjdump", "dtype_name"]
+__all__ = ["SMEM_LIMIT", "SM_COUNT", "AotJob", "AotResult", "capture", "jit_function", "compile_kernel",
+           "compile_kernels", "cuobjdump", "dtype_name", "interpreting"]
 
 # Largest dynamic shared memory one block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin):
 # H100 (sm_90) 227 KB of the SM's 228 KB; A100 (sm_80) 163 KB of the SM's 164 KB.
 SMEM_LIMIT = {90: 232448, 80: 166912}
+# Streaming multiprocessors of the reference device of each architecture (H100 SXM, A100 SXM):
+# the launchers size split-k / split-M grids by it.
+SM_COUNT = {90: 132, 80: 108}
 
 _TRITON_DTYPE = {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32",
                  "fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}
@@ -41,53 +51,42 @@ def dtype_name(dtype) -> str:
     return _TRITON_DTYPE[str(dtype)]
 
 
-@dataclass(frozen=True)
-class KernelSpec:
-    """One kernel of a module, described for static checks.
-
-    ``attr`` names the kernel in its module: the autotuned kernel (``.configs`` every config,
-    ``.fn`` the ``@triton.jit`` function) or a bare ``@triton.jit`` one. ``configs_for(arch, problem)`` returns the configs the module's
-    prune function keeps on that architecture for a problem (a dict of sizes, ``"dtype"``
-    included). ``signature(problem, config)`` returns ``(types, constexprs)`` for
-    :func:`compile_kernel`. ``tensor_cores``: whether the kernel's dots must run on tensor cores
-    for 16-bit inputs. ``variants``: problem entries (e.g. ``{"dropout": False}``) under which the
-    prune keeps other configs, each to be checked.
-    """
-    name: str
-    module: str
-    attr: str
-    configs_for: Callable[[int, dict], list]
-    signature: Callable[[dict, Any], tuple[dict, dict]]
-    tensor_cores: bool = True
-    variants: tuple = ({},)
-    options: tuple = ()          # extra compile options, as at launch: (("enable_fp_fusion", False),)
-
-    @property
-    def kernel(self):
-        return getattr(importlib.import_module(self.module), self.attr)
-
-    @property
-    def configs(self) -> list:
-        """Every autotune config declared on the kernel (empty for a kernel without autotuning)."""
-        return list(getattr(self.kernel, "configs", []))
-
-    def job(self, arch: int, problem: dict, config) -> "AotJob":
-        types, constexprs = self.signature(problem, config)
-        return AotJob(self.module, self.attr, types, constexprs, arch, config.num_warps, config.num_stages,
-                      dict(self.options))
+def interpreting() -> bool:
+    """Whether this process runs Triton kernels under the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @dataclass(frozen=True)
 class AotJob:
-    """One compilation: kernel ``module.attr`` with a signature, constexprs and launch options."""
+    """One compilation, as a launch specialised it.
+
+    ``signature``: every argument's Triton type (``"*bf16"``, ``"i32"``, ``"constexpr"``);
+    ``constexprs``: the values of the ``"constexpr"`` ones (meta-parameters, and arguments Triton
+    specialised to a value, e.g. a unit stride); ``attrs``: the attributes the launch derived per
+    argument (``[["tt.divisibility", 16]]`` for a pointer or an integer divisible by 16);
+    ``options``: the compile options that differ from the backend's defaults (``num_warps``,
+    ``num_stages``, ``enable_fp_fusion``...). ``config``: the autotune config's meta-parameters
+    (``None`` for a launch without autotuning); ``launch``: the index of the launch in the captured
+    sequence (the configs of one autotuned launch share it); ``args``: the launch's integer
+    arguments and, for tensors, ``[storage bytes, storage address]`` (for traffic estimates).
+    """
     module: str
     attr: str
+    name: str
+    arch: int
     signature: dict
     constexprs: dict
-    arch: int
-    num_warps: int = 4
-    num_stages: int = 3
-    options: dict = field(default_factory=dict)
+    attrs: dict
+    options: dict
+    config: dict | None = None
+    launch: int = 0
+    args: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """What determines the binary: equal keys compile to the same cubin."""
+        return json.dumps([self.module, self.attr, self.arch, self.signature, self.constexprs, self.attrs,
+                           self.options], sort_keys=True, default=str)
 
 
 @dataclass
@@ -97,6 +96,7 @@ class AotResult:
     shared: int                     # bytes of shared memory per block
     sass: str
     ptx: str
+    cubin: str = ""                 # hex of the cubin
     resources: dict = field(default_factory=dict)   # cuobjdump -res-usage: REG, STACK, LOCAL, ...
     error: str = ""                                  # the compiler's message when it failed
 
@@ -116,16 +116,6 @@ class AotResult:
         return bool(self.tensor_core_ops)
 
 
-# --------------------------------------------------------------------------------------------
-# Under TRITON_INTERPRET=1 (set before triton was imported) every @triton.jit function of the
-# process, triton.language's own included, is an interpreted function that the compiler cannot
-# use: compilation then runs in a subprocess without the variable.
-# --------------------------------------------------------------------------------------------
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def jit_function(kernel):
     """The ``JITFunction`` under an autotuner / heuristics wrapper."""
     from triton.runtime.jit import JITFunction
@@ -135,31 +125,160 @@ def jit_function(kernel):
         inner = getattr(fn, "fn", None)
         if inner is None:
             raise TypeError(f"{kernel!r} is not a compiled @triton.jit kernel (under TRITON_INTERPRET=1 "
-                            "use compile_kernels, which compiles in a subprocess)")
+                            "capture and compile in a subprocess)")
         fn = inner
     return fn
 
 
 # --------------------------------------------------------------------------------------------
-# Compiling
+# Capturing launches
 # --------------------------------------------------------------------------------------------
 
-def _ast_source(fn, signature: dict, constexprs: dict, attrs: dict | None):
-    """ASTSource across Triton versions: constexprs keyed by name (3.3+) or by index tuple."""
-    from triton.compiler import ASTSource
+class _TargetDriver:
+    """Triton's active driver while capturing: it names a GPU this machine does not have."""
 
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+        self.target = GPUTarget("cuda", arch, 32)
+        self.device = f"fastpeft-aot-sm{arch}"      # a device key no real launch uses
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return self.device
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+class _Capture:
+    """State of one :func:`capture` block (Triton calls the hook from the launching thread)."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+        self.jobs: list[AotJob] = []
+        self.launches = 0
+        self.config: dict | None = None
+        self.args: dict = {}
+        self.in_tuner = False
+
+    def hook(self, *, key, repr, fn, compile, is_manual_warmup, already_compiled):
+        data = json.loads(compile["specialization_data"])
+        jit = fn.jit_function
+        names = jit.arg_names
+        signature = dict(data["signature"])
+        constexprs = {names[path[0]]: value for path, value in zip(data["constant_keys"], data["constant_vals"])}
+        attrs = {names[path[0]]: value for path, value in zip(data["attrs_keys"], data["attrs_vals"])}
+        constexprs = {k: v["constexpr"] if isinstance(v, dict) and "constexpr" in v else v
+                      for k, v in constexprs.items()}
+        attrs = {k: v for k, v in attrs.items() if v}
+        options = {k: v for k, v in data["options"].items() if _default_options(self.arch).get(k) != v}
+        self.jobs.append(AotJob(module=jit.fn.__module__, attr=_module_attr(jit), name=jit.__name__,
+                                arch=self.arch, signature=signature, constexprs=constexprs, attrs=attrs,
+                                options=options, config=self.config, launch=self.launches - 1,
+                                args=dict(self.args)))
+        return True                          # do not compile, do not launch
+
+
+_DEFAULTS: dict[int, dict] = {}
+
+
+def _default_options(arch: int) -> dict:
+    if arch not in _DEFAULTS:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        _DEFAULTS[arch] = dict(make_backend(GPUTarget("cuda", arch, 32)).parse_options({}).__dict__)
+        _DEFAULTS[arch] = json.loads(json.dumps(_DEFAULTS[arch], default=str))
+    return _DEFAULTS[arch]
+
+
+def _module_attr(jit) -> str:
+    """The module attribute that holds ``jit`` (the autotuner around it, or itself)."""
+    module = sys.modules[jit.fn.__module__]
+    for attr, value in vars(module).items():
+        if value is jit or getattr(value, "fn", None) is jit or getattr(getattr(value, "fn", None), "fn", None) is jit:
+            return attr
+    raise LookupError(f"{jit.__name__} is not an attribute of {module.__name__}")
+
+
+def _describe_args(jit, args: tuple, kwargs: dict) -> dict:
+    """The launch's ints, and [storage bytes, storage address] of each tensor."""
+    out = {}
+    for name, value in list(zip(jit.arg_names, args)) + list(kwargs.items()):
+        if hasattr(value, "untyped_storage"):
+            storage = value.untyped_storage()
+            out[name] = [int(storage.nbytes()), int(storage.data_ptr())]
+        elif isinstance(value, int) and not isinstance(value, bool):
+            out[name] = value
+    return out
+
+
+@contextlib.contextmanager
+def capture(arch: int) -> Iterator[list[AotJob]]:
+    """Inside the block, Triton launches compile and run nothing: each is recorded as the
+    :class:`AotJob` that a launch on a GPU of ``arch`` (80 or 90) would compile, specialised by
+    Triton's own ``JITFunction.run`` from the real arguments (tensors on any device). An autotuned
+    launch yields one job per config its prune function keeps. Yields the list of jobs, filled
+    as launches happen.
+    """
+    if interpreting():
+        raise RuntimeError("capture needs compiled @triton.jit kernels: run it in a process without "
+                           "TRITON_INTERPRET (fastpeft.kernels.inspect does so by itself)")
+    if arch not in SMEM_LIMIT:
+        raise ValueError(f"arch must be one of {sorted(SMEM_LIMIT)}, got {arch!r}")
+    from triton import knobs
+    from triton.runtime import autotuner
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    state = _Capture(arch)
+    stand_in = _TargetDriver(arch)
+    jit_run, tuner_run = JITFunction.run, autotuner.Autotuner.run
+    touched: list = []
+
+    def run(self, *args, grid, warmup, **kwargs):
+        touched.append(self)
+        if not state.in_tuner:
+            state.launches += 1
+        state.args = _describe_args(self, args, kwargs)
+        return jit_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    def tuned_run(self, *args, **kwargs):
+        # what Autotuner.run does up to benchmarking, then one (captured) compile per kept config
+        self.nargs = dict(zip(self.arg_names, args))
+        state.launches += 1
+        state.in_tuner = True
+        try:
+            for config in self.prune_configs(kwargs):
+                clash = kwargs.keys() & config.kwargs.keys()
+                if clash:
+                    raise ValueError(f"conflicting meta-parameters: {', '.join(clash)}")
+                state.config = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+                self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
+        finally:
+            self.nargs = None
+            state.in_tuner = False
+            state.config = None
+
+    previous_hook = knobs.runtime.jit_cache_hook
+    previous_driver = driver._active
+    JITFunction.run, autotuner.Autotuner.run = run, tuned_run
+    knobs.runtime.jit_cache_hook = state.hook
+    driver.set_active(stand_in)
     try:
-        return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    except (AssertionError, TypeError, ValueError):
-        keyed = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
-        return ASTSource(fn=fn, signature=signature, constexprs=keyed, attrs=attrs)
+        yield state.jobs
+    finally:
+        JITFunction.run, autotuner.Autotuner.run = jit_run, tuner_run
+        knobs.runtime.jit_cache_hook = previous_hook
+        driver._active = previous_driver
+        for fn in touched:   # drop the stand-in device's binders
+            fn.device_caches.pop(stand_in.device, None)
 
 
-def _pointer_attrs(fn, signature: dict) -> dict:
-    """16-byte alignment of every pointer argument (as a real launch specialises them)."""
-    return {(fn.arg_names.index(k),): [["tt.divisibility", 16]]
-            for k, v in signature.items() if isinstance(v, str) and v.startswith("*")}
-
+# --------------------------------------------------------------------------------------------
+# Compiling
+# --------------------------------------------------------------------------------------------
 
 def _bin_dir() -> str:
     import triton
@@ -184,78 +303,74 @@ def _resources(cubin: bytes) -> dict:
     return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL|TEXTURE|SURFACE|SAMPLER):(\d+)", text)}
 
 
-def compile_kernel(kernel, signature: dict, constexprs: dict, arch: int, num_warps: int = 4,
-                   num_stages: int = 3, options: dict | None = None) -> AotResult:
-    """Compile ``kernel`` (a ``@triton.jit`` function, or an autotuned one) for
-    ``GPUTarget("cuda", arch, 32)``.
+def compile_kernel(job: AotJob) -> AotResult:
+    """Compile one job for ``GPUTarget("cuda", job.arch, 32)`` with exactly its specialisation.
 
-    ``signature`` maps every non-constexpr argument to its Triton type (``"*bf16"``, ``"i32"``,
-    ``"fp32"``); ``constexprs`` maps the others (meta-parameters, and arguments specialised to a
-    value such as a unit stride) to their values; ``options``, more compile options (as a launch
-    passes them). Returns the shared memory per block, the SASS, the PTX and cuobjdump's resource
-    usage.
-    """
+    Any failure raises (there is no fallback to a build without the launch's attributes)."""
     import triton
     from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
 
-    fn = jit_function(kernel)
-    full = {name: ("constexpr" if name in constexprs else signature[name]) for name in fn.arg_names}
-    missing = [n for n in fn.arg_names if n not in constexprs and n not in signature]
+    fn = jit_function(getattr(importlib.import_module(job.module), job.attr))
+    index = {name: (i,) for i, name in enumerate(fn.arg_names)}
+    missing = [n for n in fn.arg_names if n not in job.signature]
     if missing:
         raise KeyError(f"{fn.__name__}: no type for {missing}")
-    target = GPUTarget("cuda", arch, 32)
-    options = {"num_warps": num_warps, "num_stages": num_stages, **(options or {})}
-    try:
-        ck = triton.compile(_ast_source(fn, full, constexprs, _pointer_attrs(fn, full)),
-                            target=target, options=options)
-    except (TypeError, KeyError, AttributeError):
-        # the attribute format of another Triton version: compile without alignment hints
-        ck = triton.compile(_ast_source(fn, full, constexprs, None), target=target, options=options)
+    src = ASTSource(fn=fn, signature=dict(job.signature),
+                    constexprs={index[k]: v for k, v in job.constexprs.items()},
+                    attrs={index[k]: v for k, v in job.attrs.items()})
+    ck = triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=dict(job.options))
     cubin = ck.asm["cubin"]
-    return AotResult(name=fn.__name__, arch=arch, shared=int(ck.metadata.shared),
-                     sass=cuobjdump(cubin), ptx=ck.asm.get("ptx", ""), resources=_resources(cubin))
+    return AotResult(name=fn.__name__, arch=job.arch, shared=int(ck.metadata.shared), sass=cuobjdump(cubin),
+                     ptx=ck.asm.get("ptx", ""), cubin=cubin.hex(), resources=_resources(cubin))
 
 
 def _run_job(job: AotJob) -> AotResult:
     try:
-        kernel = getattr(importlib.import_module(job.module), job.attr)
-        return compile_kernel(kernel, job.signature, job.constexprs, job.arch, job.num_warps, job.num_stages,
-                              job.options)
+        return compile_kernel(job)
     except Exception as err:  # reported per job: one bad config must not hide the others
-        return AotResult(name=job.attr, arch=job.arch, shared=-1, sass="", ptx="",
+        return AotResult(name=job.name, arch=job.arch, shared=-1, sass="", ptx="",
                          error=f"{type(err).__name__}: {err}")
 
 
-def _workers(n_jobs: int) -> int:
+def workers(n_jobs: int) -> int:
     """Worker processes for ``n_jobs`` compilations: ``FASTPEFT_AOT_WORKERS``, else the usable CPUs."""
     env = os.environ.get("FASTPEFT_AOT_WORKERS")
     cpus = int(env) if env else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, min(n_jobs, cpus or 1))
 
 
+def clean_env() -> dict:
+    """This process's environment without ``TRITON_INTERPRET`` (for compiling subprocesses)."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
 def compile_kernels(jobs: list[AotJob]) -> list[AotResult]:
-    """Compile every job, in results' order the jobs'; a job that fails to compile comes back
-    with ``error`` set. One job compiles in this process (unless it interprets); more are dealt
-    round-robin to worker subprocesses, one per CPU, that run without TRITON_INTERPRET."""
+    """Compile every job (jobs with equal :attr:`AotJob.key` once), results in the jobs' order;
+    a job that fails to compile comes back with ``error`` set. One job compiles in this process
+    (unless it interprets); more are dealt round-robin to worker subprocesses, one per CPU, that
+    run without TRITON_INTERPRET."""
     jobs = list(jobs)
     if not jobs:
         return []
-    n = _workers(len(jobs))
-    if n == 1 and not _interpreting():
-        return [_run_job(job) for job in jobs]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    shares = [jobs[i::n] for i in range(n)]
-    procs = [subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for _ in shares]
-    with ThreadPoolExecutor(n) as pool:   # one thread a worker feeds its stdin and reads its stdout
-        outputs = list(pool.map(lambda ps: ps[0].communicate(json.dumps([asdict(j) for j in ps[1]])),
-                                zip(procs, shares)))
-    results: list = [None] * len(jobs)
-    for w, (proc, (stdout, stderr)) in enumerate(zip(procs, outputs)):
-        if proc.returncode != 0:
-            raise RuntimeError(f"ahead-of-time compilation subprocess failed:\n{stderr[-4000:]}")
-        results[w::n] = [AotResult(**r) for r in json.loads(stdout)]
-    return results
+    unique = list({job.key: job for job in jobs}.values())
+    n = workers(len(unique))
+    if n == 1 and not interpreting():
+        done = [_run_job(job) for job in unique]
+    else:
+        shares = [unique[i::n] for i in range(n)]
+        procs = [subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=clean_env()) for _ in shares]
+        with ThreadPoolExecutor(n) as pool:   # one thread a worker feeds its stdin and reads its stdout
+            outputs = list(pool.map(lambda ps: ps[0].communicate(json.dumps([asdict(j) for j in ps[1]])),
+                                    zip(procs, shares)))
+        done = [None] * len(unique)
+        for w, (proc, (stdout, stderr)) in enumerate(zip(procs, outputs)):
+            if proc.returncode != 0:
+                raise RuntimeError(f"ahead-of-time compilation subprocess failed:\n{stderr[-4000:]}")
+            done[w::n] = [AotResult(**r) for r in json.loads(stdout)]
+    by_key = {job.key: result for job, result in zip(unique, done)}
+    return [by_key[job.key] for job in jobs]
 
 
 if __name__ == "__main__":   # worker: JSON list of jobs on stdin, JSON list of results on stdout

@@ -19,11 +19,10 @@ import triton
 import triton.language as tl
 
 from . import lowrank as _dense
-from ._aot import KernelSpec, dtype_name
 from .lowrank import _op
 from .lowrank_4bit import _w4_tile, _weight_args
 
-__all__ = ["dora_norm", "dora_norm_4bit", "KERNELS"]
+__all__ = ["dora_norm", "dora_norm_4bit"]
 
 _WARPS, _STAGES = 8, 2
 
@@ -114,28 +113,3 @@ def dora_norm_4bit(packed, quant_state, lora_A, lora_B, scale: float, weight_sq_
     wat, sq = _launch(a, data, absmax, meta, a, N, K, 0, 0, True)
     return _norm_from_parts(sq, wat, lora_A, lora_B, scale)
 
-
-# --------------------------------------------------------------------------------------------
-# Static checks (tests/test_kernels_static.py): the kernel compiled for sm_80 / sm_90
-# --------------------------------------------------------------------------------------------
-
-def _sig_norm(problem, config):
-    dt = dtype_name(problem["dtype"])
-    four = problem.get("four_bit", False)
-    types = {"w_ptr": f"*{dt}", "packed_ptr": "*u8" if four else f"*{dt}", "absmax_ptr": "*fp32" if four else f"*{dt}",
-             "a_ptr": f"*{dt}", "wat_ptr": "*fp32", "sq_ptr": "*fp32",
-             "N": "i32", "K": "i32", "R": "i32", "stride_wn": "i32", "stride_wk": "i32"}
-    br = max(16, _dense._pow2(problem["R"]))
-    cex = {"IS_4BIT": four, "QBLOCK": 64, "QUANT": 0, "W_KIND": {"fp32": 0, "fp16": 1, "bf16": 2}[dt],
-           "LAYOUT": problem.get("layout", 0), "UPCAST": False, "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32",
-           "BLOCK_R": br, **config.kwargs}
-    return types, cex
-
-
-KERNELS = [
-    KernelSpec("dora_norm", __name__, "_dora_norm_kernel",
-               lambda arch, pr: [triton.Config(dict(zip(("BLOCK_N", "BLOCK_K"), _tile(max(16, _dense._pow2(pr["R"]))))),
-                                               num_warps=_WARPS, num_stages=_STAGES)],
-               _sig_norm, variants=({"four_bit": False}, {"four_bit": True, "layout": 0},
-                                    {"four_bit": True, "layout": 1}, {"four_bit": True, "layout": 2})),
-]

@@ -46,10 +46,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._aot import SMEM_LIMIT, KernelSpec, dtype_name
+from ._aot import SMEM_LIMIT
 
 __all__ = ["lowrank_fwd", "lowrank_bwd", "lowrank_bwd_dy", "lowrank_bwd_da_partials", "dropout_keep_mask",
-           "MAX_RANK", "KERNELS"]
+           "MAX_RANK"]
 
 MAX_RANK = 128
 _ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
@@ -86,6 +86,9 @@ _GEMM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, nu
                  for bm, bn, bk, w, s in _unique(_GEMM_TILES_SM90 + _GEMM_TILES_SM80)]
 _DX_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                for bm, bn, bk, w, s in _unique(_DX_TILES_SM90 + _DX_TILES_SM80)]
+# dX tiles that spill with the dropout epilogue, as `fastpeft inspect` reads them in the SASS
+# (bf16, sm_90: 64×128×64 w8s3 takes 255 registers and 97 LDL / 82 STL); pruned when p > 0
+_DX_DROPOUT_SPILLS = {90: {(64, 128, 64, 8, 3)}, 80: set()}
 # register budgets a thread (32-bit words): one loaded tile, fp32 accumulators, a Philox-masked tile
 _TILE_WORDS, _ACC_WORDS, _MASK_VALUES, _DX_MASK_VALUES = 32, 64, 16, 32
 _T_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -118,6 +121,12 @@ def _words(elems: int, elem: int, num_warps: int) -> int:
     return _per_thread(elems, num_warps) * (2 if elem == 4 else 1)
 
 
+def _wgmma_rows_ok(arch: int, block_m: int, m_key: int) -> bool:
+    """sm_90's wgmma takes 64 rows per warpgroup: a tile of fewer rows falls back to mma.sync,
+    so it is kept there only for M < 64 (``m_key``: M rounded up to a power of 2)."""
+    return arch != 90 or block_m >= 64 or m_key < 64
+
+
 def _keep(configs, tiles, tile_of, ok, size_ok):
     """Configs of this arch that fit (``ok``), preferring those not oversized for the problem."""
     mine = [c for c in configs if tile_of(c) in tiles and ok(c)]
@@ -143,14 +152,16 @@ def _gemm_keep(configs, arch, smem, M, N, block_r, elem, dx=False, dropout=True)
         main = s * (bm * bk + bk * bn) * elem
         tiles = max(_words(bm * bk, elem, w), _words(bk * bn, elem, w))
         acc = _per_thread(bm * bn, w) * (2 if elem == 4 else 1)
-        masked = dx and dropout and _per_thread(bm * bn, w) > _DX_MASK_VALUES
+        masked = dx and dropout and (_per_thread(bm * bn, w) > _DX_MASK_VALUES
+                                     or (bm, bn, bk, w, s) in _DX_DROPOUT_SPILLS[arch])
         # mma.sync (sm_80) holds its operand fragments in registers: with an r >= 64 prologue the
         # accumulator gets half the budget (sm_90's wgmma reads them from shared memory)
         budget = _ACC_WORDS // 2 if arch == 80 and block_r >= 64 else _ACC_WORDS
         return main <= smem and tiles <= _TILE_WORDS and acc <= budget and not masked
 
     def size_ok(c):
-        return c.kwargs["BLOCK_M"] <= max(16, _pow2(M)) and c.kwargs["BLOCK_N"] <= max(16, _pow2(N))
+        bm = c.kwargs["BLOCK_M"]
+        return bm <= max(16, _pow2(M)) and c.kwargs["BLOCK_N"] <= max(16, _pow2(N)) and _wgmma_rows_ok(arch, bm, _pow2(M))
 
     return _keep(configs, tiles, _gemm_tile, ok, size_ok)
 
@@ -171,7 +182,8 @@ def _t_keep(configs, arch, smem, M, block_r, elem, dropout=True):
                 and not (dropout and _per_thread(bm * bk, w) > _MASK_VALUES))
 
     def size_ok(c):
-        return c.kwargs["BLOCK_M"] <= max(16, _pow2(M))
+        bm = c.kwargs["BLOCK_M"]
+        return bm <= max(16, _pow2(M)) and _wgmma_rows_ok(arch, bm, _pow2(M))
 
     return _keep(configs, tiles, tile_of, ok, size_ok)
 
@@ -241,35 +253,42 @@ def _elem(args) -> int:
     return args["x_ptr"].element_size() if "x_ptr" in args else args["dy_ptr"].element_size()
 
 
+def _prune_args(named_args, kwargs) -> dict:
+    """A prune function's view of the launch arguments. Every non-tensor argument a prune
+    function reads must be in its kernel's autotune key (a static test checks it): otherwise a
+    config chosen for one value would be reused for another the prune treats differently."""
+    return {**named_args, **kwargs}
+
+
 def _prune_gemm(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
+    args = _prune_args(named_args, kwargs)
     arch, smem, _ = _limits_of(args["x_ptr"])
-    return _gemm_keep(configs, arch, smem, args["M"], args["N"], args["BLOCK_R"], _elem(args))
+    return _gemm_keep(configs, arch, smem, args["M_KEY"], args["N"], args["BLOCK_R"], _elem(args))
 
 
 def _prune_dx(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
+    args = _prune_args(named_args, kwargs)
     arch, smem, _ = _limits_of(args["dy_ptr"])
-    return _gemm_keep(configs, arch, smem, args["M"], args["N"], args["BLOCK_R"], _elem(args), dx=True,
+    return _gemm_keep(configs, arch, smem, args["M_KEY"], args["N"], args["BLOCK_R"], _elem(args), dx=True,
                       dropout=args["HAS_DROPOUT"])
 
 
 def _prune_t(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
+    args = _prune_args(named_args, kwargs)
     arch, smem, _ = _limits_of(args["x_ptr"])
-    return _t_keep(configs, arch, smem, args["M"], args["BLOCK_R"], _elem(args), args["HAS_DROPOUT"])
+    return _t_keep(configs, arch, smem, args["M_KEY"], args["BLOCK_R"], _elem(args), args["HAS_DROPOUT"])
 
 
 def _prune_dy(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
+    args = _prune_args(named_args, kwargs)
     arch, smem, _ = _limits_of(args["dy_ptr"])
     return _dy_keep(configs, arch, smem, args["BLOCK_M"], args["N"], args["BLOCK_R"], _elem(args))
 
 
 def _prune_da(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
+    args = _prune_args(named_args, kwargs)
     arch, smem, _ = _limits_of(args["x_ptr"])
-    return _da_keep(configs, arch, smem, args["M"], args["K"], args["BLOCK_R"], _elem(args), args["HAS_DROPOUT"])
+    return _da_keep(configs, arch, smem, args["M_KEY"], args["K"], args["BLOCK_R"], _elem(args), args["HAS_DROPOUT"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,7 +397,7 @@ def _store_u(z, core_ptr, u_ptr, rm, M, R, CORE: tl.constexpr, UPCAST: tl.conste
 # Forward kernels
 # --------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_T_CONFIGS, key=["M_KEY", "K", "BLOCK_R"],
+@triton.autotune(configs=_T_CONFIGS, key=["M_KEY", "K", "BLOCK_R", "HAS_DROPOUT"],
                  prune_configs_by={"early_config_prune": _prune_t})
 @triton.jit(do_not_specialize=["seed"])
 def _lowrank_fwd_t_kernel(
@@ -661,7 +680,7 @@ def _lowrank_bwd_finalize_kernel(
         tl.store(dbias_ptr + rn, acc_b.to(dbias_ptr.dtype.element_ty), mask=mask_n)
 
 
-@triton.autotune(configs=_DX_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R"],
+@triton.autotune(configs=_DX_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R", "HAS_DROPOUT"],
                  prune_configs_by={"early_config_prune": _prune_dx})
 @triton.jit(do_not_specialize=["seed"])
 def _lowrank_bwd_dx_kernel(
@@ -707,7 +726,7 @@ def _lowrank_bwd_dx_kernel(
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.autotune(configs=_DA_CONFIGS, key=["M_KEY", "K", "BLOCK_R"],
+@triton.autotune(configs=_DA_CONFIGS, key=["M_KEY", "K", "BLOCK_R", "HAS_DROPOUT"],
                  prune_configs_by={"early_config_prune": _prune_da})
 @triton.jit(do_not_specialize=["seed"])
 def _lowrank_bwd_da_kernel(
@@ -808,9 +827,15 @@ def _u_block_m(block_r: int) -> int:
     return max(16, min(64, 4096 // block_r))
 
 
-def _interp_block(n: int, cap: int = 128) -> int:
-    """Under the interpreter: one block over small dims (cost grows with programs × steps)."""
-    return min(cap, max(16, _pow2(n)))
+# Largest block a launcher takes under the interpreter (cost grows with programs × steps, so
+# small dims run as one block); tests lower it to run several tiles and split partials.
+INTERPRET_BLOCK_CAP = 128
+
+
+def _interp_block(n: int, cap: int | None = None) -> int:
+    """Under the interpreter: one block over small dims, at most ``cap`` (default
+    :data:`INTERPRET_BLOCK_CAP`)."""
+    return min(INTERPRET_BLOCK_CAP if cap is None else cap, max(16, _pow2(n)))
 
 
 def _launch(kernel, grid, args: dict, fallback: dict):
@@ -935,10 +960,14 @@ def lowrank_fwd(x, weight, bias, lora_A, lora_B, core, out_scale, scale: float, 
 
 
 def _dy_block_m(M: int, block_r: int, elem: int) -> int:
-    """Rows per program of the pass over dY (fixed by the launcher: it sizes the partials)."""
+    """Rows per program of the pass over dY (fixed by the launcher: it sizes the partials). G
+    [BLOCK_M, r] stays in registers across the pass: fewer rows for larger r and fp32."""
     if _interpreting():
         return _interp_block(M)
-    return _dy_block_m_gpu({"M": M, "R": block_r, "dtype": {2: "fp16", 4: "fp32"}[elem]})
+    bm = 64 if block_r <= 32 else (32 if block_r <= 64 else 16)
+    if elem == 4:
+        bm = max(16, bm // 2)
+    return min(bm, max(16, _pow2(M)))
 
 
 def lowrank_bwd_dy(grad_y, T, lora_B, core, out_scale, scale, activation, need_dt: bool, need_B: bool,
@@ -1024,8 +1053,8 @@ def lowrank_bwd_da_partials(d_t, x, dropout_p: float, seed: int):
     BR = _block_r(R)
     p = float(dropout_p)
     interp = _interpreting()
-    if interp:
-        split = 1
+    if interp:   # one partial per row block
+        split = triton.cdiv(M, _interp_block(M))
     else:
         _, _, sms = _limits_of(x)
         split = max(1, min(triton.cdiv(2 * sms, triton.cdiv(K, 64)), triton.cdiv(M, 256)))
@@ -1112,149 +1141,3 @@ def _sum_partials(part, out, n_partials: int, scale: float):
     block = _interp_block(n, 1 << 16) if _interpreting() else 1024
     _sum_partials_kernel[(triton.cdiv(n, block),)](part, out, n_partials, n, scale, BLOCK=block)
 
-
-# --------------------------------------------------------------------------------------------
-# Kernel inventory for the static (ahead-of-time) checks
-# --------------------------------------------------------------------------------------------
-
-def _flags(problem):
-    dt = dtype_name(problem["dtype"])
-    br = max(16, _pow2(problem["R"]))
-    return dt, {"UPCAST": False, "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32",
-                "BLOCK_R": br, "R_CHUNK": _r_chunk(br)}
-
-
-def _sig_fwd_t(problem, config):
-    dt, common = _flags(problem)
-    types = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "core_ptr": f"*{dt}", "t_ptr": f"*{dt}", "u_ptr": f"*{dt}",
-             "M": "i32", "K": "i32", "R": "i32", "M_KEY": "i32", "stride_xm": "i32",
-             "seed": "i32", "dropout_p": "fp32", "inv_keep": "fp32"}
-    cex = {"stride_xk": 1, "ACTIVATION": 2, "CORE": 2, "HAS_DROPOUT": problem.get("dropout", True), "STORE_U": True,
-           **common,
-           **config.kwargs}
-    return types, cex
-
-
-def _sig_fwd_gemm(problem, config):
-    dt, common = _flags(problem)
-    types = {k: f"*{dt}" for k in ("x_ptr", "w_ptr", "bias_ptr", "u_ptr", "b_ptr", "os_ptr", "y_ptr")}
-    types.update({k: "i32" for k in ("M", "N", "K", "R", "M_KEY", "stride_xm", "stride_wn", "stride_ym",
-                                     "stride_um")})
-    types["scale"] = "fp32"
-    cex = {"stride_xk": 1, "stride_wk": 1, "stride_yn": 1, "HAS_BIAS": True, "HAS_OUT_SCALE": True,
-           "GROUP_M": _GROUP_M, **common, **config.kwargs}
-    return types, cex
-
-
-def _sig_bwd_dy(problem, config):
-    dt, common = _flags(problem)
-    types = {k: f"*{dt}" for k in ("dy_ptr", "t_ptr", "u_ptr", "core_ptr", "b_ptr", "os_ptr", "dt_ptr")}
-    types.update({k: "*fp32" for k in ("p_ptr", "dbias_ptr", "ds_ptr")})
-    types.update({k: "i32" for k in ("M", "N", "R", "M_KEY", "stride_dym")})
-    cex = {"stride_dyn": 1, "ACTIVATION": 2, "CORE": 2, "HAS_OUT_SCALE": True, "COMPUTE_DT": True,
-           "COMPUTE_P": True, "COMPUTE_DB": True, "COMPUTE_DS": True,
-           "ATOMIC": problem.get("atomic", False), "BLOCK_M": _dy_block_m_gpu(problem), **common,
-           **config.kwargs}
-    return types, cex
-
-
-def _sig_bwd_dx(problem, config):
-    dt, common = _flags(problem)
-    types = {k: f"*{dt}" for k in ("dy_ptr", "w_ptr", "dt_ptr", "a_ptr", "dx_ptr")}
-    types.update({k: "i32" for k in ("M", "N", "K", "R", "M_KEY", "stride_dym", "stride_wk", "stride_dxm", "seed")})
-    types.update({"dropout_p": "fp32", "adapter_scale": "fp32"})
-    cex = {"stride_dyk": 1, "stride_wn": 1, "stride_dxn": 1, "HAS_DROPOUT": problem.get("dropout", True),
-           "GROUP_M": _GROUP_M,
-           **common, **config.kwargs}
-    return types, cex
-
-
-def _sig_bwd_da(problem, config):
-    dt, common = _flags(problem)
-    types = {"dt_ptr": f"*{dt}", "x_ptr": f"*{dt}", "part_ptr": "*fp32", "M": "i32", "K": "i32", "R": "i32",
-             "M_KEY": "i32", "stride_xm": "i32", "seed": "i32", "dropout_p": "fp32"}
-    cex = {"stride_xk": 1, "HAS_DROPOUT": problem.get("dropout", True), **common, **config.kwargs}
-    cex.pop("R_CHUNK")
-    return types, cex
-
-
-def _sig_u(problem, config):
-    dt, common = _flags(problem)
-    types = {"t_ptr": f"*{dt}", "core_ptr": f"*{dt}", "u_ptr": f"*{dt}", "M": "i32", "R": "i32"}
-    cex = {"ACTIVATION": 2, "CORE": 2, **common, **config.kwargs}
-    return types, cex
-
-
-def _dy_block_m_gpu(problem) -> int:
-    """G [BLOCK_M, r] stays in registers across the pass: fewer rows for larger r and fp32."""
-    br = _br(problem)
-    bm = 64 if br <= 32 else (32 if br <= 64 else 16)
-    if _elem_of(problem) == 4:
-        bm = max(16, bm // 2)
-    return min(bm, max(16, _pow2(problem["M"])))
-
-
-def _sig_finalize(problem, config):
-    dt, common = _flags(problem)
-    types = {"p_ptr": "*fp32", "dbias_part_ptr": "*fp32", "b_ptr": f"*{dt}", "os_ptr": f"*{dt}",
-             "db_ptr": f"*{dt}", "dos_ptr": f"*{dt}", "dbias_ptr": f"*{dt}", "NP": "i32", "N": "i32",
-             "R": "i32", "scale": "fp32"}
-    cex = {"HAS_OUT_SCALE": True, "NEED_B": True, "NEED_OS": True, "NEED_BIAS": True,
-           "BLOCK_R": common["BLOCK_R"], **config.kwargs}
-    return types, cex
-
-
-def _sig_sum(problem, config):
-    dt, _ = _flags(problem)
-    return ({"part_ptr": "*fp32", "out_ptr": f"*{dt}", "NP": "i32", "N": "i32", "scale": "fp32"},
-            dict(config.kwargs))
-
-
-def _sig_mask(problem, config):
-    return ({"out_ptr": "*i8", "M": "i32", "K": "i32", "seed": "i32", "dropout_p": "fp32"}, dict(config.kwargs))
-
-
-def _elem_of(problem) -> int:
-    return {"fp16": 2, "bf16": 2, "fp32": 4}[dtype_name(problem["dtype"])]
-
-
-def _br(problem) -> int:
-    return max(16, _pow2(problem["R"]))
-
-
-# ``configs_for(arch, problem)``: the configs the prune function keeps on ``arch`` (device limit
-# SMEM_LIMIT[arch]); problem keys: M, N (= d), K (= k), R, dtype.
-KERNELS = [
-    KernelSpec("lowrank_fwd_t", __name__, "_lowrank_fwd_t_kernel",
-               lambda arch, pr: _t_keep(_T_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], _br(pr), _elem_of(pr),
-                                        pr.get("dropout", True)),
-               _sig_fwd_t, variants=({"dropout": True}, {"dropout": False})),
-    KernelSpec("lowrank_fwd_gemm", __name__, "_lowrank_fwd_gemm_kernel",
-               lambda arch, pr: _gemm_keep(_GEMM_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["N"], _br(pr),
-                                           _elem_of(pr)),
-               _sig_fwd_gemm),
-    KernelSpec("lowrank_u", __name__, "_lowrank_u_kernel",
-               lambda arch, pr: [triton.Config({"BLOCK_M": _u_block_m(_br(pr))}, num_warps=4, num_stages=1)],
-               _sig_u),
-    KernelSpec("lowrank_bwd_dy", __name__, "_lowrank_bwd_dy_kernel",
-               lambda arch, pr: _dy_keep(_DY_CONFIGS, arch, SMEM_LIMIT[arch], _dy_block_m_gpu(pr), pr["N"], _br(pr),
-                                         _elem_of(pr)),
-               _sig_bwd_dy),
-    KernelSpec("lowrank_bwd_dx", __name__, "_lowrank_bwd_dx_kernel",
-               lambda arch, pr: _gemm_keep(_DX_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["K"], _br(pr),
-                                           _elem_of(pr), dx=True, dropout=pr.get("dropout", True)),
-               _sig_bwd_dx, variants=({"dropout": True}, {"dropout": False})),
-    KernelSpec("lowrank_bwd_da", __name__, "_lowrank_bwd_da_kernel",
-               lambda arch, pr: _da_keep(_DA_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["K"], _br(pr),
-                                         _elem_of(pr), pr.get("dropout", True)),
-               _sig_bwd_da, variants=({"dropout": True}, {"dropout": False})),
-    KernelSpec("lowrank_bwd_finalize", __name__, "_lowrank_bwd_finalize_kernel",
-               lambda arch, pr: [triton.Config({"BLOCK_N": _finalize_block_n(_br(pr))}, num_warps=4, num_stages=1)],
-               _sig_finalize, tensor_cores=False),
-    KernelSpec("sum_partials", __name__, "_sum_partials_kernel",
-               lambda arch, pr: [triton.Config({"BLOCK": 1024}, num_warps=4, num_stages=1)],
-               _sig_sum, tensor_cores=False),
-    KernelSpec("dropout_mask", __name__, "_dropout_mask_kernel",
-               lambda arch, pr: [triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)],
-               _sig_mask, tensor_cores=False),
-]

@@ -49,11 +49,10 @@ import triton
 import triton.language as tl
 
 from . import lowrank as _dense
-from ._aot import SMEM_LIMIT, KernelSpec, dtype_name
 from .lowrank import _act_grad, _adapter_init, _core_tile, _grouped_pid, _keep_mask, _op
 
 __all__ = ["lowrank_4bit_fwd", "lowrank_4bit_bwd", "dequantize_4bit_dense", "absmax_fp32", "buffer_min_m",
-           "DECODE_MAX_M", "BUFFER_MIN_M_ENV", "KERNELS"]
+           "DECODE_MAX_M", "BUFFER_MIN_M_ENV"]
 
 DECODE_MAX_M = 16
 BUFFER_MIN_M_ENV = "FASTPEFT_4BIT_BUFFER_MIN_M"
@@ -126,7 +125,9 @@ def _gemm_keep(configs, arch, smem, M, N, block_r, elem, layout, dx=False):
         return main <= smem and live_ok and tile_ok
 
     def size_ok(c):
-        return c.kwargs["BLOCK_M"] <= max(16, _dense._pow2(M)) and c.kwargs["BLOCK_N"] <= max(16, _dense._pow2(N))
+        bm = c.kwargs["BLOCK_M"]
+        return (bm <= max(16, _dense._pow2(M)) and c.kwargs["BLOCK_N"] <= max(16, _dense._pow2(N))
+                and _dense._wgmma_rows_ok(arch, bm, _dense._pow2(M)))
 
     return _dense._keep(configs, tiles, tile_of, ok, size_ok)
 
@@ -147,21 +148,21 @@ def _decode_keep(configs, arch, smem, N, K, elem):
 
 
 def _prune_gemm(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
+    args = _dense._prune_args(named_args, kwargs)
     arch, smem, _ = _dense._limits_of(args["x_ptr"])
-    return _gemm_keep(configs, arch, smem, args["M"], args["N"], args["BLOCK_R"], args["x_ptr"].element_size(),
+    return _gemm_keep(configs, arch, smem, args["M_KEY"], args["N"], args["BLOCK_R"], args["x_ptr"].element_size(),
                       args["LAYOUT"])
 
 
 def _prune_dx(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
+    args = _dense._prune_args(named_args, kwargs)
     arch, smem, _ = _dense._limits_of(args["dy_ptr"])
-    return _gemm_keep(configs, arch, smem, args["M"], args["N"], args["BLOCK_R"], args["dy_ptr"].element_size(),
+    return _gemm_keep(configs, arch, smem, args["M_KEY"], args["N"], args["BLOCK_R"], args["dy_ptr"].element_size(),
                       args["LAYOUT"], dx=True)
 
 
 def _prune_decode(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
+    args = _dense._prune_args(named_args, kwargs)
     arch, smem, _ = _dense._limits_of(args["x_ptr"])
     return _decode_keep(configs, arch, smem, args["N"], args["K"], args["x_ptr"].element_size())
 
@@ -723,104 +724,3 @@ def lowrank_4bit_bwd(grad_y, x, packed, quant_state, T, lora_A, lora_B, core, ou
                            args, fb)
     return dx, d_a, d_b, d_core, d_os, d_bias
 
-
-# --------------------------------------------------------------------------------------------
-# Kernel inventory for the static (ahead-of-time) checks: problem keys M, N (= d), K (= k), R,
-# dtype, and QBLOCK (the 4-bit blocksize).
-# --------------------------------------------------------------------------------------------
-
-def _flags(problem):
-    dt = dtype_name(problem["dtype"])
-    br = max(16, _dense._pow2(problem["R"]))
-    return dt, {"UPCAST": False, "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32",
-                "QBLOCK": problem.get("QBLOCK", 64), "QUANT": problem.get("QUANT", 0),
-                "W_KIND": {"fp32": 0, "fp16": 1, "bf16": 2}[dt], "LAYOUT": problem.get("layout", 2)}, br
-
-
-def _elem(problem) -> int:
-    return {"fp16": 2, "bf16": 2, "fp32": 4}[dtype_name(problem["dtype"])]
-
-
-def _sig_fwd_gemm(problem, config):
-    dt, common, br = _flags(problem)
-    types = {k: f"*{dt}" for k in ("x_ptr", "bias_ptr", "u_ptr", "b_ptr", "os_ptr", "y_ptr")}
-    types.update({"packed_ptr": "*u8", "absmax_ptr": "*fp32"})
-    types.update({k: "i32" for k in ("M", "N", "K", "R", "M_KEY", "stride_xm", "stride_ym")})
-    types["scale"] = "fp32"
-    cex = {"stride_xk": 1, "stride_yn": 1, "HAS_BIAS": True, "HAS_OUT_SCALE": True, "BLOCK_R": br,
-           "R_CHUNK": _dense._r_chunk(br), "GROUP_M": _dense._GROUP_M, **common, **config.kwargs}
-    return types, cex
-
-
-def _sig_decode(problem, config):
-    dt, common, _ = _flags(problem)
-    types = {"x_ptr": f"*{dt}", "packed_ptr": "*u8", "absmax_ptr": "*fp32",
-             "part_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "K_SPLIT": "i32", "stride_xm": "i32"}
-    cex = {"stride_xk": 1, "BLOCK_M": DECODE_MAX_M, **common, **config.kwargs}
-    return types, cex
-
-
-def _sig_decode_epilogue(problem, config):
-    dt, common, br = _flags(problem)
-    types = {"part_ptr": "*fp32", **{k: f"*{dt}" for k in ("u_ptr", "b_ptr", "os_ptr", "bias_ptr", "y_ptr")},
-             "M": "i32", "N": "i32", "R": "i32", "SPLIT": "i32", "stride_ym": "i32", "scale": "fp32"}
-    cex = {"stride_yn": 1, "HAS_BIAS": True, "HAS_OUT_SCALE": True, "UPCAST": False,
-           "DOT_PRECISION": common["DOT_PRECISION"], "BLOCK_R": br, "R_CHUNK": _dense._r_chunk(br),
-           "BLOCK_M": DECODE_MAX_M, **config.kwargs}
-    return types, cex
-
-
-def _sig_bwd_dx(problem, config):
-    dt, common, br = _flags(problem)
-    types = {k: f"*{dt}" for k in ("dy_ptr", "t_ptr", "core_ptr", "b_ptr", "os_ptr", "a_ptr", "dx_ptr")}
-    types.update({"packed_ptr": "*u8", "absmax_ptr": "*fp32"})
-    types.update({k: "i32" for k in ("M", "N", "K", "R", "M_KEY", "stride_dym", "stride_dxm", "seed")})
-    types.update({"dropout_p": "fp32", "adapter_scale": "fp32"})
-    cex = {"stride_dyk": 1, "stride_dxn": 1, "ACTIVATION": 2, "CORE": 2, "HAS_OUT_SCALE": True,
-           "HAS_DROPOUT": True, "BLOCK_R": br, "R_CHUNK": _dense._r_chunk(br), "GROUP_M": _dense._GROUP_M,
-           **common, **config.kwargs}
-    return types, cex
-
-
-def _sig_dequant(problem, config):
-    dt, common, _ = _flags(problem)
-    types = {"packed_ptr": "*u8", "absmax_ptr": "*fp32", "w_ptr": f"*{dt}", "N": "i32", "K": "i32",
-             "stride_wn": "i32"}
-    cex = {k: common[k] for k in ("QBLOCK", "QUANT", "W_KIND", "LAYOUT")}
-    return types, {**cex, **config.kwargs}
-
-
-def _sig_absmax(problem, config):
-    types = {"q_ptr": "*u8", "code2_ptr": "*fp32", "absmax2_ptr": "*fp32", "offset_ptr": "*fp32",
-             "out_ptr": "*fp32", "n": "i32"}
-    return types, {"BLOCK2": 256, **config.kwargs}
-
-
-def _br(problem) -> int:
-    return max(16, _dense._pow2(problem["R"]))
-
-
-# ``configs_for(arch, problem)``: the configs the prune function keeps on ``arch``.
-KERNELS = [
-    KernelSpec("lowrank4_fwd_gemm", __name__, "_lowrank4_fwd_gemm_kernel",
-               lambda arch, pr: _gemm_keep(_GEMM_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["N"], _br(pr),
-                                           _elem(pr), pr.get("layout", 2)),
-               _sig_fwd_gemm, variants=_LAYOUTS),
-    KernelSpec("lowrank4_decode", __name__, "_lowrank4_decode_kernel",
-               lambda arch, pr: _decode_keep(_DECODE_CONFIGS, arch, SMEM_LIMIT[arch], pr["N"], pr["K"], _elem(pr)),
-               _sig_decode, variants=_LAYOUTS),
-    KernelSpec("lowrank4_decode_epilogue", __name__, "_lowrank4_decode_epilogue_kernel",
-               lambda arch, pr: [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=1)],
-               _sig_decode_epilogue),
-    KernelSpec("lowrank4_bwd_dx", __name__, "_lowrank4_bwd_dx_kernel",
-               lambda arch, pr: _gemm_keep(_DX_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["K"], _br(pr),
-                                           _elem(pr), pr.get("layout", 2), dx=True),
-               _sig_bwd_dx, variants=_LAYOUTS),
-    KernelSpec("dequant4", __name__, "_dequant4_kernel",
-               lambda arch, pr: [triton.Config({"BLOCK_N": _DEQUANT_TILE[0], "BLOCK_K": _DEQUANT_TILE[1]},
-                                               num_warps=_DEQUANT_TILE[2], num_stages=1)],
-               _sig_dequant, tensor_cores=False, variants=_LAYOUTS),
-    KernelSpec("absmax_nested", __name__, "_absmax_nested_kernel",
-               lambda arch, pr: [triton.Config({"BLOCK": _ABSMAX_BLOCK}, num_warps=4, num_stages=1)],
-               _sig_absmax, tensor_cores=False, options=(("enable_fp_fusion", False),)),
-]

@@ -29,10 +29,9 @@ import triton
 import triton.language as tl
 
 from . import lowrank as L
-from ._aot import SMEM_LIMIT, KernelSpec
 from .lowrank import _grouped_pid, _keep_mask, _op
 
-__all__ = ["lowrank_group_fwd", "lowrank_group_bwd", "MAX_PAIRS", "KERNELS"]
+__all__ = ["lowrank_group_fwd", "lowrank_group_bwd", "MAX_PAIRS"]
 
 MAX_PAIRS = 4
 _R_CHUNK = 16
@@ -74,9 +73,9 @@ def _dx_keep(configs, arch: int, smem: int, M: int, K: int, R: int, elem: int, d
 
 
 def _prune_dx(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
+    args = L._prune_args(named_args, kwargs)
     arch, smem, _ = L._limits_of(args["dt_ptr"])
-    return _dx_keep(configs, arch, smem, args["M"], args["N"], args["R"], args["dt_ptr"].element_size(),
+    return _dx_keep(configs, arch, smem, args["M_KEY"], args["N"], args["R"], args["dt_ptr"].element_size(),
                     args["HAS_DROPOUT"])
 
 
@@ -288,31 +287,3 @@ def lowrank_group_bwd(grad_ys, x, weights, t, lora_As, lora_Bs, cores, out_scale
                 col += ranks[i]
     return dx, d_as, d_bs, d_cores, d_oss, d_biases
 
-
-# --------------------------------------------------------------------------------------------
-# Kernel inventory for the static (ahead-of-time) checks (the forward reuses the dense module's
-# T and GEMM kernels, checked there)
-# --------------------------------------------------------------------------------------------
-
-def _sig_group_dx(problem, config):
-    dt, common = L._flags(problem)
-    names = [f"{kind}{j}_ptr" for j in range(MAX_PAIRS) for kind in ("dy", "w")] + ["dt_ptr", "a_ptr", "dx_ptr"]
-    types = {k: f"*{dt}" for k in names}
-    types["cs_ptr"] = "*fp32"
-    ints = ["M", "N", *(f"D{j}" for j in range(MAX_PAIRS)), "R", "M_KEY", *(f"stride_dy{j}" for j in range(MAX_PAIRS)),
-            *(f"stride_w{j}" for j in range(MAX_PAIRS)), "stride_dxm", "seed"]
-    types.update({k: "i32" for k in ints})
-    types.update({"dropout_p": "fp32", "adapter_scale": "fp32"})
-    cex = {"N_PAIRS": 3, "HAS_COL_SCALE": True, "HAS_DROPOUT": problem.get("dropout", True), "UPCAST": False,
-           "DOT_PRECISION": common["DOT_PRECISION"], "R_CHUNK": _R_CHUNK, "GROUP_M": L._GROUP_M, **config.kwargs}
-    return types, cex
-
-
-# ``configs_for(arch, problem)``: the configs the prune function keeps on ``arch``; problem keys
-# as in :data:`fastpeft.kernels.lowrank.KERNELS` (R = the group's total rank).
-KERNELS = [
-    KernelSpec("lowrank_group_bwd_dx", __name__, "_lowrank_group_bwd_dx_kernel",
-               lambda arch, pr: _dx_keep(L._DX_CONFIGS, arch, SMEM_LIMIT[arch], pr["M"], pr["K"], pr["R"],
-                                         L._elem_of(pr), pr.get("dropout", True)),
-               _sig_group_dx, variants=({"dropout": True}, {"dropout": False})),
-]

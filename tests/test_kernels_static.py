@@ -1,119 +1,298 @@
-"""Every kernel x every autotune config compiles for sm_80 and sm_90, without a GPU.
+"""Every kernel × every config autotune could choose compiles clean for sm_80 and sm_90, as a
+launch would specialise it, without a GPU (``fastpeft inspect``'s machinery).
 
-For each kernel, architecture and config, the config is compiled at the largest r (BLOCK_R in
-16..128) for which the module's prune function keeps it on that architecture (the worst case
-for registers and shared memory), with every optional feature on (dropout, full core, gelu,
-out_scale, bias), in fp16 or bf16 (alternating, so each kernel is checked in both). The heuristic
-config of each kernel is also compiled in fp32. Checks: the compiler accepts it; shared memory
-within the device's per-block limit (H100 227 KB, A100 163 KB); no local-memory spills (no
-LDL/STL in the SASS); tensor-core instructions in the kernels that do GEMM work (HGMMA or HMMA on
-sm_90, HMMA on sm_80).
+The problems: bf16; M ∈ {1, 16, 4096, 8192}; 4096→4096, 4096→11008, 11008→4096; r ∈ {8, 16, 64};
+dropout 0 and 0.1; the dense, 4-bit and grouped ops (LoRA), plus the other presets' features
+(full and diagonal cores, out_scale, an activation) at one shape. Each problem's training step
+(decode call at M ≤ 16) runs on CPU stand-in tensors and its launches are captured with Triton's
+own specialisation of the real arguments; every distinct specialisation × kept config is
+compiled once. Checks on each binary: no compile error (there is no fallback build), shared
+memory within the device's per-block limit, no local-memory spills, tensor cores in every GEMM
+(wgmma in the main loop on sm_90, with the exceptions listed below and their reasons).
 
-Compilation runs once for the whole file (in a subprocess when the interpreter is on) and is
-cached by Triton on disk, so a second run is fast.
+Compilation runs in worker subprocesses (the interpreter is on in this process) and is cached by
+Triton on disk, so a second run is fast.
 """
 
-import dataclasses
 import functools
 import itertools
+import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
 pytest.importorskip("triton")
 
 from fastpeft.kernels import _aot  # noqa: E402
-from fastpeft.kernels import dora  # noqa: E402
-from fastpeft.kernels import lowrank  # noqa: E402
-from fastpeft.kernels import lowrank_group  # noqa: E402
-from fastpeft.kernels import lowrank_4bit  # noqa: E402
+from fastpeft.kernels.inspect import Problem, capture_problems, main_loop  # noqa: E402
 
 ARCHS = (80, 90)
-BLOCK_RS = (16, 32, 64, 128)
-BIG = dict(M=8192, N=8192, K=8192)
-TENSOR_CORE_OPS = {90: ("HGMMA", "HMMA"), 80: ("HMMA",)}
-MODULES = [lowrank, lowrank_group, lowrank_4bit, dora]
+OPS = ("dense", "4bit", "group")
+SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
+PROBLEMS = [Problem(op=op, arch=arch, k=k, d=d, M=M, r=r, dtype="bf16", dropout=p)
+            for op, arch, M, (k, d), r, p in itertools.product(OPS, ARCHS, (1, 16, 4096, 8192), SHAPES, (8, 16, 64),
+                                                               (0.0, 0.1))]
+PROBLEMS += [Problem(op=op, arch=arch, M=M, r=r, dropout=0.1, method=method)
+             for op, arch, M, r, method in itertools.product(OPS, ARCHS, (16, 8192), (16, 64),
+                                                             ("lamda", "vera", "adalora", "parallel"))]
+
+# sm_90 kernels whose tensor-core work may run on mma.sync (HMMA) rather than wgmma, and why
+NOT_WGMMA = {
+    "_lowrank_bwd_da_kernel": "dA = s·dTᵀ·D(X) is an r-wide skinny product: its tiles have r rows (BLOCK_R), "
+                              "fewer than the 64 a warpgroup's wgmma takes at r < 64",
+    "_lowrank_u_kernel": "U = σ(T)·Sᵀ is an r × r product per row block, BLOCK_R wide",
+    "_lowrank4_decode_kernel": "decode: M ≤ 16 rows, a 64-row wgmma tile would be three-quarters padding",
+}
+SMALL_M = "BLOCK_M < 64 is kept only for M < 64 (decode-sized), where a 64-row wgmma tile would be mostly padding"
 
 
-def _config_key(config):
-    return (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
-
-
-def _tile_id(config):
-    kw = "x".join(str(v) for v in config.kwargs.values())
-    return f"{kw}-w{config.num_warps}s{config.num_stages}"
-
-
-def _plan():
-    """(id, spec, arch, config, problem) for every compilation."""
-    plan = []
-    for module in MODULES:
-        for spec in module.KERNELS:
-            for arch, variant in itertools.product(ARCHS, spec.variants):
-                tag = "".join(f"-{k}{int(v)}" for k, v in variant.items())
-                worst = {}
-                for br in BLOCK_RS:
-                    for config in spec.configs_for(arch, {**BIG, **variant, "R": br, "dtype": "bf16"}):
-                        worst[_config_key(config)] = (config, br)
-                for i, (config, br) in enumerate(worst.values()):
-                    dtype = ("fp16", "bf16")[i % 2]
-                    plan.append((f"{spec.name}-sm{arch}{tag}-{_tile_id(config)}-r{br}-{dtype}", spec, arch,
-                                 config, {**BIG, **variant, "R": br, "dtype": dtype}))
-                fp32 = {**BIG, **variant, "R": 16, "dtype": "fp32"}
-                for config in spec.configs_for(arch, fp32)[:1]:
-                    plan.append((f"{spec.name}-sm{arch}{tag}-{_tile_id(config)}-r16-fp32", spec, arch, config, fp32))
-    return plan
-
-
-PLAN = _plan()
+def _block_m(job):
+    return (job.config or {}).get("BLOCK_M", job.constexprs.get("BLOCK_M", 64))
 
 
 @functools.lru_cache(maxsize=None)
-def _results():
-    jobs = [spec.job(arch, problem, config) for _, spec, arch, config, problem in PLAN]
-    return {entry[0]: result for entry, result in zip(PLAN, _aot.compile_kernels(jobs))}
+def _compiled():
+    """[(problem, job, result)] for every captured job of every problem."""
+    captured = capture_problems(PROBLEMS)
+    triples = [(problem, job) for problem, (jobs, _) in zip(PROBLEMS, captured) for job in jobs]
+    results = _aot.compile_kernels([job for _, job in triples])
+    return [(problem, job, result) for (problem, job), result in zip(triples, results)]
 
 
-@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
-def test_every_config_is_planned(module):
-    """Each autotune config declared on a kernel is kept by its prune function on some
-    architecture for some r (no dead configs), so the compilations below cover all of them; and
-    every (arch, r, dtype) keeps at least one config."""
-    for spec in module.KERNELS:
-        declared = {_config_key(c) for c in spec.configs}
-        planned = {_config_key(config) for _, s, _, config, _ in PLAN if s is spec}
-        assert declared <= planned, f"{spec.name}: configs never kept: {declared - planned}"
-        for arch, variant, br, dtype in itertools.product(ARCHS, spec.variants, BLOCK_RS, ("fp16", "bf16", "fp32")):
-            problem = {**BIG, **variant, "R": br, "dtype": dtype}
-            assert spec.configs_for(arch, problem), f"{spec.name}: no config for sm_{arch} {problem}"
-            small = {**problem, "M": 1, "N": 24, "K": 40}
-            assert spec.configs_for(arch, small), f"{spec.name}: no config for sm_{arch} {small}"
+def _problems_of(op, arch):
+    return [t for t in _compiled() if t[0].op == op and t[0].arch == arch]
+
+
+def _describe(problem, job):
+    c = job.config or {}
+    tile = "x".join(str(v) for k, v in c.items() if k.startswith("BLOCK"))
+    return (f"{job.name} {tile} w{c.get('num_warps', job.options.get('num_warps', 4))}"
+            f"s{c.get('num_stages', job.options.get('num_stages', 3))} [{problem.describe()}]")
+
+
+def _problem_with_binary(arch, problem, job, result):
+    """What is wrong with one binary, or None."""
+    if result.error:
+        return f"does not compile: {result.error[:300]}"
+    if not 0 <= result.shared <= _aot.SMEM_LIMIT[arch]:
+        return f"{result.shared} bytes of shared memory (limit {_aot.SMEM_LIMIT[arch]})"
+    if result.spills or result.resources.get("LOCAL", 0):
+        return f"{len(result.spills)} local-memory instructions, e.g. {result.spills[:2]}, {result.resources}"
+    if not result.uses_tensor_cores:
+        return None
+    loop = main_loop(result.sass)
+    kinds = loop["mma_kind"] if loop else "-"
+    if arch == 80 and "HMMA" not in kinds:
+        return f"no HMMA in the main loop ({kinds})"
+    if arch == 90 and "HGMMA" not in kinds and job.name not in NOT_WGMMA:
+        if not (_block_m(job) < 64 and problem.M < 64):
+            return f"no wgmma (HGMMA) in the main loop ({kinds})"
+    return None
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", PLAN, ids=[p[0] for p in PLAN])
-def test_compiles_without_spills(case):
-    name, spec, arch, config, problem = case
-    res = _results()[name]
-    assert not res.error, f"{name}: {res.error}"
-    assert 0 <= res.shared <= _aot.SMEM_LIMIT[arch], f"{name}: {res.shared} bytes of shared memory"
-    assert not res.spills, f"{name}: {len(res.spills)} local-memory instructions, e.g. {res.spills[:3]}"
-    assert res.resources.get("LOCAL", 0) == 0, f"{name}: local memory {res.resources}"
-    if spec.tensor_cores and problem["dtype"] != "fp32":
-        ops = res.tensor_core_ops
-        assert any(op in TENSOR_CORE_OPS[arch] for op in ops), f"{name}: no tensor-core instruction ({ops})"
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_choosable_config_compiles_clean(op, arch):
+    failures, seen = [], set()
+    for problem, job, result in _problems_of(op, arch):
+        if job.key in seen:
+            continue
+        seen.add(job.key)
+        what = _problem_with_binary(arch, problem, job, result)
+        if what:
+            failures.append(f"{_describe(problem, job)}: {what}")
+    assert seen, f"nothing captured for {op} on sm_{arch}"
+    assert not failures, f"{len(failures)} binaries fail:\n" + "\n".join(failures[:25])
 
 
 @pytest.mark.slow
-def test_kernels_without_fp_fusion_round_every_operation():
-    """A kernel launched with ``enable_fp_fusion=False`` (the nested-absmax expansion, which must
-    round its multiply and its add apart, as bitsandbytes does) has no fused multiply-add in its
-    PTX, where the same kernel compiled with fusion has one (so this check can fail)."""
-    unfused = [(name, spec, arch, config, problem) for name, spec, arch, config, problem in PLAN
-               if dict(spec.options).get("enable_fp_fusion") is False]
-    assert unfused
-    for name, *_ in unfused:
-        ptx = _results()[name].ptx
-        assert "fma.rn.f32" not in ptx and "mul.rn.f32" in ptx, name
-    _, spec, arch, config, problem = unfused[0]
-    fused = _aot.compile_kernels([dataclasses.replace(spec.job(arch, problem, config), options={})])[0]
-    assert not fused.error and "fma.rn.f32" in fused.ptx
+def test_the_grid_covers_every_kernel_and_several_configs():
+    """Every Triton kernel of the three ops is launched by some problem, and autotuned ones offer
+    autotune more than one config at the large problems."""
+    names = {job.name for _, job, _ in _compiled()}
+    assert {"_lowrank_fwd_t_kernel", "_lowrank_fwd_gemm_kernel", "_lowrank_bwd_dy_kernel", "_lowrank_bwd_dx_kernel",
+            "_lowrank_bwd_da_kernel", "_lowrank4_fwd_gemm_kernel", "_lowrank4_bwd_dx_kernel",
+            "_lowrank4_decode_kernel", "_lowrank_group_bwd_dx_kernel", "_lowrank_u_kernel"} <= names
+    big = [(p, j) for p, j, _ in _compiled() if p.M == 8192 and j.name == "_lowrank_fwd_gemm_kernel"]
+    per_launch = {}
+    for p, j in big:
+        per_launch.setdefault((p, j.launch), []).append(j)
+    assert all(len(v) >= 2 for v in per_launch.values())
+
+
+def test_wgmma_exceptions_name_real_kernels():
+    from fastpeft.kernels import lowrank, lowrank_4bit
+    for name in NOT_WGMMA:
+        assert any(hasattr(m, name) for m in (lowrank, lowrank_4bit)), name
+
+
+# -- the specialisation is Triton's own --------------------------------------------------------
+
+_SPECIALISATION_SCRIPT = textwrap.dedent("""
+    import json, torch
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+    from fastpeft.kernels import _aot, lowrank, inspect
+    from fastpeft.kernels.inspect import Problem
+
+    launches = []
+    original = lowrank._launch
+    def recording(kernel, grid, args, fallback):
+        launches.append((kernel, dict(args)))
+        return original(kernel, grid, args, fallback)
+    lowrank._launch = recording
+    out = []
+    for shape in ({"k": 4096, "d": 4096, "M": 8192, "r": 16}, {"k": 123, "d": 77, "M": 333, "r": 12}):
+        launches.clear()
+        jobs, _ = inspect.capture_problem(Problem(op="dense", arch=90, dropout=0.1, **shape))
+        backend = make_backend(GPUTarget("cuda", 90, 32))
+        for (kernel, args), launch in zip(launches, sorted({j.launch for j in jobs if j.config})):
+            job = next(j for j in jobs if j.launch == launch)
+            fn = _aot.jit_function(kernel)
+            kwargs = {**args, **job.config, "debug": False}
+            bound, spec, opts = create_function_from_signature(fn.signature, fn.params, backend)(**kwargs)
+            _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+            direct = {"signature": signature,
+                      "constexprs": {fn.arg_names[p[0]]: v for p, v in constexprs.items()},
+                      "attrs": {fn.arg_names[p[0]]: v for p, v in attrs.items() if v}}
+            captured = {"signature": job.signature, "constexprs": job.constexprs, "attrs": job.attrs}
+            ints = {k: v for k, v in args.items() if isinstance(v, int) and not isinstance(v, bool)
+                    and fn.params[fn.arg_names.index(k)].is_constexpr is False}
+            out.append({"shape": shape, "kernel": job.name, "direct": direct, "captured": captured, "ints": ints})
+    print(json.dumps(out, default=str))
+""")
+
+
+@functools.lru_cache(maxsize=None)
+def _specialisations():
+    res = subprocess.run([sys.executable, "-c", _SPECIALISATION_SCRIPT], capture_output=True, text=True,
+                         env=_aot.clean_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout)
+
+
+@pytest.mark.slow
+def test_captured_specialisation_equals_tritons_binder():
+    """What inspect compiles (recorded inside Triton's JITFunction.run) equals what Triton's
+    binder and argument packer compute directly from the same arguments, for every autotuned
+    launch of a dense training step, at aligned and at odd shapes."""
+    cases = _specialisations()
+    assert len(cases) >= 8
+    for case in cases:
+        assert json.loads(json.dumps(case["captured"])) == json.loads(json.dumps(case["direct"])), case["kernel"]
+
+
+@pytest.mark.slow
+def test_integers_divisible_by_16_are_specialised():
+    """A real launch specialises integers as well as pointers: at 8192 x 4096 every size and
+    stride divisible by 16 carries ``tt.divisibility`` 16 and unit strides become constants; at
+    k = 123, d = 77, M = 333 the odd ones do not."""
+    for case in _specialisations():
+        attrs, cex, ints = case["captured"]["attrs"], case["captured"]["constexprs"], case["ints"]
+        for name, value in ints.items():
+            if name == "seed":
+                continue
+            if value == 1:
+                assert cex.get(name) == 1, (case["kernel"], name)
+            elif value % 16 == 0:
+                assert attrs.get(name) == [["tt.divisibility", 16]], (case["kernel"], name, value)
+            else:
+                assert name not in attrs, (case["kernel"], name, value)
+        if case["shape"]["k"] == 4096:
+            assert any(v % 16 == 0 and v > 1 for v in ints.values())
+        else:
+            assert any(v % 16 and v > 1 for k, v in ints.items() if k != "seed")
+
+
+# -- DoRA's norm kernel (outside a training step's op: it runs when the adapter changes) ---------
+
+_DORA_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    import fastpeft
+    from dataclasses import asdict
+    from fastpeft.kernels import _aot, dora
+    from fastpeft.kernels.inspect import Problem, _quant_state, _stand_in_device
+
+    jobs = []
+    for arch in (80, 90):
+        for (k, d), r in [((4096, 4096), 8), ((4096, 11008), 16), ((11008, 4096), 64), ((4096, 4096), 128)]:
+            a, b = torch.empty(r, k, dtype=torch.bfloat16), torch.empty(d, r, dtype=torch.bfloat16)
+            with _stand_in_device(arch), _aot.capture(arch) as captured:
+                try:
+                    dora.dora_norm(torch.empty(d, k, dtype=torch.bfloat16), a, b, 2.0)
+                except Exception:      # finishing n on stand-in tensors is not the point
+                    pass
+                for quant in ("nf4", "fp4"):
+                    packed, state = _quant_state(Problem(op="4bit", k=k, d=d, r=r, quant_type=quant))
+                    try:
+                        dora.dora_norm_4bit(packed, state, a, b, 2.0)
+                    except Exception:
+                        pass
+            jobs += [asdict(j) for j in captured]
+    json.dump(jobs, sys.stdout)
+""")
+
+
+@pytest.mark.slow
+def test_dora_norm_kernel_compiles_clean():
+    res = subprocess.run([sys.executable, "-c", _DORA_SCRIPT], capture_output=True, text=True, env=_aot.clean_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = [_aot.AotJob(**j) for j in json.loads(res.stdout)]
+    assert {j.name for j in jobs} >= {"_dora_norm_kernel"} and {j.arch for j in jobs} == {80, 90}
+    failures = []
+    for job, result in zip(jobs, _aot.compile_kernels(jobs)):
+        what = _problem_with_binary(job.arch, Problem(M=8192), job, result)
+        if what and not (job.name == "_dora_norm_kernel" and "wgmma" in what):
+            failures.append(f"{job.name} sm_{job.arch} {job.constexprs.get('BLOCK_R')}: {what}")
+    assert not failures, "\n".join(failures)
+
+
+# -- autotune keys -----------------------------------------------------------------------------
+
+def test_autotune_keys_hold_every_argument_the_prune_reads(monkeypatch):
+    """A config chosen for one launch is reused for every launch with the same key: each
+    non-tensor argument a prune function reads must therefore be in the key (HAS_DROPOUT
+    included). The launches of a dense, a grouped and a 4-bit training step with dropout are
+    recorded (not run) and each autotuned kernel's prune function is replayed on them."""
+    import torch
+    import fastpeft
+    from fastpeft.kernels import lowrank
+
+    launches = []
+    monkeypatch.setattr(lowrank, "_launch", lambda kernel, grid, args, fallback: launches.append((kernel, args)))
+    x = torch.randn(40, 24, requires_grad=True)
+    a, b = torch.randn(8, 24, requires_grad=True), torch.randn(16, 8, requires_grad=True)
+    w = torch.randn(16, 24)
+    with fastpeft.use_backend("triton"):
+        y = fastpeft.lowrank_linear(x, w, None, a, b, dropout_p=0.1, seed=3)
+        y.backward(torch.randn_like(y))
+        packed, state = fastpeft.quantize_4bit(w, quant_type="nf4", blocksize=64)
+        y = fastpeft.lowrank_linear_4bit(x, packed, state, None, a, b, dropout_p=0.1, seed=3)
+        y.backward(torch.randn_like(y))
+        ys = fastpeft.lowrank_linear_group(x, [w, w], None, [a, a], [b, b], dropout_p=0.1, seed=3)
+        torch.autograd.backward(list(ys), [torch.randn_like(v) for v in ys])
+
+    class Reads(dict):
+        def __getitem__(self, key):
+            read.add(key)
+            return super().__getitem__(key)
+
+    monkeypatch.setattr(lowrank, "_prune_args", lambda named, kwargs: Reads({**named, **kwargs}))
+    monkeypatch.setattr(lowrank, "_limits_of", lambda t: (90, _aot.SMEM_LIMIT[90], _aot.SM_COUNT[90]))
+    checked = set()
+    for kernel, args in launches:
+        prune = getattr(kernel, "early_config_prune", None)
+        if prune is None:
+            continue
+        read = set()
+        assert prune(kernel.configs, {}, **args)
+        scalars = {k for k in read if not isinstance(args[k], torch.Tensor)}
+        assert scalars <= set(kernel.keys), f"{kernel.base_fn.__name__}: prune reads {scalars - set(kernel.keys)} " \
+                                            f"outside its key {kernel.keys}"
+        checked.add(kernel.base_fn.__name__)
+    assert {"_lowrank_fwd_t_kernel", "_lowrank_bwd_dx_kernel", "_lowrank_bwd_da_kernel",
+            "_lowrank4_fwd_gemm_kernel", "_lowrank_group_bwd_dx_kernel"} <= checked
