@@ -9,10 +9,29 @@ launchers on 2-D tensors (the autograd Functions live in ``fastpeft.ops``):
   ``lowrank_group_fwd`` / ``lowrank_group_bwd``.
 * :mod:`fastpeft.kernels.lowrank_mixed`: several adapters in one batch, each row tile with its
   own, ``lowrank_mixed_fwd``.
-* :mod:`fastpeft.kernels._aot`: ahead-of-time compilation for sm_80 / sm_90 without a GPU and the
-  static checks on the result (shared memory, spills, tensor-core instructions).
+* :mod:`fastpeft.kernels.lowrank_4bit`: the op over a bitsandbytes 4-bit weight,
+  ``lowrank_4bit_fwd`` / ``lowrank_4bit_bwd``.
+* :mod:`fastpeft.kernels.inspect`: ``fastpeft inspect``, the kernels a training step or decode
+  call launches, compiled for sm_80 / sm_90 without a GPU exactly as a launch specialises them,
+  with registers, shared memory, spills, tensor-core/TMA/cp.async use, the main loop's
+  instruction mix, HBM bytes and roofline floors (:func:`~fastpeft.kernels.inspect.inspect_kernels`).
+* :mod:`fastpeft.kernels._aot`: the capture of launches and the compilation behind it (the only
+  code that touches Triton's version-sensitive internals).
 
 Nothing is imported here: importing ``fastpeft.kernels`` does not import triton. On CPU tensors
 the kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported). ``FASTPEFT_AUTOTUNE=0`` replaces autotuning by one heuristic config per kernel.
 """
+
+__all__ = ["inspect_kernels", "InspectProblem"]
+
+
+def __getattr__(name):
+    # the inspection API, imported on first use (it imports no triton until it compiles)
+    if name == "inspect_kernels":
+        from .inspect import inspect_kernels
+        return inspect_kernels
+    if name == "InspectProblem":
+        from .inspect import Problem
+        return Problem
+    raise AttributeError(f"module 'fastpeft.kernels' has no attribute {name!r}")

@@ -336,7 +336,7 @@ def _record(job: _aot.AotJob, result: _aot.AotResult, dtype: str) -> dict:
         "spills": {"ldl": sass.get("ldl"), "stl": sass.get("stl"), "local_bytes": result.resources.get("LOCAL")},
         "mma_kind": sass.get("mma_kind"), "mma": sass.get("mma"), "mma_shapes": sass.get("mma_shapes"),
         "tma": {"load": sass.get("tma_load"), "store": sass.get("tma_store")}, "ldgsts": sass.get("ldgsts"),
-        "main_loop": loop, "non_mma_per_weight": per_weight,
+        "instructions": sass.get("instructions"), "main_loop": loop, "non_mma_per_weight": per_weight,
         "hbm_bytes": hbm, "flops": flops, "floor_us": _floors(job, hbm, flops, dtype),
         "cubin": None,
     }
@@ -372,7 +372,7 @@ class Report:
 
     def table(self) -> str:
         devices = list(DEVICES[self.problem.arch])
-        head = ["#", "kernel", "config", "regs", "smem KB", "LDL/STL", "MMA", "TMA ld/st", "LDGSTS",
+        head = ["#", "kernel", "config", "regs", "smem KB", "LDL/STL", "MMA", "TMA ld/st", "LDGSTS", "instrs",
                 "loop mma/mem/oth", "non-MMA/w", "HBM MB", *(f"floor {d} us" for d in devices)]
         rows = []
         for rec in self.records:
@@ -386,7 +386,7 @@ class Report:
                 str(rec["launch"]), rec["kernel"].strip("_").replace("_kernel", ""),
                 f"{tile} w{c['num_warps']}s{c['num_stages']}", str(rec["registers"]), f"{rec['shared'] / 1024:.0f}",
                 f"{rec['spills']['ldl']}/{rec['spills']['stl']}", f"{rec['mma_kind']} {rec['mma']}",
-                f"{rec['tma']['load']}/{rec['tma']['store']}", str(rec["ldgsts"]),
+                f"{rec['tma']['load']}/{rec['tma']['store']}", str(rec["ldgsts"]), str(rec["instructions"]),
                 f"{loop['mma']}/{loop['memory']}/{loop['other']}" if loop else "-",
                 "-" if rec["non_mma_per_weight"] is None else f"{rec['non_mma_per_weight']:g}",
                 f"{rec['hbm_bytes'] / 1e6:.1f}", *(f"{rec['floor_us'][d]:.1f}" for d in devices)])

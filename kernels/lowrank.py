@@ -23,9 +23,9 @@ Backward from dY, with dYo = dY ⊙ o, G = dYo B, H = G S | G ⊙ S | G and dT =
   * ``_lowrank_bwd_da_kernel``: dA = s·dTᵀ D(X), a skinny split-M GEMM, the mask regenerated;
   * ``_sum_partials_kernel``: fixed-order sums of split partials (dS = s·Gᵀ Z, dA).
 
-Dropout: element (m, c) of X is kept iff ``u >= p`` for the uniform ``u`` that Philox draws for
-``(seed, m·k + c)`` (the 64-bit offset split into two 32-bit counter words: equal to
-``tl.rand(seed, offset)`` for offsets below 2³²). The mask is regenerated in every kernel that
+Dropout: element (m, c) of X is kept iff ``u >= p`` for the uniform ``u`` that is word ``c % 4``
+of Philox4x32-10 with key ``seed`` and counter ``(c // 4, m mod 2³², m >> 32, 0)``: one Philox
+call yields the mask of four columns (:func:`_keep_mask`). The mask is regenerated in every kernel that
 needs it, never stored. Every accumulation is fp32. r is padded to ``BLOCK_R = max(16,
 next_pow2(r))`` (``tl.dot`` needs dims >= 16); r up to :data:`MAX_RANK`. Products with an
 [r, r] core and the r-wide GEMM prologues run ``R_CHUNK`` columns of r at a time, so no r-sized
@@ -336,14 +336,21 @@ def _act_grad(t, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _keep_mask(seed, rows, cols, n_cols, dropout_p):
-    """Keep-mask [len(rows), len(cols)]: Philox uniform for offset row·n_cols + col >= p."""
-    offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    lo = offs.to(tl.uint32)
-    hi = (offs >> 32).to(tl.uint32)
-    zero = lo * 0
-    c0, _, _, _ = tl.philox(seed, lo, hi, zero, zero)
-    return tl.uint_to_uniform_float(c0) >= dropout_p
+def _keep_mask(seed, rows, cols, dropout_p):
+    """Keep-mask [len(rows), len(cols)] for a run of columns that starts at a multiple of 4 (every
+    tile's does). One Philox call per 4 columns, all four of its words used: element (m, c) is
+    kept iff word c % 4 of Philox(key = seed, counter = (c // 4, m mod 2³², m >> 32, 0)), as a
+    uniform in [0, 1), is >= p."""
+    BLOCK_N: tl.constexpr = cols.shape[0]
+    group = tl.max(tl.reshape(cols // 4, (BLOCK_N // 4, 4)), axis=1).to(tl.uint32)     # c // 4, once
+    r64 = rows.to(tl.int64)
+    zero = group[None, :] * 0
+    lo = r64.to(tl.uint32)[:, None] + zero
+    hi = (r64 >> 32).to(tl.uint32)[:, None] + zero
+    w0, w1, w2, w3 = tl.philox(seed, group[None, :] + lo * 0, lo, hi, zero + lo * 0)
+    # interleave to columns 4g, 4g+1, 4g+2, 4g+3 = w0, w1, w2, w3
+    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (rows.shape[0], BLOCK_N))
+    return tl.uint_to_uniform_float(words) >= dropout_p
 
 
 @triton.jit
@@ -428,7 +435,7 @@ def _lowrank_fwd_t_kernel(
         mask_k = kk < K
         xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
-            xt = tl.where(_keep_mask(seed, rm, kk, K, p), xt, 0.0)
+            xt = tl.where(_keep_mask(seed, rm, kk, p), xt, 0.0)
         at = tl.load(a_cols + kk[:, None], mask=mask_k[:, None], other=0.0)
         acc = tl.dot(_op(xt, dtype, UPCAST), _op(at, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
@@ -712,7 +719,7 @@ def _lowrank_bwd_dx_kernel(
         acc = tl.dot(_op(dtt, dtype, UPCAST), _op(at, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
     acc = acc * tl.to_tensor(adapter_scale).to(tl.float32)
     if HAS_DROPOUT:
-        acc = tl.where(_keep_mask(seed, rm, rn, N, tl.to_tensor(dropout_p).to(tl.float32)), acc, 0.0)
+        acc = tl.where(_keep_mask(seed, rm, rn, tl.to_tensor(dropout_p).to(tl.float32)), acc, 0.0)
     # rows past M / N read wrapped addresses and are never stored: the loop masks only along d
     dy_rows = dy_ptr + (rm % M).to(tl.int64)[:, None] * stride_dym
     w_cols = w_ptr + (rn % N)[None, :] * stride_wn                                    # W tile [BK, BN]
@@ -763,7 +770,7 @@ def _lowrank_bwd_da_kernel(
         dtt = tl.load(dt_cols + rm.to(tl.int64)[None, :] * R, mask=mask_m[None, :], other=0.0)
         xt = tl.load(x_cols + (rm % M).to(tl.int64)[:, None] * stride_xm)
         if HAS_DROPOUT:
-            xt = tl.where(_keep_mask(seed, rm, rk, K, p), xt, 0.0)
+            xt = tl.where(_keep_mask(seed, rm, rk, p), xt, 0.0)
         acc = tl.dot(_op(dtt, dtype, UPCAST), _op(xt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
     out = part_ptr + pid_s.to(tl.int64) * R * K + rr[:, None] * K + rk[None, :]
     tl.store(out, acc, mask=mask_r[:, None] & mask_k[None, :])
@@ -787,7 +794,7 @@ def _dropout_mask_kernel(out_ptr, M, K, seed, dropout_p, BLOCK_M: tl.constexpr, 
     """The keep-mask the kernels use, written as int8 (tests and references)."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = _keep_mask(seed, rm, rk, K, tl.to_tensor(dropout_p).to(tl.float32))
+    keep = _keep_mask(seed, rm, rk, tl.to_tensor(dropout_p).to(tl.float32))
     mask = (rm < M)[:, None] & (rk < K)[None, :]
     tl.store(out_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], keep.to(tl.int8), mask=mask)
 

@@ -444,7 +444,7 @@ def _lowrank4_bwd_dx_kernel(
         adp = tl.dot(_op(h.to(dtype), dtype, UPCAST), _op(at, dtype, UPCAST), adp, input_precision=DOT_PRECISION)
     adp = adp * tl.to_tensor(adapter_scale).to(tl.float32)
     if HAS_DROPOUT:
-        adp = tl.where(_keep_mask(seed, rm, rn, N, tl.to_tensor(dropout_p).to(tl.float32)), adp, 0.0)
+        adp = tl.where(_keep_mask(seed, rm, rn, tl.to_tensor(dropout_p).to(tl.float32)), adp, 0.0)
     acc += adp
     dx_ptrs = dx_ptr + rm.to(tl.int64)[:, None] * stride_dxm + rn[None, :] * stride_dxn
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

@@ -120,7 +120,7 @@ def _lowrank_group_bwd_dx_kernel(
         acc = tl.dot(_op(dtt, dtype, UPCAST), _op(at, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
     acc = acc * tl.to_tensor(adapter_scale).to(tl.float32)
     if HAS_DROPOUT:
-        acc = tl.where(_keep_mask(seed, rm, rn, N, tl.to_tensor(dropout_p).to(tl.float32)), acc, 0.0)
+        acc = tl.where(_keep_mask(seed, rm, rn, tl.to_tensor(dropout_p).to(tl.float32)), acc, 0.0)
     # one dY_j W_j main loop at a time, the pair chosen at run time (one loop in the code, so
     # the address set-up of every pair is not hoisted and kept live: no spills)
     for j in range(0, N_PAIRS):

@@ -181,42 +181,64 @@ def test_noncontiguous_inputs():
 # -- the dropout mask ---------------------------------------------------------------------------
 
 @triton.jit
-def _rand_kernel(out_ptr, seed, base, n, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    tl.store(out_ptr + offs, tl.rand(seed, base + offs), mask=offs < n)
+def _mask_elementwise_kernel(out_ptr, seed, row0, M, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The documented mask, one Philox call per element (no sharing, no interleaving): element
+    (m, c) is kept iff word c % 4 of Philox(seed; c // 4, m mod 2³², m >> 32, 0) >= p."""
+    rm = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    z = (rm * 0).to(tl.uint32)[:, None] + (rk * 0).to(tl.uint32)[None, :]
+    w0, w1, w2, w3 = tl.philox(seed, (rk // 4).to(tl.uint32)[None, :] + z, rm.to(tl.uint32)[:, None] + z,
+                               (rm >> 32).to(tl.uint32)[:, None] + z, z)
+    lane = (rk % 4)[None, :] + (z * 0).to(tl.int32)
+    word = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
+    keep = tl.uint_to_uniform_float(word) >= p
+    tl.store(out_ptr + tl.arange(0, BLOCK_M)[:, None] * K + rk[None, :], keep.to(tl.int8),
+             mask=(tl.arange(0, BLOCK_M) < M)[:, None] & (rk < K)[None, :])
 
 
 @triton.jit
-def _mask_at_kernel(out_ptr, seed, row, K, p, BLOCK: tl.constexpr):
+def _mask_at_kernel(out_ptr, seed, row, p, BLOCK: tl.constexpr):
     rows = tl.zeros((1,), dtype=tl.int64) + row
     cols = tl.arange(0, BLOCK)
-    keep = L._keep_mask(seed, rows, cols, K, p)
+    keep = L._keep_mask(seed, rows, cols, p)
     tl.store(out_ptr + cols[None, :], keep.to(tl.int8))
 
 
-def test_mask_is_philox_rand():
-    """keep = tl.rand(seed, row·k + col) >= p, the rate is 1-p, seeds give different masks."""
+def test_mask_is_four_columns_per_philox_call():
+    """The kernels' mask equals the documented definition computed one element at a time; the
+    rate is 1-p; seeds give different masks; p = 0 keeps everything."""
     M, k, p = 21, 37, 0.3
     keep = L.dropout_keep_mask(SEED, M, k, p, DEVICE)
     assert keep.dtype == torch.bool and keep.shape == (M, k)
-    u = torch.empty(M * k, dtype=torch.float32, device=DEVICE)
-    _rand_kernel[(1,)](u, SEED, 0, M * k, BLOCK=triton.next_power_of_2(M * k))
-    assert torch.equal(keep.flatten(), u >= p)
+    ref = torch.empty(M, k, dtype=torch.int8, device=DEVICE)
+    _mask_elementwise_kernel[(1,)](ref, SEED, 0, M, k, p, BLOCK_M=32, BLOCK_K=64)
+    assert torch.equal(keep, ref.bool())
     big = L.dropout_keep_mask(SEED, 200, 300, p, DEVICE).float().mean().item()
     assert abs(big - (1 - p)) < 0.01
     assert not torch.equal(keep, L.dropout_keep_mask(SEED + 1, M, k, p, DEVICE))
     assert L.dropout_keep_mask(SEED, M, k, 0.0, DEVICE).all()
 
 
-def test_mask_offsets_are_64_bit():
-    """Rows past 2³² elements draw fresh numbers (the offset does not wrap to 32 bits)."""
+def test_mask_words_are_independent_across_a_group_of_four():
+    """The four columns sharing one Philox call get its four different words (not one word
+    repeated): neighbouring columns are not correlated."""
+    keep = L.dropout_keep_mask(SEED, 256, 64, 0.5, DEVICE).float()
+    same = (keep[:, 0::4] == keep[:, 1::4]).float().mean().item()
+    assert 0.45 < same < 0.55
+
+
+def test_mask_rows_past_2_32_are_fresh():
+    """Rows past 2³² draw fresh numbers (the row counter does not wrap to 32 bits)."""
     K, p = 64, 0.5
-    row = (1 << 32) // K + 3                    # offset row·K ≥ 2³²
+    row = (1 << 32) + 3
     hi = torch.empty((1, K), dtype=torch.int8, device=DEVICE)
     lo = torch.empty((1, K), dtype=torch.int8, device=DEVICE)
-    _mask_at_kernel[(1,)](hi, SEED, row, K, p, BLOCK=K)
-    _mask_at_kernel[(1,)](lo, SEED, row - (1 << 32) // K, K, p, BLOCK=K)   # same offsets mod 2³²
+    _mask_at_kernel[(1,)](hi, SEED, row, p, BLOCK=K)
+    _mask_at_kernel[(1,)](lo, SEED, 3, p, BLOCK=K)
     assert not torch.equal(hi, lo)
+    ref = torch.empty((1, K), dtype=torch.int8, device=DEVICE)
+    _mask_elementwise_kernel[(1,)](ref, SEED, row, 1, K, p, BLOCK_M=16, BLOCK_K=K)
+    assert torch.equal(hi, ref)
 
 
 def test_backward_uses_the_forward_mask():

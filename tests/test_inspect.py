@@ -1,0 +1,91 @@
+"""``fastpeft inspect``: the command, its records, and the SASS reading behind them."""
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("triton")
+
+from fastpeft.cli import main  # noqa: E402
+from fastpeft.kernels import inspect as I  # noqa: E402
+
+LOOP_SASS = """
+        /*0100*/                   MOV R1, c[0x0][0x28] ;                 /* 0x000 */
+        /*0110*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT, gsb0 ;   /* 0x000 */
+        /*0120*/                   LDGSTS.E.BYPASS.128 [R9], desc[UR16][R92.64], !P1 ;        /* 0x000 */
+        /*0130*/                   WARPGROUP.ARRIVE ;                     /* 0x000 */
+        /*0140*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;            /* 0x000 */
+        /*0150*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;      /* 0x000 */
+        /*0160*/                   LDS.128 R4, [R2] ;                     /* 0x000 */
+        /*0170*/                   IADD3 R2, R2, 0x40, RZ ;               /* 0x000 */
+        /*0180*/              @!P1 BRA 0x130 ;                            /* 0x000 */
+        /*0190*/                   FMUL R3, R4, R5 ;                      /* 0x000 */
+        /*01a0*/                   IADD3 R7, R7, 0x1, RZ ;                /* 0x000 */
+        /*01b0*/               @P0 BRA 0x190 ;                            /* 0x000 */
+        /*01c0*/                   STL [R1], R3 ;                         /* 0x000 */
+        /*01d0*/                   EXIT ;                                 /* 0x000 */
+        /*01e0*/                   BRA 0x1e0;                             /* 0x000 */
+"""
+
+
+def test_main_loop_is_the_backward_branch_with_the_most_mma():
+    loop = I.main_loop(LOOP_SASS)
+    assert loop == {"total": 6, "mma": 2, "memory": 1, "other": 3, "start": 0x130, "end": 0x180, "mma_kind": "HGMMA"}
+    counts = I.analyse_sass(LOOP_SASS)
+    assert counts["mma"] == 3 and counts["mma_kind"] == "HGMMA" and counts["ldgsts"] == 1
+    assert (counts["ldl"], counts["stl"]) == (0, 1)
+    assert I.main_loop("        /*0100*/                   EXIT ;\n") is None
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--shape", "12"], "--shape"), (["--dropout", "1.5"], "dropout"), (["--arch", "75"], "--arch"),
+    (["--M", "0"], "M"), (["--method", "bitfit"], "bitfit"), (["--method", "nope"], "nope"),
+])
+def test_bad_flags_exit_2_naming_them(capsys, argv, flag):
+    with pytest.raises(SystemExit) as err:
+        main(["inspect", *argv])
+    assert err.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_decode_call_of_the_4bit_op(tmp_path, capsys):
+    """A decode call (M = 1, no grad) of the 4-bit op on sm_80: the table, one JSON record per
+    kernel × config naming a cubin written into --dump with its SASS, the decode kernel's
+    non-MMA instructions per weight, traffic and floors from the shapes."""
+    out, dump = tmp_path / "r.json", tmp_path / "bins"
+    assert main(["inspect", "--op", "4bit", "--arch", "80", "--shape", "256x192", "--M", "1", "--r", "8",
+                 "--dropout", "0", "--json", str(out), "--dump", str(dump)]) == 0
+    table = capsys.readouterr().out
+    assert "decode call" in table and "sm_80" in table and "lowrank4_decode" in table
+    report = json.loads(out.read_text())
+    names = [r["kernel"] for r in report["records"]]
+    assert "_lowrank4_decode_kernel" in names and "_lowrank4_fwd_gemm_kernel" not in names
+    for rec in report["records"]:
+        assert not rec["error"]
+        assert os.path.exists(rec["cubin"]) and os.path.exists(rec["cubin"][:-len(".cubin")] + ".sass")
+        assert rec["registers"] > 0 and rec["hbm_bytes"] > 0 and rec["floor_us"]["A100"] > 0
+        assert rec["spills"]["ldl"] == 0 and rec["spills"]["stl"] == 0
+    decode = next(r for r in report["records"] if r["kernel"] == "_lowrank4_decode_kernel")
+    assert decode["non_mma_per_weight"] > 0
+    assert decode["hbm_bytes"] >= 256 * 192 // 2               # at least the packed weight
+    assert report["kernel_launches"] == report["launches"] + len(report["torch_kernels"])
+
+
+@pytest.mark.slow
+def test_training_step_launches_and_specialisation():
+    """A dense LoRA training step with dropout at an aligned shape: every launch of forward and
+    backward is captured, every autotune config of a launch compiles, sizes divisible by 16 carry
+    the divisibility attribute, and the GEMM's main loop has wgmma on sm_90."""
+    report = I.inspect_kernels(op="dense", arch=90, k=256, d=128, M=512, r=16, dropout=0.1)
+    kernels = {r["kernel"] for r in report.records}
+    assert {"_lowrank_fwd_t_kernel", "_lowrank_fwd_gemm_kernel", "_lowrank_bwd_dy_kernel",
+            "_lowrank_bwd_dx_kernel", "_lowrank_bwd_da_kernel"} <= kernels
+    assert report.launches == len({r["launch"] for r in report.records}) >= 6
+    assert not [r for r in report.records if r["error"]]
+    gemm = [r for r in report.records if r["kernel"] == "_lowrank_fwd_gemm_kernel"]
+    assert len(gemm) >= 2 and all(r["autotuned"] for r in gemm)
+    assert all(r["specialisation"]["attrs"]["K"] == [["tt.divisibility", 16]] for r in gemm)
+    assert all("HGMMA" in r["main_loop"]["mma_kind"] for r in gemm if r["config"]["BLOCK_M"] >= 64)
+    assert "floor H100" in report.table() and report.floor_us("H200") > 0
