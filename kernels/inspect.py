@@ -200,14 +200,14 @@ def _stand_in_device(arch: int) -> Iterator[None]:
     from fastpeft import _backend
     from . import lowrank
 
-    saved = lowrank._limits_of, _backend.triton_available, _backend._plain_eager
+    saved = lowrank._limits_of, _backend.triton_available, _backend.plain_eager
     lowrank._limits_of = lambda tensor: (arch, _aot.SMEM_LIMIT[arch], _aot.SM_COUNT[arch])
     _backend.triton_available = lambda device: None
-    _backend._plain_eager = lambda first: True
+    _backend.plain_eager = lambda first: True
     try:
         yield
     finally:
-        lowrank._limits_of, _backend.triton_available, _backend._plain_eager = saved
+        lowrank._limits_of, _backend.triton_available, _backend.plain_eager = saved
 
 
 def capture_problem(problem: Problem) -> tuple[list[_aot.AotJob], list[str]]:

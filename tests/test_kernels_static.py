@@ -44,6 +44,7 @@ NOT_WGMMA = {
                               "fewer than the 64 a warpgroup's wgmma takes at r < 64",
     "_lowrank_u_kernel": "U = σ(T)·Sᵀ is an r × r product per row block, BLOCK_R wide",
     "_lowrank4_decode_kernel": "decode: M ≤ 16 rows, a 64-row wgmma tile would be three-quarters padding",
+    "_dora_norm_kernel": "W·Aᵀ for DoRA's norms is an r-wide skinny product, run when the adapter changes",
 }
 SMALL_M = "BLOCK_M < 64 is kept only for M < 64 (decode-sized), where a 64-row wgmma tile would be mostly padding"
 
@@ -124,9 +125,9 @@ def test_the_grid_covers_every_kernel_and_several_configs():
 
 
 def test_wgmma_exceptions_name_real_kernels():
-    from fastpeft.kernels import lowrank, lowrank_4bit
+    from fastpeft.kernels import dora, lowrank, lowrank_4bit
     for name in NOT_WGMMA:
-        assert any(hasattr(m, name) for m in (lowrank, lowrank_4bit)), name
+        assert any(hasattr(m, name) for m in (lowrank, lowrank_4bit, dora)), name
 
 
 # -- the specialisation is Triton's own --------------------------------------------------------
@@ -246,7 +247,7 @@ def test_dora_norm_kernel_compiles_clean():
     failures = []
     for job, result in zip(jobs, _aot.compile_kernels(jobs)):
         what = _problem_with_binary(job.arch, Problem(M=8192), job, result)
-        if what and not (job.name == "_dora_norm_kernel" and "wgmma" in what):
+        if what:
             failures.append(f"{job.name} sm_{job.arch} {job.constexprs.get('BLOCK_R')}: {what}")
     assert not failures, "\n".join(failures)
 
