@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import sys
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -287,7 +288,7 @@ def _inject(model, config, ranks, names):
                 proj = vera_projections(config.seed, r, max(k for *_, (d, k) in found),
                                         max(d for *_, (d, k) in found))
             vera_shared = {}
-            for name, module, factory, _ in found:
+            for name, module, factory, _ in _progress(found, f"fastpeft.inject ({config.method})"):
                 kwargs = {}
                 if proj is not None:
                     weight = module.weight
@@ -324,6 +325,17 @@ def _inject(model, config, ranks, names):
             model = layer
     model.fastpeft_config = config
     return model
+
+
+def _progress(items: list, desc: str):
+    """``items`` behind a progress bar on stderr that shows only once the loop has run longer than
+    a second (tqdm's ``delay``; LaMDA's SVD initialisation of a large model), and only on a
+    terminal; the plain list without tqdm."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, delay=1.0, leave=False, file=sys.stderr, disable=None)
 
 
 def _adapter_dtype(module: nn.Module) -> torch.dtype:

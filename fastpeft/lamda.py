@@ -25,6 +25,7 @@ from torch import Tensor
 from .config import AdapterConfig
 from .inject import _find_targets, lowrank_layers
 from .nn.linear import LowRankLinear
+from .svd import frobenius_sq, top_singular_values
 
 __all__ = ["PMBFreezer", "pmb_freeze_step", "pmb_freezer_callback", "energy_curve", "energy_scores",
            "lamda_plus_ranks"]
@@ -75,7 +76,9 @@ class PMBFreezer:
 
     Frozen columns never move, whatever the optimiser does (weight decay, momentum, Adam
     state): their gradients are zeroed by a hook, and after every optimiser step their values
-    are restored, bit for bit, from a copy taken when they froze.
+    are restored, bit for bit, from a copy taken when they froze. Once a layer's B is frozen
+    entirely it has no gradient, so no optimiser moves it, and the copy is dropped: a finished
+    schedule keeps nothing beyond the layers' own tensors.
 
     Call :meth:`step` once per optimiser step, after ``optimizer.step()``; or pass
     ``optimizer=`` and the freezer steps itself from the optimiser's step post-hook (then do not
@@ -160,7 +163,7 @@ class PMBFreezer:
     def restore(self) -> None:
         """Write the frozen columns back from their saved copies (bit-identical)."""
         for state in self._layers:
-            if state.n_frozen:
+            if state.values is not None:
                 state.layer.lora_B[:, :state.n_frozen] = state.values
 
     def step(self) -> None:
@@ -190,6 +193,8 @@ class PMBFreezer:
                 lora_b.requires_grad_(False)
                 lora_b.grad = None
                 state.mask = None
+                # with no gradient, no optimiser moves B any more: the copy is not needed
+                state.values = None
             else:
                 mask = torch.ones(state.r, device=lora_b.device, dtype=lora_b.dtype)
                 mask[:due] = 0
@@ -215,7 +220,8 @@ class PMBFreezer:
     def state_dict(self) -> dict:
         """The step count and each layer's frozen column values (to resume training)."""
         return {"step_count": self.step_count, "freeze_b_steps": self.freeze_b_steps,
-                "frozen": {s.name: s.values.detach().clone() for s in self._layers if s.n_frozen}}
+                "frozen": {s.name: (s.layer.lora_B[:, :s.n_frozen] if s.values is None else s.values).detach().clone()
+                           for s in self._layers if s.n_frozen}}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
@@ -330,24 +336,36 @@ def _target_layers(model: nn.Module, targets) -> list[tuple[str, nn.Module, tupl
     return found
 
 
-def _singular_values(name: str, module: nn.Module) -> Tensor:
+def _dense_weight(name: str, module: nn.Module) -> Tensor:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         raise TypeError(f"layer {name!r}: LaMDA++ needs a dense floating-point 2-D weight, got "
                         f"{None if weight is None else (weight.dtype, tuple(weight.shape))}")
-    return torch.linalg.svdvals(weight.detach().to(torch.float64))
+    return weight.detach().to(torch.float64)
 
 
-def energy_curve(name: str, module: nn.Module) -> Tensor:
+def energy_curve(name: str, module: nn.Module, max_rank: Optional[int] = None) -> Tensor:
     """The normalised cumulative energy of one layer's weight, float64 [n + 1]:
 
         e(k) = Σ_{i ≤ k} σ_i² / Σ_i σ_i²          k = 0 … n = min(d, k_in),  e(0) = 0, e(n) = 1
 
-    σ_1 ≥ σ_2 ≥ … the singular values of W (a zero W counts as a flat spectrum)."""
-    sq = _singular_values(name, module) ** 2
-    total = sq.sum()
+    σ_1 ≥ σ_2 ≥ … the singular values of W (a zero W counts as a flat spectrum). The total
+    Σ_i σ_i² is ‖W‖_F², summed from W's entries. With ``max_rank`` < n only e(0 … max_rank)
+    are returned [max_rank + 1], from the top singular values alone
+    (:func:`fastpeft.svd.top_singular_values`, a block Krylov method instead of a full SVD)."""
+    w = _dense_weight(name, module)
+    n = min(w.shape)
+    total = frobenius_sq(w)
+    if max_rank is not None and not 1 <= max_rank:
+        raise ValueError(f"max_rank must be >= 1, got {max_rank!r}")
     if total <= 0:
-        sq, total = torch.ones_like(sq), torch.tensor(float(sq.numel()), dtype=sq.dtype)
+        m = n if max_rank is None else min(max_rank, n)
+        sq, total = torch.ones(m, dtype=w.dtype), torch.tensor(float(n), dtype=w.dtype)
+    elif max_rank is None or max_rank >= n:
+        sq = torch.linalg.svdvals(w) ** 2
+        total = sq.sum()              # so that e(n) = 1 exactly
+    else:
+        sq = top_singular_values(w, max_rank) ** 2
     return torch.cat([sq.new_zeros(1), torch.cumsum(sq, 0) / total]).clamp_(max=1.0)
 
 
@@ -363,7 +381,7 @@ def energy_scores(model: nn.Module, targets, energy_rank: int) -> dict[str, floa
         raise ValueError(f"energy_rank must be an int >= 1, got {energy_rank!r}")
     scores = {}
     for name, module, _ in _target_layers(model, targets):
-        curve = energy_curve(name, module)
+        curve = energy_curve(name, module, max_rank=energy_rank)
         scores[name] = curve[min(energy_rank, curve.numel() - 1)].item()
     return scores
 
@@ -405,7 +423,8 @@ def lamda_plus_ranks(model: nn.Module, targets: Union[AdapterConfig, list[str], 
     in [lo, hi_ℓ], and |r_ℓ − t_ℓ| < q (unless even τ = 1 leaves budget over, for weights of
     rank below their share: step 3 then places the rest below the caps). Example: four 64×64 weights with flat spectra of rank
     16, 32, 32 and 48 (e_ℓ(k) = k / rank_ℓ) and mean_rank 16 give τ = ½ and ranks 8, 16, 16,
-    24. Deterministic: the same weights give the same ranks. Singular values in float64.
+    24. Deterministic: the same weights give the same ranks. Singular values in float64, the top
+    hi_ℓ of each layer only (:func:`fastpeft.svd.top_singular_values`), and ‖W‖_F² from W's entries.
 
     >>> import torch, fastpeft
     >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
@@ -438,7 +457,8 @@ def lamda_plus_ranks(model: nn.Module, targets: Union[AdapterConfig, list[str], 
         raise ValueError(f"the budget mean_rank={mean_rank} × {len(names)} layers (rounded to "
                          f"{units * q}) lies outside [min_rank·L = {lo * len(names)}, "
                          f"Σ max ranks = {sum(hi.values())}]: change mean_rank, min_rank or max_rank")
-    curves = {n: energy_curve(n, module) for n, module, _ in layers}
+    # e(k) is needed only up to each layer's cap hi: the rank is clipped there
+    curves = {n: energy_curve(n, module, max_rank=hi[n]) for n, module, _ in layers}
     target = _energy_fill(names, curves, lo, hi, float(units * q))
 
     base = {n: max(lo // q, min(int(math.floor(target[n] / q + 1e-9)), hi[n] // q)) for n in names}

