@@ -20,6 +20,8 @@
 # step's status. In RESULTS_DIR:
 #   gpu.log                  everything printed, ending with the summary
 #   pytest-gpu.xml           the tests that run on the device (test files that use DEVICE or cuda)
+#   inspect-vs-gpu.json      registers/spills/shared memory of the kernels the step compiled, against
+#                            fastpeft inspect's for the same problem (bench/inspect_vs_gpu.py)
 #   bench-*.json/csv/png     fastpeft bench (every provider, Llama projections)
 #   memory-*.json/csv/png    fastpeft memory (1b preset; 4-bit rows need bitsandbytes)
 #   sanitize-*.log           with --sanitize: each compute-sanitizer tool's report
@@ -39,7 +41,7 @@ for arg in "$@"; do
     case "$arg" in
         --pack) PACK=1 ;;
         --sanitize) SANITIZE=1 ;;
-        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
         -*) echo "bench/gpu.sh: unknown option $arg (options: --pack, --sanitize, --help)" >&2; exit 2 ;;
         *) ARGS+=("$arg") ;;
     esac
@@ -160,6 +162,9 @@ measure() {
     if [[ -n $SMOKE ]]; then TESTS=("$REPO/tests/test_lowrank_op.py"); fi
     step "tests" "$(budget 120)" "$PY" -P -m pytest -q -rfEs -p no:cacheprovider --rootdir "$REPO" \
         -c "$REPO/pyproject.toml" --junitxml="$DIR/pytest-gpu.xml" "${TESTS[@]}"
+
+    # -- the binaries the step compiled on the device against fastpeft inspect's, for the same problem --
+    step "inspect vs GPU" "$(budget 90)" "$PY" -P "$REPO/bench/inspect_vs_gpu.py" --out "$DIR/inspect-vs-gpu.json"
 
     # -- benchmark and memory profile ------------------------------------------------------------------
     b=$(budget 180)

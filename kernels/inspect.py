@@ -40,7 +40,7 @@ from typing import Iterator, Optional, Sequence
 from . import _aot
 
 __all__ = ["Problem", "Report", "inspect_kernels", "capture_problem", "capture_problems", "analyse_sass",
-           "main_loop", "DEVICES", "add_arguments", "validate", "run"]
+           "main_loop", "run_step", "DEVICES", "add_arguments", "validate", "run"]
 
 OPS = ("dense", "4bit", "group")
 MODES = ("auto", "train", "decode")
@@ -135,62 +135,70 @@ class _TorchKernels:
         self.mode = Mode()
 
 
-def _adapter_tensors(problem: Problem, k: int, d: int, grad: bool):
+def _adapter_tensors(problem: Problem, k: int, d: int, grad: bool, device="cpu"):
     import torch
     from fastpeft.config import method_spec
 
     spec = method_spec(problem.method)
     dt, r = problem.torch_dtype, problem.r
-    a = torch.empty(r, k, dtype=dt).requires_grad_(grad and spec.train_A)
-    b = torch.empty(d, r, dtype=dt).requires_grad_(grad and spec.train_B)
-    core = None if spec.core is None else torch.empty(*((r,) if spec.core == "diag" else (r, r)), dtype=dt)
+    a = torch.empty(r, k, dtype=dt, device=device).requires_grad_(grad and spec.train_A)
+    b = torch.empty(d, r, dtype=dt, device=device).requires_grad_(grad and spec.train_B)
+    core = None if spec.core is None else torch.empty(*((r,) if spec.core == "diag" else (r, r)), dtype=dt,
+                                                      device=device)
     if core is not None:
         core.requires_grad_(grad)
-    out_scale = torch.empty(d, dtype=dt).requires_grad_(grad) if spec.out_scale else None
+    out_scale = torch.empty(d, dtype=dt, device=device).requires_grad_(grad) if spec.out_scale else None
     return a, b, core, out_scale, spec.activation
 
 
-def _quant_state(problem: Problem):
+def _quant_state(problem: Problem, device="cpu"):
     import torch
     from fastpeft.quant import QuantState, dynamic_map, four_bit_code
 
     n = problem.d * problem.k
     blocks = -(-n // problem.blocksize)
-    state2 = QuantState(absmax=torch.empty(-(-blocks // 256), dtype=torch.float32), blocksize=256,
-                        code=dynamic_map("cpu"), dtype=torch.float32)
-    state = QuantState(absmax=torch.empty(blocks, dtype=torch.uint8), shape=torch.Size((problem.d, problem.k)),
-                       code=four_bit_code(problem.quant_type, "cpu"), blocksize=problem.blocksize,
-                       quant_type=problem.quant_type, dtype=problem.torch_dtype, offset=torch.tensor(0.0),
-                       state2=state2)
-    return torch.empty(((n + 1) // 2, 1), dtype=torch.uint8), state
+    state2 = QuantState(absmax=torch.empty(-(-blocks // 256), dtype=torch.float32, device=device), blocksize=256,
+                        code=dynamic_map(device), dtype=torch.float32)
+    state = QuantState(absmax=torch.empty(blocks, dtype=torch.uint8, device=device),
+                       shape=torch.Size((problem.d, problem.k)), code=four_bit_code(problem.quant_type, device),
+                       blocksize=problem.blocksize, quant_type=problem.quant_type, dtype=problem.torch_dtype,
+                       offset=torch.tensor(0.0, device=device), state2=state2)
+    return torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=device), state
 
 
-def _step(problem: Problem) -> None:
-    """One forward (+ backward when training) of the op at the problem's shapes."""
+def _step(problem: Problem, device="cpu") -> None:
+    """One forward (+ backward when training) of the op at the problem's shapes, on stand-in
+    tensors (uninitialised: only shapes, dtypes and alignment matter) on ``device``."""
     import torch
     import fastpeft
 
     grad = problem.training
     dt, k, d = problem.torch_dtype, problem.k, problem.d
     p, scale = float(problem.dropout), 2.0
-    x = torch.empty(problem.M, k, dtype=dt).requires_grad_(grad)
+    x = torch.empty(problem.M, k, dtype=dt, device=device).requires_grad_(grad)
     with torch.set_grad_enabled(grad), fastpeft.use_backend("triton"):
         if problem.op == "group":
-            parts = [_adapter_tensors(problem, k, d, grad) for _ in range(problem.group)]
-            weights = [torch.empty(d, k, dtype=dt) for _ in parts]
+            parts = [_adapter_tensors(problem, k, d, grad, device) for _ in range(problem.group)]
+            weights = [torch.empty(d, k, dtype=dt, device=device) for _ in parts]
             ys = fastpeft.lowrank_linear_group(
                 x, weights, None, [q[0] for q in parts], [q[1] for q in parts], cores=[q[2] for q in parts],
                 out_scales=[q[3] for q in parts], scales=scale, dropout_p=p, activation=parts[0][4], seed=1234)
         else:
-            a, b, core, out_scale, act = _adapter_tensors(problem, k, d, grad)
+            a, b, core, out_scale, act = _adapter_tensors(problem, k, d, grad, device)
             kw = dict(core=core, out_scale=out_scale, scale=scale, dropout_p=p, activation=act, seed=1234)
             if problem.op == "dense":
-                ys = [fastpeft.lowrank_linear(x, torch.empty(d, k, dtype=dt), None, a, b, **kw)]
+                ys = [fastpeft.lowrank_linear(x, torch.empty(d, k, dtype=dt, device=device), None, a, b, **kw)]
             else:
-                packed, state = _quant_state(problem)
+                packed, state = _quant_state(problem, device)
                 ys = [fastpeft.lowrank_linear_4bit(x, packed, state, None, a, b, **kw)]
         if grad:
             torch.autograd.backward(list(ys), [torch.empty_like(y) for y in ys])
+
+
+def run_step(problem: Problem, device) -> None:
+    """One real step of ``problem`` on ``device`` (a GPU): what :func:`capture_problem` records
+    without running (bench/inspect_vs_gpu.py compares the two)."""
+    _step(problem, device)
 
 
 @contextlib.contextmanager
