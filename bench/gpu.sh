@@ -24,6 +24,8 @@
 #                            fastpeft inspect's for the same problem (bench/inspect_vs_gpu.py)
 #   bench-*.json/csv/png     fastpeft bench (every provider, Llama projections)
 #   memory-*.json/csv/png    fastpeft memory (1b preset; 4-bit rows need bitsandbytes)
+#   dispatch.json            the package's dispatch table updated from the bench rows (fastpeft bench
+#                            --update-dispatch): copy it to fastpeft/dispatch.json to ship it
 #   sanitize-*.log           with --sanitize: each compute-sanitizer tool's report
 # With --pack (the default when RESULTS_DIR is $OUT) the result files go into one
 # gpu-results.tar.gz beside gpu.log: unpack it into bench/results/, then run `fastpeft report`.
@@ -41,7 +43,7 @@ for arg in "$@"; do
     case "$arg" in
         --pack) PACK=1 ;;
         --sanitize) SANITIZE=1 ;;
-        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
         -*) echo "bench/gpu.sh: unknown option $arg (options: --pack, --sanitize, --help)" >&2; exit 2 ;;
         *) ARGS+=("$arg") ;;
     esac
@@ -174,6 +176,11 @@ measure() {
         # --max-minutes stops starting new cases in time to write the files (the rest: skipped rows)
         minutes=$("$PY" -c "print(max(0.5, ($b - 45) / 60))")
         step "bench" "$b" "$PY" -P -m fastpeft bench --out "$DIR" --plot --no-progress --max-minutes "$minutes"
+        results=$(ls -t "$DIR"/bench-*.json 2>/dev/null | head -n 1)
+        if [[ -n $results ]] && cp "$REPO/fastpeft/dispatch.json" "$DIR/dispatch.json"; then
+            step "dispatch" "$(budget 30)" "$PY" -P -m fastpeft bench --update-dispatch "$results" \
+                --dispatch-table "$DIR/dispatch.json"
+        fi
     fi
     if [[ -n $SMOKE ]]; then
         step "memory" "$(budget 120)" "$PY" -P -m fastpeft memory --preset tiny --batch-sizes 1,2 \

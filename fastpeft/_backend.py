@@ -2,7 +2,8 @@
 
 Every op has a pure-torch implementation (the reference and the fallback). Kernel backends
 register on top of it with :func:`register_impl`. :func:`use_backend` forces one of them for a
-block of code; ``"auto"`` picks the fastest one that can run on the tensors' device.
+block of code; ``"auto"`` picks the fastest one that can run on the tensors' device (for the dense
+op on CUDA tensors, from the dispatch table of :mod:`fastpeft._dispatch`).
 
 The choice is made once in the forward pass and remembered for the backward pass, so both
 halves of a step always use the same implementation (and the same dropout mask stream).
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+
+from . import _dispatch
 
 __all__ = ["BACKENDS", "use_backend", "get_backend", "register_impl", "register_triton", "resolve_backend",
            "get_impl", "custom_op"]
@@ -50,7 +53,8 @@ def use_backend(name: str) -> Iterator[None]:
 
     ``"torch"`` is the pure-torch implementation (any device); ``"triton"`` the fused Triton
     kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``); ``"cuda"`` the compiled
-    extension ``fastpeft._C`` where an op has one; ``"auto"`` (the default) the fastest available.
+    extension ``fastpeft._C`` where an op has one; ``"auto"`` (the default) the fastest available
+    (for the dense op on CUDA tensors, fused or composed as the dispatch table says).
 
     >>> import torch, fastpeft
     >>> x, w = torch.randn(4, 8), torch.randn(6, 8)
@@ -108,8 +112,15 @@ def _reason(impl: _Impl, device: torch.device, problem: dict | None) -> str | No
     return reason
 
 
-def _auto_order(device: torch.device) -> tuple[str, ...]:
-    return ("cuda", "triton", "torch") if device.type == "cuda" else ("torch",)
+def _auto_order(op: str, device: torch.device, problem: dict | None) -> tuple[str, ...]:
+    """The backends ``"auto"`` tries, in order. On CUDA tensors, for an op the dispatch table
+    covers (:mod:`fastpeft._dispatch`), the fused Triton kernels only where the table (or, for a
+    problem not measured yet, the static prediction) says they beat the composed torch path."""
+    if device.type != "cuda":
+        return ("torch",)
+    if problem is not None and op in _dispatch.TABLE_OPS and _dispatch.choose(op, device, problem) == "torch":
+        return ("cuda", "torch")
+    return ("cuda", "triton", "torch")
 
 
 def resolve_backend(op: str, device: torch.device, requested: str | None = None,
@@ -118,7 +129,7 @@ def resolve_backend(op: str, device: torch.device, requested: str | None = None,
     one); a clear error if the requested one cannot run there."""
     requested = _check_name(requested or _requested)
     if requested == "auto":
-        for name in _auto_order(device):
+        for name in _auto_order(op, device, problem):
             impl = _IMPLS.get((op, name))
             if impl is not None and _reason(impl, device, problem) is None:
                 return name

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
+import sys
 import time
 from typing import Optional
 
@@ -101,6 +103,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", type=_choice_list(MODES), default=list(MODES))
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop starting new cases after this long (the rest are skipped rows)")
+    parser.add_argument("--update-dispatch", nargs="?", const="", default=None, metavar="RESULTS",
+                        help="rewrite auto's dispatch table from this run's dense rows (a GPU run); given a bench "
+                        "results JSON, from that file without benchmarking")
+    parser.add_argument("--dispatch-table", default=None, metavar="PATH",
+                        help="the table --update-dispatch rewrites (default: $FASTPEFT_DISPATCH_TABLE, else the "
+                        "package's fastpeft/dispatch.json)")
     add_common_arguments(parser, plot_help="also draw PNG charts")
 
 
@@ -122,7 +130,23 @@ def validate(args) -> Optional[str]:
             return f"--providers {','.join(bad)} run only with --op mixed"
         if args.adapters is not None:
             return "--adapters is a flag of --op mixed"
-    return validate_common(args)
+    return _validate_dispatch(args) or validate_common(args)
+
+
+def _validate_dispatch(args) -> Optional[str]:
+    if args.update_dispatch is None:
+        return "--dispatch-table goes with --update-dispatch" if args.dispatch_table is not None else None
+    if args.update_dispatch:   # from a results file: nothing is run
+        return None if os.path.isfile(args.update_dispatch) else \
+            f"--update-dispatch {args.update_dispatch}: no such results file"
+    if "dense" not in args.op:
+        return "--update-dispatch measures the dense op: give --op dense"
+    missing = [p for p in ("fastpeft-triton", "fastpeft-torch") if args.providers and p not in args.providers]
+    if missing:
+        return f"--update-dispatch compares fastpeft-triton with fastpeft-torch: add {','.join(missing)} to --providers"
+    if "fwd" not in args.modes and "fwd+bwd" not in args.modes:
+        return "--update-dispatch needs the fwd or fwd+bwd mode"
+    return None
 
 
 def make_cases(args, device: torch.device) -> list[Case]:
@@ -262,6 +286,8 @@ def main_table(rows: list[dict]) -> str:
 
 def run(args) -> int:
     """Run with parsed ``args`` (CPU threads as ``--threads`` says, restored afterwards)."""
+    if getattr(args, "update_dispatch", None):   # a results file given: update only
+        return _update_dispatch(args.update_dispatch, args.dispatch_table)
     with num_threads(args.threads):
         if args.op == ["mixed"]:
             from .mixed import run as run_mixed
@@ -272,6 +298,10 @@ def run(args) -> int:
 def _run(args) -> int:
     """Run ``fastpeft bench`` with parsed ``args``; prints the table, writes the files."""
     device = resolve_device(args.device, "fastpeft bench")
+    if getattr(args, "update_dispatch", None) == "" and device.type != "cuda":
+        print(f"fastpeft bench --update-dispatch: nothing measured on a GPU (this run is on {device.type}); the "
+              "dispatch table changes only from a GPU run and was not changed", file=sys.stderr)
+        return 1
     torch.manual_seed(args.seed)
     cases = make_cases(args, device)
     providers = [p for p in PROVIDERS if p.op in args.op or p.floor]
@@ -307,10 +337,30 @@ def _run(args) -> int:
     print(main_table(rows))
     paths = write_results("bench", meta, rows, args.out, extra={"args": _args_dict(args)})
     print(f"wrote {paths['json']} and {paths['csv']}")
+    if getattr(args, "update_dispatch", None) == "":
+        status = _update_dispatch(paths["json"], args.dispatch_table)
+        if status:
+            return status
     if args.plot:
         from .plots import plot_bench
         for path in plot_bench(rows, meta, paths["json"][:-5]):
             print(f"wrote {path}")
+    return 0
+
+
+def _update_dispatch(results: str, table: Optional[str]) -> int:
+    """Rewrite the dispatch table from ``results``; 1 with the reason on stderr if refused."""
+    from .dispatch import DispatchError, update_table
+
+    try:
+        path, rows = update_table(results, table)
+    except DispatchError as err:
+        print(f"fastpeft bench --update-dispatch: {err}; the table was not changed", file=sys.stderr)
+        return 1
+    fused = sum(1 for r in rows for m in ("fwd", "fwd+bwd") if r.get(m, {}).get("backend") == "triton")
+    total = sum(1 for r in rows for m in ("fwd", "fwd+bwd") if m in r)
+    print(f"wrote {path}: {len(rows)} problems from {results} (fused Triton faster in {fused} of {total} "
+          "problem-modes, the composed torch path in the rest)")
     return 0
 
 

@@ -288,6 +288,7 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "git_commit": _git_commit(),
         "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "arch": "sm_{}{}".format(*torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
         "threads": torch.get_num_threads(),
     }
 

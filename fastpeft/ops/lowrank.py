@@ -540,7 +540,13 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
         x, weight, bias, lora_A, lora_B, core, out_scale)
     validate_lowrank_args(x, weight.shape, weight.dtype, weight.device, bias, lora_A, lora_B, core,
                           out_scale, scale, dropout_p, activation, seed)
-    backend = _backend.resolve_backend(OP_NAME, x.device)
+    problem = None
+    if x.device.type == "cuda":   # what auto's dispatch table is keyed by (fastpeft._dispatch)
+        grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B, core, out_scale))
+        problem = dict(M=math.prod(x.shape[:-1]), k=weight.shape[1], d=weight.shape[0], r=lora_A.shape[0],
+                       dropout_p=float(dropout_p), dtype=x.dtype, grad=grad)
+    backend = _backend.resolve_backend(OP_NAME, x.device, problem=problem)
     seed_t = seed_tensor(seed, float(dropout_p))
     return apply_function(LowRankLinearFunction, x, weight, bias, lora_A, lora_B, core, out_scale, float(scale),
                           float(dropout_p), seed_t, activation, backend)
