@@ -53,9 +53,10 @@ def test_dense_against_float64(dtype, bias, block_m):
     w = (torch.randn(d, k, generator=gen) * k ** -0.5).to(DEVICE, dtype)
     b = torch.randn(d, generator=gen).to(DEVICE, dtype) if bias else None
     adapters = _adapters(d, k, dtype, gen, activation="gelu" if dtype == torch.float32 else None)
-    order, counts, _ = MixedRows(SAMPLES, len(adapters)).rows(rows_per_sample, DEVICE)
+    plan = MixedRows(SAMPLES, len(adapters))
+    order, counts = plan.rows(rows_per_sample, DEVICE)
     y, ts = LM.lowrank_mixed_fwd(x, w, b, order, counts, adapters, block_m=block_m)
-    y64, ts64 = lowrank_mixed_fwd_torch(x.double(), w.double(), None if b is None else b.double(), order, counts,
+    y64, ts64 = lowrank_mixed_fwd_torch(x.double(), w.double(), None if b is None else b.double(), plan,
                                         _double(adapters), None, 0)
     assert_close_rel(y, y64, TOL[dtype], "Y")
     for i, (t, t64) in enumerate(zip(ts, ts64)):
@@ -73,10 +74,11 @@ def test_4bit_against_float64(quant_type, k):
     packed, state = fastpeft.quantize_4bit(w, quant_type=quant_type, blocksize=64, compress_statistics=True)
     b = torch.randn(d, generator=gen).to(DEVICE)
     adapters = _adapters(d, k, torch.float32, gen)
-    order, counts, _ = MixedRows(SAMPLES, len(adapters)).rows(rows_per_sample, DEVICE)
+    plan = MixedRows(SAMPLES, len(adapters))
+    order, counts = plan.rows(rows_per_sample, DEVICE)
     y, _ = LM.lowrank_mixed_fwd(x, packed, b, order, counts, adapters, state, block_m=16)
     dense = fastpeft.dequantize_4bit(packed, state).double()
-    y64, _ = lowrank_mixed_fwd_torch(x.double(), dense, b.double(), order, counts, _double(adapters), None, 0)
+    y64, _ = lowrank_mixed_fwd_torch(x.double(), dense, b.double(), plan, _double(adapters), None, 0)
     assert_close_rel(y, y64, 1e-5, "Y")
 
 

@@ -198,8 +198,8 @@ def test_ranks_that_do_not_fit(tmp_path):
                          ids=lambda p: "-".join(p))
 def test_mixed_batch_rows_equal_alone(pair, bias):
     model = _multi(list(pair), bias=bias)
-    names = ["a1", "__base__", "default", "a1", "default"]
-    x = torch.randn(5, 3, 23)
+    names = ["a1", "__base__", "default", "a1", "default"] if bias else ["a1", "a1", "default", "__base__"]
+    x = torch.randn(len(names), 3, 23)
     with fastpeft.mixed_batch(model, names):
         y = model(x)
     for i, name in enumerate(names):
@@ -248,9 +248,10 @@ def test_mixed_batch_4bit():
     assert x.grad is not None and layer.weight.grad is None
 
 
-def test_mixed_batch_gradients_per_adapter():
+@pytest.mark.parametrize("names", [["a1", "default", "__base__", "a1"], ["__base__", "a1", "a1", "default"]],
+                         ids=["scattered", "grouped"])   # grouped: the rows with an adapter are one run
+def test_mixed_batch_gradients_per_adapter(names):
     model = _multi(["lora", "lamda"])
-    names = ["a1", "default", "__base__", "a1"]
     x = torch.randn(4, 3, 23)
     target = torch.randn(4, 3, 11)
     params = [p for p in model.parameters() if p.requires_grad]

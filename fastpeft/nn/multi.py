@@ -121,24 +121,24 @@ def _cast(t: Optional[Tensor], dtype) -> Optional[Tensor]:
 
 def mixed_adapter_of(layer: LowRankLinear, name: str, dtype) -> MixedAdapter:
     """Adapter ``name`` of ``layer`` as the mixed op takes it (tensors cast to ``dtype``)."""
-    t = adapter_tensors_of(layer, name)
-    s = adapter_settings_of(layer, name)
-    return MixedAdapter(_cast(t["lora_A"], dtype), _cast(t["lora_B"], dtype), _cast(t["lora_core"], dtype),
-                        _cast(t["lora_out_scale"], dtype), s["scale"],
-                        s["dropout_p"] if layer.training else 0.0, s["activation"])
+    h = layer if name == layer.active_adapter else layer._modules["lora_slots"]._modules[name]
+    return MixedAdapter(_cast(h.lora_A, dtype), _cast(h.lora_B, dtype), _cast(h.lora_core, dtype),
+                        _cast(h.lora_out_scale, dtype), h.scale, h.dropout_p if layer.training else 0.0,
+                        h.activation)
 
 
 def _mixed_call(layer: LowRankLinear, x: Tensor, adapters: list, rows) -> Tensor:
     quant_state = getattr(layer, "quant_state", None)
     if quant_state is None:
-        return lowrank_linear_mixed(x, layer.weight, layer.bias, adapters, rows)
+        return lowrank_linear_mixed(x, layer.weight, layer.bias, adapters, rows, check_adapters=False)
     dtype = layer.compute_dtype or x.dtype                      # as LowRankLinear4bit.forward
     xc = x if x.dtype == dtype else x.to(dtype)
     bias = layer.bias if layer.bias is None or layer.bias.dtype == dtype else layer.bias.to(dtype)
     adapters = [None if a is None else a._replace(**{f: _cast(getattr(a, f), dtype) for f in
                                                      ("lora_A", "lora_B", "core", "out_scale")})
                 for a in adapters]
-    y = lowrank_linear_mixed(xc, layer.weight, bias, adapters, rows, quant_state=quant_state)
+    y = lowrank_linear_mixed(xc, layer.weight, bias, adapters, rows, quant_state=quant_state,
+                             check_adapters=False)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
@@ -175,7 +175,7 @@ class MixedRouting:
             raise ValueError(f"mixed_batch was given {len(self.rows)} adapter names (one per sample) but "
                              f"{type(layer).__name__} received an input of shape {tuple(x.shape)} whose "
                              f"batch dim 0 has {x.shape[0] if x.dim() else 0} samples")
-        on_layer = set(adapter_names(layer))
+        on_layer = set(adapter_names(layer)) if "lora_slots" in layer._modules else {layer.active_adapter}
         dtype = getattr(layer, "compute_dtype", None) or x.dtype
         if getattr(layer, "quant_state", None) is None:
             dtype = layer.weight.dtype

@@ -6,9 +6,10 @@ and adapters i = 0..n-1, R_i the rows whose sample uses adapter i::
     Y = X Wᵀ + b                                            one base GEMM over all M rows
     Y[R_i] += s_i·(σ_i(D_i(X[R_i]) A_iᵀ) S_iᵀ) B_iᵀ ⊙ o_i    per adapter, over its rows only
 
-The rows with an adapter are gathered once in adapter order (``rows``: a permutation that sorts
-them by adapter, the rows of no adapter last), so each adapter reads one contiguous segment;
-the adapter terms are added back with one scatter. Adapters may differ in rank, core (none,
+The base GEMM runs once over all rows in batch order; each adapter then reads its own samples'
+rows (a view when they are consecutive in the batch, else whole samples gathered) and adds its
+term into them a sample at a time (long vector adds: fast on a CPU, where PEFT's per-adapter
+gather, scale and write-back cost more passes). Adapters may differ in rank, core (none,
 diagonal, full) and out_scale.
 
 Backward, per adapter i with dY_i = dY[R_i] and its saved T_i = D_i(X[R_i]) A_iᵀ::
@@ -30,7 +31,6 @@ torch code above from the saved T_i.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -63,9 +63,9 @@ class MixedRows:
 
     ``rows(rows_per_sample, device)`` gives (``order`` [M] int64: the rows of adapter 0, then
     adapter 1, ..., then the rows of no adapter, each group in batch order; ``counts``: rows per
-    adapter; ``where`` [M] int64: each row's position in ``order``, rows of no adapter pointing
-    one past the adapters' rows), cached per shape and device, so every layer of a model shares
-    one computation.
+    adapter), for the kernels; ``sample_order(device)`` gives the same order over samples
+    (``None`` when the batch is already in that order: nothing to permute), for the torch
+    implementation. Both are cached per device, so every layer of a model shares one computation.
     """
 
     def __init__(self, sample_adapter: Sequence[int], n_adapters: int):
@@ -77,22 +77,33 @@ class MixedRows:
         self.n_adapters = n_adapters
         self.samples_of = [[b for b, i in enumerate(ids) if i == a] for a in range(n_adapters)]
         self.base_samples = [b for b, i in enumerate(ids) if i == -1]
+        self._samples = [b for group in self.samples_of for b in group] + self.base_samples
         self._cache: dict = {}
 
     def __len__(self) -> int:
         return len(self.sample_adapter)
 
-    def rows(self, rows_per_sample: int, device) -> tuple[Tensor, list[int], Tensor]:
-        key = (rows_per_sample, torch.device(device))
+    def rows(self, rows_per_sample: int, device) -> tuple[Tensor, list[int]]:
+        key = ("rows", rows_per_sample, torch.device(device))
         if key not in self._cache:
-            samples = [b for group in self.samples_of for b in group] + self.base_samples
-            order = torch.tensor(samples, dtype=torch.int64)
+            order = torch.tensor(self._samples, dtype=torch.int64)
             order = (order[:, None] * rows_per_sample + torch.arange(rows_per_sample)).reshape(-1)
             counts = [len(group) * rows_per_sample for group in self.samples_of]
-            where = torch.empty_like(order)
-            where[order] = torch.arange(order.numel())
-            where.clamp_(max=sum(counts))
-            self._cache[key] = (order.to(device), counts, where.to(device))
+            self._cache[key] = (order.to(device), counts)
+        return self._cache[key]
+
+    def selections(self, device) -> list:
+        key = ("selections", torch.device(device))
+        if key not in self._cache:
+            out = []
+            for group in self.samples_of:
+                if not group:
+                    out.append(None)
+                elif group == list(range(group[0], group[0] + len(group))):
+                    out.append(slice(group[0], group[0] + len(group)))
+                else:
+                    out.append(torch.tensor(group, dtype=torch.int64, device=device))
+            self._cache[key] = out
         return self._cache[key]
 
 
@@ -104,16 +115,6 @@ def _seed_of(seed: int, i: int) -> int:
     return (int(seed) + i) & 0x7FFFFFFF
 
 
-def _segments(counts, adapters):
-    """(adapter index, first row in ``order``, number of rows) of the adapters that have rows."""
-    out, start = [], 0
-    for i, (count, adapter) in enumerate(zip(counts, adapters)):
-        if count and adapter is not None:
-            out.append((i, start, count))
-        start += count
-    return out
-
-
 def _base_weight(weight, quant_state, dtype):
     if quant_state is None:
         return weight
@@ -121,41 +122,46 @@ def _base_weight(weight, quant_state, dtype):
     return dequantize_weight(weight, quant_state, dtype)
 
 
-def _unsort(parts, segments, n_rows: int, where: Tensor, like: Tensor) -> Tensor:
-    """The per-adapter ``parts`` (rows in ``order``) back in the rows' own order, zero on rows of
-    no adapter: written into one buffer in adapter order, then one gather (a scatter-add would
-    serialise on a CPU)."""
-    buf = like.new_zeros(n_rows + 1, parts[0].shape[1])
-    for (_, start, count), part in zip(segments, parts):
-        buf[start:start + count] = part
-    return buf.index_select(0, where)
+def _rows_of(t2d: Tensor, sel, batch: int) -> Tensor:
+    """The rows of samples ``sel`` of a 2-D [M, n] tensor holding ``batch`` samples of consecutive
+    rows: a view for a slice, else whole samples gathered (contiguous blocks)."""
+    return t2d.reshape(batch, -1)[sel].view(-1, t2d.shape[1])
 
 
-def lowrank_mixed_fwd_torch(x, weight, bias, order, counts, adapters, quant_state, seed: int, where=None):
-    """Forward on 2-D x [M, k]: (Y [M, d], [T_i of each adapter with rows, else None])."""
+def _add_rows(t2d: Tensor, sel, value: Tensor, alpha: float, batch: int) -> None:
+    """``t2d[rows of sel] += alpha·value`` in place: whole samples at a time (a long vector add
+    per sample, so the scatter stays fast on a CPU)."""
+    per_sample = t2d.view(batch, -1)
+    if isinstance(sel, slice):
+        per_sample[sel].add_(value.view(sel.stop - sel.start, -1), alpha=alpha)
+    elif t2d.device.type == "cpu":
+        per_sample.index_add_(0, sel, value.view(len(sel), -1), alpha=alpha)
+    else:       # distinct samples; index_put_ has a deterministic mode on CUDA, index_add_ has not
+        per_sample.index_put_((sel,), value.view(len(sel), -1).mul(alpha), accumulate=True)
+
+
+def lowrank_mixed_fwd_torch(x, weight, bias, plan: MixedRows, adapters, quant_state, seed: int):
+    """Forward on 2-D x [M, k] (``len(plan)`` samples of M / len(plan) rows each): (Y [M, d],
+    [T_i of each adapter with rows, else None]). One base GEMM over all rows; each adapter reads
+    its own samples' rows (a view when they are consecutive) and adds its term into them, a sample
+    at a time, while they are still in cache."""
     y = F.linear(x, _base_weight(weight, quant_state, x.dtype), bias)     # one base GEMM
-    segments = _segments(counts, adapters)
+    batch = len(plan)
     ts: list = [None] * len(adapters)
-    if not segments:
-        return y, ts
-    n_rows = sum(counts)
-    if where is None:
-        where = torch.empty_like(order)
-        where[order] = torch.arange(order.numel(), device=order.device)
-        where.clamp_(max=n_rows)
-    xs = x.index_select(0, order[:n_rows])                               # rows in adapter order
-    deltas = []
-    for i, start, count in segments:
-        a = adapters[i]
-        xi = _dropped(xs[start:start + count], a.dropout_p, _seed_of(seed, i))
+    for i, (a, sel) in enumerate(zip(adapters, plan.selections(x.device))):
+        if a is None or sel is None:
+            continue
+        xi = _dropped(_rows_of(x, sel, batch), a.dropout_p, _seed_of(seed, i))
         t = xi @ a.lora_A.t()                                            # T_i = D_i(X_i) A_iᵀ
         u = apply_core(activation_fn(t, a.activation), a.core)
-        delta = (u * a.scale if a.out_scale is not None or a.scale != 1.0 else u) @ a.lora_B.t()
-        if a.out_scale is not None:
-            delta = delta * a.out_scale
-        deltas.append(delta)
+        if isinstance(sel, slice) and a.out_scale is None:               # in place on a view
+            _rows_of(y, sel, batch).addmm_(u, a.lora_B.t(), alpha=a.scale)
+        else:
+            delta = u @ a.lora_B.t()
+            if a.out_scale is not None:
+                delta.mul_(a.out_scale)
+            _add_rows(y, sel, delta, a.scale, batch)                     # += s_i·(U_i B_iᵀ) ⊙ o_i
         ts[i] = t
-    y += _unsort(deltas, segments, n_rows, where, y)
     return y, ts
 
 
@@ -167,75 +173,73 @@ _FIELDS = 4   # lora_A, lora_B, core, out_scale per adapter in the flat argument
 
 
 class LowRankMixedFunction(torch.autograd.Function):
-    """Autograd of the mixed op (module docstring); ``meta`` = (counts, [(scale, dropout_p,
-    activation) or None per adapter], quant_state, seed, backend)."""
+    """Autograd of the mixed op (module docstring); ``meta`` = (the :class:`MixedRows` plan,
+    [(scale, dropout_p, activation) or None per adapter], quant_state, seed, backend)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, order, where, meta, *flat):
-        counts, specs, quant_state, seed, backend = meta
+    def forward(ctx, x, weight, bias, meta, *flat):
+        plan, specs, quant_state, seed, backend = meta
         adapters = _adapters(specs, flat)
         x2d = x.reshape(-1, x.shape[-1])
         if backend == "triton":
             from ..kernels.lowrank_mixed import lowrank_mixed_fwd
+            order, counts = plan.rows(x2d.shape[0] // len(plan), x.device)
             y, ts = lowrank_mixed_fwd(x2d, weight, bias, order, counts, adapters, quant_state)
         else:
-            y, ts = lowrank_mixed_fwd_torch(x2d, weight, bias, order, counts, adapters, quant_state, seed, where)
+            y, ts = lowrank_mixed_fwd_torch(x2d, weight, bias, plan, adapters, quant_state, seed)
         keep_x = weight.requires_grad or any(a is not None and a.lora_A.requires_grad for a in adapters)
         present = [i for i, t in enumerate(ts) if t is not None]
-        ctx.save_for_backward(x if keep_x else None, weight, order, where, *flat, *(ts[i] for i in present))
+        ctx.save_for_backward(x if keep_x else None, weight, *flat, *(ts[i] for i in present))
         ctx.meta, ctx.present, ctx.has_bias = meta, present, bias is not None
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        counts, specs, quant_state, seed, _ = ctx.meta
+        plan, specs, quant_state, seed, _ = ctx.meta
         saved = ctx.saved_tensors
-        x, weight, order, where = saved[:4]
-        flat = saved[4:4 + _FIELDS * len(specs)]
-        ts = dict(zip(ctx.present, saved[4 + _FIELDS * len(specs):]))
+        x, weight = saved[:2]
+        flat = saved[2:2 + _FIELDS * len(specs)]
+        ts = dict(zip(ctx.present, saved[2 + _FIELDS * len(specs):]))
         adapters = _adapters(specs, flat)
         need = ctx.needs_input_grad
         need_x, need_w, need_bias = need[0], need[1], need[2] and ctx.has_bias
         grad_y = grad_out.reshape(-1, grad_out.shape[-1])
+        x2d = None if x is None else x.reshape(-1, x.shape[-1])
         dx = d_w = d_bias = None
         grads = [None] * len(flat)
-        if need_x:
-            dx = grad_y @ _base_weight(weight, quant_state, grad_y.dtype)        # dY W
         if need_w:
-            d_w = grad_y.t() @ x.reshape(-1, x.shape[-1])                        # dW = dYᵀ X
+            d_w = grad_y.t() @ x2d                                               # dW = dYᵀ X
         if need_bias:
             d_bias = grad_y.sum(0)                                               # db = Σ dY
-        segments = [s for s in _segments(counts, adapters) if s[0] in ts]
-        n_rows = sum(counts)
-        gys = grad_y.index_select(0, order[:n_rows]) if segments else None
-        any_a = any(need[6 + _FIELDS * i] for i, _, _ in segments)
-        xs = x.reshape(-1, x.shape[-1]).index_select(0, order[:n_rows]) if any_a else None
-        dx_parts = []
-        for i, start, count in segments:
+        if need_x:
+            dx = grad_y @ _base_weight(weight, quant_state, grad_y.dtype)        # dY W
+        batch = len(plan)
+        for i, sel in enumerate(plan.selections(grad_y.device)):
+            if i not in ts:
+                continue
             a, base = adapters[i], _FIELDS * i
-            need_a, need_b = need[6 + base], need[7 + base]
-            need_core = need[8 + base] and a.core is not None
-            need_os = need[9 + base] and a.out_scale is not None
+            need_a, need_b = need[4 + base], need[5 + base]
+            need_core = need[6 + base] and a.core is not None
+            need_os = need[7 + base] and a.out_scale is not None
+            gy = _rows_of(grad_y, sel, batch)
             d_t, d_b, d_core, d_os = lowrank_bwd_r_torch(
-                gys[start:start + count], ts[i], a.lora_B, a.core, a.out_scale, a.scale, a.activation,
+                gy, ts[i], a.lora_B, a.core, a.out_scale, a.scale, a.activation,
                 need_x or need_a, need_b, need_core, need_os)
             drop = None
             if a.dropout_p > 0.0 and (need_x or need_a):                         # D_i, regenerated
-                drop = _dropout_scale(_seed_of(seed, i), count, a.lora_A.shape[1], a.dropout_p,
+                drop = _dropout_scale(_seed_of(seed, i), gy.shape[0], a.lora_A.shape[1], a.dropout_p,
                                       d_t.dtype, grad_y.device)
-            if need_x:
-                part = d_t @ a.lora_A                                            # s_i·D_i'(dT_i A_i)
-                dx_parts.append(part.mul_(drop).mul_(a.scale) if drop is not None else part.mul_(a.scale))
+            if need_x:                                                           # += s_i·D_i'(dT_i A_i)
+                part = d_t @ a.lora_A
+                _add_rows(dx, sel, part if drop is None else part.mul_(drop), a.scale, batch)
             if need_a:
-                xi = xs[start:start + count]
+                xi = _rows_of(x2d, sel, batch)
                 xi = xi if drop is None else xi * drop.to(xi.dtype)
                 grads[base] = (d_t.t() @ xi) * a.scale                          # dA_i = s_i·dT_iᵀ D_i(X_i)
             grads[base + 1], grads[base + 2], grads[base + 3] = d_b, d_core, d_os
-        if dx_parts:
-            dx += _unsort(dx_parts, segments, n_rows, where, dx)
         if dx is not None:
             dx = dx.reshape(grad_out.shape[:-1] + (dx.shape[-1],))
-        return (dx, d_w, d_bias, None, None, None, *grads)
+        return (dx, d_w, d_bias, None, *grads)
 
 
 def _adapters(specs, flat):
@@ -273,7 +277,7 @@ def _triton_supports(adapters, training_dropout: bool) -> Optional[str]:
 def lowrank_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor],
                          adapters: Sequence[Optional[MixedAdapter]],
                          sample_adapter: Union[Sequence[int], MixedRows], *, quant_state=None,
-                         seed: Optional[int] = None) -> Tensor:
+                         seed: Optional[int] = None, check_adapters: bool = True) -> Tensor:
     """``y[b] = x[b] Wᵀ + bias + (adapter sample_adapter[b] applied to x[b])`` for every sample b.
 
     Args:
@@ -286,6 +290,8 @@ def lowrank_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor],
         sample_adapter: B indexes into ``adapters`` (``-1``: no adapter), or a
             :class:`MixedRows` built from them (reused by every layer of a model).
         seed: dropout seed (adapter i uses ``seed + i``); drawn when ``None``.
+        check_adapters: ``False`` skips the per-adapter shape checks (fastpeft's layers pass
+            adapters whose shapes were checked when they were added; dtypes are checked always).
 
     Returns ``[B, ..., d]`` in x's dtype; each sample equals running it alone with its adapter.
 
@@ -330,8 +336,11 @@ def lowrank_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor],
                                                                       a.core, a.out_scale)
         else:
             x_, lora_a, lora_b, core, out_scale = x, a.lora_A, a.lora_B, a.core, a.out_scale
-        validate_lowrank_args(x_, shape, wdtype, weight.device, bias, lora_a, lora_b, core, out_scale,
-                              a.scale, a.dropout_p, a.activation, None)
+        if check_adapters:
+            validate_lowrank_args(x_, shape, wdtype, weight.device, bias, lora_a, lora_b, core, out_scale,
+                                  a.scale, a.dropout_p, a.activation, None)
+        elif any(t is not None and t.dtype != x_.dtype for t in (lora_a, lora_b, core, out_scale)):
+            raise TypeError(f"adapters[{i}]'s tensors must have x's dtype {x_.dtype}")
         flat += [lora_a, lora_b, core, out_scale]
         specs.append((float(a.scale), float(a.dropout_p), a.activation))
     if quant_state is None:
@@ -341,13 +350,11 @@ def lowrank_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor],
                          f"k={shape[1]}], got x of shape {tuple(x.shape)}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
-    rows_per_sample = math.prod(x.shape[1:-1])
-    order, counts, where = sample_adapter.rows(rows_per_sample, x.device)
     dropout = any(s is not None and s[1] > 0.0 for s in specs)
     seed = int(seed_tensor(seed, 0.5 if dropout else 0.0))
     backend = _resolve(x.device, _triton_supports(adapters, dropout))
-    meta = (counts, specs, quant_state, seed, backend)
-    return apply_function(LowRankMixedFunction, x, weight, bias, order, where, meta, *flat)
+    meta = (sample_adapter, specs, quant_state, seed, backend)
+    return apply_function(LowRankMixedFunction, x, weight, bias, meta, *flat)
 
 
 def _resolve(device, reason: Optional[str]) -> str:
