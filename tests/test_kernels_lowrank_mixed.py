@@ -143,7 +143,7 @@ jobs = []
 for arch in (80, 90):
     for r, rows_per_sample in ((12, 3), (12, 64), (64, 64)):
         adapters = [adapter(r, (r, r), True), adapter(5, (5,), False), None, adapter(3, None, False)]
-        order, counts, _ = MixedRows([0, 1, -1, 3, 0, 3, 1, 0], len(adapters)).rows(rows_per_sample, "cpu")
+        order, counts = MixedRows([0, 1, -1, 3, 0, 3, 1, 0], len(adapters)).rows(rows_per_sample, "cpu")
         x = torch.empty(8 * rows_per_sample, k, dtype=bf)
         with _stand_in_device(arch), _aot.capture(arch) as captured:
             LM.lowrank_mixed_fwd(x, torch.empty(d, k, dtype=bf), torch.empty(d, dtype=bf), order, counts, adapters)
