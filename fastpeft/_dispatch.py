@@ -26,7 +26,8 @@ A problem without a measured row follows the static prediction (:func:`static_ch
 
 ``fastpeft bench --update-dispatch`` rewrites the table from a GPU run
 (:mod:`fastpeft.benchmark.dispatch`). ``FASTPEFT_DISPATCH_TABLE`` names another table file
-(tests, or a table measured on one's own GPU). A table that cannot be read or is malformed is
+(tests, or a table measured on one's own GPU); it is read at the first lookup, and each problem's
+answer is remembered (a few µs of host time per call would matter when decoding). A table that cannot be read or is malformed is
 never fatal to a model: ``auto`` warns once, naming the file and the fault, and follows the
 static prediction.
 """
@@ -169,9 +170,11 @@ def load_table(path: Optional[str] = None) -> dict:
 
 
 def clear_cache() -> None:
-    """Forget the tables read so far (after rewriting one, or changing the environment variable)."""
+    """Forget the tables read and the choices made so far (after rewriting a table, or changing
+    ``FASTPEFT_DISPATCH_TABLE`` in a running process)."""
     _cache.clear()
     _arch_cache.clear()
+    _choices.clear()
 
 
 # -- lookup -------------------------------------------------------------------------------------
@@ -197,17 +200,27 @@ def choose(op: str, device: torch.device, problem: dict) -> str:
     """``"triton"`` or ``"torch"`` for ``problem`` (a dict with M, k, d, r, dropout_p, dtype and
     grad, whether the call records an autograd graph) on the CUDA ``device``: the table's
     measured choice for the call's mode (the other mode's when only that one was measured),
-    else the static prediction."""
-    return _choose(TABLE_OPS[op], device.index, problem["dtype"], m_bucket(problem["M"]), int(problem["k"]),
+    else the static prediction. Answers are remembered per problem (:func:`clear_cache`)."""
+    return _choose(op, device.index, problem["dtype"], m_bucket(problem["M"]), int(problem["k"]),
                    int(problem["d"]), int(problem["r"]), problem["dropout_p"] > 0.0, bool(problem.get("grad", False)))
 
 
+_choices: dict[tuple, str] = {}
+
+
 @torch.compiler.assume_constant_result
-def _choose(op: str, index, dtype, bucket, k: int, d: int, r: int, dropout: bool, grad: bool) -> str:
+def _choose(*key) -> str:
     # torch.compile calls this while tracing and keeps its answer (it reads a file, and the key
     # is made of constants: M enters through its bucket, on which the compiled graph guards)
+    choice = _choices.get(key)
+    if choice is None:
+        choice = _choices[key] = _lookup(*key)
+    return choice
+
+
+def _lookup(op: str, index, dtype, bucket, k: int, d: int, r: int, dropout: bool, grad: bool) -> str:
     arch = device_arch(torch.device("cuda", index) if index is not None else torch.device("cuda"))
-    row = load_table().get(row_key(op, arch, _dtype_name(dtype), bucket, k, d, r, dropout))
+    row = load_table().get(row_key(TABLE_OPS[op], arch, _dtype_name(dtype), bucket, k, d, r, dropout))
     if row is not None:
         mode = "fwd+bwd" if grad else "fwd"
         entry = row.get(mode) or row.get(MODES[1 - MODES.index(mode)])

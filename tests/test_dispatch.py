@@ -103,7 +103,9 @@ def test_arch_is_part_of_the_key(table, monkeypatch):
     _write(table, [_row("torch", "torch")])
     assert _auto(_problem()) == "torch"
     monkeypatch.setattr(_dispatch, "device_arch", lambda device: "sm_80")
-    assert _auto(_problem()) == "triton"
+    assert _auto(_problem()) == "torch"                            # the choice is remembered ...
+    _dispatch.clear_cache()
+    assert _auto(_problem()) == "triton"                           # ... until the cache is cleared
 
 
 def test_cpu_tensors_and_other_ops_never_consult_the_table(table):
