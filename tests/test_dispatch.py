@@ -290,3 +290,19 @@ def test_lowrank_linear_consults_the_table_on_cuda(table, monkeypatch):
     assert ((y.double() - want).norm() / want.norm()).item() < 1e-2
     fastpeft.lowrank_linear(x[:, :8], w, None, a, b, scale=0.5)
     assert seen[-1][1] == "torch"                                  # M = 16: the static prediction
+
+
+def test_auto_provider_runs_on_gpus_only():
+    from fastpeft.benchmark.providers import PROVIDERS, Case
+    from fastpeft.benchmark.runner import Skip
+
+    provider = {p.name: p for p in PROVIDERS}["fastpeft-auto"]
+    case = Case("dense", 4, 8, 8, 2, torch.float32)
+    if torch.cuda.is_available():
+        built = provider.build(case, torch.device("cuda"))
+        with built.scope():
+            y = built.forward(torch.randn(4, 8, device="cuda"))
+            assert y.shape == (4, 8) and _backend.get_backend() == "auto"
+    else:
+        with pytest.raises(Skip, match="no GPU"):
+            provider.build(case, torch.device("cpu"))

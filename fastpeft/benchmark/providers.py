@@ -8,7 +8,9 @@ skipped row.
 
 Dense providers: ``torch-linear`` (the floor: the base ``F.linear`` alone), ``peft-lora`` (HF
 PEFT's LoRA layer around an ``nn.Linear``: the naive baseline), ``fastpeft-torch``,
-``fastpeft-triton`` and ``fastpeft-cuda`` (the op under each backend). 4-bit providers:
+``fastpeft-triton`` and ``fastpeft-cuda`` (the op under each backend; ``fastpeft-torch`` on a
+GPU is the composed cuBLAS path), ``fastpeft-auto`` (GPU only: what the default backend runs, the
+fused kernels or the composed path as the dispatch table says). 4-bit providers:
 ``bnb-4bit`` (bitsandbytes ``Linear4bit`` alone), ``bnb-4bit+peft-lora`` and
 ``fastpeft-4bit-torch`` / ``fastpeft-4bit-triton`` (``fastpeft.lowrank_linear_4bit``), and
 ``fastpeft-4bit-triton-buffered``: the Triton backend with W dequantised into a transient dense
@@ -223,6 +225,7 @@ PROVIDERS: list[Provider] = [
     Provider("fastpeft-torch", "dense", _build_fastpeft("torch")),
     Provider("fastpeft-triton", "dense", _build_fastpeft("triton")),
     Provider("fastpeft-cuda", "dense", _build_fastpeft("cuda")),
+    Provider("fastpeft-auto", "dense", _build_fastpeft("auto")),
     Provider("bnb-4bit", "4bit", _build_bnb, adapter=False, per_rank=False),
     Provider("bnb-4bit+peft-lora", "4bit", _build_bnb_peft),
     Provider("fastpeft-4bit-torch", "4bit", _build_fastpeft_4bit("torch")),
