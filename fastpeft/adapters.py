@@ -25,7 +25,7 @@ from .nn.multi import (BASE_ONLY, MULTI_METHODS, MixedRouting, activate_adapter,
                        adapter_names, adapter_settings_of, adapter_tensors_of, remove_adapter_slot)
 from .ops.lowrank_mixed import MixedRows
 
-__all__ = ["BASE_ADAPTER", "add_adapter", "set_adapter", "delete_adapter", "list_adapters", "active_adapter",
+__all__ = ["BASE_ADAPTER", "active_layers", "add_adapter", "set_adapter", "delete_adapter", "list_adapters", "active_adapter",
            "mixed_batch"]
 
 BASE_ADAPTER = "__base__"
@@ -33,6 +33,12 @@ BASE_ADAPTER = "__base__"
 
 def _layers(model: nn.Module) -> list[tuple[str, LowRankLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+
+
+def active_layers(model: nn.Module) -> list[tuple[str, LowRankLinear]]:
+    """(name, layer) of the fastpeft layers that run the active adapter (a layer that lacks it
+    runs its base layer, and its own tensors belong to another adapter)."""
+    return [(n, m) for n, m in _layers(model) if m.__dict__.get("_routing") is not BASE_ONLY]
 
 
 def _registry(model: nn.Module) -> dict:

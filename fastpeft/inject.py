@@ -636,7 +636,9 @@ def _check_load(model, config, tensors, expected, layers) -> dict[str, torch.Ten
 def _layers_to_merge(model: nn.Module, merged: bool) -> list:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    layers = lowrank_layers(model)
+    from .adapters import active_layers
+
+    layers = active_layers(model)     # a layer that lacks the active adapter runs its base: nothing to merge
     if not layers:
         raise ValueError("model has no fastpeft layers")
     wrong = [name for name, layer in layers if layer.merged != merged]

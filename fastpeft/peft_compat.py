@@ -584,7 +584,9 @@ def to_peft(model: nn.Module, path: str | os.PathLike, *, peft_type: Optional[st
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    layers = lowrank_layers(model)
+    from .adapters import active_layers
+
+    layers = active_layers(model)     # the active adapter's layers (others run their base)
     if not layers:
         raise ValueError("model has no fastpeft layers (BitFit alone has no PEFT format); "
                          "adapt it with fastpeft.inject or fastpeft.from_peft first")

@@ -378,3 +378,22 @@ def test_from_peft_keeps_every_adapter_and_matches_peft_mixed_batches():
     fastpeft.set_adapter(inner, "c")                     # layer "2" has no "c": it runs its base
     with torch.no_grad():
         assert_close_rel(inner(x), alone_c, 1e-5, "adapter c vs PEFT")
+
+
+def test_merge_and_to_peft_take_the_active_adapters_layers_only(tmp_path):
+    model = fastpeft.inject(_mlp(), AdapterConfig(r=4))
+    fastpeft.add_adapter(model, AdapterConfig(r=2, target_modules=["2"]), "head")
+    _perturb(model)
+    fastpeft.set_adapter(model, "head")                  # layer 0 runs its base
+    x = torch.randn(3, 23)
+    before = model(x)
+    w0 = model[0].weight.clone()
+    fastpeft.merge(model)
+    assert not model[0].merged and model[2].merged and torch.equal(model[0].weight, w0)
+    assert_close_rel(model(x), before, 1e-5)
+    fastpeft.unmerge(model)
+    pytest.importorskip("peft")
+    fastpeft.to_peft(model, tmp_path)
+    from safetensors.torch import load_file
+    keys = sorted(load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert keys and all(".2." in k or k.startswith("base_model.model.2.") for k in keys), keys
