@@ -306,3 +306,18 @@ def test_auto_provider_runs_on_gpus_only():
     else:
         with pytest.raises(Skip, match="no GPU"):
             provider.build(case, torch.device("cpu"))
+
+
+def test_lookup_traces_under_torch_compile_fullgraph(table):
+    """torch.compile(fullgraph=True) keeps the table's answer as a constant (the file is read while
+    tracing, not traced) and guards on M's bucket."""
+    _write(table, [_row("triton", M_bucket=16, k=4, d=8, r=2, dtype="float32", dropout=False)])
+
+    def f(x):
+        problem = dict(M=x.shape[0], k=4, d=8, r=2, dropout_p=0.0, dtype=x.dtype, grad=False)
+        return x * (2.0 if _dispatch.choose(OP_NAME, CUDA, problem) == "triton" else 3.0)
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager", dynamic=True)
+    assert compiled(torch.ones(9, 4))[0, 0] == 2.0        # the row (static would say torch)
+    assert compiled(torch.ones(17, 4))[0, 0] == 3.0       # another bucket: the prediction
+    assert compiled(torch.ones(5, 4))[0, 0] == 2.0
