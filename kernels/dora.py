@@ -22,7 +22,7 @@ from . import lowrank as _dense
 from .lowrank import _op
 from .lowrank_4bit import _w4_tile, _weight_args
 
-__all__ = ["dora_norm", "dora_norm_4bit"]
+__all__ = ["dora_norm", "dora_norm_4bit", "dora_fwd"]
 
 _WARPS, _STAGES = 8, 2
 
@@ -115,3 +115,23 @@ def dora_norm_4bit(packed, quant_state, lora_A, lora_B, scale: float, weight_sq_
     wat, sq = _launch(a, data, absmax, meta, a, N, K, 0, 0, True)
     return _norm_from_parts(sq, wat, lora_A, lora_B, scale)
 
+
+def dora_fwd(x, weight, bias, lora_A, lora_B, row_scale, scale: float, dropout_p: float, seed: int,
+             store_z: bool):
+    """The DoRA forward on 2-D x [M, k], fused: T = D(X)Aᵀ in one pass over X, then the low-rank
+    GEMM whose epilogue applies the row scale c [d] (fp32) to base plus adapter and adds the
+    bias after it: Y = c ⊙ (X Wᵀ + s·T Bᵀ) + b, written once. Returns (Y, T, Z): Z = X Wᵀ + s·T Bᵀ
+    (written by the same epilogue) when ``store_z``, else ``None``."""
+    _dense._check_dtype(x)
+    M, N = x.shape[0], weight.shape[0]
+    R = lora_A.shape[0]
+    _dense._block_r(R)
+    a = lora_A.contiguous()
+    t = torch.empty((M, R), dtype=x.dtype, device=x.device)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    z = torch.empty_like(y) if store_z else None
+    with _dense._device(x):
+        _dense._t_pass(x, a, a, 0, 0, dropout_p, seed, t, t)
+        _dense._fwd_gemm(x, weight, bias, t, lora_B.contiguous(), None, scale, y,
+                         row_scale=row_scale.float().contiguous(), z=z)
+    return y, t, z

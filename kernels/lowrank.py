@@ -140,8 +140,10 @@ def _gemm_tile(c):
     return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
 
 
-def _gemm_keep(configs, arch, smem, M, N, block_r, elem, dx=False, dropout=True):
-    """Y and dX GEMMs (the r-wide prologue runs R_CHUNK columns at a time, so r does not matter)."""
+def _gemm_keep(configs, arch, smem, M, N, block_r, elem, dx=False, dropout=True, store_z=False):
+    """Y and dX GEMMs (the r-wide prologue runs R_CHUNK columns at a time, so r does not matter).
+    ``store_z``: the DoRA epilogue writes Z and Y from one accumulator, which fits in registers
+    only at up to 32 accumulator values per thread."""
     if dx:
         tiles = _DX_TILES_SM90 if arch == 90 else _DX_TILES_SM80
     else:
@@ -157,7 +159,8 @@ def _gemm_keep(configs, arch, smem, M, N, block_r, elem, dx=False, dropout=True)
         # mma.sync (sm_80) holds its operand fragments in registers: with an r >= 64 prologue the
         # accumulator gets half the budget (sm_90's wgmma reads them from shared memory)
         budget = _ACC_WORDS // 2 if arch == 80 and block_r >= 64 else _ACC_WORDS
-        return main <= smem and tiles <= _TILE_WORDS and acc <= budget and not masked
+        two_stores = store_z and _per_thread(bm * bn, w) > 32
+        return main <= smem and tiles <= _TILE_WORDS and acc <= budget and not masked and not two_stores
 
     def size_ok(c):
         bm = c.kwargs["BLOCK_M"]
@@ -263,7 +266,8 @@ def _prune_args(named_args, kwargs) -> dict:
 def _prune_gemm(configs, named_args, **kwargs):
     args = _prune_args(named_args, kwargs)
     arch, smem, _ = _limits_of(args["x_ptr"])
-    return _gemm_keep(configs, arch, smem, args["M_KEY"], args["N"], args["BLOCK_R"], _elem(args))
+    return _gemm_keep(configs, arch, smem, args["M_KEY"], args["N"], args["BLOCK_R"], _elem(args),
+                      store_z=bool(args.get("STORE_Z", False)))
 
 
 def _prune_dx(configs, named_args, **kwargs):
@@ -490,22 +494,27 @@ def _adapter_init(u_ptr, b_ptr, os_ptr, bias_ptr, rm, rn, M, N, R, stride_um, sc
     return acc
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R"],
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R", "STORE_Z"],
                  prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _lowrank_fwd_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, os_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, u_ptr, b_ptr, os_ptr, y_ptr, rs_ptr, z_ptr,
     M, N, K, R, M_KEY,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_um,
     scale,
     HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr = False, STORE_Z: tl.constexpr = False,
 ):
     """Y = s·(U Bᵀ) ⊙ o + b + X Wᵀ; Y written once. The adapter term (R_CHUNK columns of r at a
     time) and the bias initialise the accumulator, one [BLOCK_M, BLOCK_N] fp32 tile live, then
     the main loop adds X Wᵀ. U [M, R] has row stride ``stride_um`` (a column slice of the U of
-    several adapters computed in one T pass)."""
+    several adapters computed in one T pass).
+
+    With HAS_ROW_SCALE (DoRA): Y = c ⊙ (X Wᵀ + s·(U Bᵀ) ⊙ o) + b for the row scale c [N] (the
+    bias added after it), and with STORE_Z the unscaled Z = X Wᵀ + s·(U Bᵀ) ⊙ o written beside Y
+    (same strides): the magnitude's gradient needs it."""
     dtype = x_ptr.dtype.element_ty
     pid_m, pid_n = _grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -513,8 +522,9 @@ def _lowrank_fwd_gemm_kernel(
     rk = tl.arange(0, BLOCK_K)
     mask_m = rm < M
     mask_n = rn < N
-    acc = _adapter_init(u_ptr, b_ptr, os_ptr, bias_ptr, rm, rn, M, N, R, stride_um, scale, HAS_BIAS,
-                        HAS_OUT_SCALE, UPCAST, DOT_PRECISION, BLOCK_R, R_CHUNK, BLOCK_M, BLOCK_N)
+    acc = _adapter_init(u_ptr, b_ptr, os_ptr, bias_ptr, rm, rn, M, N, R, stride_um, scale,
+                        HAS_BIAS and not HAS_ROW_SCALE, HAS_OUT_SCALE, UPCAST, DOT_PRECISION, BLOCK_R, R_CHUNK,
+                        BLOCK_M, BLOCK_N)
     # rows past M / N read wrapped addresses and are never stored: the loop masks only along k
     x_rows = x_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm
     w_cols = w_ptr + (rn % N).to(tl.int64)[None, :] * stride_wn                      # Wᵀ tile
@@ -524,8 +534,14 @@ def _lowrank_fwd_gemm_kernel(
         xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_k[None, :], other=0.0)
         wt = tl.load(w_cols + kk[:, None] * stride_wk, mask=mask_k[:, None], other=0.0)
         acc = tl.dot(_op(xt, dtype, UPCAST), _op(wt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
-    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    offs = rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
+    if HAS_ROW_SCALE:
+        if STORE_Z:
+            tl.store(z_ptr + offs, acc.to(z_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        acc = acc * tl.load(rs_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -917,9 +933,11 @@ def _t_pass(x, a, core_c, core_kind: int, act: int, dropout_p: float, seed: int,
     _launch(_lowrank_fwd_t_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),), args, fb)
 
 
-def _fwd_gemm(x, weight, bias, u, b, out_scale, scale: float, y):
+def _fwd_gemm(x, weight, bias, u, b, out_scale, scale: float, y, row_scale=None, z=None):
     """Y = X Wᵀ + bias + s·(U Bᵀ) ⊙ o into ``y`` [M, d]. ``u`` [M, R] may be a column slice (row
-    stride ``u.stride(0)``, unit column stride); ``b`` [d, R] contiguous."""
+    stride ``u.stride(0)``, unit column stride); ``b`` [d, R] contiguous. With ``row_scale`` c
+    [d]: Y = c ⊙ (X Wᵀ + s·(U Bᵀ) ⊙ o) + bias, and the unscaled product into ``z`` (y's
+    strides) when given."""
     M, K = x.shape
     N = weight.shape[0]
     R = b.shape[1]
@@ -927,6 +945,8 @@ def _fwd_gemm(x, weight, bias, u, b, out_scale, scale: float, y):
     interp = _interpreting()
     args = dict(x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else x, u_ptr=u, b_ptr=b,
                 os_ptr=out_scale if out_scale is not None else x, y_ptr=y,
+                rs_ptr=row_scale if row_scale is not None else x, z_ptr=z if z is not None else y,
+                HAS_ROW_SCALE=row_scale is not None, STORE_Z=z is not None,
                 M=M, N=N, K=K, R=R, M_KEY=_pow2(M),
                 stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=weight.stride(0),
                 stride_wk=weight.stride(1), stride_ym=y.stride(0), stride_yn=y.stride(1),
@@ -938,7 +958,7 @@ def _fwd_gemm(x, weight, bias, u, b, out_scale, scale: float, y):
                   num_warps=4, num_stages=1)
     elif not _autotuning():
         arch, smem, _ = _limits_of(x)
-        fb = _fallback(_gemm_keep(_GEMM_CONFIGS, arch, smem, M, N, BR, x.element_size()))
+        fb = _fallback(_gemm_keep(_GEMM_CONFIGS, arch, smem, M, N, BR, x.element_size(), store_z=z is not None))
     else:
         fb = {}
     _launch(_lowrank_fwd_gemm_kernel,

@@ -108,7 +108,8 @@ def test_memory_tiny_writes_json_csv_and_plot(memory_dir):
 
 def test_memory_claim_adapters_added_bytes(memory_dir):
     """All seven projections at r=16, dropout 0.1: fastpeft lamda adds at most 1/20 of the bytes HF
-    PEFT LoRA adds to the base model's saved activations, and fastpeft lora at most 0.6× of it."""
+    PEFT LoRA adds to the base model's saved activations, and fastpeft lora at most 0.6× of it;
+    fastpeft dora at most 0.5× of what HF PEFT DoRA adds."""
     rows = json.load(open(_one(memory_dir, "memory-*.json")))["rows"]
     added = {(r["method"], r["batch"], r["seq"]): r["added_bytes"] for r in rows if r["status"] == "ok"}
     points = {(b, s) for (m, b, s) in added if m == "peft-lora"}
@@ -120,6 +121,9 @@ def test_memory_claim_adapters_added_bytes(memory_dir):
         assert added[("fastpeft-lamda", b, s)] <= peft / 20, (b, s, added[("fastpeft-lamda", b, s)], peft)
         assert added[("fastpeft-lora_fa", b, s)] <= peft / 20, (b, s)
         assert added[("fastpeft-lora", b, s)] <= 0.6 * peft, (b, s, added[("fastpeft-lora", b, s)], peft)
+        # DoRA: the bytes fastpeft's DoRA adds are at most half of what HF PEFT's DoRA adds
+        peft_dora, ours = added[("peft-dora", b, s)], added[("fastpeft-dora", b, s)]
+        assert 0 < ours <= 0.5 * peft_dora, (b, s, ours, peft_dora)
 
 
 def test_memory_added_bytes_match_the_contract(memory_dir):

@@ -34,5 +34,5 @@ def test_demo_runs_and_reports(tmp_path, capsys):
 
 def test_demo_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit) as err:
-        demo.main(["--providers", "peft-lora,fastpeft-dora"])
-    assert err.value.code != 0 and "unknown provider 'fastpeft-dora'" in capsys.readouterr().err
+        demo.main(["--providers", "peft-lora,fastpeft-boft"])
+    assert err.value.code != 0 and "unknown provider 'fastpeft-boft'" in capsys.readouterr().err

@@ -237,3 +237,20 @@ def test_4bit_matches_peft_qdora():
         # to_linear merges DoRA exactly
         with torch.no_grad():
             assert_close_rel(ours.to_linear()(x), y, 1e-5, f"{quant_type} to_linear")
+
+
+def test_compiles_without_graph_break_and_opcheck():
+    layer = _dora_layer()
+    x = torch.randn(3, K, requires_grad=True)
+    with fastpeft.use_backend("torch"):
+        y0 = layer(x)
+        g0 = torch.autograd.grad(y0.sum(), [x, layer.lora_A, layer.lora_magnitude])
+        compiled = torch.compile(layer, fullgraph=True)
+        y1 = compiled(x)
+        g1 = torch.autograd.grad(y1.sum(), [x, layer.lora_A, layer.lora_magnitude])
+    assert_close_rel(y1, y0, 1e-6, "compiled y")
+    for a, b in zip(g1, g0):
+        assert_close_rel(a, b, 1e-6, "compiled grad")
+    args = (x.detach(), layer.weight, layer.bias, layer.lora_A.detach(), layer.lora_B.detach(),
+            torch.rand(D), 1.0, 0.1, torch.tensor(3), True, "torch")
+    torch.library.opcheck(torch.ops.fastpeft.dora_fwd.default, args)

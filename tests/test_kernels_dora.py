@@ -131,3 +131,56 @@ def test_training_step_allocates_nothing_weight_sized(four_bit):
             opt.step()
     big = [(n, f) for n, f in seen.sizes if n >= D * K]
     assert seen.sizes and not big, f"weight-sized tensors allocated: {big[:5]}"
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.float16, 4e-3)], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("train_m", [True, False], ids=["m-trains", "m-frozen"])
+def test_fused_op_with_dropout_matches_float64(dtype, tol, train_m):
+    """dora_linear through the fused kernels (row scale in the GEMM epilogue, Z stored only while m
+    trains), dropout on, a 3-D input: output and every gradient against float64 with the
+    kernels' own mask."""
+    from fastpeft.kernels import lowrank as L
+
+    gen = torch.Generator().manual_seed(3)
+    rnd = lambda *s, sc=1.0: (torch.randn(*s, generator=gen) * sc).to(DEVICE, dtype)
+    x = rnd(2, 9, K).requires_grad_(True)
+    w, bias = rnd(D, K, sc=K ** -0.5), rnd(D).requires_grad_(True)
+    a, b = rnd(R, K, sc=K ** -0.5).requires_grad_(True), rnd(D, R, sc=R ** -0.5).requires_grad_(True)
+    m = (torch.rand(D, generator=gen) + 0.5).to(DEVICE, dtype).requires_grad_(train_m)
+    p, seed, s = 0.2, 77, 0.75
+    with fastpeft.use_backend("triton"):
+        y = fastpeft.dora_linear(x, w, bias, a, b, m, scale=s, dropout_p=p, seed=seed)
+        g = torch.randn_like(y)
+        params = [x, bias, a, b] + ([m] if train_m else [])
+        got = torch.autograd.grad(y, params, g)
+    keep = L.dropout_keep_mask(seed, 18, K, p, DEVICE).reshape(2, 9, K).double() / (1 - p)
+    x64, w64, a64, b64 = x.double(), w.double(), a.double(), b.double()
+    n = torch.linalg.norm(w64 + s * b64 @ a64, dim=1).detach()
+    want = (m.double() / n) * (x64 @ w64.t() + s * ((x64 * keep) @ a64.t()) @ b64.t()) + bias.double()
+    assert_close_rel(y, want, tol, "y")
+    exp = torch.autograd.grad(want, params, g.double())
+    for name, got_g, exp_g in zip(["dx", "db", "dA", "dB", "dm"], got, exp):
+        assert_close_rel(got_g, exp_g, 2 * tol, name)
+
+
+@pytest.mark.parametrize("train_m", [True, False], ids=["m-trains", "m-frozen"])
+def test_saved_tensors_contract(train_m):
+    """Backward keeps x (A trains), T [M, r], the seed, the row scale [d], and Z [M, d] and the
+    inverse norm [d] only while the magnitude trains: nothing of size d × k, no dropped copy of x."""
+    from helpers import saved_tensors
+
+    layer = _layer(False, bias=True)
+    layer.train()
+    layer.dropout_p = 0.1
+    layer.lora_magnitude.requires_grad_(train_m)
+    x = torch.randn(16, K, device=DEVICE, requires_grad=True)
+    with fastpeft.use_backend("triton"), saved_tensors() as saved:
+        y = layer(x)
+    shapes = saved.shapes()
+    params = {p.data_ptr() for p in layer.parameters()}
+    own = sorted(tuple(t.shape) for t in saved.tensors if t.data_ptr() not in params)
+    # the row scale c [d]; while m trains also Z [M, d] and 1/n [d] (dc/dm)
+    want = sorted([(16, K), (16, R), (), (D,)] + ([(16, D), (D,)] if train_m else []))
+    assert own == want, shapes
+    assert any(t is x for t in saved.tensors)                   # the caller's x itself
+    y.sum().backward()

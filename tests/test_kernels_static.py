@@ -209,7 +209,8 @@ def test_integers_divisible_by_16_are_specialised():
             assert any(v % 16 and v > 1 for k, v in ints.items() if k != "seed")
 
 
-# -- DoRA's norm kernel (outside a training step's op: it runs when the adapter changes) ---------
+# -- DoRA's norm kernel (outside a training step's op: it runs when the adapter changes) and its
+# fused forward (the low-rank GEMM with the row-scale epilogue) ------------------------------
 
 _DORA_SCRIPT = textwrap.dedent("""
     import json, sys, torch
@@ -234,16 +235,28 @@ _DORA_SCRIPT = textwrap.dedent("""
                     except Exception:
                         pass
             jobs += [asdict(j) for j in captured]
+        # the fused forward: the low-rank GEMM with the row-scale epilogue, Z stored beside Y
+        for M, r in [(16, 16), (8192, 16), (8192, 64)]:
+            x, w = torch.empty(M, 4096, dtype=torch.bfloat16), torch.empty(4096, 4096, dtype=torch.bfloat16)
+            a, b = torch.empty(r, 4096, dtype=torch.bfloat16), torch.empty(4096, r, dtype=torch.bfloat16)
+            with _stand_in_device(arch), _aot.capture(arch) as captured:
+                try:
+                    dora.dora_fwd(x, w, torch.empty(4096, dtype=torch.bfloat16), a, b,
+                                  torch.empty(4096), 2.0, 0.1, 1, True)
+                except Exception:
+                    pass
+            jobs += [asdict(j) for j in captured]
     json.dump(jobs, sys.stdout)
 """)
 
 
 @pytest.mark.slow
-def test_dora_norm_kernel_compiles_clean():
+def test_dora_kernels_compile_clean():
     res = subprocess.run([sys.executable, "-c", _DORA_SCRIPT], capture_output=True, text=True, env=_aot.clean_env())
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = [_aot.AotJob(**j) for j in json.loads(res.stdout)]
-    assert {j.name for j in jobs} >= {"_dora_norm_kernel"} and {j.arch for j in jobs} == {80, 90}
+    assert {j.name for j in jobs} >= {"_dora_norm_kernel", "_lowrank_fwd_gemm_kernel"} and {j.arch for j in jobs} == {80, 90}
+    assert any(j.constexprs.get("HAS_ROW_SCALE") and j.constexprs.get("STORE_Z") for j in jobs)
     failures = []
     for job, result in zip(jobs, _aot.compile_kernels(jobs)):
         what = _problem_with_binary(job.arch, Problem(M=8192), job, result)

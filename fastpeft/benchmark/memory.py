@@ -2,7 +2,8 @@
 
 One step is forward (causal-LM loss), backward and an AdamW step, with all seven projections of
 every block (q, k, v, o, gate, up, down) adapted at the same rank, alpha and dropout, by HF PEFT
-LoRA (``get_peft_model`` with its defaults) and by fastpeft presets (``inject``). Per method,
+LoRA (``get_peft_model`` with its defaults) and by fastpeft presets (``inject``); DoRA rows
+(``peft-dora``: PEFT's ``use_dora=True``; ``fastpeft-dora``) compare with PEFT's DoRA. Per method,
 batch size and sequence length it reports:
 
 - **saved**: bytes autograd saves for backward (``saved_tensors_hooks``), each distinct storage
@@ -57,6 +58,8 @@ METHODS = {
     "fastpeft-lora": ("base", "fastpeft", "lora"),
     "fastpeft-lora_fa": ("base", "fastpeft", "lora_fa"),
     "fastpeft-lamda": ("base", "fastpeft", "lamda"),
+    "peft-dora": ("base", "peft", None),
+    "fastpeft-dora": ("base", "fastpeft", "dora"),
     "peft-qlora": ("base-4bit", "peft", None),
     "fastpeft-lora-4bit": ("base-4bit", "fastpeft", "lora"),
     "fastpeft-lamda-4bit": ("base-4bit", "fastpeft", "lamda"),
@@ -163,7 +166,7 @@ def adapt(model: nn.Module, method: str, r: int, alpha: float, dropout: float) -
     if provider == "peft":
         peft = optional_import("peft", "hf")
         config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=TARGETS,
-                                 task_type="CAUSAL_LM")
+                                 task_type="CAUSAL_LM", use_dora=method == "peft-dora")
         return peft.get_peft_model(model, config)
     import fastpeft
 
@@ -298,7 +301,8 @@ def _add_deltas(rows: list[dict]) -> None:
         row["added_bytes"] = row["saved_bytes"] - base["saved_bytes"] if base else None
     for row in (r for r in rows if r["status"] == "ok"):
         four_bit = row["method"] == "base-4bit" or METHODS.get(row["method"], ("base",))[0] == "base-4bit"
-        ref = ok.get(("peft-qlora" if four_bit else "peft-lora", row["batch"], row["seq"]))
+        ref_name = "peft-qlora" if four_bit else "peft-dora" if "dora" in row["method"] else "peft-lora"
+        ref = ok.get((ref_name, row["batch"], row["seq"]))
         added, ref_added = row["added_bytes"], ref["added_bytes"] if ref else None
         row["added_vs_peft"] = added / ref_added if added is not None and ref_added else None
         row["saved_mib"] = row["saved_bytes"] / MiB

@@ -15,6 +15,9 @@ fused kernels or the composed path as the dispatch table says). 4-bit providers:
 ``fastpeft-4bit-torch`` / ``fastpeft-4bit-triton`` (``fastpeft.lowrank_linear_4bit``), and
 ``fastpeft-4bit-triton-buffered``: the Triton backend with W dequantised into a transient dense
 buffer feeding the dense fused kernels (M > 16), the alternative to dequantising in registers.
+DoRA: ``peft-dora`` / ``bnb-4bit+peft-dora`` (PEFT's ``use_dora=True`` layer, which forms
+W + s·B·A every call) and ``fastpeft-dora`` / ``fastpeft-4bit-dora`` (``fastpeft.dora_linear``
+and ``dora_linear_4bit`` under the ``auto`` backend: the norm kernel and the fused op on a GPU).
 """
 
 from __future__ import annotations
@@ -89,10 +92,10 @@ def _build_floor(case: Case, device) -> Built:
     return Built(lambda x: F.linear(x, weight), [], [weight])
 
 
-def _peft_wrap(base: nn.Module, case: Case) -> nn.Module:
+def _peft_wrap(base: nn.Module, case: Case, use_dora: bool = False) -> nn.Module:
     peft = optional_import("peft", "hf")
     config = peft.LoraConfig(target_modules=["0"], r=case.r, lora_alpha=2 * case.r,
-                             lora_dropout=case.dropout)
+                             lora_dropout=case.dropout, use_dora=use_dora)
     wrapped = peft.get_peft_model(nn.Sequential(base), config)
     layer = wrapped.base_model.model[0]
     gen = torch.Generator().manual_seed(case.seed + 1)
@@ -102,13 +105,34 @@ def _peft_wrap(base: nn.Module, case: Case) -> nn.Module:
     return layer.train()
 
 
-def _build_peft(case: Case, device) -> Built:
+def _build_peft(case: Case, device, use_dora: bool = False) -> Built:
     linear = nn.Linear(case.k, case.d, bias=False, device=device, dtype=case.dtype)
     with torch.no_grad():
         linear.weight.copy_(_base_weight(case, device))
-    layer = _peft_wrap(linear, case).to(device=device, dtype=case.dtype)
+    layer = _peft_wrap(linear, case, use_dora).to(device=device, dtype=case.dtype)
     params = list(layer.parameters())
     return Built(layer, [p for p in params if p.requires_grad], params)
+
+
+def _dora_tensors(case: Case, device, weight_norm: torch.Tensor):
+    """(A, B, m, scale) of a DoRA adapter, random, trainable; m near the weight's row norms."""
+    gen = torch.Generator().manual_seed(case.seed + 2)
+    mk = lambda *s, scale: _rand(gen, *s, scale=scale, dtype=case.dtype, device=device).requires_grad_(True)
+    lora_a, lora_b = mk(case.r, case.k, scale=case.k ** -0.5), mk(case.d, case.r, scale=case.r ** -0.5)
+    magnitude = (weight_norm.float() * (1.0 + 0.1 * torch.randn(case.d, generator=gen).to(device))).to(case.dtype)
+    return lora_a, lora_b, magnitude.requires_grad_(True), 2.0
+
+
+def _build_fastpeft_dora(case: Case, device) -> Built:
+    import fastpeft
+
+    weight = _base_weight(case, device)
+    lora_a, lora_b, magnitude, scale = _dora_tensors(case, device, torch.linalg.vector_norm(weight, dim=1))
+
+    def forward(x):
+        return fastpeft.dora_linear(x, weight, None, lora_a, lora_b, magnitude, scale=scale, dropout_p=case.dropout)
+
+    return Built(forward, [lora_a, lora_b, magnitude], [weight, lora_a, lora_b, magnitude])
 
 
 def _adapter_tensors(case: Case, device):
@@ -120,6 +144,8 @@ def _adapter_tensors(case: Case, device):
     spec = config.spec
     if not spec.has_adapter:
         raise Skip(f"method {case.method!r} has no adapter branch")
+    if spec.magnitude:
+        raise Skip("DoRA is benchmarked by the fastpeft-dora and fastpeft-4bit-dora providers")
     gen = torch.Generator().manual_seed(case.seed + 2)
     r, k, d = case.r, case.k, case.d
     mk = lambda *s, scale, grad: _rand(gen, *s, scale=scale, dtype=case.dtype,
@@ -179,8 +205,8 @@ def _build_bnb(case: Case, device) -> Built:
     return Built(layer, [], list(layer.parameters()))
 
 
-def _build_bnb_peft(case: Case, device) -> Built:
-    layer = _peft_wrap(_bnb_linear4bit(case, device), case)
+def _build_bnb_peft(case: Case, device, use_dora: bool = False) -> Built:
+    layer = _peft_wrap(_bnb_linear4bit(case, device), case, use_dora)
     for name, p in layer.named_parameters():
         if "lora_" in name:
             p.data = p.data.to(device=device, dtype=case.dtype)
@@ -219,6 +245,21 @@ def _build_fastpeft_4bit(backend: str, buffered: bool = False):
     return build
 
 
+def _build_fastpeft_4bit_dora(case: Case, device) -> Built:
+    import fastpeft
+
+    packed, state = fastpeft.quantize_4bit(_base_weight(case, device), quant_type="nf4", blocksize=64,
+                                           compress_statistics=True)
+    norm = torch.linalg.vector_norm(fastpeft.dequantize_4bit(packed, state).float(), dim=1)
+    lora_a, lora_b, magnitude, scale = _dora_tensors(case, device, norm)
+
+    def forward(x):
+        return fastpeft.dora_linear_4bit(x, packed, state, None, lora_a, lora_b, magnitude, scale=scale,
+                                         dropout_p=case.dropout)
+
+    return Built(forward, [lora_a, lora_b, magnitude], [packed, lora_a, lora_b, magnitude])
+
+
 PROVIDERS: list[Provider] = [
     Provider("torch-linear", "dense", _build_floor, floor=True, adapter=False, per_rank=False),
     Provider("peft-lora", "dense", _build_peft),
@@ -226,11 +267,15 @@ PROVIDERS: list[Provider] = [
     Provider("fastpeft-triton", "dense", _build_fastpeft("triton")),
     Provider("fastpeft-cuda", "dense", _build_fastpeft("cuda")),
     Provider("fastpeft-auto", "dense", _build_fastpeft("auto")),
+    Provider("peft-dora", "dense", lambda case, device: _build_peft(case, device, use_dora=True)),
+    Provider("fastpeft-dora", "dense", _build_fastpeft_dora),
     Provider("bnb-4bit", "4bit", _build_bnb, adapter=False, per_rank=False),
     Provider("bnb-4bit+peft-lora", "4bit", _build_bnb_peft),
     Provider("fastpeft-4bit-torch", "4bit", _build_fastpeft_4bit("torch")),
     Provider("fastpeft-4bit-triton", "4bit", _build_fastpeft_4bit("triton")),
     Provider("fastpeft-4bit-triton-buffered", "4bit", _build_fastpeft_4bit("triton", buffered=True)),
+    Provider("bnb-4bit+peft-dora", "4bit", lambda case, device: _build_bnb_peft(case, device, use_dora=True)),
+    Provider("fastpeft-4bit-dora", "4bit", _build_fastpeft_4bit_dora),
 ]
 
 

@@ -156,7 +156,7 @@ def _memory_section(data: dict, readme_dir: str) -> list[str]:
                   f"alpha {settings.get('alpha', 0):g}, dropout {settings.get('dropout')}; one forward, backward "
                   f"and AdamW step. *total*: {settings.get('total')}. *added*: bytes saved for backward "
                   "beyond what the frozen base model saves for the same batch (each storage counted once); "
-                  "*x PEFT*: added over HF PEFT LoRA's added."]
+                  "*x PEFT*: added over HF PEFT LoRA's added (DoRA rows: over HF PEFT DoRA's)."]
     if ok:
         tokens = max(r["tokens"] for r in ok)
         top = [r for r in ok if r["tokens"] == tokens]

@@ -186,6 +186,8 @@ class LowRankLinear(nn.Module):
     def _weight_sq_norm(self) -> Tensor:
         """‖W_j‖² (fp32 [d]) of the base weight, cached while the weight is unchanged."""
         w = self.weight
+        if torch.compiler.is_compiling():   # traced: computed in the graph, not cached
+            return row_sq_norms(w)
         key = (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
         if self._w_sq_cache is None or self._w_sq_cache[0] != key:
             self._w_sq_cache = (key, row_sq_norms(w))

@@ -122,6 +122,8 @@ class LowRankLinear4bit(LowRankLinear):
         """‖W_j‖² (fp32 [d]) of the dequantised weight, cached while the packed weight and its
         quant state are unchanged (computed once, through a transient dense W)."""
         w, qs = self.weight, self.quant_state
+        if torch.compiler.is_compiling():   # traced: computed in the graph, not cached
+            return row_sq_norms(dequantize_4bit(w, qs))
         key = (w.data_ptr(), w._version, w.device, id(qs))
         if self._w_sq_cache is None or self._w_sq_cache[0] != key:
             self._w_sq_cache = (key, row_sq_norms(dequantize_4bit(w, qs)))

@@ -13,8 +13,13 @@ The norm never forms B·A nor W + s·B·A::
     n_j² = ‖W_j‖² + 2s·⟨B_j, (W Aᵀ)_j⟩ + s²·B_j (A Aᵀ) B_jᵀ
 
 ``‖W_j‖²`` is cached by the modules (W is frozen); W Aᵀ [d, r] is one skinny product, A Aᵀ is
-r × r. The fused path computes all of it in one pass over W (``fastpeft.kernels.dora``, the
-4-bit W dequantised in registers there): nothing of W's size is allocated.
+r × r. The Triton backend computes W Aᵀ and ‖W_j‖² in one pass over W (``fastpeft.kernels.dora``,
+the 4-bit W dequantised in registers there): nothing of W's size is allocated.
+
+Dense W, Triton backend: c is one more epilogue vector of the low-rank op's fused GEMM
+(``fastpeft::dora_fwd``): the accumulator X Wᵀ + s·T Bᵀ is scaled by c, the bias added after,
+Y written once (and Z beside it while m trains). The torch backend and the 4-bit W compose the
+low-rank op (without bias) with Y = c ⊙ Z + b.
 
 Backward (n a constant; dZ feeds the low-rank op's backward unchanged)::
 
@@ -49,9 +54,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
-from .lowrank import autocast_args, lowrank_linear
+from .lowrank import (_lowrank_bwd, apply_function, autocast_args, lowrank_fwd_torch, seed_tensor,
+                      validate_lowrank_args)
 
 __all__ = [
+    "DoraLinearFunction",
     "dora_linear",
     "dora_linear_4bit",
     "dora_norm",
@@ -61,7 +68,7 @@ __all__ = [
     "validate_magnitude",
 ]
 
-OP_NAME = "dora_norm"
+OP_NAME = "dora_linear"
 _CHUNK_ELEMS = 1 << 22
 
 
@@ -102,6 +109,14 @@ def dora_norm_torch(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float
 
 
 class _TorchBackend:
+    @staticmethod
+    def dora_fwd(x, weight, bias, lora_A, lora_B, row_scale, scale, dropout_p, seed, store_z):
+        """(Y, T, Z or None) on 2-D x: the low-rank op without bias, then Y = c ⊙ Z + b."""
+        z, t = lowrank_fwd_torch(x, weight, None, lora_A, lora_B, None, None, scale, dropout_p, seed, None)
+        c = row_scale.to(z.dtype)
+        y = z * c if bias is None else torch.addcmul(bias, z, c)
+        return y, t, z if store_z else None
+
     @staticmethod
     def dora_norm(weight, lora_A, lora_B, scale, weight_sq_norm=None):
         return dora_norm_torch(weight, lora_A, lora_B, scale, weight_sq_norm)
@@ -145,6 +160,78 @@ def dora_row_scale(magnitude: Tensor, norm: Tensor) -> Tensor:
     """c = m / n in fp32, differentiable in m (n a constant); c_j = 0 where n_j = 0."""
     inv = torch.where(norm > 0, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
     return magnitude.to(_acc(magnitude.dtype)) * inv
+
+
+# --------------------------------------------------------------------------------------------
+# The op: the low-rank op with the row scale c in its GEMM epilogue, and its autograd.
+# --------------------------------------------------------------------------------------------
+
+def _dora_fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                   row_scale: Tensor, scale: float, dropout_p: float, seed: Tensor, store_z: bool,
+                   backend: str) -> list[Tensor]:
+    impl = _backend.get_impl(OP_NAME, backend if x.shape[0] else "torch")
+    y, t, z = impl.dora_fwd(x, weight, bias, lora_A, lora_B, row_scale, float(scale), float(dropout_p),
+                            int(seed), bool(store_z))
+    return [y, t, z if z is not None else x.new_empty(0)]
+
+
+def _dora_fwd_fake(x, weight, bias, lora_A, lora_B, row_scale, scale, dropout_p, seed, store_z, backend):
+    M, d = x.shape[0], weight.shape[0]
+    return [x.new_empty(M, d), x.new_empty(M, lora_A.shape[0]), x.new_empty((M, d) if store_z else (0,))]
+
+
+_dora_fwd = _backend.custom_op("fastpeft::dora_fwd", _dora_fwd_impl, _dora_fwd_fake)
+
+
+class DoraLinearFunction(torch.autograd.Function):
+    """Autograd of ``Y = c ⊙ (X Wᵀ + s·(D(X) Aᵀ) Bᵀ) + b`` for a given row scale c [d] (fp32).
+
+    Backward: dZ = dY ⊙ c feeds the low-rank op's backward (``fastpeft::lowrank_bwd``: dX, dA,
+    dB as derived in :mod:`fastpeft.ops.lowrank`); dc = Σ_rows dY ⊙ Z; db = Σ_rows dY;
+    dW = dZᵀ X. Saved: the low-rank op's contract (x only when A or W trains, T, the seed), c,
+    and Z [M, d] only when c needs a gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, row_scale, scale, dropout_p, seed, backend):
+        needs = getattr(ctx, "needs_input_grad", None)
+        store_z = bool(needs and needs[5])
+        x2d = x.reshape(-1, x.shape[-1])
+        y, t, z = _dora_fwd(x2d, weight, bias, lora_A, lora_B, row_scale, scale, dropout_p, seed, store_z,
+                            backend)
+        keep_x = bool(needs and (needs[1] or needs[3]))
+        ctx.save_for_backward(x if keep_x else None, weight, lora_A, lora_B, row_scale, t,
+                              z if store_z else None, seed)
+        ctx.scale, ctx.dropout_p, ctx.backend, ctx.has_bias = scale, dropout_p, backend, bias is not None
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, lora_A, lora_B, row_scale, t, z, seed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_x, need_w, need_bias, need_A, need_B, need_c = (
+            need[0], need[1], need[2] and ctx.has_bias, need[3], need[4], need[5])
+        grad_y = grad_out.reshape(-1, grad_out.shape[-1])
+        grads = [None] * 10
+        if need_x or need_w or need_A or need_B:
+            grad_z = (grad_y * row_scale.to(grad_y.dtype)).contiguous()               # dZ = dY ⊙ c
+            x2d = x.reshape(-1, x.shape[-1]) if x is not None else None
+            needs = [need_x, need_A, need_B, False, False, False]
+            if need_x or need_A or need_B:
+                out = _lowrank_bwd(grad_z, x2d if need_A else None, weight, t, lora_A, lora_B, None, None,
+                                   ctx.scale, ctx.dropout_p, seed, None, needs, ctx.backend,
+                                   torch.are_deterministic_algorithms_enabled())
+                dx, d_a, d_b = (g if n else None for g, n in zip(out[:3], needs[:3]))
+                if dx is not None:
+                    dx = dx.reshape(grad_out.shape[:-1] + (weight.shape[1],))
+                grads[0], grads[3], grads[4] = dx, d_a, d_b
+            if need_w:
+                grads[1] = grad_z.t() @ x2d                                          # dW = dZᵀ X
+        if need_c:                                                                    # dc = Σ dY ⊙ Z
+            acc = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
+            grads[5] = (grad_y.to(acc) * z.to(acc)).sum(0).to(row_scale.dtype)
+        if need_bias:
+            grads[2] = grad_y.sum(0)                                                  # db = Σ dY
+        return tuple(grads)
 
 
 def validate_magnitude(magnitude, d: int, x: Tensor) -> None:
@@ -194,12 +281,18 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     """
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    validate_magnitude(magnitude, weight.shape[0] if weight.dim() == 2 else -1, x)
-    z = lowrank_linear(x, weight, None, lora_A, lora_B, scale=scale, dropout_p=dropout_p, seed=seed)
-    xa, wa, la, lb, bias = autocast_args(x, weight, lora_A, lora_B, bias)
+    x, weight, bias, lora_A, lora_B = autocast_args(x, weight, bias, lora_A, lora_B)
+    validate_lowrank_args(x, weight.shape, weight.dtype, weight.device, bias, lora_A, lora_B, None, None,
+                          scale, dropout_p, None, seed)
+    validate_magnitude(magnitude, weight.shape[0], x)
+    backend = _backend.resolve_backend(OP_NAME, x.device)
     if norm is None:
-        norm = dora_norm(wa, la, lb, scale, weight_sq_norm=weight_sq_norm)
-    return _scaled(z, dora_row_scale(magnitude, norm), bias)
+        norm = dora_norm(weight, lora_A, lora_B, scale, weight_sq_norm=weight_sq_norm)
+    row_scale = dora_row_scale(magnitude, norm)
+    if row_scale.dtype != torch.float64:
+        row_scale = row_scale.float()
+    return apply_function(DoraLinearFunction, x, weight, bias, lora_A, lora_B, row_scale, float(scale),
+                          float(dropout_p), seed_tensor(seed, float(dropout_p)), backend)
 
 
 def dora_linear_4bit(x: Tensor, packed: Tensor, quant_state, bias: Optional[Tensor], lora_A: Tensor,
