@@ -13,34 +13,42 @@ message naming the flag.
 from __future__ import annotations
 
 import argparse
+import logging
+import re
 import sys
 from typing import Optional, Sequence
 
 __all__ = ["main", "build_parser"]
 
 
+def plain(text: str) -> str:
+    """Docstring text for a terminal: reST markup (``code``, :func:`name`) as plain words."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    return " ".join(text.replace("``", "").split())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command (the heavy modules are imported only when one runs)."""
     from .benchmark import lowrank, memory, readme
 
-    parser = argparse.ArgumentParser(prog="fastpeft", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n")[1])
+    # the subcommand list below names each command once; the epilog only says how to get flags
+    parser = argparse.ArgumentParser(prog="fastpeft", description=plain(__doc__.split("\n\n")[0]),
+                                     epilog=plain(__doc__.split("\n\n")[2]))
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.required = True
     sub.add_parser("demo", add_help=False, help="the fine-tuning tour (flags: fastpeft demo --help)")
     bench = sub.add_parser("bench", help="low-rank layer microbenchmarks",
-                           description=lowrank.__doc__.split("\n\n")[0])
+                           description=plain(lowrank.__doc__.split("\n\n")[0]))
     lowrank.add_arguments(bench)
     mem = sub.add_parser("memory", help="peak memory of one training step",
-                         description=memory.__doc__.split("\n\n")[0])
+                         description=plain(memory.__doc__.split("\n\n")[0]))
     memory.add_arguments(mem)
     report = sub.add_parser("report", help="regenerate the README's results section",
-                            description=readme.__doc__.split("\n\n")[0])
+                            description=plain(readme.__doc__.split("\n\n")[0]))
     readme.add_arguments(report)
     from .kernels import inspect as inspect_kernels
     insp = sub.add_parser("inspect", help="the binaries a training step or decode call would run, compiled "
-                          "for sm_80/sm_90 without a GPU", description=inspect_kernels.__doc__.split("\n\n")[0])
+                          "for sm_80/sm_90 without a GPU", description=plain(inspect_kernels.__doc__.split("\n\n")[0]))
     inspect_kernels.add_arguments(insp)
     return parser
 
@@ -48,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``fastpeft`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # bitsandbytes (imported by peft) logs CPU notices at import that read as our failures
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":

@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import random
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn as nn
@@ -108,8 +110,9 @@ def _saved_bytes(fn) -> int:
     return out, storages
 
 
-def run(name: str, args, encoder, batches, eval_batch, device) -> dict:
-    """Fine-tune a copy of ``encoder`` adapted by ``name``; returns the measured row."""
+def run(name: str, args, encoder, batches, eval_batch, device, bar=None) -> dict:
+    """Fine-tune a copy of ``encoder`` adapted by ``name``; returns the measured row (``bar``:
+    a progress bar advanced once per step)."""
     torch.manual_seed(args.seed)
     model = Classifier(_adapt(name, copy.deepcopy(encoder), args)).to(device)
     for p in model.head.parameters():
@@ -132,6 +135,9 @@ def run(name: str, args, encoder, batches, eval_batch, device) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
+        if bar is not None:
+            bar.set_postfix_str(f"{name} loss {losses[-1]:.3f}")
+            bar.update(1)
         if step == 0:
             saved = sum(s.nbytes() for ptr, s in ((p, t.untyped_storage()) for p, t in storages.items())
                         if ptr not in param_ptrs)
@@ -146,7 +152,8 @@ def run(name: str, args, encoder, batches, eval_batch, device) -> dict:
             trainable += p.numel()
     tail = losses[-5:]
     return {"provider": name, "trainable_params": trainable, "saved_for_backward_bytes": saved,
-            "step_ms": 1000 * statistics.median(times[1:] or times), "first_loss": losses[0],
+            "step_ms": 1000 * statistics.median(times[1:] or times), "step_spread": _spread(times[1:] or times),
+            "first_loss": losses[0],
             "final_loss": sum(tail) / len(tail), "eval_accuracy": accuracy, "lr": lr}
 
 
@@ -161,21 +168,65 @@ def _table(rows) -> str:
     return "\n".join(lines)
 
 
+def _spread(times) -> float:
+    """q80 / q20 of the step times (1 = steady)."""
+    if len(times) < 3:
+        return 1.0
+    q = statistics.quantiles(times, n=5, method="inclusive")
+    return q[3] / q[0] if q[0] > 0 else float("inf")
+
+
+def _busy() -> str:
+    """Why CPU step times cannot be trusted right now ("" when they can): a load average above
+    the CPU count means other processes share the cores."""
+    try:
+        load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    except (AttributeError, OSError):
+        return ""
+    return f"load average {load:.1f} on {cpus} CPUs" if load > cpus else ""
+
+
+# the short tour (default) and today's longer one (--full): steps, batch size, held-out sentences
+SIZES = {"quick": (12, 16, 128), "full": (30, 32, 256)}
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fastpeft demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=30, help="optimiser steps per provider")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--dropout", type=float, default=0.1)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(prog="fastpeft demo", description=__doc__.split("\n\n")[0].replace("``", ""))
+    parser.add_argument("--full", action="store_true",
+                        help="the longer tour: %d steps of batch %d, %d held-out sentences (default: %d steps of "
+                             "batch %d, %d sentences)" % (SIZES["full"] + SIZES["quick"]))
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps per provider (overrides --full)")
+    parser.add_argument("--batch-size", type=int, default=None, help="sentences per step (overrides --full)")
+    parser.add_argument("--r", type=int, default=8, help="adapter rank (default 8)")
+    parser.add_argument("--dropout", type=float, default=0.1, help="adapter dropout in [0, 1) (default 0.1)")
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="AdamW learning rate (default 1e-3; 3x for LaMDA and VeRA, which train few numbers)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sentences and the adapters (default 0)")
     parser.add_argument("--providers", default="peft-lora,fastpeft-lora,fastpeft-lora_fa,fastpeft-lamda,fastpeft-vera",
                         help="comma-separated: peft-lora and fastpeft-<method>")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--no-progress", action="store_true", help="no per-step progress bar")
     args = parser.parse_args(argv)
+    steps, batch_size, eval_size = SIZES["full" if args.full else "quick"]
+    args.steps = steps if args.steps is None else args.steps
+    args.batch_size = batch_size if args.batch_size is None else args.batch_size
     if args.steps < 2 or args.batch_size < 1 or args.r < 1:
         parser.error("--steps must be >= 2, --batch-size and --r >= 1")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout:g}")
+    if not args.lr > 0:
+        parser.error(f"--lr must be positive, got {args.lr:g}")
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        parser.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda but no GPU is visible to torch")
+    if args.json:
+        from .benchmark.runner import writable_folder
+        problem = writable_folder(os.path.dirname(os.path.abspath(args.json)), "--json's folder")
+        if problem:
+            parser.error(problem)
     device = torch.device(args.device)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     from .config import METHODS
@@ -183,9 +234,12 @@ def main(argv=None) -> int:
         if p != "peft-lora" and not (p.startswith("fastpeft-") and p[9:] in METHODS):
             parser.error(f"unknown provider {p!r}: use peft-lora or fastpeft-<method>, method in {sorted(METHODS)}")
 
+    started = time.perf_counter()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)   # imported by peft; its CPU notices are not ours
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecations peft triggers
     encoder, tokenizer = load_encoder()
     texts, labels = make_task(args.steps * args.batch_size, args.seed)
-    eval_texts, eval_labels = make_task(256, args.seed + 1)
+    eval_texts, eval_labels = make_task(eval_size, args.seed + 1)
 
     def encode(t, y):
         enc = tokenizer(t, padding=True, return_tensors="pt")
@@ -194,15 +248,33 @@ def main(argv=None) -> int:
     batches = [encode(texts[i:i + args.batch_size], labels[i:i + args.batch_size])
                for i in range(0, len(texts), args.batch_size)]
     eval_batch = encode(eval_texts, eval_labels)
-    print(f"fine-tuning all-MiniLM-L6-v2 (22.7M parameters) on {device}: {args.steps} steps, batch "
-          f"{args.batch_size}, r={args.r}, dropout={args.dropout}, all attention and MLP Linear layers adapted")
+    print(f"fine-tuning all-MiniLM-L6-v2 (22.7M parameters, loaded offline) on {device}, every attention and "
+          f"MLP Linear layer adapted (r={args.r}, dropout={args.dropout:g}) plus a linear head")
+    print(f"task: is a generated review-like sentence positive or negative? Negations flip a clause, and in "
+          f"\"A, but B\" the clause B decides (e.g. \"{texts[0]}\" -> {'positive' if labels[0] else 'negative'})")
+    print(f"train: {args.steps} steps of {args.batch_size} fresh sentences per provider; evaluate: accuracy on "
+          f"{eval_size} held-out sentences (another seed)")
+    busy = _busy() if device.type == "cpu" else ""
+    if busy:
+        print(f"note: this machine is busy ({busy}): the step times below are unreliable")
+    from .benchmark.runner import progress
     rows = []
-    for name in providers:
-        rows.append(run(name, args, encoder, batches, eval_batch, device))
-        print(f"  {name}: done ({rows[-1]['step_ms']:.0f} ms/step)", flush=True)
+    bar = progress(len(providers) * args.steps, "fastpeft demo", enabled=not args.no_progress)
+    try:
+        for name in providers:
+            start = time.perf_counter()
+            rows.append(run(name, args, encoder, batches, eval_batch, device, bar))
+            print(f"  {name}: {time.perf_counter() - start:.1f} s ({rows[-1]['step_ms']:.0f} ms/step)", flush=True)
+    finally:
+        bar.close()
     print()
     print(_table(rows))
+    unsteady = [r["provider"] for r in rows if r["step_spread"] > 1.5]
+    if device.type == "cpu" and (unsteady or busy):
+        why = busy or "step times varied by more than 1.5x within " + ", ".join(unsteady)
+        print(f"\nwarning: {why}; the step column is not a fair comparison on this run")
     print(f"\n(step times are {device.type.upper()} timings of this machine, not kernel benchmarks)")
+    print(f"total time: {time.perf_counter() - started:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(device), "args": vars(args), "rows": rows}, f, indent=2)

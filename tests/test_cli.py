@@ -368,3 +368,47 @@ def test_sanitize_program_runs_every_kernel_under_the_interpreter():
     proc = subprocess.run([sys.executable, script, "--smoke", "--device", "cpu"], capture_output=True,
                           text=True, timeout=120, env=env)
     assert proc.returncode == 2 and "TRITON_INTERPRET=1" in proc.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "--shapes", "100000000x100000000"], "choose a smaller --shapes or --M"),
+    (["memory", "--batch-sizes", "1000000"], "choose a smaller --batch-sizes or --seq-lens"),
+    (["bench", "--out", "/proc/no-such-folder"], "is not a writable folder"),
+], ids=["bench-huge-shape", "memory-huge-batch", "bench-unwritable-out"])
+def test_refused_before_the_run(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert not list(tmp_path.rglob("*.json"))      # nothing ran, nothing written
+
+
+def test_help_is_plain_text_and_lists_commands_once(capsys):
+    for argv in (["--help"], ["bench", "--help"], ["memory", "--help"], ["report", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        out = capsys.readouterr().out
+        assert "``" not in out and ":func:" not in out
+        if argv == ["--help"]:
+            assert out.count("regenerate the README") == 1
+
+
+def test_every_flag_has_help_text():
+    import argparse
+
+    from fastpeft.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        for action in parser._actions:
+            assert action.help, f"fastpeft {name} {action.option_strings} has no help text"
+
+
+def test_demo_flags_refused_up_front(capsys):
+    from fastpeft import demo
+    for argv, message in ((["--dropout", "5"], "--dropout must be in [0, 1)"), (["--lr", "0"], "--lr"),
+                          (["--json", "/proc/x/y.json"], "writable")):
+        with pytest.raises(SystemExit) as exc:
+            demo.main(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err

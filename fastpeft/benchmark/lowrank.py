@@ -25,11 +25,11 @@ from typing import Optional
 import torch
 
 from .providers import PROVIDERS, Built, Case, Provider, bytes_moved, flops
-from .runner import (SavedBytes, Skip, add_common_arguments, cache_bytes, environment, format_table, num_threads,
+from .runner import (SavedBytes, Skip, add_common_arguments, cache_bytes, environment, fits_in_memory, format_table, num_threads,
                      progress, resolve_device, time_fn, validate_common, write_results)
 
 __all__ = ["LLAMA_SHAPES", "MODES", "add_arguments", "validate", "make_cases", "input_sets", "step_function",
-           "measure", "run", "main_table"]
+           "measure", "run", "main_table", "case_bytes"]
 
 LLAMA_SHAPES = [(4096, 4096), (4096, 1024), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]
 CPU_SHAPES = [(512, 512), (512, 128), (512, 1376), (1376, 512)]
@@ -100,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--r", type=_int_list, default=None, help="ranks, swept at M=4096 (CPU: 256)")
     parser.add_argument("--dtype", type=_choice_list(list(DTYPES)), default=None,
                         help="fp32, fp16, bf16 (default: bf16 on a GPU, fp32 on a CPU)")
-    parser.add_argument("--modes", type=_choice_list(MODES), default=list(MODES))
+    parser.add_argument("--modes", type=_choice_list(MODES), default=list(MODES),
+                        help="comma-separated subset of fwd, bwd, fwd+bwd (default all)")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop starting new cases after this long (the rest are skipped rows)")
     parser.add_argument("--update-dispatch", nargs="?", const="", default=None, metavar="RESULTS",
@@ -130,7 +131,20 @@ def validate(args) -> Optional[str]:
             return f"--providers {','.join(bad)} run only with --op mixed"
         if args.adapters is not None:
             return "--adapters is a flag of --op mixed"
-    return _validate_dispatch(args) or validate_common(args)
+    problem = _validate_dispatch(args) or validate_common(args)
+    if problem or "mixed" in args.op or args.update_dispatch:   # a results file: nothing runs
+        return problem
+    device = resolve_device(args.device, "fastpeft bench")
+    largest = max(make_cases(args, device), key=case_bytes)
+    return fits_in_memory(case_bytes(largest), device, f"the case M={largest.M}, k->d={largest.k}x{largest.d}",
+                          "--shapes or --M")
+
+
+def case_bytes(case: Case) -> int:
+    """An estimate of the memory one case holds: two copies of W (a provider's own and the
+    floor's), up to 8 rotated input sets, and a step's activations and gradients (y, dx, mask)."""
+    e = torch.finfo(case.dtype).bits // 8
+    return e * (2 * case.k * case.d + case.M * (case.k + case.d) * (8 + 4))
 
 
 def _validate_dispatch(args) -> Optional[str]:
@@ -207,7 +221,7 @@ def measure(provider: Provider, case: Case, device: torch.device, modes=MODES,
             continue
         seconds = timing.ms * 1e-3
         rows.append({**base, "mode": mode, "status": "ok", "reason": None, "ms": timing.ms,
-                     "ms_q20": timing.q20, "ms_q80": timing.q80,
+                     "ms_q20": timing.q20, "ms_q80": timing.q80, "samples": timing.samples,
                      "tflops": flops(provider, case, mode) / seconds / 1e12,
                      "gbps": bytes_moved(provider, case, mode) / seconds / 1e9, **extra})
     del built, sets
@@ -268,6 +282,9 @@ def _add_ratios(rows: list[dict]) -> None:
         if row["status"] == "ok":
             floor = floors.get((row["M"], row["k"], row["d"], row["dtype"], row["mode"]))
             row["ratio"] = row["ms"] / floor if floor else None
+            # an adapter layer cannot beat its own base GEMM: below 1 the timing is noise
+            row["below_floor"] = bool(row["ratio"] is not None and row["ratio"] < 1.0
+                                      and row["provider"] != "torch-linear")
 
 
 def main_table(rows: list[dict]) -> str:
@@ -281,6 +298,12 @@ def main_table(rows: list[dict]) -> str:
             notes[key] = notes.get(key, 0) + 1
     for (name, status, reason), count in notes.items():
         lines.append(f"{status}: {name}: {reason} ({count} rows)")
+    below = [r for r in rows if r.get("below_floor")]
+    if below:
+        lines.append(f"warning: {len(below)} rows run faster than the floor (ratio < 1), which no adapter layer "
+                     "can: timing noise (a busy machine?); rerun before reading ratios: "
+                     + ", ".join(f"{r['provider']} M={r['M']} {r['shape']} {r['mode']} ({r['ratio']:.2f}x)"
+                                 for r in below[:5]))
     return "\n".join(lines)
 
 

@@ -32,11 +32,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .runner import (SavedBytes, Skip, add_common_arguments, environment, format_table, num_threads,
+from .runner import (SavedBytes, Skip, add_common_arguments, environment, fits_in_memory, format_table, num_threads,
                      optional_import, progress, resolve_device, validate_common, write_results)
 
 __all__ = ["PRESETS", "METHODS", "TARGETS", "add_arguments", "validate", "build_model", "adapt",
-           "measure_step", "profile", "run"]
+           "measure_step", "profile", "run", "step_bytes"]
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # LlamaConfig fields, and the default (batch sizes, sequence lengths), per preset
@@ -96,10 +96,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a local Llama-like causal-LM folder instead of a preset")
     parser.add_argument("--methods", type=_methods, default=list(METHODS),
                         help="comma-separated subset of: " + ", ".join(METHODS))
-    parser.add_argument("--batch-sizes", type=_int_list, default=None)
-    parser.add_argument("--seq-lens", type=_int_list, default=None)
-    parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--alpha", type=float, default=32.0)
+    parser.add_argument("--batch-sizes", type=_int_list, default=None,
+                        help="comma-separated batch sizes (default: the preset's, e.g. 1,2,4)")
+    parser.add_argument("--seq-lens", type=_int_list, default=None,
+                        help="comma-separated sequence lengths (default: the preset's, e.g. 64,128)")
+    parser.add_argument("--r", type=int, default=16, help="adapter rank of every method (default 16)")
+    parser.add_argument("--alpha", type=float, default=32.0, help="adapter alpha (default 32)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="model dtype (default: bf16 on a GPU, fp32 on a CPU)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps for tokens/s (default 2)")
@@ -114,7 +116,27 @@ def validate(args) -> Optional[str]:
         return f"--steps must be >= 1, got {args.steps}"
     if args.model is not None and not os.path.isdir(args.model):
         return f"--model {args.model!r} is not a folder with a model (config.json and weights)"
-    return validate_common(args)
+    problem = validate_common(args)
+    if problem or args.model is not None:
+        return problem
+    device = resolve_device(args.device, "fastpeft memory")
+    fields, batches, seqs = PRESETS[args.preset]
+    batch, seq = max(args.batch_sizes or batches), max(args.seq_lens or seqs)
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    return fits_in_memory(step_bytes(fields, batch, seq, dtype), device,
+                          f"one training step of preset {args.preset!r} at batch {batch} x sequence {seq}",
+                          "--batch-sizes or --seq-lens")
+
+
+def step_bytes(fields: dict, batch: int, seq: int, dtype) -> int:
+    """A lower estimate of one training step's memory for a preset: the parameters, and per token
+    the activations of each block (about 16 hidden-size and 3 intermediate-size vectors), the
+    attention scores (heads x sequence) and the logits with their gradient."""
+    e = torch.finfo(dtype).bits // 8
+    h, i, layers = fields["hidden_size"], fields["intermediate_size"], fields["num_hidden_layers"]
+    params = layers * (4 * h * h + 3 * h * i) + 2 * fields["vocab_size"] * h
+    per_token = layers * (16 * h + 3 * i + fields["num_attention_heads"] * seq) + 2 * fields["vocab_size"]
+    return e * (params + batch * seq * per_token)
 
 
 # -- models -------------------------------------------------------------------------------------

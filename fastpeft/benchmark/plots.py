@@ -13,7 +13,7 @@ from collections import Counter
 
 from .runner import Skip, optional_import
 
-__all__ = ["plot_bench", "plot_memory", "plot_mixed"]
+__all__ = ["style", "plot_bench", "plot_memory", "plot_mixed"]
 
 
 def _pyplot():
@@ -26,7 +26,7 @@ def _pyplot():
 def _grid(plt, n: int, title: str, width: float = 4.6, height: float = 3.4):
     cols = min(3, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(max(7.0, width * cols), height * rows + 0.8),
+    fig, axes = plt.subplots(rows, cols, figsize=(max(7.0, width * cols), height * rows + 0.8), layout="constrained",
                              squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
@@ -47,8 +47,37 @@ def _ticks(ax, values) -> None:
     ax.xaxis.set_minor_locator(__import__("matplotlib").ticker.NullLocator())
 
 
+# one colour, marker and line style per series name in every figure (names in a fixed order
+# first, then others by a stable hash); curves that coincide stay visible through their markers
+_KNOWN = ["torch-linear", "peft-lora", "fastpeft-torch", "fastpeft-triton", "fastpeft-cuda", "bnb-4bit",
+          "bnb-4bit+peft-lora", "fastpeft-4bit-torch", "fastpeft-4bit-triton", "fastpeft-4bit-triton-buffered",
+          "base", "base-4bit", "fastpeft-lora", "fastpeft-lora_fa", "fastpeft-lamda", "peft-qlora",
+          "fastpeft-lora-4bit", "fastpeft-lamda-4bit", "peft-mixed", "fastpeft-mixed", "loop"]
+_COLORS = ["#4d4d4d", "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+           "#bcbd22", "#ff7f0e", "#7f7f7f", "#aec7e8", "#ff9896", "#98df8a", "#c5b0d5", "#c49c94",
+           "#f7b6d2", "#9edae5", "#dbdb8d", "#ffbb78", "#393b79"]
+_MARKERS = ["o", "s", "^", "v", "D", "P", "X", "<", ">", "*", "h"]
+_LINES = ["-", "--", "-.", ":"]
+
+
+def style(name: str) -> dict:
+    """matplotlib keywords of series ``name``: the same in every figure."""
+    base = name.split(" (")[0]
+    if base in _KNOWN:
+        i = _KNOWN.index(base)
+    else:
+        i = len(_KNOWN) + sum(base.encode()) % 97
+    return {"color": _COLORS[i % len(_COLORS)], "marker": _MARKERS[i % len(_MARKERS)],
+            "linestyle": _LINES[(i // 2) % len(_LINES)] if base != "torch-linear" else "-",
+            "markersize": 5, "markerfacecolor": "none", "linewidth": 1.4, "label": name}
+
+
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, framealpha=0.85)
+
+
 def _save(fig, path: str) -> str:
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.savefig(path, dpi=110)
     import matplotlib.pyplot as plt
     plt.close(fig)
@@ -99,7 +128,7 @@ def plot_bench(rows: list[dict], meta: dict, stem: str) -> list[str]:
             for label, points in series.items():
                 points = sorted(p for p in points if p[1] is not None)
                 if points:
-                    ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+                    ax.plot(*zip(*points), **style(label))
                     xs += [p[0] for p in points]
             if floor_line:
                 ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
@@ -111,7 +140,7 @@ def plot_bench(rows: list[dict], meta: dict, stem: str) -> list[str]:
             ax.set_xlabel(x_key)
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=6)
+            _legend(ax)
         return fig
 
     fig = draw("time vs M", "M", lambda r: r["r"] in (None, r0), lambda r: r["ms"], f"ms (r={r0})")
@@ -134,12 +163,11 @@ def plot_memory(rows: list[dict], meta: dict, stem: str) -> list[str]:
         return []
     ok, plt = measured
     seqs = sorted({r["seq"] for r in ok})
-    fig, axes = plt.subplots(2, len(seqs), figsize=(max(7.0, 5 * len(seqs)), 8), squeeze=False)
+    fig, axes = plt.subplots(2, len(seqs), figsize=(max(7.0, 5 * len(seqs)), 8), squeeze=False, layout="constrained")
     total = "peak allocated" if meta.get("device") == "cuda" else "saved + params + grads + AdamW state (CPU)"
     fig.suptitle(f"Memory of one training step vs batch size\n{meta.get('device_name')}, "
                  f"{meta.get('timestamp', '')[:10]}, torch {meta.get('torch')}", fontsize=10)
     methods = list(dict.fromkeys(r["method"] for r in ok))
-    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     for col, seq in enumerate(seqs):
         for row_i, (key, label) in enumerate((("total_mib", f"MiB: {total}"),
                                               ("added_mib", "MiB the adapters add to saved activations"))):
@@ -150,16 +178,14 @@ def plot_memory(rows: list[dict], meta: dict, stem: str) -> list[str]:
                 points = sorted((r["batch"], r[key]) for r in ok
                                 if r["method"] == method and r["seq"] == seq and r.get(key) is not None)
                 if points:
-                    style = "--" if method.endswith("4bit") or method == "peft-qlora" else "-"
-                    ax.plot(*zip(*points), style, marker="o", markersize=3, label=method,
-                            color=colors[method])
+                    ax.plot(*zip(*points), **style(method))
             ax.set_xscale("log", base=2)
             _ticks(ax, [r["batch"] for r in ok])
             ax.set_xlabel("batch size")
             ax.set_ylabel(label, fontsize=8)
             ax.set_title(f"sequence length {seq}", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=6)
+            _legend(ax)
     return [_save(fig, f"{stem}.png")]
 
 
@@ -182,7 +208,7 @@ def plot_mixed(rows: list[dict], meta: dict, stem: str) -> list[str]:
         xs = []
         for label, points in series.items():
             points = sorted(points)
-            ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+            ax.plot(*zip(*points), **style(label))
             xs += [p[0] for p in points]
         ax.set_xscale("log", base=2)
         _ticks(ax, xs)
@@ -190,5 +216,5 @@ def plot_mixed(rows: list[dict], meta: dict, stem: str) -> list[str]:
         ax.set_title(f"k->d = {shape.replace('x', ' -> ')}, M = {m}, r = {rank}", fontsize=9)
         ax.set_xlabel("adapters in the batch", fontsize=8)
         ax.set_ylabel("ms per forward", fontsize=8)
-        ax.legend(fontsize=7)
+        _legend(ax)
     return [_save(fig, f"{stem}-time_vs_adapters.png")]

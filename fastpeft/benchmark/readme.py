@@ -110,6 +110,13 @@ def _bench_section(data: dict, readme_dir: str) -> list[str]:
         table = _bench_table([r for r in ok if r["mode"] == mode], op)
         if table:
             lines += ["", f"{'Dense' if op == 'dense' else '4-bit (NF4)'} base weight:", ""] + table
+    noisy = _noisy(ok)
+    if noisy:
+        note = (f"{len(noisy)} of {len(ok)} measured rows are noisy (a ratio below the floor, a 20-80 % "
+                f"range wider than half the median, or fewer than 5 timed samples), e.g. "
+                + ", ".join(f"{r['provider']} M={r['M']} {r['shape']} {r['mode']}" for r in noisy[:3]))
+        print(f"fastpeft report: warning: {data['_path']}: {note}; rerun on a quiet machine", file=sys.stderr)
+        lines += ["", f"**Noisy run.** {note}: read these ratios with care."]
     notes = Counter((r["provider"], r["status"], r["reason"]) for r in rows if r["status"] != "ok")
     if notes:
         lines += ["", "Not measured: " + "; ".join(
@@ -117,6 +124,17 @@ def _bench_section(data: dict, readme_dir: str) -> list[str]:
     lines += _figures(data["_path"], [("-time_vs_M.png", "time vs M"), ("-time_vs_r.png", "time vs r"),
                                       ("-ratio.png", "ratio to the floor")], readme_dir)
     return lines
+
+
+def _noisy(rows: list[dict]) -> list[dict]:
+    """Rows whose numbers do not mean much: faster than the floor (no adapter layer is), a
+    20-80 % range wider than half the median, or fewer than 5 timed samples (CPU)."""
+    def bad(r):
+        ratio, samples = r.get("ratio"), r.get("samples")
+        spread = (r.get("ms_q80", 0) - r.get("ms_q20", 0)) / r["ms"] if r.get("ms") else 0
+        return (ratio is not None and ratio < 1.0 and r["provider"] != "torch-linear") or spread > 0.5 \
+            or (samples is not None and 0 < samples < 5)
+    return [r for r in rows if bad(r)]
 
 
 def _bench_table(rows: list[dict], op: str) -> list[str]:

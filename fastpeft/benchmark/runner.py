@@ -6,8 +6,9 @@ results carry the same fields and are measured the same way:
 
 - on a GPU, :func:`time_fn` is ``triton.testing.do_bench`` (which flushes L2 before every
   repetition) reporting the median and the 20/80 % quantiles in ms;
-- on a CPU, ``torch.utils.benchmark.Timer.blocked_autorange`` with the process's thread count;
-  the quantiles are taken over its blocks. CPU timings are CPU timings, never kernel speed.
+- on a CPU, blocks of calls timed with ``time.perf_counter`` (at least 10 blocks for ``--quick``,
+  20 otherwise, and 0.05 / 0.3 s), the median and quantiles taken over the blocks. CPU timings
+  are CPU timings, never kernel speed.
 
 Result files are ``<kind>-<device-slug>-<YYYYmmdd-HHMMSS>.json`` (``{"meta": ..., "rows": [...]}``)
 and a ``.csv`` beside it (one row per record, the metadata repeated in each row).
@@ -28,6 +29,7 @@ import re
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -53,6 +55,9 @@ __all__ = [
     "cache_bytes",
     "SavedBytes",
     "num_threads",
+    "writable_folder",
+    "available_bytes",
+    "fits_in_memory",
 ]
 
 META_KEYS = ("device", "device_name", "timestamp", "fastpeft", "torch", "triton", "peft",
@@ -74,10 +79,16 @@ def optional_import(name: str, extra: str = "bench"):
 
 @dataclass(frozen=True)
 class Timing:
-    """Milliseconds per call: median and the 20 % / 80 % quantiles."""
+    """Milliseconds per call: median and the 20 % / 80 % quantiles (over ``samples`` timed
+    blocks on a CPU)."""
     ms: float
     q20: float
     q80: float
+    samples: int = 0      # timed blocks on a CPU (0: do_bench on a GPU)
+
+
+# timed blocks per CPU case (quick, full): enough for the 20/80 % quantiles to mean something
+CPU_MIN_SAMPLES = {True: 10, False: 20}
 
 
 def cache_bytes(device: torch.device) -> int:
@@ -108,8 +119,6 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, quick: bool = Fal
                                                 grad_to_none=list(grad_to_none or []),
                                                 quantiles=[0.5, 0.2, 0.8])
         return Timing(float(q50), float(q20), float(q80))
-    from torch.utils import benchmark
-
     clear = list(grad_to_none or [])
 
     def call():
@@ -118,12 +127,22 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, quick: bool = Fal
         fn()
 
     call()  # warm-up
-    timer = benchmark.Timer(stmt="call()", globals={"call": call},
-                            num_threads=torch.get_num_threads())
-    measurement = timer.blocked_autorange(min_run_time=0.05 if quick else 0.3)
-    times = sorted(measurement.times)
-    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
-    return Timing(measurement.median * 1e3, q[0] * 1e3, q[3] * 1e3)
+    start = time.perf_counter()
+    call()
+    once = time.perf_counter() - start
+    # blocks of several calls for fast cases; at least CPU_MIN_SAMPLES blocks however slow the
+    # case, so that the quantiles are quantiles
+    min_samples, min_time = CPU_MIN_SAMPLES[bool(quick)], 0.05 if quick else 0.3
+    number = max(1, int((min_time / min_samples) / max(once, 1e-9)))
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_samples or (time.perf_counter() - start < min_time and len(times) < 1000):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            call()
+        times.append((time.perf_counter() - t0) / number)
+    q = statistics.quantiles(times, n=5, method="inclusive")
+    return Timing(statistics.median(times) * 1e3, q[0] * 1e3, q[3] * 1e3, len(times))
 
 
 class SavedBytes:
@@ -200,7 +219,7 @@ def add_common_arguments(parser, plot_help: str) -> None:
     parser.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
     parser.add_argument("--plot", action="store_true", help=plot_help)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random data and adapters (default 0)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice)")
 
@@ -213,7 +232,56 @@ def validate_common(args) -> Optional[str]:
         return f"--dropout must be in [0, 1), got {args.dropout:g}"
     if args.device not in (None, "cpu", "cuda") and not str(args.device).startswith("cuda:"):
         return f"--device must be cpu or cuda, got {args.device!r}"
+    return writable_folder(args.out, "--out")
+
+
+def writable_folder(path: str, flag: str) -> Optional[str]:
+    """A message when files cannot be written into folder ``path`` (created if missing), else
+    ``None``: checked before a run, not after it."""
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".fastpeft-write-test-"):
+            pass
+    except OSError as err:
+        return f"{flag} {path!r} is not a writable folder ({err.strerror or err})"
     return None
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory a run may use on ``device``: free GPU memory, or the CPU's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2**63
+
+
+def fits_in_memory(need: int, device: torch.device, what: str, flag: str) -> Optional[str]:
+    """A refusal when ``need`` bytes exceed what ``device`` has available, else ``None``."""
+    have = available_bytes(device)
+    if need > have:
+        where = "free GPU memory" if device.type == "cuda" else "available memory"
+        return (f"{what} needs about {_size(need)}, more than the {_size(have)} of {where}: "
+                f"choose a smaller {flag}")
+    return None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} PiB"
 
 
 def resolve_device(requested: Optional[str], command: str) -> torch.device:
