@@ -11,25 +11,30 @@ with, per row, the measured time of each implementation for the forward alone (c
 autograd graph) and for forward + backward (training calls), and the faster of each. The M
 buckets end at :data:`M_BUCKETS` (``M <= 16``, ``17..64``, ..., ``> 16384``).
 
-A problem without a measured row follows the static prediction (:func:`static_choice`):
+A problem without a measured row follows the static prediction (:func:`static_choice`), from the
+floors and predictions of bench/NOTES.md (M = 8192, k = d = 4096, bf16; one pass over X or Y,
+64 MiB, costs 20 µs on an H100, 14 µs on an H200; base GEMM floor 279 µs, forward + backward
+558 µs; fused kernels predicted at 1.12-1.25x F.linear forward and 1.2-1.35x the base step):
 
-- ``M <= 1024``: the composed path. The base weight's read (or the host time of the launches)
-  dominates; fusion saves passes over X and Y of at most a few MB, which stay in L2, while a
-  pointer-based Triton main loop is predicted at 85-95 % of cuBLAS (bench/NOTES.md).
-- ``M > 1024`` with dropout, or in a training call: the fused kernels. The composed path then
-  pays passes over [M, k] and [M, d] tensors that no longer fit in L2: the dropped copy of X and
-  its mask (again in backward for dA), a second read of X for T, Y and dX read and written again
-  by the adapter's addmm, dY cast to fp32 for the r-dim chain in half precision; about 8 passes,
-  ~18 % of the base step at M = 8192, k = d = 4096, against a predicted 8-20 % main-loop gap.
-- ``M > 1024``, forward only, no dropout: the composed path (3 extra passes, ~13 %, against the
-  same 8-20 %: a tie goes to cuBLAS, which ``auto`` must never be slower than).
+- ``M <= 1024``: the composed path. The weight's read (or the launches' host time) dominates;
+  the passes over X and Y that fusion saves are at most a few MB and stay in L2, while the
+  pointer-based Triton main loop is predicted at 85-92 % of cuBLAS.
+- ``M > 1024`` in a training call, or with dropout: the fused kernels. The composed backward
+  casts dY to fp32 for the r-dim chain and reads that copy twice (dB, G), and writes dT A as an
+  [M, k] tensor that the base dX GEMM reads and rewrites: with the forward's three, about 14
+  extra passes over [M, k] / [M, d] tensors (the fused step: 3), 1.35-1.50x the base step
+  against 1.2-1.35x fused. Dropout adds about 8 passes in each direction (the mask is drawn as
+  int32 words, masked, compared into an [M, k] 0/1 tensor and multiplied into X).
+- ``M > 1024``, forward only, no dropout: the composed path. Its 3 extra passes (X again for T,
+  Y read and written by the adapter's addmm) come to 1.15-1.21x F.linear, inside the fused
+  kernels' 1.12-1.25x: a tie goes to cuBLAS, which ``auto`` must never be slower than.
 
 ``fastpeft bench --update-dispatch`` rewrites the table from a GPU run
 (:mod:`fastpeft.benchmark.dispatch`). ``FASTPEFT_DISPATCH_TABLE`` names another table file
 (tests, or a table measured on one's own GPU); it is read at the first lookup, and each problem's
-answer is remembered (a few µs of host time per call would matter when decoding). A table that cannot be read or is malformed is
-never fatal to a model: ``auto`` warns once, naming the file and the fault, and follows the
-static prediction.
+answer is remembered (a few µs of host time per call would matter when decoding). A table that
+cannot be read or is malformed is never fatal to a model: ``auto`` warns once, naming the file
+and the fault, and follows the static prediction.
 """
 
 from __future__ import annotations

@@ -159,7 +159,7 @@ def _results(tmp_path, device="cuda", arch="sm_90", times=None, name="bench-gpu.
     meta = dict(device=device, device_name="NVIDIA H200" if device == "cuda" else "CPU x", arch=arch,
                 timestamp="2026-12-02T03:00:00Z", git_commit="abc")
     path = tmp_path / name
-    path.write_text(json.dumps({"kind": "bench", "meta": meta, "rows": rows}))
+    path.write_text(json.dumps({"kind": "bench", "meta": meta, "args": {"method": "lora"}, "rows": rows}))
     return path
 
 
@@ -188,6 +188,7 @@ def test_update_dispatch_writes_rows_and_auto_follows(table, tmp_path, capsys):
     assert small["M"] == [1, 16] and small["fwd"] == {"triton_ms": [0.010, 0.030], "torch_ms": [0.020, 0.020],
                                                       "backend": "torch"}
     assert small["fwd+bwd"]["backend"] == "triton" and small["device_name"] == "NVIDIA H200"
+    assert small["method"] == "lora" and small["git_commit"] == "abc"
     assert rows[("sm_90", 4096, 16)]["fwd"]["backend"] == "triton"
     assert rows[("sm_90", 4096, 16)]["fwd+bwd"]["backend"] == "torch"
     assert rows[("sm_90", 4096, 64)]["fwd+bwd"] == {"triton_ms": [1.5], "torch_ms": [1.4], "backend": "torch"}

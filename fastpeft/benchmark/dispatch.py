@@ -78,7 +78,8 @@ def rows_from_results(data: dict, source: str = "") -> list[dict]:
         if not measured["M"]:
             continue
         row = dict(zip(_dispatch.KEY_FIELDS, key))
-        row.update(M=measured["M"], device_name=meta.get("device_name"), measured=meta.get("timestamp"),
+        row.update(M=measured["M"], method=(data.get("args") or {}).get("method"),
+                   device_name=meta.get("device_name"), measured=meta.get("timestamp"),
                    git_commit=meta.get("git_commit"), source=os.path.basename(source) if source else None)
         for mode in _dispatch.MODES:
             if mode in measured:
