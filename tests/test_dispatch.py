@@ -240,7 +240,7 @@ def test_update_dispatch_refuses_a_cpu_run_before_benchmarking(table, tmp_path, 
     _write(table, [_row("torch")])
     _refused(["bench", "--update-dispatch", "--device", "cpu", "--out", str(tmp_path / "out"), "--no-progress"],
              table, capsys, "nothing measured on a GPU")
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")   # nothing was benchmarked
 
 
 def test_update_dispatch_refusals(table, tmp_path, capsys):
