@@ -114,8 +114,9 @@ def _store(model: nn.Module, registry: dict, active: str) -> None:
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
     """Run ``adapter_name`` in every forward from now on. Layers that do not hold it run their
     base layer alone. Parameter objects move, nothing is copied, and a ``torch.compile``d model
-    does not recompile when the adapters agree in shapes and settings (their tensors are graph
-    inputs, not constants)."""
+    does not recompile when the adapters agree in rank and scale (their tensors are graph inputs,
+    not constants); another alpha or rank makes it generalise once (a symbolic scale, a dynamic
+    rank), after which switching does not recompile."""
     _check_name(model, adapter_name)
     layers = _layers(model)
     _check_unrouted(layers, "switch adapters")

@@ -397,3 +397,27 @@ def test_merge_and_to_peft_take_the_active_adapters_layers_only(tmp_path):
     from safetensors.torch import load_file
     keys = sorted(load_file(str(tmp_path / "adapter_model.safetensors")))
     assert keys and all(".2." in k or k.startswith("base_model.model.2.") for k in keys), keys
+
+
+def test_switching_adapters_of_other_scales_and_ranks_settles():
+    """Adapters that differ in alpha or rank: torch.compile generalises once per differing value
+    (the scale becomes a symbolic float, the rank a dynamic dim), then switching never recompiles;
+    every output equals eager."""
+    from torch._dynamo.testing import CompileCounter
+
+    model = fastpeft.inject(_mlp(), AdapterConfig(r=4, alpha=8))
+    fastpeft.add_adapter(model, AdapterConfig(r=4, alpha=3), "b")
+    fastpeft.add_adapter(model, AdapterConfig(r=6, alpha=6), "c")
+    _perturb(model)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(3, 23)
+    for name in ["default", "b", "c"]:
+        fastpeft.set_adapter(model, name)
+        assert_close_rel(compiled(x), model(x), 1e-6, name)
+    settled = counter.frame_count
+    assert settled <= 3
+    for name in ["b", "default", "c", "default", "b"]:
+        fastpeft.set_adapter(model, name)
+        assert_close_rel(compiled(x), model(x), 1e-6, name)
+    assert counter.frame_count == settled, f"recompiled after settling: {counter.frame_count} > {settled}"

@@ -453,7 +453,10 @@ def validate_lowrank_args(x, weight_shape, weight_dtype, weight_device, bias, lo
         if tensor.device != x.device:
             raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}; "
                              "all tensors must be on one device")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    # torch.compile traces a scale that changed between calls (fastpeft.set_adapter to an adapter
+    # of another alpha) as a symbolic float, whose finiteness cannot be asked while tracing
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+            or not (torch.compiler.is_compiling() or math.isfinite(scale)):
         raise TypeError(f"scale must be a finite Python number, got {scale!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
