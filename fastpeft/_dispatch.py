@@ -46,9 +46,9 @@ from typing import Optional
 
 import torch
 
-__all__ = ["TABLE_ENV", "TABLE_OPS", "M_BUCKETS", "DEFAULT_TABLE", "FORMAT", "MODES", "KEY_FIELDS", "OPEN_BUCKET", "table_path", "m_bucket",
-           "row_key", "static_choice", "choose", "device_arch", "load_table", "read_table",
-           "validate_table", "clear_cache"]
+__all__ = ["TABLE_ENV", "TABLE_OPS", "M_BUCKETS", "OPEN_BUCKET", "DEFAULT_TABLE", "FORMAT", "MODES",
+           "KEY_FIELDS", "table_path", "m_bucket", "row_key", "static_choice", "choose", "device_arch",
+           "load_table", "read_table", "validate_table", "clear_cache"]
 
 TABLE_ENV = "FASTPEFT_DISPATCH_TABLE"
 DEFAULT_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch.json")
