@@ -347,10 +347,11 @@ def _gradients(ctx, grad_out):
     need_x, need_w, need_bias = need[0], need[1], need[2] and ctx.has_bias
     need_A, need_B = need[3], need[4]
     need_core, need_os = need[5] and core is not None, need[6] and out_scale is not None
-    grad_y = grad_out.reshape(-1, grad_out.shape[-1])
+    # 2-D tensors (the common case inside models that flatten tokens) need no reshape
+    grad_y = grad_out if grad_out.dim() == 2 else grad_out.reshape(-1, grad_out.shape[-1])
     if grad_y.stride(-1) != 1:
         grad_y = grad_y.contiguous()
-    x2d = x.reshape(-1, x.shape[-1]) if x is not None else None
+    x2d = x if x is None or x.dim() == 2 else x.reshape(-1, x.shape[-1])
     grads = [None] * 7
     needs = [need_x, need_A, need_B, need_core, need_os, need_bias]
     if any(needs):
@@ -360,7 +361,8 @@ def _gradients(ctx, grad_out):
             torch.are_deterministic_algorithms_enabled())
         dx, d_a, d_b, d_core, d_os, d_bias = (g if n else None for g, n in zip(out, needs))
         if dx is not None:
-            dx = dx.reshape(grad_out.shape[:-1] + (weight.shape[1],))
+            if grad_out.dim() != 2:
+                dx = dx.reshape(grad_out.shape[:-1] + (weight.shape[1],))
         grads[0], grads[2], grads[3], grads[4], grads[5], grads[6] = dx, d_bias, d_a, d_b, d_core, d_os
     if need_w:
         grads[1] = grad_y.t() @ x2d                                       # dW = dYᵀ X
@@ -380,7 +382,7 @@ class LowRankLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
                 activation, backend):
-        x2d = x.reshape(-1, x.shape[-1])
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         if backend == "torch" and x2d.shape[0] and _backend.plain_eager(x2d):
             # the torch backend in plain eager mode: its function directly, no op boundary
             y, t = lowrank_fwd_torch(x2d, weight, bias, lora_A, lora_B, core, out_scale, scale,
@@ -390,7 +392,7 @@ class LowRankLinearFunction(torch.autograd.Function):
                                 seed, activation, backend)
         _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, core, out_scale, scale,
                            dropout_p, seed, activation, backend, t)
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
