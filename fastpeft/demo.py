@@ -258,17 +258,18 @@ def main(argv=None) -> int:
     if busy:
         # threads that wait for each other on shared cores spin: one thread runs a step ~3x
         # faster than two on a 2-core machine at load average 7 (583 vs 1797 ms)
-        torch.set_num_threads(1)
         print(f"note: this machine is busy ({busy}): running on one CPU thread; the step times below "
               "are unreliable")
-    from .benchmark.runner import progress
+    from .benchmark.runner import num_threads, progress
     rows = []
     bar = progress(len(providers) * args.steps, "fastpeft demo", enabled=not args.no_progress)
     try:
-        for name in providers:
-            start = time.perf_counter()
-            rows.append(run(name, args, encoder, batches, eval_batch, device, bar))
-            print(f"  {name}: {time.perf_counter() - start:.1f} s ({rows[-1]['step_ms']:.0f} ms/step)", flush=True)
+        with num_threads(1 if busy else None):   # torch's thread count restored afterwards
+            for name in providers:
+                start = time.perf_counter()
+                rows.append(run(name, args, encoder, batches, eval_batch, device, bar))
+                print(f"  {name}: {time.perf_counter() - start:.1f} s ({rows[-1]['step_ms']:.0f} ms/step)",
+                      flush=True)
     finally:
         bar.close()
     print()
