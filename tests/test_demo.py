@@ -36,3 +36,12 @@ def test_demo_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit) as err:
         demo.main(["--providers", "peft-lora,fastpeft-boft"])
     assert err.value.code != 0 and "unknown provider 'fastpeft-boft'" in capsys.readouterr().err
+
+
+def test_demo_says_what_it_does_and_keeps_third_party_notices_out(capsys):
+    assert demo.main(["--steps", "2", "--batch-size", "4", "--providers", "peft-lora,fastpeft-lora",
+                      "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert "task:" in out and "evaluate: accuracy on 128 held-out sentences" in out and "total time:" in out
+    assert "kernels-community" not in out and "FutureWarning" not in out
