@@ -36,10 +36,10 @@ def _tile(block_r: int) -> tuple[int, int]:
 
 @triton.jit
 def _dora_norm_kernel(
-    w_ptr, packed_ptr, absmax_ptr, a_ptr, wat_ptr, sq_ptr,
+    w_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, a_ptr, wat_ptr, sq_ptr,
     N, K, R, stride_wn, stride_wk,
     IS_4BIT: tl.constexpr, QBLOCK: tl.constexpr, QUANT: tl.constexpr, W_KIND: tl.constexpr,
-    LAYOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LAYOUT: tl.constexpr, NESTED: tl.constexpr, BLOCK2: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """W Aᵀ [N, R] and ‖W_j‖² [N] (fp32) for BLOCK_N rows, in one pass along k."""
@@ -55,7 +55,8 @@ def _dora_norm_kernel(
         kk = k0 + tl.arange(0, BLOCK_K)
         mask_k = kk < K
         if IS_4BIT:
-            wt = _w4_tile(packed_ptr, absmax_ptr, rn, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK, QUANT, W_KIND, LAYOUT)
+            wt = _w4_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rn, k0, N, K, BLOCK_N, BLOCK_K,
+                          QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST)
         else:
             wt = tl.load(w_ptr + rn.to(tl.int64)[:, None] * stride_wn + kk[None, :] * stride_wk,
                          mask=mask_n[:, None] & mask_k[None, :], other=0.0)
@@ -69,7 +70,7 @@ def _dora_norm_kernel(
     tl.store(sq_ptr + rn, sq, mask=mask_n)
 
 
-def _launch(w, packed, absmax, meta, a, N, K, stride_wn, stride_wk, is_4bit):
+def _launch(w, packed, scales, meta, a, N, K, stride_wn, stride_wk, is_4bit):
     """(W Aᵀ [N, R], ‖W_j‖² [N]) in fp32 from one pass over W."""
     interp = _dense._interpreting()
     R = a.shape[0]
@@ -85,7 +86,8 @@ def _launch(w, packed, absmax, meta, a, N, K, stride_wn, stride_wk, is_4bit):
     precision = "ieee" if a.dtype == torch.float32 else "tf32"
     with _dense._device(a):
         _dora_norm_kernel[(triton.cdiv(N, bn),)](
-            w, packed, absmax, a, wat, sq, N, K, R, stride_wn, stride_wk,
+            w, packed, **scales, a_ptr=a, wat_ptr=wat, sq_ptr=sq, N=N, K=K, R=R, stride_wn=stride_wn,
+            stride_wk=stride_wk,
             IS_4BIT=is_4bit, **meta, UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR, BLOCK_N=bn,
             BLOCK_K=bk, num_warps=_WARPS, num_stages=_STAGES if not interp else 1)
     return wat, sq
@@ -100,8 +102,9 @@ def dora_norm(weight, lora_A, lora_B, scale: float, weight_sq_norm=None):
     N, K = weight.shape
     a = lora_A.detach().to(weight.dtype).contiguous()
     w = weight.detach()
-    wat, sq = _launch(w, a, a, dict(QBLOCK=64, QUANT=0, W_KIND=0, LAYOUT=0), a, N, K, w.stride(0), w.stride(1),
-                      False)
+    scales = dict(absmax_ptr=a, code2_ptr=a, absmax2_ptr=a, offset_ptr=a)
+    wat, sq = _launch(w, a, scales, dict(QBLOCK=64, QUANT=0, W_KIND=0, LAYOUT=0, NESTED=False, BLOCK2=256), a, N, K,
+                      w.stride(0), w.stride(1), False)
     return _norm_from_parts(sq, wat, lora_A, lora_B, scale)
 
 
@@ -110,9 +113,9 @@ def dora_norm_4bit(packed, quant_state, lora_A, lora_B, scale: float, weight_sq_
     from fastpeft.ops.dora import _norm_from_parts
 
     _dense._check_dtype(lora_A)
-    data, absmax, meta, (N, K) = _weight_args(packed, quant_state, lora_A.device)
+    data, scales, meta, (N, K) = _weight_args(packed, quant_state, lora_A.device)
     a = lora_A.detach().contiguous()
-    wat, sq = _launch(a, data, absmax, meta, a, N, K, 0, 0, True)
+    wat, sq = _launch(a, data, scales, meta, a, N, K, 0, 0, True)
     return _norm_from_parts(sq, wat, lora_A, lora_B, scale)
 
 

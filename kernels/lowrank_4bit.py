@@ -2,8 +2,9 @@
 
 W [d, k] is stored as bitsandbytes packs it: element i = n·k + c of the flattened W is the code
 index in nibble ``i & 1`` (0 = high) of byte ``i >> 1``, scaled by the fp32 ``absmax[i // QBLOCK]``
-(nested statistics are first expanded to those d·k / QBLOCK floats by
-``_absmax_nested_kernel``, one launch, bit-exact). Tiles of W are
+(nested statistics are expanded where they are read, in registers: the uint8 code, the
+256-entry second-level table, absmax2 and the offset, bit-exact with bitsandbytes; no launch and
+no expanded copy). Tiles of W are
 dequantised in registers (``code[q] · absmax`` in fp32, rounded to the quant state's dtype as
 bitsandbytes does, then fed to ``tl.dot``) and never written to memory. ``code[q]`` is a tree of
 selects on the four index bits (NF4 or FP4 constants; no table in memory). The tile loader has
@@ -47,6 +48,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from . import lowrank as _dense
 from .lowrank import _act_grad, _adapter_init, _core_tile, _grouped_pid, _keep_mask, _op
@@ -214,18 +216,44 @@ def _code_value(q, QUANT: tl.constexpr):
 
 
 @triton.jit
-def _row_scales(absmax_ptr, rows, col0, n_rows, n_cols, ROWS: tl.constexpr, COLS: tl.constexpr,
-                QBLOCK: tl.constexpr):
+def _absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, idx, mask, NESTED: tl.constexpr,
+            BLOCK2: tl.constexpr, INTERPRETED: tl.constexpr):
+    """The fp32 absmax of blocks ``idx`` (0 where ``mask`` is off): ``absmax[idx]``, or for nested
+    statistics ``code2[q]·absmax2[idx // BLOCK2] + offset`` with the uint8 ``q = absmax[idx]``,
+    formed here in registers (no expanded copy in memory). bitsandbytes rounds the product and the
+    sum to fp32 one after the other; ``mul.rn`` (libdevice ``mul_rn``) is an explicitly rounded
+    multiply that the compiler never contracts with the add into an FMA, so the result is the
+    same bit for bit. The interpreter (``INTERPRETED``, numpy) rounds every operation anyway."""
+    if NESTED:
+        q = tl.load(absmax_ptr + idx, mask=mask, other=0).to(tl.int32)
+        c = tl.load(code2_ptr + q)                                    # q < 256: always in the table
+        a2 = tl.load(absmax2_ptr + idx // BLOCK2, mask=mask, other=0.0)
+        if INTERPRETED:
+            prod = c * a2
+        else:
+            prod = libdevice.mul_rn(c, a2)
+        out = tl.where(mask, prod + tl.load(offset_ptr), 0.0)
+    else:
+        out = tl.load(absmax_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    return out
+
+
+@triton.jit
+def _row_scales(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows, col0, n_rows, n_cols, ROWS: tl.constexpr,
+                COLS: tl.constexpr, QBLOCK: tl.constexpr, NESTED: tl.constexpr, BLOCK2: tl.constexpr,
+                INTERPRETED: tl.constexpr):
     """Scales of W[rows, col0 : col0 + COLS] when every row holds whole blocks (k % QBLOCK == 0):
     [ROWS, 1] when the tile lies in one block, else [ROWS, COLS // QBLOCK]."""
     per_row = n_cols // QBLOCK
     if COLS <= QBLOCK:
         idx = rows.to(tl.int64) * per_row + col0 // QBLOCK
-        sc = tl.load(absmax_ptr + idx, mask=rows < n_rows, other=0.0)[:, None]
+        sc = _absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, idx, rows < n_rows, NESTED, BLOCK2,
+                     INTERPRETED)[:, None]
     else:
         nb = col0 // QBLOCK + tl.arange(0, COLS // QBLOCK)
         idx = rows.to(tl.int64)[:, None] * per_row + nb[None, :]
-        sc = tl.load(absmax_ptr + idx, mask=(rows < n_rows)[:, None] & (nb < per_row)[None, :], other=0.0)
+        sc = _absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, idx,
+                     (rows < n_rows)[:, None] & (nb < per_row)[None, :], NESTED, BLOCK2, INTERPRETED)
     return sc
 
 
@@ -240,11 +268,13 @@ def _scaled(v, sc, ROWS: tl.constexpr, WIDTH: tl.constexpr, GROUP: tl.constexpr,
 
 
 @triton.jit
-def _w4_tile(packed_ptr, absmax_ptr, rows, col0, n_rows, n_cols,
+def _w4_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows, col0, n_rows, n_cols,
              ROWS: tl.constexpr, COLS: tl.constexpr, QBLOCK: tl.constexpr, QUANT: tl.constexpr,
-             W_KIND: tl.constexpr, LAYOUT: tl.constexpr):
+             W_KIND: tl.constexpr, LAYOUT: tl.constexpr, NESTED: tl.constexpr, BLOCK2: tl.constexpr,
+             INTERPRETED: tl.constexpr):
     """W[rows, col0 : col0 + COLS] of the packed [n_rows, n_cols] weight, dequantised: code[q]·absmax
-    in fp32, rounded to the state's dtype; 0 outside the weight. ``col0`` and COLS are even.
+    in fp32, rounded to the state's dtype; 0 outside the weight. ``col0`` and COLS are even. The
+    absmax comes from :func:`_absmax` (nested statistics expanded in registers).
 
     LAYOUT 2 (k % QBLOCK == 0): byte pairs, one scale per row and block; 1 (k even): byte pairs,
     a scale per byte; 0 (k odd): a byte and a scale per element."""
@@ -254,7 +284,8 @@ def _w4_tile(packed_ptr, absmax_ptr, rows, col0, n_rows, n_cols,
         idx = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
         b = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
         q = tl.where((idx & 1) == 0, b >> 4, b & 15)
-        scale = tl.load(absmax_ptr + idx // QBLOCK, mask=mask, other=0.0)
+        scale = _absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, idx // QBLOCK, mask, NESTED, BLOCK2,
+                        INTERPRETED)
         w = _to_w_dtype(_code_value(q, QUANT) * scale, W_KIND)
     else:
         # row n starts at byte n·k/2; columns (2j, 2j+1) share one byte (and one block)
@@ -265,11 +296,13 @@ def _w4_tile(packed_ptr, absmax_ptr, rows, col0, n_rows, n_cols,
         hi = _code_value(b >> 4, QUANT)
         lo = _code_value(b & 15, QUANT)
         if LAYOUT == 2:
-            sc = _row_scales(absmax_ptr, rows, col0, n_rows, n_cols, ROWS, COLS, QBLOCK)
+            sc = _row_scales(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows, col0, n_rows, n_cols, ROWS, COLS,
+                             QBLOCK, NESTED, BLOCK2, INTERPRETED)
             hi = _scaled(hi, sc, ROWS, COLS // 2, QBLOCK // 2, COLS > QBLOCK)
             lo = _scaled(lo, sc, ROWS, COLS // 2, QBLOCK // 2, COLS > QBLOCK)
         else:
-            scale = tl.load(absmax_ptr + byte // (QBLOCK // 2), mask=mask, other=0.0)
+            scale = _absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, byte // (QBLOCK // 2), mask, NESTED,
+                            BLOCK2, INTERPRETED)
             hi = hi * scale
             lo = lo * scale
         w = tl.interleave(_to_w_dtype(hi, W_KIND), _to_w_dtype(lo, W_KIND))
@@ -284,12 +317,13 @@ def _w4_tile(packed_ptr, absmax_ptr, rows, col0, n_rows, n_cols,
                  prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _lowrank4_fwd_gemm_kernel(
-    x_ptr, packed_ptr, absmax_ptr, bias_ptr, u_ptr, b_ptr, os_ptr, y_ptr,
+    x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, u_ptr, b_ptr, os_ptr, y_ptr,
     M, N, K, R, M_KEY,
     stride_xm, stride_xk, stride_ym, stride_yn,
     scale,
     HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, QBLOCK: tl.constexpr, QUANT: tl.constexpr,
-    W_KIND: tl.constexpr, LAYOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    W_KIND: tl.constexpr, LAYOUT: tl.constexpr, NESTED: tl.constexpr, BLOCK2: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -306,7 +340,8 @@ def _lowrank4_fwd_gemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=(kk < K)[None, :], other=0.0)
-        wt = _w4_tile(packed_ptr, absmax_ptr, rn % N, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK, QUANT, W_KIND, LAYOUT)
+        wt = _w4_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rn % N, k0, N, K, BLOCK_N, BLOCK_K,
+                      QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST)
         acc = tl.dot(_op(xt, dtype, UPCAST), _op(tl.trans(wt), dtype, UPCAST), acc, input_precision=DOT_PRECISION)
     y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
@@ -316,11 +351,11 @@ def _lowrank4_fwd_gemm_kernel(
                  prune_configs_by={"early_config_prune": _prune_decode})
 @triton.jit
 def _lowrank4_decode_kernel(
-    x_ptr, packed_ptr, absmax_ptr, part_ptr,
+    x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, part_ptr,
     M, N, K, K_SPLIT,
     stride_xm, stride_xk,
     QBLOCK: tl.constexpr, QUANT: tl.constexpr, W_KIND: tl.constexpr, LAYOUT: tl.constexpr,
-    UPCAST: tl.constexpr,
+    NESTED: tl.constexpr, BLOCK2: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Partial X Wᵀ over the k range [pid_k·K_SPLIT, (pid_k+1)·K_SPLIT) for M <= BLOCK_M rows:
@@ -338,7 +373,8 @@ def _lowrank4_decode_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + rk
         xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=(kk < k_end)[None, :], other=0.0)
-        wt = _w4_tile(packed_ptr, absmax_ptr, rn % N, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK, QUANT, W_KIND, LAYOUT)
+        wt = _w4_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rn % N, k0, N, K, BLOCK_N, BLOCK_K,
+                      QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST)
         acc = tl.dot(_op(xt, dtype, UPCAST), _op(tl.trans(wt), dtype, UPCAST), acc, input_precision=DOT_PRECISION)
     out = part_ptr + pid_k.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
     tl.store(out, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
@@ -374,13 +410,13 @@ def _lowrank4_decode_epilogue_kernel(
                  prune_configs_by={"early_config_prune": _prune_dx})
 @triton.jit(do_not_specialize=["seed"])
 def _lowrank4_bwd_dx_kernel(
-    dy_ptr, packed_ptr, absmax_ptr, t_ptr, core_ptr, b_ptr, os_ptr, a_ptr, dx_ptr,
+    dy_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, t_ptr, core_ptr, b_ptr, os_ptr, a_ptr, dx_ptr,
     M, N, K, R, M_KEY,
     stride_dym, stride_dyk, stride_dxm, stride_dxn,
     seed, dropout_p, adapter_scale,
     ACTIVATION: tl.constexpr, CORE: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     QBLOCK: tl.constexpr, QUANT: tl.constexpr, W_KIND: tl.constexpr, LAYOUT: tl.constexpr,
-    UPCAST: tl.constexpr,
+    NESTED: tl.constexpr, BLOCK2: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -407,8 +443,8 @@ def _lowrank4_bwd_dx_kernel(
         kk = k0 + rk
         mask_k = kk < K
         dyt = tl.load(dy_rows + kk[None, :] * stride_dyk, mask=mask_k[None, :], other=0.0)
-        wt = _w4_tile(packed_ptr, absmax_ptr, kk, pid_n * BLOCK_N, K, N, BLOCK_K, BLOCK_N, QBLOCK, QUANT,
-                      W_KIND, LAYOUT)
+        wt = _w4_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, kk, pid_n * BLOCK_N, K, N, BLOCK_K,
+                      BLOCK_N, QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST)
         dy_op = _op(dyt, dtype, UPCAST)
         acc = tl.dot(dy_op, _op(wt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
         bt = tl.load(b_cols + kk.to(tl.int64)[:, None] * R, mask=mask_k[:, None], other=0.0)
@@ -463,15 +499,17 @@ def _absmax_nested_kernel(q_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, n,
 
 
 @triton.jit
-def _dequant4_kernel(packed_ptr, absmax_ptr, w_ptr, N, K, stride_wn,
+def _dequant4_kernel(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, w_ptr, N, K, stride_wn,
                      QBLOCK: tl.constexpr, QUANT: tl.constexpr, W_KIND: tl.constexpr, LAYOUT: tl.constexpr,
+                     NESTED: tl.constexpr, BLOCK2: tl.constexpr, INTERPRETED: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """W [N, K] = code[q]·absmax, rounded to the quant state's dtype, then cast to W's dtype (as
     bitsandbytes' dequantisation followed by ``.to(dtype)``): one [BLOCK_N, BLOCK_K] tile a program."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     rk = k0 + tl.arange(0, BLOCK_K)
-    wt = _w4_tile(packed_ptr, absmax_ptr, rn, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK, QUANT, W_KIND, LAYOUT)
+    wt = _w4_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rn, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK,
+                  QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, INTERPRETED)
     w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
     tl.store(w_ptrs, wt.to(w_ptr.dtype.element_ty), mask=(rn < N)[:, None] & (rk < K)[None, :])
 
@@ -483,18 +521,26 @@ def _dequant4_kernel(packed_ptr, absmax_ptr, w_ptr, N, K, stride_wn,
 _ABSMAX_BLOCK = 1024
 
 
+def _nested_fp32(quant_state) -> bool:
+    """Nested statistics as bitsandbytes writes them (uint8 codes, fp32 second level and offset):
+    the form the kernels expand in registers."""
+    s2 = quant_state.state2
+    return not (s2 is None or quant_state.absmax.dtype != torch.uint8 or s2.absmax.dtype != torch.float32
+                or s2.code.dtype != torch.float32 or s2.dtype not in (None, torch.float32)
+                or quant_state.offset is None or quant_state.offset.dtype != torch.float32)
+
+
 def absmax_fp32(quant_state) -> torch.Tensor:
     """The fp32 absmax per block of ``quant_state``, equal bit for bit to
     ``fastpeft.quant.dequantize_absmax``: nested statistics (fp32 second level, as bitsandbytes
-    writes them) expand in one kernel instead of a chain of torch ops (fewer launches per call,
-    which decoding feels); other states go through the torch function."""
+    writes them) expand in one kernel instead of a chain of torch ops; other states go through the
+    torch function. For consumers that need the expanded array (the CUDA decode kernel): the
+    Triton kernels of this module expand nested statistics in registers instead."""
     from fastpeft.quant import dequantize_absmax
 
     s2 = quant_state.state2
     absmax = quant_state.absmax
-    if (s2 is None or absmax.dtype != torch.uint8 or s2.absmax.dtype != torch.float32
-            or s2.code.dtype != torch.float32 or s2.dtype not in (None, torch.float32)
-            or quant_state.offset is None or quant_state.offset.dtype != torch.float32):
+    if not _nested_fp32(quant_state):
         return dequantize_absmax(quant_state).contiguous()
     n = absmax.numel()
     out = torch.empty(n, dtype=torch.float32, device=absmax.device)
@@ -506,18 +552,37 @@ def absmax_fp32(quant_state) -> torch.Tensor:
     return out
 
 
+def _scale_args(quant_state) -> tuple[dict, dict]:
+    """(the absmax pointers, their constexprs) for :func:`_w4_tile`: nested statistics as
+    bitsandbytes writes them go in as they are (uint8 codes, the 256-entry code2 table, absmax2
+    and the offset) and are expanded in registers, nothing allocated; a plain absmax as it is;
+    any other nested state (a second level in another dtype) is expanded once by
+    ``fastpeft.quant.dequantize_absmax`` for the call."""
+    from fastpeft.quant import dequantize_absmax
+
+    if _nested_fp32(quant_state):
+        s2 = quant_state.state2
+        ptrs = dict(absmax_ptr=quant_state.absmax.reshape(-1), code2_ptr=s2.code.contiguous(),
+                    absmax2_ptr=s2.absmax.reshape(-1), offset_ptr=quant_state.offset.reshape(1))
+        return ptrs, dict(NESTED=True, BLOCK2=int(s2.blocksize))
+    absmax = quant_state.absmax.reshape(-1) if quant_state.state2 is None else dequantize_absmax(quant_state)
+    return (dict(absmax_ptr=absmax, code2_ptr=absmax, absmax2_ptr=absmax, offset_ptr=absmax),
+            dict(NESTED=False, BLOCK2=256))
+
+
 def _weight_args(packed, quant_state, device):
-    """(flat uint8 bytes, fp32 absmax per block, the weight's constexprs, (d, k))."""
+    """(flat uint8 bytes, the absmax pointers of :func:`_scale_args`, the weight's constexprs,
+    (d, k))."""
     from fastpeft.quant import _packed_bytes, validate_4bit
 
     shape, _ = validate_4bit(packed, quant_state)
     d, k = shape
     data = _packed_bytes(packed.detach())
-    absmax = absmax_fp32(quant_state)
+    scales, scale_meta = _scale_args(quant_state)
     qblock = int(quant_state.blocksize)
     meta = dict(QBLOCK=qblock, QUANT=_QUANT[quant_state.quant_type], W_KIND=_W_KIND[quant_state.dtype],
-                LAYOUT=_layout(k, qblock))
-    return data, absmax, meta, (d, k)
+                LAYOUT=_layout(k, qblock), **scale_meta)
+    return data, scales, meta, (d, k)
 
 
 def _layout(k: int, qblock: int) -> int:
@@ -532,7 +597,7 @@ def dequantize_4bit_dense(packed, quant_state, dtype: torch.dtype, weight_args=N
     ``weight_args``: what :func:`_weight_args` returned for them, when the caller has it."""
     if dtype not in _W_KIND:
         raise TypeError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
-    data, absmax, wmeta, (d, k) = weight_args or _weight_args(packed, quant_state, None)
+    data, scales, wmeta, (d, k) = weight_args or _weight_args(packed, quant_state, None)
     w = torch.empty((d, k), dtype=dtype, device=data.device)
     if w.numel() == 0:
         return w
@@ -542,7 +607,8 @@ def dequantize_4bit_dense(packed, quant_state, dtype: torch.dtype, weight_args=N
         bn, bk, warps = _DEQUANT_TILE
     with _dense._device(w):
         _dequant4_kernel[(triton.cdiv(d, bn), triton.cdiv(k, bk))](
-            data, absmax, w, d, k, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **wmeta)
+            data, **scales, w_ptr=w, N=d, K=k, stride_wn=w.stride(0), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+            INTERPRETED=_dense._interpreting(), **wmeta)
     return w
 
 
@@ -604,7 +670,7 @@ def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_sca
     _dense._check_dtype(x)
     M, K = x.shape
     weight_args = _weight_args(packed, quant_state, x.device)
-    data, absmax, wmeta, (N, k) = weight_args
+    data, scales, wmeta, (N, k) = weight_args
     if k != K:
         raise ValueError(f"x has k={K} columns but the 4-bit weight is [d={N}, k={k}]")
     if _buffered(M):
@@ -638,7 +704,8 @@ def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_sca
             split = triton.cdiv(K, k_split)
             part = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
             _lowrank4_decode_kernel.fn[(triton.cdiv(N, bn), split)](
-                x, data, absmax, part, M, N, K, k_split, x.stride(0), x.stride(1),
+                x, data, **scales, part_ptr=part, M=M, N=N, K=K, K_SPLIT=k_split, stride_xm=x.stride(0),
+                stride_xk=x.stride(1),
                 BLOCK_M=DECODE_MAX_M, BLOCK_N=bn, BLOCK_K=bk, **wmeta,
                 num_warps=w, num_stages=s, **common)
             eb = _dense._interp_block(N) if interp else 64
@@ -646,7 +713,7 @@ def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_sca
                 part, M=M, N=N, R=R, SPLIT=split, y_ptr=y, stride_ym=y.stride(0), stride_yn=y.stride(1),
                 scale=float(scale), BLOCK_M=DECODE_MAX_M, BLOCK_N=eb, num_warps=4, **adapter, **common)
         else:
-            args = dict(x_ptr=x, packed_ptr=data, absmax_ptr=absmax, y_ptr=y,
+            args = dict(x_ptr=x, packed_ptr=data, **scales, y_ptr=y,
                         M=M, N=N, K=K, R=R, M_KEY=_dense._pow2(M), stride_xm=x.stride(0), stride_xk=x.stride(1),
                         stride_ym=y.stride(0), stride_yn=y.stride(1), scale=float(scale),
                         GROUP_M=_dense._GROUP_M, **wmeta, **adapter, **common)
@@ -676,7 +743,7 @@ def lowrank_4bit_bwd(grad_y, x, packed, quant_state, T, lora_A, lora_B, core, ou
     _dense._check_dtype(grad_y)
     M, N = grad_y.shape
     weight_args = _weight_args(packed, quant_state, grad_y.device)
-    data, absmax, wmeta, (d, K) = weight_args
+    data, scales, wmeta, (d, K) = weight_args
     if d != N:
         raise ValueError(f"grad_y has {N} columns but the 4-bit weight is [d={d}, k={K}]")
     if need_x and _buffered(M):   # dX through the dense kernels over a transient W
@@ -698,7 +765,7 @@ def lowrank_4bit_bwd(grad_y, x, packed, quant_state, T, lora_A, lora_B, core, ou
         b = lora_B.contiguous()
         p = float(dropout_p)
         dx = torch.empty((M, K), dtype=grad_y.dtype, device=grad_y.device)
-        args = dict(dy_ptr=grad_y, packed_ptr=data, absmax_ptr=absmax, t_ptr=T.contiguous(),
+        args = dict(dy_ptr=grad_y, packed_ptr=data, **scales, t_ptr=T.contiguous(),
                     core_ptr=core.contiguous() if core is not None else a, b_ptr=b,
                     os_ptr=out_scale if out_scale is not None else b, a_ptr=a, dx_ptr=dx,
                     M=M, N=K, K=N, R=R, M_KEY=_dense._pow2(M),

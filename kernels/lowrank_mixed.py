@@ -78,10 +78,11 @@ def _mixed_t_kernel(
 
 @triton.jit
 def _mixed_gemm_kernel(
-    x_ptr, order_ptr, tiles_ptr, w_ptr, absmax_ptr, bias_ptr, u_ptr, b_ptr, os_ptr, scale_ptr, y_ptr,
+    x_ptr, order_ptr, tiles_ptr, w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, u_ptr, b_ptr, os_ptr, scale_ptr, y_ptr,
     N, K, R, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, W4: tl.constexpr, QBLOCK: tl.constexpr,
-    QUANT: tl.constexpr, W_KIND: tl.constexpr, LAYOUT: tl.constexpr, UPCAST: tl.constexpr,
+    QUANT: tl.constexpr, W_KIND: tl.constexpr, LAYOUT: tl.constexpr, NESTED: tl.constexpr, BLOCK2: tl.constexpr,
+    UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -114,8 +115,8 @@ def _mixed_gemm_kernel(
         mask_k = kk < K
         xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_k[None, :], other=0.0)
         if W4:
-            wt = tl.trans(_w4_tile(w_ptr, absmax_ptr, rn % N, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK, QUANT,
-                                   W_KIND, LAYOUT))
+            wt = tl.trans(_w4_tile(w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rn % N, k0, N, K, BLOCK_N,
+                                   BLOCK_K, QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST))
         else:
             wt = tl.load(w_cols + kk[:, None] * stride_wk, mask=mask_k[:, None], other=0.0)
         acc = tl.dot(_op(xt, dtype, UPCAST), _op(wt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
@@ -213,11 +214,12 @@ def lowrank_mixed_fwd(x, weight, bias, order, counts, adapters, quant_state=None
     M, K = x.shape
     w4 = quant_state is not None
     if w4:
-        data, absmax, wmeta, (N, k) = _weight_args(weight, quant_state, x.device)
+        data, wscales, wmeta, (N, k) = _weight_args(weight, quant_state, x.device)
         w_arg, stride_wn, stride_wk = data, 0, 0
     else:
         N, k = weight.shape
-        data, absmax, wmeta = weight, weight, dict(QBLOCK=64, QUANT=0, W_KIND=0, LAYOUT=2)
+        data, wmeta = weight, dict(QBLOCK=64, QUANT=0, W_KIND=0, LAYOUT=2, NESTED=False, BLOCK2=256)
+        wscales = dict(absmax_ptr=weight, code2_ptr=weight, absmax2_ptr=weight, offset_ptr=weight)
         w_arg, stride_wn, stride_wk = weight, weight.stride(0), weight.stride(1)
     if k != K:
         raise ValueError(f"x has k={K} columns but the weight is [d={N}, k={k}]")
@@ -262,9 +264,10 @@ def lowrank_mixed_fwd(x, weight, bias, order, counts, adapters, quant_state=None
             u = b_pack = os_pack = scales = y
             R, BR = 1, 16
         _mixed_gemm_kernel[(tiles.shape[0], triton.cdiv(N, bn))](
-            x, order, tiles, w_arg, absmax, bias if bias is not None else y, u, b_pack,
-            os_pack if os_pack is not None else b_pack, scales, y,
-            N, K, R, x.stride(0), x.stride(1), stride_wn, stride_wk, y.stride(0), y.stride(1),
+            x, order, tiles, w_arg, **wscales, bias_ptr=bias if bias is not None else y, u_ptr=u, b_ptr=b_pack,
+            os_ptr=os_pack if os_pack is not None else b_pack, scale_ptr=scales, y_ptr=y,
+            N=N, K=K, R=R, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=stride_wn, stride_wk=stride_wk,
+            stride_ym=y.stride(0), stride_yn=y.stride(1),
             HAS_BIAS=bias is not None, HAS_OUT_SCALE=os_pack is not None, W4=w4, **wmeta,
             UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR, R_CHUNK=_dense._r_chunk(BR),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)

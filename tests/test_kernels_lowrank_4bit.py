@@ -235,3 +235,45 @@ def test_nested_absmax_kernel_is_bit_exact(source, n, blocksize):
     assert got.dtype == torch.float32 and torch.equal(got, dequantize_absmax(state))
     _, plain = quantize(w, blocksize=blocksize, compress_statistics=False)
     assert torch.equal(L4.absmax_fp32(plain), plain.absmax.float())
+
+
+_NESTED_SASS_SCRIPT = """
+import json, sys, torch
+from dataclasses import asdict
+from fastpeft.kernels import _aot, lowrank_4bit as L4
+from fastpeft.kernels.inspect import Problem, _quant_state, _stand_in_device
+
+jobs = []
+for arch in (80, 90):
+    for k in (4096, 4000, 4001):            # the three tile layouts: whole blocks, k even, k odd
+        packed, state = _quant_state(Problem(op="4bit", k=k, d=64))
+        with _stand_in_device(arch), _aot.capture(arch) as captured:
+            L4.dequantize_4bit_dense(packed, state, torch.bfloat16)
+        jobs += [asdict(j) for j in captured]
+json.dump(jobs, sys.stdout)
+"""
+
+
+@pytest.mark.slow
+def test_nested_absmax_is_not_contracted_into_an_fma_on_the_gpu():
+    """On a GPU the nested absmax code2[q]·absmax2 + offset must round the product before the add
+    (as bitsandbytes does); an FMA rounds once and can differ in the last bit. The kernels form it
+    in registers with an explicitly rounded multiply: compiled for sm_80 and sm_90 as a launch
+    specialises it, the dequantisation kernel (the same tile code as the GEMMs) holds an FMUL
+    and an FADD and no FFMA, in every layout."""
+    import json
+    import subprocess
+    import sys
+    from fastpeft.kernels import _aot
+
+    res = subprocess.run([sys.executable, "-c", _NESTED_SASS_SCRIPT], capture_output=True, text=True,
+                         env=_aot.clean_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = [_aot.AotJob(**j) for j in json.loads(res.stdout)]
+    assert len(jobs) == 6 and all(j.constexprs["NESTED"] for j in jobs)
+    assert {j.constexprs["LAYOUT"] for j in jobs} == {0, 1, 2}
+    for job, result in zip(jobs, _aot.compile_kernels(jobs)):
+        assert not result.error, result.error
+        name = f"sm_{job.arch} layout {job.constexprs['LAYOUT']}"
+        assert "FADD" in result.sass and "FMUL" in result.sass, name
+        assert "FFMA" not in result.sass, f"{name}: the absmax product is contracted into an FMA"
