@@ -166,9 +166,10 @@ def _quant_state(problem: Problem, device="cpu"):
     return torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=device), state
 
 
-def _step(problem: Problem, device="cpu") -> None:
+def _step(problem: Problem, device="cpu", weight4=None) -> None:
     """One forward (+ backward when training) of the op at the problem's shapes, on stand-in
-    tensors (uninitialised: only shapes, dtypes and alignment matter) on ``device``."""
+    tensors (uninitialised: only shapes, dtypes and alignment matter) on ``device``; ``weight4``:
+    the packed weight and quant state of ``op="4bit"`` when the caller built them."""
     import torch
     import fastpeft
 
@@ -189,7 +190,7 @@ def _step(problem: Problem, device="cpu") -> None:
             if problem.op == "dense":
                 ys = [fastpeft.lowrank_linear(x, torch.empty(d, k, dtype=dt, device=device), None, a, b, **kw)]
             else:
-                packed, state = _quant_state(problem, device)
+                packed, state = weight4 if weight4 is not None else _quant_state(problem, device)
                 ys = [fastpeft.lowrank_linear_4bit(x, packed, state, None, a, b, **kw)]
         if grad:
             torch.autograd.backward(list(ys), [torch.empty_like(y) for y in ys])
@@ -225,8 +226,9 @@ def capture_problem(problem: Problem) -> tuple[list[_aot.AotJob], list[str]]:
         raise RuntimeError("FASTPEFT_AUTOTUNE=0 launches one heuristic config: unset it to inspect every "
                            "config autotuning can choose")
     counter = _TorchKernels()
+    weight4 = _quant_state(problem) if problem.op == "4bit" else None   # built outside the count
     with _stand_in_device(problem.arch), _aot.capture(problem.arch) as jobs, counter.mode:
-        _step(problem)
+        _step(problem, weight4=weight4)
     return list(jobs), counter.ops
 
 

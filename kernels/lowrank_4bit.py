@@ -16,12 +16,12 @@ each element gathers its byte and its scale.
 Names as in :mod:`fastpeft.kernels.lowrank`: T = D(X)Aᵀ, Z = σ(T), U = Z Sᵀ | Z ⊙ S | Z.
 
 Forward, Y = X Wᵀ + b + s·(U Bᵀ) ⊙ o:
-  * T and U: the dense module's T pass (``_lowrank_fwd_t_kernel``, one pass over X);
-  * M > 16: ``_lowrank4_fwd_gemm_kernel``: the adapter term and the bias initialise the
+  * M > 16: T and U from the dense module's T pass (``_lowrank_fwd_t_kernel``, one pass over X),
+    then ``_lowrank4_fwd_gemm_kernel``: the adapter term and the bias initialise the
     accumulator, the main loop adds X Wᵀ with W tiles dequantised in registers;
-  * M <= 16 (decode): ``_lowrank4_decode_kernel`` reads each packed byte once (4 bits per weight),
-    split over k into fp32 partials, and ``_lowrank4_decode_epilogue_kernel`` sums them in order
-    and adds s·(U Bᵀ) ⊙ o + b.
+  * M <= 16 (decode): one launch, ``_lowrank4_decode_kernel``, split over d only: each program
+    reads its rows of packed W once (4 bits per weight), computes T = D(X)Aᵀ in the same loop over
+    k, and adds s·(U Bᵀ) ⊙ o + b in its epilogue; no partial sums in memory.
 
 Backward:
   * ``_lowrank4_bwd_dx_kernel``: dX = dY W + s·D'(dT A) in one kernel: its main loop over d
@@ -51,7 +51,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import lowrank as _dense
-from .lowrank import _act_grad, _adapter_init, _core_tile, _grouped_pid, _keep_mask, _op
+from .lowrank import _act_fwd, _act_grad, _adapter_init, _core_tile, _grouped_pid, _keep_mask, _op
 
 __all__ = ["lowrank_4bit_fwd", "lowrank_4bit_bwd", "dequantize_4bit_dense", "absmax_fp32", "buffer_min_m",
            "DECODE_MAX_M", "BUFFER_MIN_M_ENV"]
@@ -72,8 +72,11 @@ _GEMM_TILES = [(128, 128, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 8, 3), (6
                (64, 64, 32, 8, 3), (16, 64, 32, 4, 3), (16, 64, 32, 8, 3)]
 _DX_TILES = [(64, 128, 32, 8, 3), (64, 64, 32, 8, 3), (64, 64, 32, 4, 3), (32, 64, 32, 8, 3), (32, 64, 32, 4, 3),
              (16, 64, 32, 8, 3), (16, 32, 32, 8, 3)]
-# decode: (BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_M is 16
-_DECODE_TILES = [(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3), (32, 64, 8, 3)]
+# decode: (BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_M is 16. Each k-step forms a W tile and
+# loads an Aᵀ tile [BLOCK_K, r] beside it (T is computed in the same loop), so large r takes the
+# short-k tiles.
+_DECODE_TILES = [(32, 128, 8, 3), (64, 64, 8, 3), (16, 128, 4, 3), (32, 64, 4, 3), (32, 64, 8, 3),
+                 (64, 32, 8, 3), (32, 32, 8, 3)]
 # dequantisation into a dense buffer: (BLOCK_N, BLOCK_K, num_warps); 16 weights per thread
 _DEQUANT_TILE = (32, 128, 8)
 
@@ -134,14 +137,15 @@ def _gemm_keep(configs, arch, smem, M, N, block_r, elem, layout, dx=False):
     return _dense._keep(configs, tiles, tile_of, ok, size_ok)
 
 
-def _decode_keep(configs, arch, smem, N, K, elem):
+def _decode_keep(configs, arch, smem, N, K, block_r, elem):
     def tile_of(c):
         return (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
 
     def ok(c):
         bn, bk, w, s = tile_of(c)
-        main = s * (DECODE_MAX_M * bk * elem + bn * bk // 2)
-        return main <= smem and _words(bn * bk, elem, w) <= _TILE_WORDS
+        main = s * (DECODE_MAX_M * bk * elem + bn * bk // 2 + bk * block_r * elem)
+        return (main <= smem and _words(bn * bk, elem, w) <= _TILE_WORDS
+                and _words(bk * block_r, elem, w) <= _TILE_WORDS)
 
     def size_ok(c):
         return c.kwargs["BLOCK_N"] <= max(16, _dense._pow2(N)) and c.kwargs["BLOCK_K"] <= max(32, _dense._pow2(K))
@@ -166,7 +170,7 @@ def _prune_dx(configs, named_args, **kwargs):
 def _prune_decode(configs, named_args, **kwargs):
     args = _dense._prune_args(named_args, kwargs)
     arch, smem, _ = _dense._limits_of(args["x_ptr"])
-    return _decode_keep(configs, arch, smem, args["N"], args["K"], args["x_ptr"].element_size())
+    return _decode_keep(configs, arch, smem, args["N"], args["K"], args["BLOCK_R"], args["x_ptr"].element_size())
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,59 +351,86 @@ def _lowrank4_fwd_gemm_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
-@triton.autotune(configs=_DECODE_CONFIGS, key=["M", "N", "K"],
+@triton.autotune(configs=_DECODE_CONFIGS, key=["M", "N", "K", "BLOCK_R", "HAS_DROPOUT", "LAYOUT"],
                  prune_configs_by={"early_config_prune": _prune_decode})
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _lowrank4_decode_kernel(
-    x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, part_ptr,
-    M, N, K, K_SPLIT,
-    stride_xm, stride_xk,
-    QBLOCK: tl.constexpr, QUANT: tl.constexpr, W_KIND: tl.constexpr, LAYOUT: tl.constexpr,
-    NESTED: tl.constexpr, BLOCK2: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, a_ptr, core_ptr, b_ptr, os_ptr, bias_ptr,
+    t_ptr, y_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_ym, stride_yn,
+    seed, dropout_p, inv_keep, scale,
+    ACTIVATION: tl.constexpr, CORE: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_OUT_SCALE: tl.constexpr, QBLOCK: tl.constexpr, QUANT: tl.constexpr, W_KIND: tl.constexpr,
+    LAYOUT: tl.constexpr, NESTED: tl.constexpr, BLOCK2: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Partial X Wᵀ over the k range [pid_k·K_SPLIT, (pid_k+1)·K_SPLIT) for M <= BLOCK_M rows:
-    every packed byte of W is read once in all (4 bits per weight); fp32 partials."""
+    """The whole forward for M <= BLOCK_M rows and BLOCK_N columns of Y, in one program:
+
+    * main loop over k: X Wᵀ (every packed byte of these W rows read once, 4 bits per weight)
+      and, beside it, T = D(X) Aᵀ [BLOCK_M, r] (every program computes the whole T: r·k values
+      of A per program, read from L2 after the first);
+    * epilogue: T stored by program 0, U = σ(T)Sᵀ | σ(T) ⊙ S | σ(T) in registers (rounded to x's
+      dtype, as the training path stores it), and Y = X Wᵀ + s·(U Bᵀ) ⊙ o + b written once.
+    No partial sums in memory: the grid is split over d only, so the sum order is fixed."""
     dtype = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    mask_m = rm < M
+    mask_n = rn < N
+    mask_r = rr < R
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    # rows past M and past r read wrapped (valid) addresses and are never stored
     x_rows = x_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm
-    k_start = pid_k * K_SPLIT
-    k_end = tl.minimum(k_start + K_SPLIT, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    a_cols = a_ptr + (rr % R)[None, :] * K                              # Aᵀ tile [BK, BR]
+    for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=(kk < k_end)[None, :], other=0.0)
+        mask_k = kk < K
+        xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_k[None, :], other=0.0)
         wt = _w4_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rn % N, k0, N, K, BLOCK_N, BLOCK_K,
                       QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST)
-        acc = tl.dot(_op(xt, dtype, UPCAST), _op(tl.trans(wt), dtype, UPCAST), acc, input_precision=DOT_PRECISION)
-    out = part_ptr + pid_k.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
-    tl.store(out, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
-
-
-@triton.jit
-def _lowrank4_decode_epilogue_kernel(
-    part_ptr, u_ptr, b_ptr, os_ptr, bias_ptr, y_ptr,
-    M, N, R, SPLIT, stride_ym, stride_yn, scale,
-    HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Y = s·(U Bᵀ) ⊙ o + b + Σ_split partials (summed in split order: deterministic)."""
-    rm = tl.arange(0, BLOCK_M)
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rm < M)[:, None] & (rn < N)[None, :]
-    acc = _adapter_init(u_ptr, b_ptr, os_ptr, bias_ptr, rm, rn, M, N, R, R, scale, HAS_BIAS, HAS_OUT_SCALE,
-                        UPCAST, DOT_PRECISION, BLOCK_R, R_CHUNK, BLOCK_M, BLOCK_N)
-    ptrs = part_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
-    for _ in range(0, SPLIT):
-        acc += tl.load(ptrs, mask=mask, other=0.0)
-        ptrs += M * N
-    tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=mask)
+        x_op = _op(xt, dtype, UPCAST)
+        acc = tl.dot(x_op, _op(tl.trans(wt), dtype, UPCAST), acc, input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            x_op = _op(tl.where(_keep_mask(seed, rm, kk, tl.to_tensor(dropout_p).to(tl.float32)), xt, 0.0), dtype,
+                       UPCAST)
+        at = tl.load(a_cols + kk[:, None], mask=mask_k[:, None], other=0.0)
+        t = tl.dot(x_op, _op(at, dtype, UPCAST), t, input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        t = t * tl.to_tensor(inv_keep).to(tl.float32)
+    if pid_n == 0:
+        tl.store(t_ptr + rm[:, None] * R + rr[None, :], t.to(t_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_r[None, :])
+    # the adapter term s·(U Bᵀ) ⊙ o, U = σ(T)Sᵀ | σ(T) ⊙ S | σ(T)
+    z = tl.where(mask_r[None, :], _act_fwd(t, ACTIVATION), 0.0)
+    b_cols = b_ptr + rn.to(tl.int64)[None, :] * R
+    adp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if CORE == 2:
+        z_op = _op(z, dtype, UPCAST)
+        for j0 in tl.static_range(0, BLOCK_R, R_CHUNK):
+            rj = j0 + tl.arange(0, R_CHUNK)
+            mask_j = rj < R
+            u = tl.dot(z_op, _op(_core_tile(core_ptr, R, rr, rj, True), dtype, UPCAST), input_precision=DOT_PRECISION)
+            bt = tl.load(b_cols + rj[:, None], mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+            adp = tl.dot(_op(u.to(dtype), dtype, UPCAST), _op(bt, dtype, UPCAST), adp, input_precision=DOT_PRECISION)
+    else:
+        if CORE == 1:
+            z = z * tl.load(core_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+        bt = tl.load(b_cols + rr[:, None], mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        adp = tl.dot(_op(z.to(dtype), dtype, UPCAST), _op(bt, dtype, UPCAST), adp, input_precision=DOT_PRECISION)
+    col_scale = tl.zeros((BLOCK_N,), dtype=tl.float32) + tl.to_tensor(scale).to(tl.float32)
+    if HAS_OUT_SCALE:
+        col_scale = col_scale * tl.load(os_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
+    acc += adp * col_scale[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -656,11 +687,6 @@ def _t_pass(x, lora_A, core, dropout_p, seed, act, core_kind):
     return t, u
 
 
-def _decode_split(n_tiles: int, K: int, block_k: int, sms: int) -> int:
-    """k splits so that the decode grid fills the GPU (about two programs per SM)."""
-    return max(1, min(triton.cdiv(2 * sms, max(n_tiles, 1)), triton.cdiv(K, block_k), 16))
-
-
 def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_scale, scale: float,
                      dropout_p: float, seed: int, activation):
     """Forward on 2-D x [M, k] over the 4-bit W: returns (Y [M, d], T [M, r]) in x's dtype.
@@ -685,51 +711,57 @@ def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_sca
     interp = _dense._interpreting()
     precision = _dense._dot_precision(x.dtype)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    adapter = dict(b_ptr=b, os_ptr=out_scale if out_scale is not None else b,
+                   bias_ptr=bias if bias is not None else b, HAS_BIAS=bias is not None,
+                   HAS_OUT_SCALE=out_scale is not None, BLOCK_R=BR, R_CHUNK=_dense._r_chunk(BR),
+                   UPCAST=interp, DOT_PRECISION=precision)
     with _dense._device(x):
-        t, u = _t_pass(x, lora_A, core, dropout_p, seed, act, core_kind)
-        common = dict(UPCAST=interp, DOT_PRECISION=precision)
-        adapter = dict(u_ptr=u, b_ptr=b, os_ptr=out_scale if out_scale is not None else b,
-                       bias_ptr=bias if bias is not None else b, HAS_BIAS=bias is not None,
-                       HAS_OUT_SCALE=out_scale is not None, BLOCK_R=BR, R_CHUNK=_dense._r_chunk(BR))
         if M <= DECODE_MAX_M:
-            if interp:
-                bn, bk, w, s = _dense._interp_block(N), max(32, _dense._interp_block(K)), 4, 1
-                split = 1
-            else:
-                arch, smem, sms = _dense._limits_of(x)
-                c = _decode_keep(_DECODE_CONFIGS, arch, smem, N, K, x.element_size())[0]
-                bn, bk, w, s = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages
-                split = _decode_split(triton.cdiv(N, bn), K, bk, sms)
-            k_split = triton.cdiv(triton.cdiv(K, split), bk) * bk
-            split = triton.cdiv(K, k_split)
-            part = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
-            _lowrank4_decode_kernel.fn[(triton.cdiv(N, bn), split)](
-                x, data, **scales, part_ptr=part, M=M, N=N, K=K, K_SPLIT=k_split, stride_xm=x.stride(0),
-                stride_xk=x.stride(1),
-                BLOCK_M=DECODE_MAX_M, BLOCK_N=bn, BLOCK_K=bk, **wmeta,
-                num_warps=w, num_stages=s, **common)
-            eb = _dense._interp_block(N) if interp else 64
-            _lowrank4_decode_epilogue_kernel[(triton.cdiv(N, eb),)](
-                part, M=M, N=N, R=R, SPLIT=split, y_ptr=y, stride_ym=y.stride(0), stride_yn=y.stride(1),
-                scale=float(scale), BLOCK_M=DECODE_MAX_M, BLOCK_N=eb, num_warps=4, **adapter, **common)
+            t = _decode(x, data, scales, wmeta, lora_A, core, y, scale, dropout_p, seed, act, core_kind, adapter)
+            return y, t
+        t, u = _t_pass(x, lora_A, core, dropout_p, seed, act, core_kind)
+        args = dict(x_ptr=x, packed_ptr=data, **scales, u_ptr=u, y_ptr=y,
+                    M=M, N=N, K=K, R=R, M_KEY=_dense._pow2(M), stride_xm=x.stride(0), stride_xk=x.stride(1),
+                    stride_ym=y.stride(0), stride_yn=y.stride(1), scale=float(scale),
+                    GROUP_M=_dense._GROUP_M, **wmeta, **adapter)
+        if interp:
+            fb = dict(BLOCK_M=_dense._interp_block(M), BLOCK_N=_dense._interp_block(N),
+                      BLOCK_K=max(32, _dense._interp_block(K)), num_warps=4, num_stages=1)
+        elif not _dense._autotuning():
+            arch, smem, _ = _dense._limits_of(x)
+            fb = _dense._fallback(_gemm_keep(_GEMM_CONFIGS, arch, smem, M, N, BR, x.element_size(),
+                                             wmeta["LAYOUT"]))
         else:
-            args = dict(x_ptr=x, packed_ptr=data, **scales, y_ptr=y,
-                        M=M, N=N, K=K, R=R, M_KEY=_dense._pow2(M), stride_xm=x.stride(0), stride_xk=x.stride(1),
-                        stride_ym=y.stride(0), stride_yn=y.stride(1), scale=float(scale),
-                        GROUP_M=_dense._GROUP_M, **wmeta, **adapter, **common)
-            if interp:
-                fb = dict(BLOCK_M=_dense._interp_block(M), BLOCK_N=_dense._interp_block(N),
-                          BLOCK_K=max(32, _dense._interp_block(K)), num_warps=4, num_stages=1)
-            elif not _dense._autotuning():
-                arch, smem, _ = _dense._limits_of(x)
-                fb = _dense._fallback(_gemm_keep(_GEMM_CONFIGS, arch, smem, M, N, BR, x.element_size(),
-                                                 wmeta["LAYOUT"]))
-            else:
-                fb = {}
-            _dense._launch(_lowrank4_fwd_gemm_kernel,
-                           lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
-                           args, fb)
+            fb = {}
+        _dense._launch(_lowrank4_fwd_gemm_kernel,
+                       lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
+                       args, fb)
     return y, t
+
+
+def _decode(x, data, scales, wmeta, lora_A, core, y, scale, dropout_p, seed, act, core_kind, adapter):
+    """The forward at M <= 16 in one launch (``_lowrank4_decode_kernel``): writes y, returns T."""
+    M, K = x.shape
+    N = y.shape[1]
+    R = lora_A.shape[0]
+    p = float(dropout_p)
+    t = torch.empty((M, R), dtype=x.dtype, device=x.device)
+    a = lora_A.contiguous()
+    args = dict(x_ptr=x, packed_ptr=data, **scales, a_ptr=a, core_ptr=core.contiguous() if core is not None else a,
+                t_ptr=t, y_ptr=y, M=M, N=N, K=K, R=R, stride_xm=x.stride(0), stride_xk=x.stride(1),
+                stride_ym=y.stride(0), stride_yn=y.stride(1), seed=int(seed), dropout_p=p,
+                inv_keep=1.0 / (1.0 - p), scale=float(scale), ACTIVATION=act, CORE=core_kind, HAS_DROPOUT=p > 0.0,
+                BLOCK_M=DECODE_MAX_M, **wmeta, **adapter)
+    if _dense._interpreting():
+        fb = dict(BLOCK_N=_dense._interp_block(N), BLOCK_K=max(32, _dense._interp_block(K)), num_warps=4,
+                  num_stages=1)
+    elif not _dense._autotuning():
+        arch, smem, _ = _dense._limits_of(x)
+        fb = _dense._fallback(_decode_keep(_DECODE_CONFIGS, arch, smem, N, K, adapter["BLOCK_R"], x.element_size()))
+    else:
+        fb = {}
+    _dense._launch(_lowrank4_decode_kernel, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), args, fb)
+    return t
 
 
 def lowrank_4bit_bwd(grad_y, x, packed, quant_state, T, lora_A, lora_B, core, out_scale, scale, dropout_p,

@@ -277,3 +277,21 @@ def test_nested_absmax_is_not_contracted_into_an_fma_on_the_gpu():
         name = f"sm_{job.arch} layout {job.constexprs['LAYOUT']}"
         assert "FADD" in result.sass and "FMUL" in result.sass, name
         assert "FFMA" not in result.sass, f"{name}: the absmax product is contracted into an FMA"
+
+
+@pytest.mark.slow
+def test_a_decode_call_is_one_launch():
+    """A decode call (M <= 16, no grad) of the Triton backend is one kernel launch and no torch
+    kernel: T, U, the adapter term, the bias and the nested absmax all inside
+    ``_lowrank4_decode_kernel``. The launches are captured as ``fastpeft inspect`` does (in a
+    process that does not interpret Triton), for sm_80 and sm_90, LoRA and the presets with a
+    core, an activation and an out_scale, k a multiple of the blocksize and not."""
+    from fastpeft.kernels.inspect import Problem, capture_problems
+
+    problems = [Problem(op="4bit", arch=arch, k=k, d=192, M=M, r=r, dropout=0.0, method=method)
+                for arch in (80, 90) for M, k, r, method in [(1, 256, 8, "lora"), (16, 200, 24, "lamda"),
+                                                           (5, 256, 4, "vera"), (16, 250, 64, "adalora")]]
+    for problem, (jobs, torch_ops) in zip(problems, capture_problems(problems)):
+        assert {j.name for j in jobs} == {"_lowrank4_decode_kernel"}, problem.describe()
+        assert len({j.launch for j in jobs}) == 1, problem.describe()
+        assert torch_ops == [], f"{problem.describe()}: {torch_ops}"
