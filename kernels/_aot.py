@@ -250,7 +250,10 @@ def capture(arch: int) -> Iterator[list[AotJob]]:
         state.launches += 1
         state.in_tuner = True
         try:
-            for config in self.prune_configs(kwargs):
+            configs = self.prune_configs(kwargs)
+            if not configs:      # a real launch could not run either
+                raise RuntimeError(f"{self.base_fn.__name__}: the prune function kept no config for this launch")
+            for config in configs:
                 clash = kwargs.keys() & config.kwargs.keys()
                 if clash:
                     raise ValueError(f"conflicting meta-parameters: {', '.join(clash)}")

@@ -181,7 +181,10 @@ def _t_keep(configs, arch, smem, M, block_r, elem, dropout=True):
         main = s * (bm * bk + bk * block_r) * elem
         tiles = max(_words(bm * bk, elem, w), _words(bk * block_r, elem, w))
         acc = _per_thread(bm * block_r, w) * (2 if elem == 4 else 1)
-        return (main <= smem and tiles <= _TILE_WORDS and acc <= _ACC_WORDS
+        # sm_80's mma.sync holds operand fragments in registers: at r >= 64 the accumulator gets
+        # half the budget (inspect: 128x64 w8s3 at BLOCK_R = 128 spills 4 STL.64 otherwise)
+        budget = _ACC_WORDS // 2 if arch == 80 and block_r >= 64 else _ACC_WORDS
+        return (main <= smem and tiles <= _TILE_WORDS and acc <= budget
                 and not (dropout and _per_thread(bm * bk, w) > _MASK_VALUES))
 
     def size_ok(c):
@@ -205,8 +208,10 @@ def _dy_keep(configs, arch, smem, block_m, N, block_r, elem):
         # 32-bit registers for G and the partial dYᵀU (fp32) and U together
         live = _per_thread(block_m * block_r + bn * block_r, w) + _per_thread(block_m * block_r * elem // 4, w)
         budget = _ACC_WORDS if arch == 90 else _ACC_WORDS // 2      # sm_80: operand fragments too
+        # sm_80, r = 64: the 8-warp BLOCK_N = 32 tile spills 8 bytes as launched (fastpeft inspect)
+        spills = arch == 80 and block_r >= 64 and w == 8
         return (main <= smem and tiles <= _TILE_WORDS and live <= budget
-                and _per_thread(bn * block_r, w) <= 16)
+                and _per_thread(bn * block_r, w) <= 16 and not spills)
 
     def size_ok(c):
         return c.kwargs["BLOCK_N"] <= max(16, _pow2(N))

@@ -43,6 +43,9 @@ NOT_WGMMA = {
     "_lowrank_bwd_da_kernel": "dA = s·dTᵀ·D(X) is an r-wide skinny product: its tiles have r rows (BLOCK_R), "
                               "fewer than the 64 a warpgroup's wgmma takes at r < 64",
     "_lowrank_u_kernel": "U = σ(T)·Sᵀ is an r × r product per row block, BLOCK_R wide",
+    "_lowrank_bwd_dy_kernel": "G = dY·B and dYᵀ·U are r-wide skinny products; at r = 64 the pass takes 32 rows "
+                              "(G [BLOCK_M, r] stays in registers across d), under wgmma's 64 (at r ≤ 32, 64 "
+                              "rows and wgmma)",
     "_lowrank4_decode_kernel": "decode: M ≤ 16 rows, a 64-row wgmma tile would be three-quarters padding",
     "_dora_norm_kernel": "W·Aᵀ for DoRA's norms is an r-wide skinny product, run when the adapter changes",
 }
@@ -84,7 +87,8 @@ def _problem_with_binary(arch, problem, job, result):
     if not result.uses_tensor_cores:
         return None
     loop = main_loop(result.sass)
-    kinds = loop["mma_kind"] if loop else "-"
+    # straight-line kernels (an unrolled r-wide product) have no loop: their MMA anywhere counts
+    kinds = loop["mma_kind"] if loop and loop["mma"] else "/".join(result.tensor_core_ops)
     if arch == 80 and "HMMA" not in kinds:
         return f"no HMMA in the main loop ({kinds})"
     if arch == 90 and "HGMMA" not in kinds and job.name not in NOT_WGMMA:
