@@ -531,7 +531,10 @@ def _results_copy(tmp_path):
 
 
 def _newest(folder, kind):
-    return sorted(p for p in os.listdir(folder) if p.startswith(kind + "-") and p.endswith(".json"))[-1]
+    """The result file of ``kind`` that ``report`` shows: the newest by its own timestamp (file
+    names also carry the device and thread count, so they do not sort by time)."""
+    names = [p for p in os.listdir(folder) if p.startswith(kind + "-") and p.endswith(".json")]
+    return max(names, key=lambda p: json.loads((folder / p).read_text())["meta"]["timestamp"])
 
 
 def test_report_skips_a_damaged_file_names_it_and_fails(tmp_path, capsys):
