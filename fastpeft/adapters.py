@@ -286,16 +286,9 @@ def _load_existing(model, adapter_name, config, tensors):
     for key in tensors:
         if key not in expected and key.endswith("bias") and key in params:
             expected[key] = params[key]
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"adapter names do not match adapter {adapter_name!r} of the model: missing "
-                         f"{missing[:10]}, unexpected {unexpected[:10]}")
-    wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
-             for k, v in expected.items() if tuple(tensors[k].shape) != tuple(v.shape)]
-    if wrong:
-        raise ValueError(f"adapter shapes (ranks) do not fit adapter {adapter_name!r} of the model: "
-                         + "; ".join(wrong[:10]))
-    from .inject import _canonical
+    from .inject import _canonical, check_names_and_shapes
+
+    check_names_and_shapes(tensors, expected, f"adapter {adapter_name!r} of the model", "shapes (ranks) do not fit")
 
     method = _canonical(config.method)
     other = [f"{name} ({adapter_settings_of(layer, adapter_name)['method']})" for name, layer in layers

@@ -615,16 +615,22 @@ def _expected_tensors(model, config, tensors):
     return expected, layers, saved
 
 
-def _check_load(model, config, tensors, expected, layers) -> dict[str, torch.Tensor]:
-    """Every check of a load; returns the file's tensors converted for their targets."""
+def check_names_and_shapes(tensors, expected, target="the model", shapes="shapes do not match") -> None:
+    """A file's tensor names and shapes against the ``expected`` targets (name -> tensor); the
+    errors name ``target`` (``"the model"``, or one named adapter of it)."""
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"adapter names do not match the model: missing {missing[:10]}, "
+        raise ValueError(f"adapter names do not match {target}: missing {missing[:10]}, "
                          f"unexpected {unexpected[:10]}")
     wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
              for k, v in expected.items() if tuple(tensors[k].shape) != tuple(v.shape)]
     if wrong:
-        raise ValueError("adapter shapes do not match the model: " + "; ".join(wrong[:10]))
+        raise ValueError(f"adapter {shapes} {target}: " + "; ".join(wrong[:10]))
+
+
+def _check_load(model, config, tensors, expected, layers) -> dict[str, torch.Tensor]:
+    """Every check of a load; returns the file's tensors converted for their targets."""
+    check_names_and_shapes(tensors, expected)
     method = _canonical(config.method)
     other = [f"{name} ({layer.method})" for name, layer in layers if _canonical(layer.method) != method]
     if other:
