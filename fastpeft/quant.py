@@ -49,6 +49,7 @@ __all__ = [
     "dequantize_absmax",
     "dynamic_map",
     "four_bit_code",
+    "nested_fp32",
     "quantize_4bit",
     "validate_4bit",
 ]
@@ -333,6 +334,16 @@ def dequantize_absmax(quant_state) -> torch.Tensor:
     vals = (vals.view(groups, bs2) * s2.absmax.float().reshape(groups, 1)).reshape(-1)[:nb]
     vals = vals.to(s2.dtype if s2.dtype is not None else torch.float32)
     return (vals + quant_state.offset.to(vals.dtype)).float()
+
+
+def nested_fp32(quant_state) -> bool:
+    """Whether ``quant_state`` holds nested statistics as bitsandbytes writes them (uint8 codes,
+    an fp32 second level and an fp32 offset): the form the kernels expand in registers,
+    ``code2[q]·absmax2[i // blocksize2] + offset``, instead of reading an expanded copy."""
+    s2 = quant_state.state2
+    return not (s2 is None or quant_state.absmax.dtype != torch.uint8 or s2.absmax.dtype != torch.float32
+                or s2.code.dtype != torch.float32 or s2.dtype not in (None, torch.float32)
+                or quant_state.offset is None or quant_state.offset.dtype != torch.float32)
 
 
 @functools.lru_cache(maxsize=None)

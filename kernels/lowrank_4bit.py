@@ -53,7 +53,7 @@ from triton.language.extra import libdevice
 from . import lowrank as _dense
 from .lowrank import _act_fwd, _act_grad, _adapter_init, _core_tile, _grouped_pid, _keep_mask, _op
 
-__all__ = ["lowrank_4bit_fwd", "lowrank_4bit_bwd", "dequantize_4bit_dense", "absmax_fp32", "buffer_min_m",
+__all__ = ["lowrank_4bit_fwd", "lowrank_4bit_bwd", "dequantize_4bit_dense", "buffer_min_m",
            "DECODE_MAX_M", "BUFFER_MIN_M_ENV"]
 
 DECODE_MAX_M = 16
@@ -520,18 +520,6 @@ def _lowrank4_bwd_dx_kernel(
 
 
 @triton.jit
-def _absmax_nested_kernel(q_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, n,
-                          BLOCK2: tl.constexpr, BLOCK: tl.constexpr):
-    """absmax[i] = code2[q[i]]·absmax2[i // BLOCK2] + offset in fp32, each operation rounded on
-    its own as bitsandbytes does (launched with FMA contraction off)."""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < n
-    q = tl.load(q_ptr + i, mask=mask, other=0).to(tl.int32)
-    v = tl.load(code2_ptr + q, mask=mask, other=0.0) * tl.load(absmax2_ptr + i // BLOCK2, mask=mask, other=0.0)
-    tl.store(out_ptr + i, v + tl.load(offset_ptr), mask=mask)
-
-
-@triton.jit
 def _dequant4_kernel(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, w_ptr, N, K, stride_wn,
                      QBLOCK: tl.constexpr, QUANT: tl.constexpr, W_KIND: tl.constexpr, LAYOUT: tl.constexpr,
                      NESTED: tl.constexpr, BLOCK2: tl.constexpr, INTERPRETED: tl.constexpr,
@@ -551,49 +539,15 @@ def _dequant4_kernel(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
 # Launchers
 # --------------------------------------------------------------------------------------------
 
-_ABSMAX_BLOCK = 1024
-
-
-def _nested_fp32(quant_state) -> bool:
-    """Nested statistics as bitsandbytes writes them (uint8 codes, fp32 second level and offset):
-    the form the kernels expand in registers."""
-    s2 = quant_state.state2
-    return not (s2 is None or quant_state.absmax.dtype != torch.uint8 or s2.absmax.dtype != torch.float32
-                or s2.code.dtype != torch.float32 or s2.dtype not in (None, torch.float32)
-                or quant_state.offset is None or quant_state.offset.dtype != torch.float32)
-
-
-def absmax_fp32(quant_state) -> torch.Tensor:
-    """The fp32 absmax per block of ``quant_state``, equal bit for bit to
-    ``fastpeft.quant.dequantize_absmax``: nested statistics (fp32 second level, as bitsandbytes
-    writes them) expand in one kernel instead of a chain of torch ops; other states go through the
-    torch function. For consumers that need the expanded array (the CUDA decode kernel): the
-    Triton kernels of this module expand nested statistics in registers instead."""
-    from fastpeft.quant import dequantize_absmax
-
-    s2 = quant_state.state2
-    absmax = quant_state.absmax
-    if not _nested_fp32(quant_state):
-        return dequantize_absmax(quant_state).contiguous()
-    n = absmax.numel()
-    out = torch.empty(n, dtype=torch.float32, device=absmax.device)
-    if n:
-        with _dense._device(out):
-            _absmax_nested_kernel[(triton.cdiv(n, _ABSMAX_BLOCK),)](
-                absmax.reshape(-1), s2.code.contiguous(), s2.absmax.reshape(-1), quant_state.offset.reshape(1),
-                out, n, BLOCK2=int(s2.blocksize), BLOCK=_ABSMAX_BLOCK, num_warps=4, enable_fp_fusion=False)
-    return out
-
-
 def _scale_args(quant_state) -> tuple[dict, dict]:
     """(the absmax pointers, their constexprs) for :func:`_w4_tile`: nested statistics as
     bitsandbytes writes them go in as they are (uint8 codes, the 256-entry code2 table, absmax2
     and the offset) and are expanded in registers, nothing allocated; a plain absmax as it is;
     any other nested state (a second level in another dtype) is expanded once by
     ``fastpeft.quant.dequantize_absmax`` for the call."""
-    from fastpeft.quant import dequantize_absmax
+    from fastpeft.quant import dequantize_absmax, nested_fp32
 
-    if _nested_fp32(quant_state):
+    if nested_fp32(quant_state):
         s2 = quant_state.state2
         ptrs = dict(absmax_ptr=quant_state.absmax.reshape(-1), code2_ptr=s2.code.contiguous(),
                     absmax2_ptr=s2.absmax.reshape(-1), offset_ptr=quant_state.offset.reshape(1))

@@ -4,10 +4,16 @@
   (no stack frame) for any kernel.
 * The torch binding (.cpp) passes g++ -fsyntax-only against torch's headers (the CPU wheel ships
   the c10/cuda headers but not c10/cuda/impl/cuda_cmake_macros.h, which the test supplies).
-* The decode kernel's per-thread code (``csrc/lowrank_4bit_decode.cuh``) built for the host and
-  run lane by lane (tests/csrc/decode_emulator.cpp) matches the float64 reference: odd k (the
-  per-element path), k a multiple of 8 (the word path), k not a multiple of the blocksize,
-  M = 1..16, every dtype, NF4 and FP4, nested or not.
+* The decode kernel's binary (sm_80, sm_90): no local memory, PRMT nibble decoding and tensor-core
+  products in its span loop, instructions per weight bounded, the nested absmax a multiply then an
+  add (never an FFMA).
+* The decode kernel's code (``csrc/lowrank_4bit_decode.cuh``) built for the host and run with
+  each warp's 32 lanes side by side (tests/csrc/decode_emulator.cpp) matches the float64
+  reference (Y and T): M = 1..16, r = 1..64, d not a multiple of a block's rows, one or several
+  spans per quantisation block, fp16 and bf16, NF4 and FP4, nested or not, every core and
+  activation; the table decoder matches the code table for every nibble; the nested absmax
+  equals bitsandbytes' bit for bit; the launcher refuses what it cannot run (k not a multiple of
+  the blocksize, fp32, r > 64, M > 16).
 * With a GPU and ``fastpeft._C`` built: the public op dispatches to the "cuda" backend for M <= 16
   and matches the float64 reference, backward included.
 
@@ -15,6 +21,7 @@ Tests skip (with the reason) without nvcc / g++. Compilation takes about a minut
 """
 
 import ctypes
+import math
 import os
 import re
 import shutil
@@ -80,6 +87,93 @@ def test_cu_compiles_without_spills(source, arch, tmp_path):
     assert not bad, f"local memory (stack frame, spill stores, spill loads) in {bad[:3]}"
 
 
+# The decode kernel's binary: sm_80 and sm_90 cubins, read with Triton's bundled cuobjdump.
+_KERNEL = re.compile(r"lowrank4_decode_kernelI(6__half|13__nv_bfloat16)Li(\d)ELi(\d)E")
+W_TILES = 2          # csrc/lowrank_4bit_decode.cuh kTiles: 16-row W tiles per block
+W_PER_SPAN = 32      # weights of W per lane and span: kTiles × 2 rows × 8 nibbles
+
+
+def _sass_of(arch: int, tmp_path: Path) -> dict[str, str]:
+    """{kernel: SASS} of csrc/lowrank_4bit_decode.cu compiled for sm_<arch> as setup.py builds it."""
+    from fastpeft.kernels import _aot
+    cubin = tmp_path / f"decode_sm{arch}.cubin"
+    out = subprocess.run([NVCC, "-cubin", "-O3", "-std=c++17", "--use_fast_math", f"-arch=sm_{arch}", "-I", str(CSRC),
+                          str(CSRC / "lowrank_4bit_decode.cu"), "-o", str(cubin)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-4000:]
+    sass = _aot.cuobjdump(cubin.read_bytes())
+    parts = re.split(r"\n\s*Function : ", sass)[1:]
+    return {p.split()[0]: p for p in parts}
+
+
+def _span_loop(instrs) -> list[str]:
+    """The opcodes of the innermost loop holding tensor-core instructions (the span loop)."""
+    loops = []
+    for addr, opcode, operands in instrs:
+        target = re.match(r"\s*(0x[0-9a-f]+)", operands)
+        if opcode.startswith("BRA") and target and int(target.group(1), 16) < addr:
+            body = [op for a, op, _ in instrs if int(target.group(1), 16) <= a <= addr]
+            if any(op.startswith("HMMA") for op in body):
+                loops.append(body)
+    assert loops, "no loop with tensor-core instructions"
+    return min(loops, key=len)
+
+
+def _reader(instrs, start: int):
+    """(index, opcode, destination) of the first instruction after ``start`` that reads the
+    register ``instrs[start]`` writes, or None when it is overwritten first."""
+    reg = instrs[start][2].split(",")[0].strip()
+    pattern = re.compile(rf"\b{reg}\b")
+    for i in range(start + 1, len(instrs)):
+        opcode, operands = instrs[i][1], instrs[i][2]
+        dest, _, srcs = operands.partition(",")
+        if pattern.search(srcs):
+            return i, opcode, dest.strip()
+        if pattern.search(dest):
+            return None
+    return None
+
+
+@needs_nvcc
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm_{a}")
+def test_decode_binary_properties(arch, tmp_path):
+    """Every instantiation of the decode kernel: no local memory; its span loop decodes nibbles
+    with PRMT and runs the products on tensor cores, at <= 4 instructions per weight for M <= 8,
+    r <= 16 (the adapter's T = X Aᵀ adds about 0.5 per weight per 16 of r); the nested absmax
+    is a multiply then an add (the code2 value read from shared memory goes into an FMUL whose
+    result goes into an FADD: never an FFMA)."""
+    from fastpeft.kernels.inspect import _instructions
+    sass = _sass_of(arch, tmp_path)
+    kernels = {name: text for name, text in sass.items() if _KERNEL.search(name)}
+    assert len(kernels) == 16, sorted(sass)
+    report = []
+    for name, text in kernels.items():
+        _, mg, rt = _KERNEL.search(name).groups()
+        mg, rt = int(mg), int(rt)
+        instrs = _instructions(text)
+        ops = [op.split(".")[0] for _, op, _ in instrs]
+        assert "LDL" not in ops and "STL" not in ops, f"{name}: local memory"
+        body = _span_loop(instrs)
+        hmma = sum(op.startswith("HMMA") for op in body)
+        spans = hmma / ((W_TILES + rt) * 2 * mg)
+        assert spans == int(spans) and spans >= 1, f"{name}: {hmma} HMMA in the span loop"
+        per_weight = len(body) / (W_PER_SPAN * spans)
+        assert sum(op.startswith("PRMT") for op in body) == 16 * 2 * W_TILES * spans, f"{name}: PRMT count"
+        report.append(f"MG={mg} RT={rt}: {per_weight:.2f}")
+        assert per_weight <= (4.0 if (mg, rt) == (1, 1) else 7.0), f"{name}: {per_weight:.2f} instructions per weight"
+        # the nested absmax: between the first two barriers (the main loop) shared memory holds
+        # only code2; each value read goes into an FMUL, whose result goes into an FADD
+        bars = [i for i, (_, op, _) in enumerate(instrs) if op.startswith("BAR")]
+        lds = [i for i in range(bars[0], bars[1]) if instrs[i][1].startswith("LDS")]
+        assert len(lds) >= 2 * W_TILES, f"{name}: {len(lds)} code2 reads in the main loop"
+        for i in lds:
+            mul = _reader(instrs, i)
+            assert mul and mul[1].startswith("FMUL"), f"{name}: code2[q] feeds {mul}, not an FMUL"
+            add = _reader(instrs, mul[0])
+            assert add and add[1].startswith("FADD"), f"{name}: code2[q]·absmax2 feeds {add}, not an FADD"
+    print(f"sm_{arch} span loop, instructions per weight:", ", ".join(sorted(set(report))))
+
+
 def _torch_include_flags(tmp_path: Path) -> list[str]:
     inc = Path(torch.__file__).parent / "include"
     flags = ["-I", str(inc), "-I", str(inc / "torch" / "csrc" / "api" / "include")]
@@ -107,20 +201,24 @@ def test_binding_compiles_against_torch_headers(source, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# The kernel's per-thread code on the host
+# The kernel's code on the host
 # --------------------------------------------------------------------------------------------
 
 class Decode4Args(ctypes.Structure):
     """csrc/lowrank_4bit_decode.h ``Decode4Args``, field for field."""
     _fields_ = [("dtype", ctypes.c_int), ("x", ctypes.c_void_p), ("stride_xm", ctypes.c_int64),
-                ("packed", ctypes.c_void_p), ("absmax", ctypes.c_void_p), ("code", ctypes.c_void_p),
-                ("w_dtype", ctypes.c_int), ("blocksize", ctypes.c_int), ("u", ctypes.c_void_p),
+                ("packed", ctypes.c_void_p), ("absmax", ctypes.c_void_p), ("code2", ctypes.c_void_p),
+                ("absmax2", ctypes.c_void_p), ("offset", ctypes.c_void_p), ("blocksize2", ctypes.c_int),
+                ("code", ctypes.c_void_p), ("blocksize", ctypes.c_int), ("lora_a", ctypes.c_void_p),
+                ("core", ctypes.c_void_p), ("core_kind", ctypes.c_int), ("activation", ctypes.c_int),
                 ("lora_b", ctypes.c_void_p), ("out_scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("scale", ctypes.c_float), ("y", ctypes.c_void_p), ("stride_ym", ctypes.c_int64),
-                ("M", ctypes.c_int), ("N", ctypes.c_int), ("K", ctypes.c_int), ("R", ctypes.c_int)]
+                ("t", ctypes.c_void_p), ("M", ctypes.c_int), ("N", ctypes.c_int), ("K", ctypes.c_int),
+                ("R", ctypes.c_int)]
 
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_ACTIVATION = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
 
 
 @pytest.fixture(scope="module")
@@ -128,13 +226,16 @@ def emulator(tmp_path_factory):
     if NVCC is None or shutil.which("g++") is None:
         pytest.skip("the host build of the kernel code needs g++ and the CUDA headers (cuda_fp16.h)")
     lib = tmp_path_factory.mktemp("emu") / "decode_emulator.so"
-    out = subprocess.run(["g++", "-std=c++17", "-O2", "-shared", "-fPIC", "-I", str(CSRC), "-I", str(_cuda_include()),
-                          str(ROOT / "tests" / "csrc" / "decode_emulator.cpp"), "-o", str(lib)],
-                         capture_output=True, text=True)
+    # no FMA contraction: the nested absmax is a multiply then an add, each rounded (as on the GPU)
+    out = subprocess.run(["g++", "-std=c++17", "-O2", "-ffp-contract=off", "-shared", "-fPIC", "-I", str(CSRC),
+                          "-I", str(_cuda_include()), str(ROOT / "tests" / "csrc" / "decode_emulator.cpp"),
+                          "-o", str(lib)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-4000:]
     dll = ctypes.CDLL(str(lib))
-    dll.fastpeft_decode_emulate.argtypes = [ctypes.POINTER(Decode4Args), ctypes.POINTER(ctypes.c_int)]
+    dll.fastpeft_decode_emulate.argtypes = [ctypes.POINTER(Decode4Args), ctypes.POINTER(ctypes.c_char_p)]
     dll.fastpeft_decode_emulate.restype = ctypes.c_int
+    dll.fastpeft_decode8.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p]
+    dll.fastpeft_block_absmax.argtypes = [ctypes.POINTER(Decode4Args), ctypes.c_int, ctypes.c_int64, ctypes.c_void_p]
     return dll
 
 
@@ -142,77 +243,162 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
-def _emulate(dll, x, packed, state, u, lora_b, out_scale, bias, scale):
-    """The kernel's arithmetic on CPU tensors; returns (y, whether the word/vector path ran)."""
-    from fastpeft.quant import _code_cached, _packed_bytes, dequantize_absmax
-    d = state.shape[0]
-    M, K = x.shape
-    data, absmax = _packed_bytes(packed), dequantize_absmax(state).contiguous()
-    code = _code_cached(state.quant_type, torch.device("cpu"))
-    y = torch.full((M, d), float("nan"), dtype=x.dtype)
-    args = Decode4Args(_DTYPE_CODE[x.dtype], _ptr(x), x.stride(0), _ptr(data), _ptr(absmax), _ptr(code),
-                       _DTYPE_CODE[state.dtype], state.blocksize, _ptr(u), _ptr(lora_b), _ptr(out_scale),
-                       _ptr(bias), scale, _ptr(y), y.stride(0), M, d, K, u.shape[1])
-    vec = ctypes.c_int(-1)
-    assert dll.fastpeft_decode_emulate(ctypes.byref(args), ctypes.byref(vec)) == 0
-    return y, bool(vec.value)
+def _args(c, scale, y=None, t=None):
+    """Decode4Args of a case (the tensors stay owned by ``c``)."""
+    from fastpeft.quant import _code_cached, _packed_bytes, nested_fp32
+    state, x = c["state"], c["x"]
+    d, k = state.shape
+    c["data"] = _packed_bytes(c["packed"])
+    c["code"] = _code_cached(state.quant_type, torch.device("cpu"))
+    nested = nested_fp32(state)
+    c["absmax"] = state.absmax.reshape(-1).contiguous()
+    code2 = absmax2 = offset = None
+    if nested:
+        code2, absmax2, offset = state.state2.code.contiguous(), state.state2.absmax.contiguous(), state.offset.reshape(1)
+        c["nested"] = (code2, absmax2, offset)
+    core = c.get("core")
+    return Decode4Args(_DTYPE_CODE[x.dtype], _ptr(x), x.stride(0), _ptr(c["data"]), _ptr(c["absmax"]), _ptr(code2),
+                       _ptr(absmax2), _ptr(offset), int(state.state2.blocksize) if nested else 0, _ptr(c["code"]),
+                       state.blocksize, _ptr(c["lora_a"]), _ptr(core), 0 if core is None else (1 if core.dim() == 1 else 2),
+                       _ACTIVATION[c.get("activation")], _ptr(c["lora_b"]), _ptr(c["out_scale"]), _ptr(c["bias"]),
+                       scale, _ptr(y), 0 if y is None else y.stride(0), _ptr(t), x.shape[0], d, k,
+                       c["lora_a"].shape[0])
 
 
-def _case(M, k, d, r, dtype, quant_type, blocksize, nested, w_dtype=None, seed=0, with_os=True, with_bias=True):
+def _emulate(dll, c, scale):
+    """The kernel's arithmetic on CPU tensors: (y, T), or the launcher's refusal as ValueError."""
+    M, d, r = c["x"].shape[0], c["state"].shape[0], c["lora_a"].shape[0]
+    y = torch.full((M, d), float("nan"), dtype=c["x"].dtype)
+    t = torch.full((M, r), float("nan"), dtype=c["x"].dtype)
+    args = _args(c, scale, y, t)
+    reason = ctypes.c_char_p()
+    if dll.fastpeft_decode_emulate(ctypes.byref(args), ctypes.byref(reason)):
+        raise ValueError(reason.value.decode())
+    return y, t
+
+
+def _case(M, k, d, r, dtype, quant_type, blocksize, nested, seed=0, with_os=True, with_bias=True, core=None,
+          activation=None):
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda *s, sc=1.0: (torch.randn(*s, generator=gen, dtype=torch.float64) * sc)
-    w = rnd(d, k, sc=k ** -0.5).to(w_dtype or dtype)
-    packed, state = fastpeft.quantize_4bit(w, quant_type=quant_type, blocksize=blocksize, compress_statistics=nested)
-    return dict(x=rnd(M, k).to(dtype), packed=packed, state=state, u=rnd(M, r).to(dtype),
-                lora_b=rnd(d, r, sc=r ** -0.5).to(dtype), out_scale=rnd(d).to(dtype) if with_os else None,
-                bias=rnd(d).to(dtype) if with_bias else None)
+    packed, state = fastpeft.quantize_4bit(rnd(d, k, sc=k ** -0.5).to(dtype), quant_type=quant_type,
+                                           blocksize=blocksize, compress_statistics=nested)
+    c = dict(x=rnd(M, k).to(dtype), packed=packed, state=state, lora_a=rnd(r, k, sc=k ** -0.5).to(dtype),
+             lora_b=rnd(d, r, sc=r ** -0.5).to(dtype), out_scale=rnd(d).to(dtype) if with_os else None,
+             bias=rnd(d).to(dtype) if with_bias else None, activation=activation)
+    if core == "diag":
+        c["core"] = rnd(r).to(dtype)
+    elif core == "full":
+        c["core"] = rnd(r, r, sc=r ** -0.5).to(dtype)
+    return c
 
 
 def _reference(c, scale):
-    """float64: X Wᵀ + b + s·(U Bᵀ) ⊙ o with W dequantised as the dense reference holds it."""
+    """float64 (Y, T) with W dequantised as the dense reference holds it."""
     w = fastpeft.dequantize_4bit(c["packed"], c["state"]).to(c["x"].dtype).double()
-    y = c["x"].double() @ w.t() + scale * (c["u"].double() @ c["lora_b"].double().t()) * (
-        1.0 if c["out_scale"] is None else c["out_scale"].double())
-    return y if c["bias"] is None else y + c["bias"].double()
+    y = reference_lowrank(c["x"], w, c["bias"], c["lora_a"], c["lora_b"], core=c.get("core"),
+                          out_scale=c["out_scale"], scale=scale, activation=c.get("activation"))
+    return y, c["x"].double() @ c["lora_a"].double().t()
 
 
-# (M, k, d, r, blocksize): odd k, k % 8 == 0 with k % blocksize != 0, k a multiple of 8 and of
-# the blocksize, k even but not a multiple of 8, a blocksize larger than k
-EMU_SHAPES = [(1, 123, 77, 12, 64), (3, 200, 77, 12, 64), (16, 128, 77, 12, 32), (8, 36, 77, 12, 64),
-              (5, 1040, 13, 12, 4096), (16, 123, 77, 12, 128)]
+# (M, k, d, r, blocksize): one span per block and several; d not a multiple of the 32 rows of a
+# block; r below, at and between multiples of 16; M = 1, a single 8-row group, two groups
+EMU_SHAPES = [(1, 128, 77, 12, 64), (3, 256, 40, 16, 32), (16, 64, 77, 64, 32), (8, 384, 33, 33, 128),
+              (9, 512, 13, 5, 256), (5, 4096, 16, 1, 4096)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", EMU_SHAPES, ids=lambda s: "M{}-k{}-d{}-r{}-bs{}".format(*s))
 def test_emulated_kernel_matches_reference(emulator, shape, dtype):
     M, k, d, r, bs = shape
     for quant_type, nested in (("nf4", True), ("fp4", False)):
         c = _case(M, k, d, r, dtype, quant_type, bs, nested, seed=k + M)
-        y, vec = _emulate(emulator, c["x"], c["packed"], c["state"], c["u"], c["lora_b"], c["out_scale"],
-                          c["bias"], 0.7)
-        assert vec == (k % 8 == 0)
-        err = rel_err(y, _reference(c, 0.7))
-        assert err <= TOL[dtype], f"{quant_type} nested={nested}: relative error {err:.2e} > {TOL[dtype]:.0e}"
+        y, t = _emulate(emulator, c, 0.7)
+        y_ref, t_ref = _reference(c, 0.7)
+        err = rel_err(y, y_ref)
+        assert err <= TOL[dtype], f"{quant_type} nested={nested}: y relative error {err:.2e} > {TOL[dtype]:.0e}"
+        assert rel_err(t, t_ref) <= TOL[dtype], f"{quant_type} nested={nested}: T"
 
 
-@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float32),
-                                             (torch.float32, torch.float16)], ids=str)
-def test_emulated_kernel_rounds_like_bitsandbytes(emulator, x_dtype, w_dtype):
-    """A quant state whose dtype differs from x: W is rounded to the state's dtype, then to x's."""
-    c = _case(4, 96, 40, 8, x_dtype, "nf4", 64, True, w_dtype=w_dtype, with_os=False, with_bias=False)
-    y, _ = _emulate(emulator, c["x"], c["packed"], c["state"], c["u"], c["lora_b"], None, None, 1.5)
-    assert rel_err(y, _reference(c, 1.5)) <= TOL[x_dtype]
+@pytest.mark.parametrize("core,activation", [("diag", "relu"), ("full", "silu"), ("full", "gelu"), (None, "silu")],
+                         ids=str)
+def test_emulated_kernel_core_activation_and_no_bias(emulator, core, activation):
+    """The epilogue's U = σ(T)Sᵀ | σ(T) ⊙ S (rounded to x's dtype), without bias or out_scale."""
+    for dtype, M in ((torch.bfloat16, 12), (torch.float16, 1)):
+        c = _case(M, 192, 50, 24, dtype, "nf4", 64, True, seed=M, with_os=False, with_bias=False, core=core,
+                  activation=activation)
+        y, t = _emulate(emulator, c, 1.5)
+        y_ref, t_ref = _reference(c, 1.5)
+        assert rel_err(y, y_ref) <= TOL[dtype], f"{dtype} M={M}: y relative error {rel_err(y, y_ref):.2e}"
+        assert rel_err(t, t_ref) <= TOL[dtype]
 
 
-def test_emulated_kernel_unaligned_and_strided_x(emulator):
-    """x not 16-byte aligned, or with a row stride: the per-element path, same result."""
+def test_emulated_kernel_mixed_state_dtype(emulator):
+    """A quant state whose dtype differs from x (an fp32 state, bf16 x; a bf16 state, fp16 x)."""
+    for x_dtype, w_dtype in ((torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)):
+        c = _case(4, 96 * 2, 40, 8, w_dtype, "nf4", 64, True, with_os=False, with_bias=False)
+        for key in ("x", "lora_a", "lora_b"):
+            c[key] = c[key].to(x_dtype)
+        y, _ = _emulate(emulator, c, 1.5)
+        assert rel_err(y, _reference(c, 1.5)[0]) <= TOL[x_dtype]
+
+
+def test_emulated_kernel_strided_x(emulator):
+    """x with a row stride (a multiple of 8 elements, 16-byte aligned rows)."""
     c = _case(6, 64, 30, 4, torch.float16, "fp4", 32, False)
-    base = torch.zeros(6 * 72 + 1, dtype=torch.float16)
-    x = base[1:].view(6, 72)[:, :64]
+    x = torch.zeros(6, 72, dtype=torch.float16)[:, :64]
     x.copy_(c["x"])
-    y, vec = _emulate(emulator, x, c["packed"], c["state"], c["u"], c["lora_b"], c["out_scale"], c["bias"], 0.7)
-    assert not vec
-    assert rel_err(y, _reference(c, 0.7)) <= TOL[torch.float16]
+    c["x"] = x
+    y, _ = _emulate(emulator, c, 0.7)
+    assert rel_err(y, _reference(c, 0.7)[0]) <= TOL[torch.float16]
+
+
+@pytest.mark.parametrize("change,reason", [
+    (dict(k=123), "multiple of the blocksize"), (dict(k=96), "multiple of the blocksize"),
+    (dict(dtype=torch.float32), "float16 or bfloat16"), (dict(r=65), "r must be"), (dict(M=17), "M must be")],
+    ids=lambda v: str(v))
+def test_emulated_launcher_refuses_what_it_cannot_run(emulator, change, reason):
+    p = dict(M=2, k=128, d=8, r=4, dtype=torch.float16)
+    p.update(change)
+    c = _case(p["M"], p["k"], 8, p["r"], p["dtype"], "nf4", 64, True)
+    with pytest.raises(ValueError, match=reason):
+        _emulate(emulator, c, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_table_decoder_matches_the_code_table(emulator, quant_type, dtype):
+    """decode8 (the __byte_perm lookup over two byte planes) on every code at every nibble of a
+    word: pair j holds element 2j (the high nibble of byte j) in its low half."""
+    from fastpeft.quant import _code_cached
+    code = _code_cached(quant_type, torch.device("cpu"))
+    want = code.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+    out = (ctypes.c_uint32 * 4)()
+    gen = torch.Generator().manual_seed(1)
+    words = [q * 0x11111111 for q in range(16)] + torch.randint(0, 2**32, (200,), generator=gen).tolist()
+    for word in words:
+        emulator.fastpeft_decode8(_DTYPE_CODE[dtype], code.data_ptr(), word, out)
+        for e in range(8):
+            byte = (word >> (8 * (e // 2))) & 0xFF
+            q = byte >> 4 if e % 2 == 0 else byte & 15
+            got = (out[e // 2] >> (16 * (e % 2))) & 0xFFFF
+            assert got == want[q].item(), f"word {word:#010x} element {e}: {got:#06x} != code[{q}] {want[q].item():#06x}"
+
+
+def test_nested_absmax_is_bitexact(emulator):
+    """block_absmax (code2[q]·absmax2[i / blocksize2] + offset, multiply then add) equals
+    fastpeft.quant.dequantize_absmax (bitsandbytes' arithmetic) bit for bit."""
+    from fastpeft.quant import dequantize_absmax
+    packed, state = fastpeft.quantize_4bit(torch.randn(300, 256) * 3.0, blocksize=64, compress_statistics=True)
+    c = dict(state=state, packed=packed, x=torch.zeros(1, 256, dtype=torch.float16),
+             lora_a=torch.zeros(1, 256, dtype=torch.float16), lora_b=torch.zeros(300, 1, dtype=torch.float16),
+             out_scale=None, bias=None)
+    args = _args(c, 1.0)
+    n = state.absmax.numel()
+    out = torch.empty(n, dtype=torch.float32)
+    emulator.fastpeft_block_absmax(ctypes.byref(args), int(math.log2(state.state2.blocksize)), n, out.data_ptr())
+    assert n > state.state2.blocksize            # several second-level blocks
+    assert torch.equal(out, dequantize_absmax(state))
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,11 +406,27 @@ def test_emulated_kernel_unaligned_and_strided_x(emulator):
 # --------------------------------------------------------------------------------------------
 
 def test_cuda_backend_covers_small_m_without_dropout_only():
-    ok = dict(M=16, dropout_p=0.0, dtype=torch.bfloat16)
+    ok = dict(M=16, dropout_p=0.0, dtype=torch.bfloat16, k=4096, r=64, blocksize=64)
     assert op4._cuda_supports(ok) is None
+    assert op4._cuda_supports(dict(M=1, dropout_p=0.0, dtype=torch.float16)) is None   # sizes not known yet
     assert "M <= 16" in op4._cuda_supports({**ok, "M": 17})
     assert "dropout" in op4._cuda_supports({**ok, "dropout_p": 0.1})
-    assert "float32, float16 or bfloat16" in op4._cuda_supports({**ok, "dtype": torch.float64})
+    assert "float16 or bfloat16" in op4._cuda_supports({**ok, "dtype": torch.float32})
+    assert "r <= 64" in op4._cuda_supports({**ok, "r": 65})
+    assert "k % blocksize" in op4._cuda_supports({**ok, "k": 4000})
+
+
+def test_auto_falls_back_where_the_cuda_kernel_cannot_run(monkeypatch):
+    """With fastpeft._C present, "auto" takes the CUDA kernel where it applies and the Triton
+    decode kernel (one launch too) where it does not."""
+    monkeypatch.setitem(_backend._IMPLS, (op4.OP_NAME, "cuda"),
+                        _backend._Impl(lambda: None, lambda device: None, op4._cuda_supports))
+    monkeypatch.setitem(_backend._IMPLS, (op4.OP_NAME, "triton"), _backend._Impl(lambda: None, lambda device: None))
+    cuda = torch.device("cuda")
+    problem = dict(M=1, dropout_p=0.0, dtype=torch.bfloat16, k=4096, r=16, blocksize=64)
+    assert _backend.resolve_backend(op4.OP_NAME, cuda, "auto", problem) == "cuda"
+    for change in (dict(k=4000), dict(dtype=torch.float32), dict(M=17), dict(dropout_p=0.1), dict(r=128)):
+        assert _backend.resolve_backend(op4.OP_NAME, cuda, "auto", {**problem, **change}) == "triton", change
 
 
 def test_cuda_backend_refuses_clearly_where_it_cannot_run():
@@ -246,14 +448,14 @@ def _cuda_ready() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda_ready(), reason="needs a CUDA device and fastpeft._C (FASTPEFT_BUILD_CUDA=1)")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("k", [123, 128, 200], ids=lambda k: f"k{k}")
-def test_cuda_backend_matches_reference(k, dtype, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("k,r", [(128, 12), (256, 64), (4096, 16)], ids=lambda v: str(v))
+def test_cuda_backend_matches_reference(k, r, dtype, monkeypatch):
     from fastpeft import _C
     calls = []
     real = _C.lowrank4_decode
     monkeypatch.setattr(_C, "lowrank4_decode", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    d, r = 77, 12
+    d = 77
     for M in range(1, 17):
         gen = torch.Generator().manual_seed(M * k)
         rnd = lambda *s, sc=1.0: (torch.randn(*s, generator=gen, dtype=torch.float64) * sc).to("cuda", dtype)
@@ -261,7 +463,8 @@ def test_cuda_backend_matches_reference(k, dtype, monkeypatch):
                                                blocksize=64, compress_statistics=M % 3 == 0)
         x, bias, o = rnd(M, k).requires_grad_(), rnd(d), rnd(d)
         a, b, core = rnd(r, k, sc=k ** -0.5), rnd(d, r, sc=r ** -0.5).requires_grad_(), rnd(r, r, sc=r ** -0.5)
-        assert _backend.resolve_backend(op4.OP_NAME, x.device, problem=dict(M=M, dropout_p=0.0, dtype=dtype)) == "cuda"
+        problem = dict(M=M, dropout_p=0.0, dtype=dtype, k=k, r=r, blocksize=64)
+        assert _backend.resolve_backend(op4.OP_NAME, x.device, problem=problem) == "cuda"
         y = fastpeft.lowrank_linear_4bit(x, packed, state, bias, a, b, core=core, out_scale=o, scale=0.7,
                                          activation="silu")
         w = fastpeft.dequantize_4bit(packed, state).to(dtype).double()
@@ -273,4 +476,13 @@ def test_cuda_backend_matches_reference(k, dtype, monkeypatch):
         ref.backward(gy.double())
         assert rel_err(x.grad, x64.grad) <= 2 * TOL[dtype], f"M={M}: dx"
         assert rel_err(b.grad, b64.grad) <= 2 * TOL[dtype], f"M={M}: dB"
-    assert len(calls) == 16
+        with torch.no_grad():   # the same call without autograd, under a CUDA graph
+            y_eager = fastpeft.lowrank_linear_4bit(x.detach(), packed, state, bias, a, b.detach(), core=core,
+                                                   out_scale=o, scale=0.7, activation="silu")
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y_graph = fastpeft.lowrank_linear_4bit(x.detach(), packed, state, bias, a, b.detach(), core=core,
+                                                       out_scale=o, scale=0.7, activation="silu")
+            graph.replay()
+            assert torch.equal(y_graph, y_eager), f"M={M}: graph replay differs"
+    assert len(calls) >= 16

@@ -218,25 +218,6 @@ def test_buffer_setting_is_checked(monkeypatch, value):
     assert L4.buffer_min_m() is None
 
 
-@pytest.mark.parametrize("source", ["fastpeft", "bitsandbytes"])
-@pytest.mark.parametrize("n,blocksize", [(37 * 123, 64), (4096 * 3 + 5, 32), (256 * 64 * 3, 64), (100, 128)],
-                         ids=["4551-bs64", "12293-bs32", "49152-bs64", "100-bs128"])
-def test_nested_absmax_kernel_is_bit_exact(source, n, blocksize):
-    """The one-kernel expansion of nested statistics equals fastpeft.quant.dequantize_absmax (and
-    so bitsandbytes) bit for bit, a group count not a multiple of 256 included; states that are
-    not nested go through the torch function unchanged."""
-    quantize = fastpeft.quantize_4bit
-    if source == "bitsandbytes":
-        quantize = pytest.importorskip("bitsandbytes.functional").quantize_4bit
-    w = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3).to(DEVICE)
-    _, state = quantize(w, blocksize=blocksize, compress_statistics=True)
-    from fastpeft.quant import dequantize_absmax
-    got = L4.absmax_fp32(state)
-    assert got.dtype == torch.float32 and torch.equal(got, dequantize_absmax(state))
-    _, plain = quantize(w, blocksize=blocksize, compress_statistics=False)
-    assert torch.equal(L4.absmax_fp32(plain), plain.absmax.float())
-
-
 _NESTED_SASS_SCRIPT = """
 import json, sys, torch
 from dataclasses import asdict

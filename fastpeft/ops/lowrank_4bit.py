@@ -15,9 +15,11 @@ the backends that dequantise to memory) and is freed before they return.
 Backends (``fastpeft.use_backend``): ``"torch"`` dequantises W to a transient dense tensor and
 runs the dense pure-torch op (any device); ``"triton"`` (:mod:`fastpeft.kernels.lowrank_4bit`)
 dequantises tiles of W in registers inside the GEMMs; ``"cuda"`` (``fastpeft._C``, built from
-csrc/) runs the small-M forward (M <= 16, no adapter dropout: decoding) in one kernel that reads
-W once, 4 bits per weight; its backward is the Triton backend's (the torch one without Triton).
-``"auto"`` takes ``"cuda"`` where it applies, else ``"triton"`` on CUDA tensors.
+csrc/) runs the small-M forward (M <= 16, no adapter dropout: decoding; fp16/bf16, r <= 64, k a
+multiple of the quantisation blocksize) in one launch that computes T, reads W once, 4 bits per
+weight, and adds the adapter in its epilogue; its backward is the Triton backend's (the torch one
+without Triton). ``"auto"`` takes ``"cuda"`` where it applies, else ``"triton"`` on CUDA tensors
+(whose decode kernel is also one launch), else ``"torch"``.
 
 The forward and backward halves are ``torch.library`` custom ops (``fastpeft::lowrank_4bit_fwd``
 and ``fastpeft::lowrank_4bit_bwd``) with fake implementations; the quant state crosses them as
@@ -34,7 +36,7 @@ from torch import Tensor
 
 from .. import _backend
 from ..quant import (QuantState, _code_cached, _packed_bytes, dequantize_4bit, dequantize_absmax,
-                     validate_4bit)
+                     nested_fp32, validate_4bit)
 from .lowrank import (activation_fn, apply_core, apply_function, autocast_args, lowrank_bwd_torch,
                       lowrank_fwd_torch, seed_tensor, validate_lowrank_args)
 
@@ -46,6 +48,7 @@ __all__ = [
     "lowrank_4bit_fwd_cuda",
     "dequantize_weight",
     "CUDA_MAX_M",
+    "CUDA_MAX_R",
 ]
 
 OP_NAME = "lowrank_linear_4bit"
@@ -92,6 +95,8 @@ class _TorchBackend:
 # --------------------------------------------------------------------------------------------
 
 CUDA_MAX_M = 16
+CUDA_MAX_R = 64
+_ACTIVATION_CODE = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
 
 
 def _cuda_ext():
@@ -99,33 +104,50 @@ def _cuda_ext():
     return _C
 
 
+def _aligned(t: Tensor, multiple: int = 16) -> Tensor:
+    """``t`` contiguous in its last dimension at a ``multiple``-byte aligned address (a copy
+    only when it is not; decode inputs are a few rows)."""
+    if t.stride(-1) != 1 or t.data_ptr() % multiple or (t.dim() == 2 and (t.stride(0) * t.element_size()) % 16):
+        t = t.contiguous()
+        if t.data_ptr() % multiple:
+            t = t.clone()
+    return t
+
+
+def _cuda_absmax_args(quant_state) -> tuple:
+    """(absmax, code2, absmax2, offset, blocksize2) for the kernel: nested statistics as
+    bitsandbytes writes them pass as they are and are expanded in registers; a plain fp32
+    absmax as it is; any other nested state is expanded once for the call."""
+    s2 = quant_state.state2
+    if nested_fp32(quant_state):
+        return (quant_state.absmax.reshape(-1), s2.code.contiguous(), s2.absmax.reshape(-1),
+                quant_state.offset.reshape(1), int(s2.blocksize))
+    absmax = dequantize_absmax(quant_state) if s2 is not None else quant_state.absmax.reshape(-1).float()
+    return absmax.contiguous(), None, None, None, 0
+
+
 def lowrank_4bit_fwd_cuda(x, packed, quant_state, bias, lora_A, lora_B, core, out_scale,
                           scale: float, dropout_p: float, seed: int, activation: Optional[str]):
-    """Forward on 2-D x [M <= 16, k] without dropout: T = X Aᵀ and U = σ(T)Sᵀ in torch (M·k·r
-    work), then ``fastpeft._C.lowrank4_decode`` reads each packed byte of W once, dequantises in
-    registers and writes Y = X Wᵀ + b + s·(U Bᵀ) ⊙ o (fp32 accumulation). Returns (Y, T)."""
+    """Forward on 2-D x [M <= 16, k] without dropout, in one launch of
+    ``fastpeft._C.lowrank4_decode``: T = X Aᵀ and U = σ(T)Sᵀ | σ(T) ⊙ S inside the kernel (each
+    block computes T from x and A), each packed byte of W read once and decoded in registers
+    (nested statistics expanded there), Y = X Wᵀ + b + s·(U Bᵀ) ⊙ o. Returns (Y, T)."""
     if dropout_p != 0.0:
         raise ValueError("the CUDA decode kernel runs without adapter dropout (dropout_p=0)")
     shape, _ = validate_4bit(packed, quant_state)
-    d = shape[0]
-    t = x @ lora_A.t()                                       # T = X Aᵀ
-    u = apply_core(activation_fn(t, activation), core)       # U = σ(T) Sᵀ
-    y = _cuda_ext().lowrank4_decode(
-        x if x.stride(-1) == 1 else x.contiguous(), _packed_bytes(packed.detach()),
-        _absmax_fp32(quant_state, x.device), _code_cached(quant_state.quant_type, x.device),
-        quant_state.dtype, int(quant_state.blocksize), d, u.contiguous(), lora_B.contiguous(),
-        None if out_scale is None else out_scale.contiguous(), None if bias is None else bias.contiguous(),
+    d, k = shape
+    reason = _cuda_supports(dict(M=x.shape[0], dropout_p=0.0, dtype=x.dtype, k=k, r=lora_A.shape[0],
+                                 blocksize=int(quant_state.blocksize)))
+    if reason is not None:
+        raise ValueError(f"the CUDA decode kernel cannot run this call: {reason}")
+    absmax, code2, absmax2, offset, blocksize2 = _cuda_absmax_args(quant_state)
+    contiguous = (lambda t: None if t is None else t.contiguous())
+    y, t = _cuda_ext().lowrank4_decode(
+        _aligned(x), _aligned(_packed_bytes(packed.detach()), 4), absmax, code2, absmax2, offset, blocksize2,
+        _code_cached(quant_state.quant_type, x.device), int(quant_state.blocksize), d, _aligned(lora_A.contiguous()),
+        contiguous(core), _ACTIVATION_CODE[activation], lora_B.contiguous(), contiguous(out_scale), contiguous(bias),
         float(scale))
     return y, t
-
-
-def _absmax_fp32(quant_state, device) -> Tensor:
-    """The fp32 absmax per block: nested statistics expanded in one Triton kernel where Triton
-    runs (one launch instead of a chain of torch ops), else by :func:`dequantize_absmax`."""
-    if _triton_available(device) is None:
-        from ..kernels.lowrank_4bit import absmax_fp32
-        return absmax_fp32(quant_state)
-    return dequantize_absmax(quant_state).contiguous()
 
 
 class _CudaBackend:
@@ -145,12 +167,19 @@ def _cuda_available(device):
 
 
 def _cuda_supports(problem: dict) -> Optional[str]:
+    """Why the CUDA decode kernel cannot take ``problem`` (``None``: it can). ``problem``: M,
+    dropout_p, dtype and, where the caller knows them, k, r and the quantisation blocksize."""
     if problem["M"] > CUDA_MAX_M:
         return f"its kernel is the small-M (decode) forward, M <= {CUDA_MAX_M}; got M={problem['M']}"
     if problem["dropout_p"] > 0.0:
         return "its kernel runs without adapter dropout; got dropout_p > 0"
-    if problem["dtype"] not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"its kernel takes float32, float16 or bfloat16 x; got {problem['dtype']}"
+    if problem["dtype"] not in (torch.float16, torch.bfloat16):
+        return f"its kernel takes float16 or bfloat16 x (tensor cores); got {problem['dtype']}"
+    r, k, blocksize = problem.get("r"), problem.get("k"), problem.get("blocksize")
+    if r is not None and not 1 <= r <= CUDA_MAX_R:
+        return f"its kernel takes ranks 1 <= r <= {CUDA_MAX_R}; got r={r}"
+    if k is not None and blocksize is not None and (blocksize < 32 or k % blocksize):
+        return f"its kernel reads whole quantisation blocks per row: k % blocksize == 0; got k={k}, blocksize={blocksize}"
     return None
 
 
@@ -324,7 +353,8 @@ def lowrank_linear_4bit(x: Tensor, packed: Tensor, quant_state, bias: Optional[T
     x, bias, lora_A, lora_B, core, out_scale = autocast_args(x, bias, lora_A, lora_B, core, out_scale)
     validate_lowrank_args(x, shape, None, packed.device, bias, lora_A, lora_B, core, out_scale,
                           scale, dropout_p, activation, seed, weight_name="the 4-bit weight (quant_state.shape)")
-    problem = dict(M=math.prod(x.shape[:-1]), dropout_p=float(dropout_p), dtype=x.dtype)
+    problem = dict(M=math.prod(x.shape[:-1]), dropout_p=float(dropout_p), dtype=x.dtype, k=int(shape[1]),
+                   r=int(lora_A.shape[0]), blocksize=int(quant_state.blocksize))
     backend = _backend.resolve_backend(OP_NAME, x.device, problem=problem)
     seed_t = seed_tensor(seed, float(dropout_p))
     meta = _state_meta(quant_state)
