@@ -152,6 +152,7 @@ def _has_cuda_extension() -> bool:
 
 
 BUFFER = {"FASTPEFT_4BIT_BUFFER_MIN_M": "1"}     # the 4-bit op through a transient dense W (M > 16)
+REGISTERS = {"FASTPEFT_4BIT_BUFFER_MIN_M": "0"}  # W dequantised in registers at every M
 
 
 def cases(device, smoke: bool, dtypes):
@@ -162,7 +163,7 @@ def cases(device, smoke: bool, dtypes):
             yield f"dense M={M}", lambda M=M, dt=dtype: dense_case(M, dt, device), dtype, {}
             yield f"group M={M}", lambda M=M, dt=dtype: group_case(M, dt, device), dtype, {}
             for qt in ("nf4", "fp4"):
-                yield f"4bit-{qt} M={M}", lambda M=M, dt=dtype, qt=qt: four_bit_case(M, dt, device, qt), dtype, {}
+                yield f"4bit-{qt} M={M}", lambda M=M, dt=dtype, qt=qt: four_bit_case(M, dt, device, qt), dtype, REGISTERS
         yield f"4bit-nf4 M={ms[-1]} (buffer)", lambda dt=dtype: four_bit_case(ms[-1], dt, device), dtype, BUFFER
         if device.type == "cuda" and _has_cuda_extension():
             yield "4bit-nf4 M=1 (cuda)", lambda dt=dtype: four_bit_case(1, dt, device, "nf4", "cuda"), dtype, {}

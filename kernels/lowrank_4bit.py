@@ -29,12 +29,13 @@ Backward:
     H = G S | G ⊙ S | G, dT = H ⊙ σ'(T) and adds s/(1-p)·mask ⊙ (dT A) (the mask regenerated);
   * dA, dB, dS, d_o, db: the dense module's kernels (they never read W).
 
-Transient dense buffer (opt-in, ``FASTPEFT_4BIT_BUFFER_MIN_M``): at M > 16 and M at or above
-that value, forward and dX dequantise the whole W once into a dense buffer
+Transient dense buffer: at M > 16 and M >= :func:`buffer_min_m` (by default
+``BUFFER_MIN_M_DEFAULT``, the crossover derived in bench/NOTES.md; ``FASTPEFT_4BIT_BUFFER_MIN_M``
+overrides it, 0 turns it off), forward and dX dequantise the whole W once into a dense buffer
 (``_dequant4_kernel``, bit-exact with bitsandbytes) and run the dense module's fused kernels on
-it; the buffer lives only inside the launcher call and is never saved for backward. Unset, W is
-always dequantised in registers; ``fastpeft bench`` times both (``fastpeft-4bit-triton`` and
-``fastpeft-4bit-triton-buffered``), side by side, so the crossover M is set from measurements.
+it; the buffer (d·k elements of x's dtype) lives only inside the launcher call and is never
+saved for backward. Below it W is dequantised in registers. ``fastpeft bench`` times both
+(``fastpeft-4bit-triton-registers`` and ``fastpeft-4bit-triton-buffered``) beside the default.
 
 Every accumulation is fp32; under the interpreter the operands are upcast to fp32 (its bf16
 arithmetic is wrong).
@@ -54,10 +55,16 @@ from . import lowrank as _dense
 from .lowrank import _act_fwd, _act_grad, _adapter_init, _core_tile, _grouped_pid, _keep_mask, _op
 
 __all__ = ["lowrank_4bit_fwd", "lowrank_4bit_bwd", "dequantize_4bit_dense", "buffer_min_m",
-           "DECODE_MAX_M", "BUFFER_MIN_M_ENV"]
+           "DECODE_MAX_M", "BUFFER_MIN_M_ENV", "BUFFER_MIN_M_DEFAULT"]
 
 DECODE_MAX_M = 16
 BUFFER_MIN_M_ENV = "FASTPEFT_4BIT_BUFFER_MIN_M"
+# Default M from which W goes through the transient dense buffer: the crossover predicted from
+# `fastpeft inspect` (the in-register GEMM main loop spends ~20.5 more instructions per weight
+# and M tile of 128 rows than the dense one) and the H100/H200 roofline (the buffer adds a write
+# and a read of d·k bf16), bench/NOTES.md "The dense-buffer crossover". A prediction: to be
+# replaced by the crossover `fastpeft bench --op 4bit` measures on a GPU.
+BUFFER_MIN_M_DEFAULT = 256
 _W_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _QUANT = {"nf4": 0, "fp4": 1}
 _LAYOUTS = ({"layout": 2}, {"layout": 1}, {"layout": 0})
@@ -601,13 +608,15 @@ def dequantize_4bit_dense(packed, quant_state, dtype: torch.dtype, weight_args=N
 
 def buffer_min_m() -> Optional[int]:
     """The smallest M at which the launchers dequantise W into a transient dense buffer and run
-    the dense fused kernels (``FASTPEFT_4BIT_BUFFER_MIN_M``; unset or empty: never)."""
+    the dense fused kernels (only ever at M > 16): ``FASTPEFT_4BIT_BUFFER_MIN_M`` when set (0:
+    never), else ``BUFFER_MIN_M_DEFAULT``."""
     value = os.environ.get(BUFFER_MIN_M_ENV, "").strip()
     if not value:
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{BUFFER_MIN_M_ENV} must be a whole number >= 1 (or unset), got {value!r}")
-    return int(value)
+        return BUFFER_MIN_M_DEFAULT
+    if not value.isdigit():
+        raise ValueError(f"{BUFFER_MIN_M_ENV} must be a whole number >= 1, 0 (never) or unset (the default "
+                         f"{BUFFER_MIN_M_DEFAULT}), got {value!r}")
+    return int(value) or None
 
 
 def _buffered(M: int) -> bool:

@@ -208,14 +208,52 @@ def test_buffer_dispatch_by_M(monkeypatch, M, buffered):
     assert [tuple(t.shape) for t in saved.tensors if t.is_floating_point() and t.numel() >= 30 * 45] == []
 
 
-@pytest.mark.parametrize("value", ["0", "-3", "many", "1.5"])
+@pytest.mark.parametrize("value", ["-3", "many", "1.5"])
 def test_buffer_setting_is_checked(monkeypatch, value):
     monkeypatch.setenv(L4.BUFFER_MIN_M_ENV, value)
     c = make_case(20, 32, 24, 4, torch.float32, None, False, "nf4", 64, False)
     with fastpeft.use_backend("triton"), pytest.raises(ValueError, match=L4.BUFFER_MIN_M_ENV):
         fastpeft.lowrank_linear_4bit(c["x"], c["packed"], c["state"], None, c["lora_A"], c["lora_B"])
+
+
+def test_buffer_is_the_default_from_the_crossover(monkeypatch):
+    """Unset, the buffer starts at BUFFER_MIN_M_DEFAULT; 0 turns it off; a value overrides it."""
+    monkeypatch.delenv(L4.BUFFER_MIN_M_ENV, raising=False)
+    assert L4.buffer_min_m() == L4.BUFFER_MIN_M_DEFAULT > L4.DECODE_MAX_M
+    assert not L4._buffered(L4.BUFFER_MIN_M_DEFAULT - 1) and L4._buffered(L4.BUFFER_MIN_M_DEFAULT)
     monkeypatch.setenv(L4.BUFFER_MIN_M_ENV, "")
-    assert L4.buffer_min_m() is None
+    assert L4.buffer_min_m() == L4.BUFFER_MIN_M_DEFAULT
+    monkeypatch.setenv(L4.BUFFER_MIN_M_ENV, "0")
+    assert L4.buffer_min_m() is None and not L4._buffered(10 ** 6)
+    monkeypatch.setenv(L4.BUFFER_MIN_M_ENV, "1")
+    assert not L4._buffered(L4.DECODE_MAX_M) and L4._buffered(L4.DECODE_MAX_M + 1)
+
+
+def test_default_buffer_is_transient_and_never_saved(monkeypatch):
+    """At the default crossover (lowered here to M = 20 so the interpreter stays quick) forward
+    and dX go through the buffer; backward saves no dense W, and every buffer is freed when its
+    call returns (no reference outlives it)."""
+    import weakref
+    monkeypatch.delenv(L4.BUFFER_MIN_M_ENV, raising=False)
+    monkeypatch.setattr(L4, "BUFFER_MIN_M_DEFAULT", 20)
+    buffers = []
+    real = L4.dequantize_4bit_dense
+
+    def spy(*args):
+        w = real(*args)
+        buffers.append(weakref.ref(w))
+        return w
+
+    monkeypatch.setattr(L4, "dequantize_4bit_dense", spy)
+    c = make_case(21, 45, 30, 5, torch.float32, "full", True, "nf4", 64, True, seed=3)
+    x = c["x"].clone().requires_grad_()
+    with fastpeft.use_backend("triton"), saved_tensors() as saved:
+        y = fastpeft.lowrank_linear_4bit(x, c["packed"], c["state"], None, c["lora_A"], c["lora_B"], core=c["core"])
+    assert len(buffers) == 1 and buffers[0]() is None
+    assert [tuple(t.shape) for t in saved.tensors if t.is_floating_point() and t.numel() >= 30 * 45] == []
+    y.sum().backward()
+    assert len(buffers) == 2 and buffers[1]() is None
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 _NESTED_SASS_SCRIPT = """

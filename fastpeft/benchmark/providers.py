@@ -12,9 +12,11 @@ PEFT's LoRA layer around an ``nn.Linear``: the naive baseline), ``fastpeft-torch
 GPU is the composed cuBLAS path), ``fastpeft-auto`` (GPU only: what the default backend runs, the
 fused kernels or the composed path as the dispatch table says). 4-bit providers:
 ``bnb-4bit`` (bitsandbytes ``Linear4bit`` alone), ``bnb-4bit+peft-lora`` and
-``fastpeft-4bit-torch`` / ``fastpeft-4bit-triton`` (``fastpeft.lowrank_linear_4bit``), and
-``fastpeft-4bit-triton-buffered``: the Triton backend with W dequantised into a transient dense
-buffer feeding the dense fused kernels (M > 16), the alternative to dequantising in registers.
+``fastpeft-4bit-torch`` / ``fastpeft-4bit-triton`` (``fastpeft.lowrank_linear_4bit``; the
+Triton backend with its default rule: W in registers below the dense-buffer crossover, through a
+transient dense buffer from it), ``fastpeft-4bit-triton-registers`` (W in registers at every M)
+and ``fastpeft-4bit-triton-buffered`` (W through the buffer at every M > 16): the two sides of the
+crossover, measured so that its value comes from a GPU run.
 DoRA: ``peft-dora`` / ``bnb-4bit+peft-dora`` (PEFT's ``use_dora=True`` layer, which forms
 W + s·B·A every call) and ``fastpeft-dora`` / ``fastpeft-4bit-dora`` (``fastpeft.dora_linear``
 and ``dora_linear_4bit`` under the ``auto`` backend: the norm kernel and the fused op on a GPU).
@@ -214,7 +216,9 @@ def _build_bnb_peft(case: Case, device, use_dora: bool = False) -> Built:
     return Built(layer, [p for p in params if p.requires_grad], params)
 
 
-def _build_fastpeft_4bit(backend: str, buffered: bool = False):
+def _build_fastpeft_4bit(backend: str, buffer: str | None = None):
+    """``buffer``: None, the default rule (the transient dense W from ``buffer_min_m()``); "on",
+    always at M > 16; "off", never (W dequantised in registers at every M)."""
     def build(case: Case, device) -> Built:
         import fastpeft
 
@@ -225,12 +229,12 @@ def _build_fastpeft_4bit(backend: str, buffered: bool = False):
         if backend != "torch" and device.type != "cuda":
             raise Skip("no GPU")
         scope = contextlib.nullcontext
-        if buffered:
+        if buffer is not None:
             from ..kernels import lowrank_4bit as kernels_4bit
 
             if case.M <= kernels_4bit.DECODE_MAX_M:
                 raise Skip(f"the dense buffer applies at M > {kernels_4bit.DECODE_MAX_M} (decode keeps 4 bits)")
-            scope = lambda: env_vars({kernels_4bit.BUFFER_MIN_M_ENV: "1"})
+            scope = lambda: env_vars({kernels_4bit.BUFFER_MIN_M_ENV: "1" if buffer == "on" else "0"})
         packed, state = quantize(_base_weight(case, device), quant_type="nf4", blocksize=64,
                                  compress_statistics=True)
         lora_a, lora_b, core, out_scale, activation, scale = _adapter_tensors(case, device)
@@ -273,7 +277,8 @@ PROVIDERS: list[Provider] = [
     Provider("bnb-4bit+peft-lora", "4bit", _build_bnb_peft),
     Provider("fastpeft-4bit-torch", "4bit", _build_fastpeft_4bit("torch")),
     Provider("fastpeft-4bit-triton", "4bit", _build_fastpeft_4bit("triton")),
-    Provider("fastpeft-4bit-triton-buffered", "4bit", _build_fastpeft_4bit("triton", buffered=True)),
+    Provider("fastpeft-4bit-triton-registers", "4bit", _build_fastpeft_4bit("triton", buffer="off")),
+    Provider("fastpeft-4bit-triton-buffered", "4bit", _build_fastpeft_4bit("triton", buffer="on")),
     Provider("bnb-4bit+peft-dora", "4bit", lambda case, device: _build_bnb_peft(case, device, use_dora=True)),
     Provider("fastpeft-4bit-dora", "4bit", _build_fastpeft_4bit_dora),
 ]
