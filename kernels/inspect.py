@@ -16,6 +16,9 @@ recording is compiled for ``GPUTarget("cuda", arch)`` and its SASS read:
   instructions per k-step, split into MMA / memory / other; for kernels that read a 4-bit weight,
   the non-MMA instructions per weight (each thread runs the body once per k-step over a
   BLOCK_N × BLOCK_K tile of weights);
+* 4-bit problems run with W dequantised in registers at every M (the in-register kernels, whose
+  instructions per weight set the dense-buffer crossover) unless ``FASTPEFT_4BIT_BUFFER_MIN_M``
+  is set, e.g. to 1 to capture the buffered path the op takes by default from M = 256;
 * HBM traffic from the shapes: every distinct tensor storage an argument points at, read or
   written once (tiles read again by other programs are taken to hit L2), and the roofline floor
   ``max(bytes / bandwidth, flops / tensor-core peak)`` on the reference devices of the arch.
@@ -166,6 +169,23 @@ def _quant_state(problem: Problem, device="cpu"):
     return torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=device), state
 
 
+@contextlib.contextmanager
+def _registers_unless_set() -> Iterator[None]:
+    """The 4-bit op with W dequantised in registers at every M (the kernels whose cost decides the
+    dense-buffer crossover, bench/NOTES.md), unless FASTPEFT_4BIT_BUFFER_MIN_M is set: then as
+    it says (e.g. 1 to capture the buffered path)."""
+    from .lowrank_4bit import BUFFER_MIN_M_ENV
+
+    if os.environ.get(BUFFER_MIN_M_ENV, "").strip():
+        yield
+        return
+    os.environ[BUFFER_MIN_M_ENV] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop(BUFFER_MIN_M_ENV, None)
+
+
 def _step(problem: Problem, device="cpu", weight4=None) -> None:
     """One forward (+ backward when training) of the op at the problem's shapes, on stand-in
     tensors (uninitialised: only shapes, dtypes and alignment matter) on ``device``; ``weight4``:
@@ -177,7 +197,7 @@ def _step(problem: Problem, device="cpu", weight4=None) -> None:
     dt, k, d = problem.torch_dtype, problem.k, problem.d
     p, scale = float(problem.dropout), 2.0
     x = torch.empty(problem.M, k, dtype=dt, device=device).requires_grad_(grad)
-    with torch.set_grad_enabled(grad), fastpeft.use_backend("triton"):
+    with torch.set_grad_enabled(grad), fastpeft.use_backend("triton"), _registers_unless_set():
         if problem.op == "group":
             parts = [_adapter_tensors(problem, k, d, grad, device) for _ in range(problem.group)]
             weights = [torch.empty(d, k, dtype=dt, device=device) for _ in parts]

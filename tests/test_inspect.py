@@ -89,3 +89,18 @@ def test_training_step_launches_and_specialisation():
     assert all(r["specialisation"]["attrs"]["K"] == [["tt.divisibility", 16]] for r in gemm)
     assert all("HGMMA" in r["main_loop"]["mma_kind"] for r in gemm if r["config"]["BLOCK_M"] >= 64)
     assert "floor H100" in report.table() and report.floor_us("H200") > 0
+
+
+@pytest.mark.slow
+def test_4bit_problems_capture_the_in_register_kernels_unless_told(monkeypatch):
+    """Above the dense-buffer crossover the op runs the buffered path by default; inspect captures
+    the in-register kernels (whose cost sets the crossover) unless FASTPEFT_4BIT_BUFFER_MIN_M is
+    set."""
+    from fastpeft.kernels import lowrank_4bit as L4
+    problem = I.Problem(op="4bit", M=8192, k=256, d=256, r=16)
+    monkeypatch.delenv(L4.BUFFER_MIN_M_ENV, raising=False)
+    names = {job.name for job in I.capture_problems([problem])[0][0]}
+    assert {"_lowrank4_fwd_gemm_kernel", "_lowrank4_bwd_dx_kernel"} <= names and "_dequant4_kernel" not in names
+    monkeypatch.setenv(L4.BUFFER_MIN_M_ENV, "1")
+    names = {job.name for job in I.capture_problems([problem])[0][0]}
+    assert "_dequant4_kernel" in names and "_lowrank4_fwd_gemm_kernel" not in names
