@@ -232,6 +232,97 @@ def test_buffered_4bit_provider_skips_without_a_gpu_and_at_decode_sizes(monkeypa
         provider.build(Case("4bit", 16, 64, 48, 8, torch.float32), device)
 
 
+def test_bench_decode_rows_eager_and_graph_skipped_on_cpu(tmp_path, capsys):
+    """--op 4bit at M = 1 and 32 with the decode modes: eager decode rows (no dropout, ratio to the
+    floor's decode row) at M = 1 only; the graph rows are skipped rows saying why; the training
+    mode still runs at both M."""
+    out = str(tmp_path)
+    assert main(["bench", "--op", "4bit", "--shapes", "64x48", "--M", "1,32", "--r", "8", "--quick",
+                 "--modes", "fwd,decode,decode-graph", "--providers", "fastpeft-4bit-torch,fastpeft-4bit-cuda",
+                 "--out", out, "--no-progress", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    rows = json.load(open(_one(out, "bench-*.json")))["rows"]
+    by = {(r["provider"], r["M"], r["mode"]): r for r in rows}
+    for provider in ("torch-linear", "fastpeft-4bit-torch"):
+        decode = by[(provider, 1, "decode")]
+        assert decode["status"] == "ok" and decode["ms"] > 0 and decode["ratio"] > 0
+        graph = by[(provider, 1, "decode-graph")]
+        assert graph["status"] == "skipped" and "CUDA graphs need a GPU" in graph["reason"]
+        assert (provider, 32, "decode") not in by and (provider, 32, "decode-graph") not in by
+        assert by[(provider, 32, "fwd")]["status"] == "ok"
+    assert by[("fastpeft-4bit-torch", 1, "decode")]["dropout"] == 0.0
+    assert by[("fastpeft-4bit-torch", 1, "fwd")]["dropout"] == 0.1
+    assert by[("torch-linear", 1, "decode")]["ratio"] == 1.0
+    assert all(r["status"] == "skipped" and r["reason"] == "no GPU" for r in rows if r["provider"] == "fastpeft-4bit-cuda")
+    assert "CUDA graphs need a GPU" in printed
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--op", "4bit", "--M", "32", "--modes", "decode", "--out", out])
+    assert exc.value.code == 2 and "M <= 16" in capsys.readouterr().err
+
+
+def test_decode_modes_run_without_grad_and_replay_captured_graphs(monkeypatch):
+    """decode calls the forward without grad; decode-graph (CUDA mocked) warms up on a side stream
+    before any capture, captures one graph per input set (without grad, sharing one memory pool)
+    and replays them in turn."""
+    from fastpeft.benchmark import lowrank as bench_lowrank
+    from fastpeft.benchmark.providers import Built
+
+    calls, events = [], []
+    built = Built(lambda x: calls.append((x.shape[0], torch.is_grad_enabled())))
+    sets = [(torch.randn(i + 1, 4, requires_grad=True), None) for i in range(3)]
+    step = bench_lowrank.decode_function(built, sets, "decode", torch.device("cpu"))
+    for _ in range(4):
+        step()
+    assert calls == [(1, False), (2, False), (3, False), (1, False)]
+    with pytest.raises(bench_lowrank.Skip, match="CUDA graphs need a GPU"):
+        bench_lowrank.decode_function(built, sets, "decode-graph", torch.device("cpu"))
+
+    class Stream:
+        def __init__(self, device=None):
+            events.append("stream")
+
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        count = 0
+
+        def __init__(self):
+            Graph.count += 1
+            self.id = Graph.count
+
+        def pool(self):
+            return ("pool", 1)
+
+        def replay(self):
+            events.append(("replay", self.id))
+
+    @contextlib.contextmanager
+    def capture(graph, pool=None):
+        events.append(("capture", graph.id, pool, len(calls)))
+        yield
+        events.append("captured")
+
+    fake = type("cuda", (), dict(Stream=Stream, CUDAGraph=Graph, graph=staticmethod(capture),
+                                 current_stream=staticmethod(lambda device=None: Stream()),
+                                 stream=staticmethod(lambda s: contextlib.nullcontext())))
+    monkeypatch.setattr(bench_lowrank.torch, "cuda", fake)
+    calls.clear()
+    replay = bench_lowrank.decode_function(built, sets, "decode-graph", type("D", (), {"type": "cuda"})())
+    warm, captured = calls[:9], calls[9:]
+    assert [c[0] for c in warm] == [1, 2, 3] * 3 and all(not grad for _, grad in warm)
+    assert captured == [(1, False), (2, False), (3, False)]
+    captures = [e for e in events if isinstance(e, tuple) and e[0] == "capture"]
+    assert [c[2] for c in captures] == [None, ("pool", 1), ("pool", 1)]
+    assert [c[3] for c in captures] == [9, 10, 11]     # every warm-up call before the first capture
+    n = len(calls)
+    for _ in range(4):
+        replay()
+    assert len(calls) == n                       # replays run no Python forward
+    assert [e for e in events if isinstance(e, tuple) and e[0] == "replay"] == \
+        [("replay", 1), ("replay", 2), ("replay", 3), ("replay", 1)]
+
+
 README = ("# title\n\nintro\n\n## Results\n\n<!-- results:start -->\nstale\n<!-- results:end -->\n\n"
           "## Licence\n\ntail\n")
 

@@ -3,7 +3,10 @@
 For each case (shape ``k → d``, tokens ``M``, rank ``r``, dtype) and each provider of
 :mod:`fastpeft.benchmark.providers`, times the training forward (autograd recording), the
 backward (``y.backward(dy)`` on a retained graph) and both, on random data, with input sets
-rotated so that together they exceed the last-level cache. Rows carry ms (median, 20/80 %
+rotated so that together they exceed the last-level cache. At M ≤ 16 it also times decoding (the
+forward without grad and without dropout) eagerly (``decode``: launch overhead and host time
+included) and replayed from a CUDA graph (``decode-graph``: the kernels' own time; GPU only, a
+skipped row on a CPU). Rows carry ms (median, 20/80 %
 quantiles), the ratio to the floor (the base ``F.linear`` of the same shape), TFLOP/s, GB/s,
 the bytes saved for backward and, on a GPU, the peak memory of one step.
 
@@ -15,6 +18,7 @@ CPU timings are CPU timings, never kernel speed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import math
 import os
@@ -28,12 +32,15 @@ from .providers import PROVIDERS, Built, Case, Provider, bytes_moved, flops
 from .runner import (SavedBytes, Skip, add_common_arguments, cache_bytes, environment, fits_in_memory, format_table, num_threads,
                      progress, resolve_device, time_fn, validate_common, write_results)
 
-__all__ = ["LLAMA_SHAPES", "MODES", "add_arguments", "validate", "make_cases", "input_sets", "step_function",
-           "measure", "run", "main_table", "case_bytes"]
+__all__ = ["LLAMA_SHAPES", "MODES", "DECODE_MODES", "add_arguments", "validate", "make_cases", "input_sets",
+           "step_function", "decode_function", "measure", "run", "main_table", "case_bytes"]
 
 LLAMA_SHAPES = [(4096, 4096), (4096, 1024), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]
 CPU_SHAPES = [(512, 512), (512, 128), (512, 1376), (1376, 512)]
-MODES = ("fwd", "bwd", "fwd+bwd")
+MODES = ("fwd", "bwd", "fwd+bwd")                 # training
+DECODE_MODES = ("decode", "decode-graph")         # M <= DECODE_MAX_M, no grad, no dropout
+DECODE_MAX_M = 16
+GRAPH_SKIP = "CUDA graphs need a GPU: decode-graph is timed on CUDA devices only (the decode row is eager)"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 # (shapes, M sweep, r sweep, M of the r sweep) per device and size
@@ -100,8 +107,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--r", type=_int_list, default=None, help="ranks, swept at M=4096 (CPU: 256)")
     parser.add_argument("--dtype", type=_choice_list(list(DTYPES)), default=None,
                         help="fp32, fp16, bf16 (default: bf16 on a GPU, fp32 on a CPU)")
-    parser.add_argument("--modes", type=_choice_list(MODES), default=list(MODES),
-                        help="comma-separated subset of fwd, bwd, fwd+bwd (default all)")
+    parser.add_argument("--modes", type=_choice_list(MODES + DECODE_MODES), default=list(MODES + DECODE_MODES),
+                        help="comma-separated subset of fwd, bwd, fwd+bwd (training) and decode, decode-graph "
+                        f"(M <= {DECODE_MAX_M}: the forward without grad or dropout, eager and replayed from a CUDA "
+                        "graph, GPU only) (default all)")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop starting new cases after this long (the rest are skipped rows)")
     parser.add_argument("--update-dispatch", nargs="?", const="", default=None, metavar="RESULTS",
@@ -131,6 +140,8 @@ def validate(args) -> Optional[str]:
             return f"--providers {','.join(bad)} run only with --op mixed"
         if args.adapters is not None:
             return "--adapters is a flag of --op mixed"
+    if args.M is not None and not any(m in MODES for m in args.modes) and min(args.M) > DECODE_MAX_M:
+        return f"--modes {','.join(args.modes)} times M <= {DECODE_MAX_M} only; give --M with such values"
     problem = _validate_dispatch(args) or validate_common(args)
     if problem or "mixed" in args.op or args.update_dispatch:   # a results file: nothing runs
         return problem
@@ -196,7 +207,15 @@ def input_sets(case: Case, device, n: Optional[int] = None):
 
 def measure(provider: Provider, case: Case, device: torch.device, modes=MODES,
             quick: bool = False) -> list[dict]:
-    """Rows for one provider and case, one per mode (skipped rows carry the reason)."""
+    """Rows for one provider and case, one per mode (skipped rows carry the reason); the decode
+    modes only at M <= 16."""
+    train = [m for m in modes if m in MODES]
+    decode = [m for m in modes if m in DECODE_MODES] if case.M <= DECODE_MAX_M else []
+    rows = _measure_training(provider, case, device, train, quick) if train else []
+    return rows + (_measure_decode(provider, case, device, decode, quick) if decode else [])
+
+
+def _measure_training(provider: Provider, case: Case, device: torch.device, modes, quick: bool) -> list[dict]:
     base = measure_stub(provider, case)
     try:
         built = provider.build(case, device)
@@ -219,14 +238,83 @@ def measure(provider: Provider, case: Case, device: torch.device, modes=MODES,
             rows.append({**base, "mode": mode, "status": "error", "reason": f"{type(err).__name__}: {err}"[:300]})
             _release(device)
             continue
-        seconds = timing.ms * 1e-3
-        rows.append({**base, "mode": mode, "status": "ok", "reason": None, "ms": timing.ms,
-                     "ms_q20": timing.q20, "ms_q80": timing.q80, "samples": timing.samples,
-                     "tflops": flops(provider, case, mode) / seconds / 1e12,
-                     "gbps": bytes_moved(provider, case, mode) / seconds / 1e9, **extra})
+        rows.append({**base, "mode": mode, **_timing_fields(provider, case, mode, timing), **extra})
     del built, sets
     _release(device)
     return rows
+
+
+def _timing_fields(provider: Provider, case: Case, mode: str, timing) -> dict:
+    seconds = timing.ms * 1e-3
+    work = "fwd" if mode in DECODE_MODES else mode
+    return {"status": "ok", "reason": None, "ms": timing.ms, "ms_q20": timing.q20, "ms_q80": timing.q80,
+            "samples": timing.samples, "tflops": flops(provider, case, work) / seconds / 1e12,
+            "gbps": bytes_moved(provider, case, work) / seconds / 1e9}
+
+
+def _measure_decode(provider: Provider, case: Case, device: torch.device, modes, quick: bool) -> list[dict]:
+    """Decode rows: the provider built without dropout, called without grad."""
+    case = dataclasses.replace(case, dropout=0.0)
+    base = {**measure_stub(provider, case), "saved_bytes": None, "peak_mb": None}
+    try:
+        built = provider.build(case, device)
+        sets = input_sets(case, device)
+    except Skip as reason:
+        return [{**base, "mode": m, "status": "skipped", "reason": str(reason)} for m in modes]
+    except Exception as err:
+        _release(device)
+        return [{**base, "mode": m, "status": "error", "reason": f"{type(err).__name__}: {err}"[:300]}
+                for m in modes]
+    rows = []
+    for mode in modes:
+        try:
+            with built.scope():
+                timing = time_fn(decode_function(built, sets, mode, device), device, quick=quick)
+        except Skip as reason:
+            rows.append({**base, "mode": mode, "status": "skipped", "reason": str(reason)})
+            continue
+        except Exception as err:
+            rows.append({**base, "mode": mode, "status": "error", "reason": f"{type(err).__name__}: {err}"[:300]})
+            _release(device)
+            continue
+        rows.append({**base, "mode": mode, **_timing_fields(provider, case, mode, timing)})
+    del built, sets
+    _release(device)
+    return rows
+
+
+def decode_function(built: Built, sets, mode: str, device: torch.device):
+    """A no-argument callable decoding the next input set without grad: ``"decode"`` calls the
+    forward eagerly; ``"decode-graph"`` replays it from a CUDA graph captured here (one per input
+    set, after warm-up calls on a side stream so that autotuning and allocations happen outside
+    the capture). :class:`Skip` for ``"decode-graph"`` off CUDA."""
+    xs = [x.detach() for x, _ in sets]
+    cycle = itertools.cycle(range(len(xs)))
+    if mode == "decode":
+        def decode():
+            with torch.no_grad():
+                built.forward(xs[next(cycle)])
+        return decode
+    if device.type != "cuda":
+        raise Skip(GRAPH_SKIP)
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):
+            for x in xs:
+                built.forward(x)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graphs, pool = [], None
+    for x in xs:
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph, pool=pool):
+            built.forward(x)
+        pool = graph.pool()
+        graphs.append(graph)
+
+    def replay():
+        graphs[next(cycle)].replay()
+    return replay
 
 
 def _release(device):
@@ -348,7 +436,7 @@ def _run(args) -> int:
         if args.max_minutes is not None and time.monotonic() - start > 60 * args.max_minutes:
             rows += [{**measure_stub(provider, case), "mode": m, "status": "skipped",
                       "reason": f"time budget exhausted (--max-minutes {args.max_minutes:g})"}
-                     for m in args.modes]
+                     for m in args.modes if m in MODES or case.M <= DECODE_MAX_M]
         else:
             rows += measure(provider, case, device, args.modes, quick=args.quick)
         bar.update(1)

@@ -14,7 +14,9 @@ fused kernels or the composed path as the dispatch table says). 4-bit providers:
 ``bnb-4bit`` (bitsandbytes ``Linear4bit`` alone), ``bnb-4bit+peft-lora`` and
 ``fastpeft-4bit-torch`` / ``fastpeft-4bit-triton`` (``fastpeft.lowrank_linear_4bit``; the
 Triton backend with its default rule: W in registers below the dense-buffer crossover, through a
-transient dense buffer from it), ``fastpeft-4bit-triton-registers`` (W in registers at every M)
+transient dense buffer from it), ``fastpeft-4bit-cuda`` (the CUDA decode kernel of
+``fastpeft._C``: M <= 16 without dropout, the decode rows), ``fastpeft-4bit-auto`` (GPU only: what
+the default backend runs), ``fastpeft-4bit-triton-registers`` (W in registers at every M)
 and ``fastpeft-4bit-triton-buffered`` (W through the buffer at every M > 16): the two sides of the
 crossover, measured so that its value comes from a GPU run.
 DoRA: ``peft-dora`` / ``bnb-4bit+peft-dora`` (PEFT's ``use_dora=True`` layer, which forms
@@ -228,6 +230,15 @@ def _build_fastpeft_4bit(backend: str, buffer: str | None = None):
             raise Skip("fastpeft.lowrank_linear_4bit is not in this build")
         if backend != "torch" and device.type != "cuda":
             raise Skip("no GPU")
+        if backend == "cuda":   # the decode kernel: say why it cannot take this case
+            from .. import _backend
+            from ..ops.lowrank_4bit import OP_NAME
+
+            problem = dict(M=case.M, dropout_p=case.dropout, dtype=case.dtype, k=case.k, r=case.r, blocksize=64)
+            try:
+                _backend.resolve_backend(OP_NAME, device, backend, problem)
+            except RuntimeError as err:
+                raise Skip(str(err)) from None
         scope = contextlib.nullcontext
         if buffer is not None:
             from ..kernels import lowrank_4bit as kernels_4bit
@@ -277,6 +288,8 @@ PROVIDERS: list[Provider] = [
     Provider("bnb-4bit+peft-lora", "4bit", _build_bnb_peft),
     Provider("fastpeft-4bit-torch", "4bit", _build_fastpeft_4bit("torch")),
     Provider("fastpeft-4bit-triton", "4bit", _build_fastpeft_4bit("triton")),
+    Provider("fastpeft-4bit-cuda", "4bit", _build_fastpeft_4bit("cuda")),
+    Provider("fastpeft-4bit-auto", "4bit", _build_fastpeft_4bit("auto")),
     Provider("fastpeft-4bit-triton-registers", "4bit", _build_fastpeft_4bit("triton", buffer="off")),
     Provider("fastpeft-4bit-triton-buffered", "4bit", _build_fastpeft_4bit("triton", buffer="on")),
     Provider("bnb-4bit+peft-dora", "4bit", lambda case, device: _build_bnb_peft(case, device, use_dora=True)),
