@@ -308,6 +308,88 @@ def test_mixed_op_bad_input():
         lowrank_linear_mixed(x[0], w, None, [a], [0])
 
 
+# adapters of one rank and kind run as batched products over their samples gathered into one
+# grid (padded to the largest count, padding slots scattered to a row past the batch)
+_GRIDS = {"balanced": [0, 1, 2, 0, 1, 2], "padded": [1, 0, 0, -1, 2, 0, 1, 2, 0],
+          "consecutive": [0, 0, 1, 1, 2, 2, -1], "base-and-missing": [3, 0, -1, 2, 3, 0, 2, -1]}
+
+
+def _same_kind_adapters(kind, d, k, gen):
+    """Four adapters of rank 6 (index 3: an adapter the layer lacks when used), other scales."""
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    out = []
+    for i, scale in enumerate((0.5, 2.0, 0.5, 1.0)):
+        core = {"plain": None, "vera": rnd(6), "lamda": rnd(6, 6) * 0.4, "gelu": None}[kind]
+        out.append(MixedAdapter(rnd(6, k) * k ** -0.5, rnd(d, 6), core, rnd(d) if kind == "vera" else None,
+                                scale if kind != "plain" else 1.5, 0.0, "gelu" if kind == "gelu" else None))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["plain", "vera", "lamda", "gelu"])
+@pytest.mark.parametrize("grid", list(_GRIDS), ids=list(_GRIDS))
+def test_batched_adapters_equal_float64_forward_and_gradients(kind, grid):
+    from fastpeft.ops.lowrank_mixed import MixedRows
+
+    samples = _GRIDS[grid]
+    gen = torch.Generator().manual_seed(len(samples))
+    d, k, rows = 13, 21, 3
+    ads64 = _same_kind_adapters(kind, d, k, gen)
+    if grid == "base-and-missing":
+        ads64[1] = None                                     # the layer lacks adapter 1
+    x64 = torch.randn(len(samples), rows, k, generator=gen, dtype=torch.float64)
+    w64, b64 = torch.randn(d, k, generator=gen, dtype=torch.float64), torch.randn(d, generator=gen,
+                                                                                   dtype=torch.float64)
+    plan = MixedRows(samples, len(ads64))
+    live = tuple(i for i, a in enumerate(ads64) if a is not None and plan.samples_of[i])
+    assert plan.stacked(live, "cpu") is not None            # the batched path runs
+    leaves = lambda a, dtype: None if a is None else a._replace(**{
+        f: None if getattr(a, f) is None else getattr(a, f).detach().to(dtype).requires_grad_()
+        for f in ("lora_A", "lora_B", "core", "out_scale")})
+    ads = [leaves(a, torch.float32) for a in ads64]
+    x = x64.float().requires_grad_()
+    y = lowrank_linear_mixed(x, w64.float(), b64.float(), ads, plan)
+    ref64 = [leaves(a, torch.float64) for a in ads64]
+    xr = x64.clone().requires_grad_()
+    rows_out = []
+    for i, a_idx in enumerate(samples):
+        a = None if a_idx < 0 else ref64[a_idx]
+        if a is None:
+            rows_out.append(F.linear(xr[i], w64, b64))
+        else:
+            rows_out.append(reference_lowrank(xr[i], w64, b64, a.lora_A, a.lora_B, a.core, a.out_scale, a.scale,
+                                              activation=a.activation))
+    expected = torch.stack(rows_out)
+    assert_close_rel(y, expected, 1e-5, "Y")
+    g = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    y.backward(g.float())
+    expected.backward(g)
+    assert_close_rel(x.grad, xr.grad, 1e-5, "dX")
+    for i, (a, r) in enumerate(zip(ads, ref64)):
+        for f in ("lora_A", "lora_B", "core", "out_scale"):
+            mine, ref = (None, None) if a is None else (getattr(a, f), getattr(r, f))
+            if mine is None:
+                continue
+            if ref.grad is None:                           # an adapter without samples: no gradient
+                assert mine.grad is None or not mine.grad.any(), f"adapter {i} {f}"
+            else:
+                assert_close_rel(mine.grad, ref.grad, 1e-5, f"d{f} of adapter {i}")
+
+
+def test_batched_path_keeps_the_caller_tensors_and_returns_contiguous_rows():
+    from fastpeft.ops.lowrank_mixed import MixedRows
+
+    gen = torch.Generator().manual_seed(3)
+    ads = [a._replace(lora_A=a.lora_A.float(), lora_B=a.lora_B.float())
+           for a in _same_kind_adapters("plain", 8, 10, gen)]
+    x = torch.randn(5, 2, 10, generator=gen)
+    w = torch.randn(8, 10, generator=gen)
+    before = x.clone()
+    y = lowrank_linear_mixed(x, w, None, ads, MixedRows([0, 1, 0, 0, 2], 4))   # padded: a row past the batch
+    assert torch.equal(x, before)
+    assert y.shape == (5, 2, 8) and y.is_contiguous()
+    assert torch.equal(y[1], lowrank_linear_mixed(x[1:2], w, None, ads, [1])[0])
+
+
 def test_mixed_batch_memory_contract():
     """Frozen A (lamda): nothing of size M×k is kept, as in the one-adapter op."""
     from helpers import saved_tensors

@@ -6,10 +6,15 @@ and adapters i = 0..n-1, R_i the rows whose sample uses adapter i::
     Y = X Wᵀ + b                                            one base GEMM over all M rows
     Y[R_i] += s_i·(σ_i(D_i(X[R_i]) A_iᵀ) S_iᵀ) B_iᵀ ⊙ o_i    per adapter, over its rows only
 
-The base GEMM runs once over all rows in batch order; each adapter then reads its own samples'
-rows (a view when they are consecutive in the batch, else whole samples gathered) and adds its
-term into them a sample at a time (long vector adds: fast on a CPU, where PEFT's per-adapter
-gather, scale and write-back cost more passes). Adapters may differ in rank, core (none,
+The base GEMM runs once over all rows in batch order. Adapters of one rank, activation and core
+kind without dropout (the usual serving batch) then run together: their samples are gathered once
+into an [n, S, ...] grid (each adapter's padded to the largest count S; :meth:`MixedRows.stacked`,
+cached for every layer of a model), T and the delta are two ``bmm`` over the stacked A and B, and
+one scatter-add whose factor is the shared scale writes the delta into Y; the gathered X and the
+delta share one workspace. Otherwise each adapter reads its own samples' rows (a view when they
+are consecutive in the batch, else whole samples gathered) and adds its term into them a sample
+at a time. Either way the host work per call is a fixed handful of calls, not PEFT's per-adapter
+boolean masks, gathers, scaling and write-backs. Adapters may differ in rank, core (none,
 diagonal, full) and out_scale.
 
 Backward, per adapter i with dY_i = dY[R_i] and its saved T_i = D_i(X[R_i]) A_iᵀ::
@@ -75,9 +80,12 @@ class MixedRows:
             raise ValueError(f"sample_adapter entries must be in [-1, {n_adapters - 1}], got {bad[:5]}")
         self.sample_adapter = tuple(ids)
         self.n_adapters = n_adapters
-        self.samples_of = [[b for b, i in enumerate(ids) if i == a] for a in range(n_adapters)]
-        self.base_samples = [b for b, i in enumerate(ids) if i == -1]
-        self._samples = [b for group in self.samples_of for b in group] + self.base_samples
+        groups: list[list[int]] = [[] for _ in range(n_adapters + 1)]      # the last: no adapter
+        for b, i in enumerate(ids):
+            groups[i].append(b)
+        self.samples_of = groups[:n_adapters]
+        self.base_samples = groups[n_adapters]
+        self._samples = [b for group in groups for b in group]
         self._cache: dict = {}
 
     def __len__(self) -> int:
@@ -93,6 +101,8 @@ class MixedRows:
         return self._cache[key]
 
     def selections(self, device) -> list:
+        """Per adapter: ``None`` (no samples), a slice (consecutive samples) or an int64 index of
+        its samples on ``device``."""
         key = ("selections", torch.device(device))
         if key not in self._cache:
             out = []
@@ -104,6 +114,26 @@ class MixedRows:
                 else:
                     out.append(torch.tensor(group, dtype=torch.int64, device=device))
             self._cache[key] = out
+        return self._cache[key]
+
+    def stacked(self, adapters: tuple, device) -> Optional[tuple[Tensor, Tensor, int, bool]]:
+        """The samples of ``adapters`` (indexes with samples) in one [n, S] grid, each adapter's
+        padded to S, the largest count: (gather: int64 [n·S] sample of each slot, a padding slot
+        repeating the adapter's first; scatter: the same with padding slots sent to sample B,
+        a row past the batch; S; whether any slot pads). ``None`` when padding would add more
+        than half the adapters' samples (a loop over adapters then costs less)."""
+        key = ("stacked", adapters, torch.device(device))
+        if key not in self._cache:
+            groups = [self.samples_of[i] for i in adapters]
+            S = max(len(g) for g in groups)
+            real = sum(len(g) for g in groups)
+            if len(groups) * S > real + real // 2:
+                self._cache[key] = None
+            else:
+                gather = [g + [g[0]] * (S - len(g)) for g in groups]
+                scatter = [g + [len(self)] * (S - len(g)) for g in groups]
+                as_index = lambda rows: torch.tensor([b for g in rows for b in g], dtype=torch.int64, device=device)
+                self._cache[key] = (as_index(gather), as_index(scatter), S, len(groups) * S > real)
         return self._cache[key]
 
 
@@ -124,8 +154,18 @@ def _base_weight(weight, quant_state, dtype):
 
 def _rows_of(t2d: Tensor, sel, batch: int) -> Tensor:
     """The rows of samples ``sel`` of a 2-D [M, n] tensor holding ``batch`` samples of consecutive
-    rows: a view for a slice, else whole samples gathered (contiguous blocks)."""
-    return t2d.reshape(batch, -1)[sel].view(-1, t2d.shape[1])
+    rows: a view for a slice, else whole samples gathered (index_select: contiguous blocks)."""
+    if isinstance(sel, slice):
+        return t2d.reshape(batch, -1)[sel].view(-1, t2d.shape[1])
+    return t2d.reshape(batch, -1).index_select(0, sel).view(-1, t2d.shape[1])
+
+
+def _add_samples(per_sample: Tensor, index: Tensor, value: Tensor, alpha: float) -> None:
+    """``per_sample[index] += alpha·value`` in place, whole samples ([S, ·] rows) at a time."""
+    if per_sample.device.type == "cpu":
+        per_sample.index_add_(0, index, value, alpha=alpha)
+    else:       # index_put_ has a deterministic mode on CUDA, index_add_ has not
+        per_sample.index_put_((index,), value if alpha == 1.0 else value.mul(alpha), accumulate=True)
 
 
 def _add_rows(t2d: Tensor, sel, value: Tensor, alpha: float, batch: int) -> None:
@@ -134,23 +174,86 @@ def _add_rows(t2d: Tensor, sel, value: Tensor, alpha: float, batch: int) -> None
     per_sample = t2d.view(batch, -1)
     if isinstance(sel, slice):
         per_sample[sel].add_(value.view(sel.stop - sel.start, -1), alpha=alpha)
-    elif t2d.device.type == "cpu":
-        per_sample.index_add_(0, sel, value.view(len(sel), -1), alpha=alpha)
-    else:       # distinct samples; index_put_ has a deterministic mode on CUDA, index_add_ has not
-        per_sample.index_put_((sel,), value.view(len(sel), -1).mul(alpha), accumulate=True)
+    else:
+        _add_samples(per_sample, sel, value.view(len(sel), -1), alpha)
+
+
+def _stackable(adapters) -> bool:
+    """Whether adapters run as one batched product: one rank, activation and core kind, out_scales
+    all present or all absent, no dropout."""
+    first = adapters[0]
+    kind = lambda a: (a.lora_A.shape[0], a.activation, None if a.core is None else a.core.dim(),
+                      a.out_scale is None, a.dropout_p == 0.0)
+    return first.dropout_p == 0.0 and all(kind(a) == kind(first) for a in adapters)
+
+
+def _linear_into(x: Tensor, weight: Tensor, bias: Optional[Tensor], extra_rows: int) -> tuple[Tensor, Tensor]:
+    """``X Wᵀ + b`` written into the first M rows of an [M + extra_rows, d] buffer: (Y, buffer)."""
+    if not extra_rows:
+        y = F.linear(x, weight, bias)
+        return y, y
+    buf = x.new_empty((x.shape[0] + extra_rows, weight.shape[0]))
+    y = buf[:x.shape[0]]
+    if bias is None:
+        torch.mm(x, weight.t(), out=y)
+    else:
+        torch.addmm(bias, x, weight.t(), out=y)
+    return y, buf
+
+
+def _fwd_stacked(x, w, bias, plan: MixedRows, adapters, live, grid):
+    """The adapters ``live`` as batched products over their samples' rows, gathered into one
+    [n, S·L, k] grid (``grid``: :meth:`MixedRows.stacked`): T = X_g Aᵀ and the delta by two
+    ``bmm``, then one scatter-add into Y (the scale folded into it when the adapters share one)."""
+    gather, scatter, S, pads = grid
+    batch, n = len(plan), len(live)
+    rows = x.shape[0] // batch
+    y, buf = _linear_into(x, w, bias, rows if pads else 0)
+    group = [adapters[i] for i in live]
+    first = group[0]
+    k, d = x.shape[1], w.shape[0]
+    # one workspace holds the gathered X, then (X_g read) the delta: one fresh buffer, not two
+    work = x.new_empty(n * S * rows * max(k, d))
+    xg = torch.index_select(x.view(batch, -1), 0, gather, out=work[:n * S * rows * k].view(n * S, rows * k))
+    xg = xg.view(n, S * rows, k)
+    t = torch.bmm(xg, torch.stack([a.lora_A for a in group]).transpose(1, 2))      # T = X_g Aᵀ
+    u = activation_fn(t, first.activation)
+    if first.core is not None:
+        core = torch.stack([a.core for a in group])
+        u = u * core[:, None, :] if core.dim() == 2 else torch.bmm(u, core.transpose(1, 2))
+    scales = [a.scale for a in group]
+    alpha = scales[0]                                   # one scale: folded into the scatter-add
+    if len(set(scales)) > 1:
+        alpha, u = 1.0, u * torch.tensor(scales, dtype=u.dtype, device=u.device)[:, None, None]
+    delta = torch.bmm(u, torch.stack([a.lora_B for a in group]).transpose(1, 2),
+                      out=work[:n * S * rows * d].view(n, S * rows, d))
+    if first.out_scale is not None:
+        delta.mul_(torch.stack([a.out_scale for a in group])[:, None, :])
+    _add_samples(buf.view(-1, rows * buf.shape[1]), scatter, delta.view(n * S, -1), alpha)
+    ts: list = [None] * len(adapters)
+    for j, i in enumerate(live):
+        ts[i] = t[j, :len(plan.samples_of[i]) * rows]
+    return y, ts
 
 
 def lowrank_mixed_fwd_torch(x, weight, bias, plan: MixedRows, adapters, quant_state, seed: int):
     """Forward on 2-D x [M, k] (``len(plan)`` samples of M / len(plan) rows each): (Y [M, d],
-    [T_i of each adapter with rows, else None]). One base GEMM over all rows; each adapter reads
-    its own samples' rows (a view when they are consecutive) and adds its term into them, a sample
-    at a time, while they are still in cache."""
-    y = F.linear(x, _base_weight(weight, quant_state, x.dtype), bias)     # one base GEMM
+    [T_i of each adapter with rows, else None]). One base GEMM over all rows. Adapters of one
+    rank and kind without dropout run as batched products over their samples gathered into one
+    grid (:func:`_fwd_stacked`); otherwise each adapter reads its own samples' rows (a view when
+    they are consecutive) and adds its term into them."""
+    w = _base_weight(weight, quant_state, x.dtype)
+    live = tuple(i for i, a in enumerate(adapters) if a is not None and plan.samples_of[i])
+    if len(live) > 1 and _stackable([adapters[i] for i in live]):
+        grid = plan.stacked(live, x.device)
+        if grid is not None:
+            return _fwd_stacked(x, w, bias, plan, adapters, live, grid)
+    y = F.linear(x, w, bias)                                             # one base GEMM
     batch = len(plan)
     ts: list = [None] * len(adapters)
-    for i, (a, sel) in enumerate(zip(adapters, plan.selections(x.device))):
-        if a is None or sel is None:
-            continue
+    selections = plan.selections(x.device)
+    for i in live:
+        a, sel = adapters[i], selections[i]
         xi = _dropped(_rows_of(x, sel, batch), a.dropout_p, _seed_of(seed, i))
         t = xi @ a.lora_A.t()                                            # T_i = D_i(X_i) A_iᵀ
         u = apply_core(activation_fn(t, a.activation), a.core)
@@ -324,6 +427,8 @@ def lowrank_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor],
             raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
         shape, wdtype = tuple(weight.shape), weight.dtype
     flat, specs = [], []
+    autocast = quant_state is None and torch.is_autocast_enabled(x.device.type)
+    x_ = autocast_args(x)[0] if autocast else x
     for i, a in enumerate(adapters):
         if a is None:
             flat += [None] * _FIELDS
@@ -331,15 +436,14 @@ def lowrank_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor],
             continue
         if not isinstance(a, MixedAdapter):
             raise TypeError(f"adapters[{i}] must be a MixedAdapter or None, got {type(a).__name__}")
-        if quant_state is None:
-            x_, _, _, lora_a, lora_b, core, out_scale = autocast_args(x, weight, bias, a.lora_A, a.lora_B,
-                                                                      a.core, a.out_scale)
-        else:
-            x_, lora_a, lora_b, core, out_scale = x, a.lora_A, a.lora_B, a.core, a.out_scale
+        lora_a, lora_b, core, out_scale = a.lora_A, a.lora_B, a.core, a.out_scale
+        if autocast:
+            _, lora_a, lora_b, core, out_scale = autocast_args(x, lora_a, lora_b, core, out_scale)
         if check_adapters:
             validate_lowrank_args(x_, shape, wdtype, weight.device, bias, lora_a, lora_b, core, out_scale,
                                   a.scale, a.dropout_p, a.activation, None)
-        elif any(t is not None and t.dtype != x_.dtype for t in (lora_a, lora_b, core, out_scale)):
+        elif (lora_a.dtype != x_.dtype or lora_b.dtype != x_.dtype or (core is not None and core.dtype != x_.dtype)
+              or (out_scale is not None and out_scale.dtype != x_.dtype)):
             raise TypeError(f"adapters[{i}]'s tensors must have x's dtype {x_.dtype}")
         flat += [lora_a, lora_b, core, out_scale]
         specs.append((float(a.scale), float(a.dropout_p), a.activation))
