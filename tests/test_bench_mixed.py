@@ -25,6 +25,7 @@ def test_mixed_bench_rows_and_plot(tmp_path, capsys):
         assert status[("fastpeft-torch", n)] == "skipped"          # a CPU: fastpeft is the torch path
     fast = [r for r in rows if r["provider"] == "fastpeft"]
     assert all(r["M"] == 16 and r["B"] == 16 and r["vs_peft"] > 0 for r in fast)
+    assert all(r["cpu_ms"] > 0 and r["cpu_q20"] <= r["cpu_ms"] <= r["cpu_q80"] and r["vs_peft_cpu"] > 0 for r in fast)
     assert "CPU timings" in printed
     png = glob.glob(os.path.join(out, "mixed-*-time_vs_adapters.png"))
     assert len(png) == 1 and os.path.getsize(png[0]) > 5000

@@ -388,6 +388,9 @@ def test_batched_path_keeps_the_caller_tensors_and_returns_contiguous_rows():
     assert torch.equal(x, before)
     assert y.shape == (5, 2, 8) and y.is_contiguous()
     assert torch.equal(y[1], lowrank_linear_mixed(x[1:2], w, None, ads, [1])[0])
+    kept = y.clone()                                   # the next call reuses the scratch, not y
+    lowrank_linear_mixed(torch.randn(5, 2, 10, generator=gen), w, None, ads, MixedRows([2, 1, 0, 0, 2], 4))
+    assert torch.equal(y, kept)
 
 
 def test_mixed_batch_memory_contract():

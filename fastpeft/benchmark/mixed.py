@@ -15,8 +15,11 @@ inference forward (no autograd), every provider side by side on the same adapter
 Every provider's output is checked against ``fastpeft``'s before it is timed (a row with a
 mismatch is an error row, not a timing). On a GPU each provider is timed with
 ``triton.testing.do_bench``; on a CPU, shared and with a load that drifts, the providers are
-called in turn, round after round, and each one's median and 20/80 % quantiles reported. CPU
-timings are CPU timings, never kernel speed.
+called in turn, round after round, and each one's median and 20/80 % quantiles reported, of the
+wall time (``ms``) and of the process's CPU time (``cpu_ms``: the time it computed, without the
+time other jobs held the cores; with ``--threads 1`` the steadier measure on a busy machine).
+``vs_peft`` and ``vs_peft_cpu`` are PEFT's median over the provider's. CPU timings are CPU
+timings, never kernel speed.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ DEFAULTS = {("cuda", False): ((4096, 4096), 64, 16), ("cuda", True): ((4096, 409
             ("cpu", False): ((512, 512), 16, 16), ("cpu", True): ((512, 512), 4, 16)}
 COLUMNS = [("adapters", "adapters"), ("M", "M"), ("shape", "k->d"), ("r", "r"), ("dtype", "dtype"),
            ("provider", "provider"), ("ms", "ms"), ("q20_q80", "q20-q80"), ("ratio", "x floor"),
-           ("vs_peft", "x peft")]
+           ("vs_peft", "x peft"), ("cpu_ms", "cpu ms"), ("vs_peft_cpu", "x peft (cpu)")]
 
 
 @dataclass(frozen=True)
@@ -182,29 +185,36 @@ def measure(case: MixedCase, device, providers, quick: bool = False) -> list[dic
                 row.update(timings[row["provider"]])
     rows = [r for r in rows if r["provider"] in providers]
     ms = {r["provider"]: r.get("ms") for r in rows if r["status"] == "ok"}
+    cpu = {r["provider"]: r.get("cpu_ms") for r in rows if r["status"] == "ok"}
     for r in rows:
         if r["status"] == "ok":
             r["ratio"] = r["ms"] / ms["torch-linear"] if ms.get("torch-linear") else None
             r["vs_peft"] = ms["peft-mixed"] / r["ms"] if ms.get("peft-mixed") else None
+            if r.get("cpu_ms"):
+                r["vs_peft_cpu"] = cpu["peft-mixed"] / r["cpu_ms"] if cpu.get("peft-mixed") else None
     return rows
 
 
 def _interleaved(fns: dict, x, rounds: int) -> dict:
-    """{provider: ms, ms_q20, ms_q80} from ``rounds`` rounds that call every provider once each,
-    in turn: load that drifts during the run falls on all providers alike."""
-    times: dict = {name: [] for name in fns}
+    """{provider: ms, ms_q20, ms_q80, cpu_ms, cpu_q20, cpu_q80} (wall and process CPU time) from
+    ``rounds`` rounds that call every provider once each, in turn: load that drifts during the
+    run falls on all providers alike."""
+    wall: dict = {name: [] for name in fns}
+    cpu: dict = {name: [] for name in fns}
     with torch.no_grad():
         for fn in fns.values():
             fn(x)                                          # warm-up
         for _ in range(rounds):
             for name, fn in fns.items():
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 fn(x)
-                times[name].append((time.perf_counter() - start) * 1e3)
+                cpu[name].append((time.process_time() - start_cpu) * 1e3)
+                wall[name].append((time.perf_counter() - start) * 1e3)
     out = {}
-    for name, values in times.items():
-        q = statistics.quantiles(values, n=5, method="inclusive")
-        out[name] = {"ms": statistics.median(values), "ms_q20": q[0], "ms_q80": q[3]}
+    for name in fns:
+        q, qc = (statistics.quantiles(v, n=5, method="inclusive") for v in (wall[name], cpu[name]))
+        out[name] = {"ms": statistics.median(wall[name]), "ms_q20": q[0], "ms_q80": q[3],
+                     "cpu_ms": statistics.median(cpu[name]), "cpu_q20": qc[0], "cpu_q80": qc[3]}
     return out
 
 

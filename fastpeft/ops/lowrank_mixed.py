@@ -36,6 +36,7 @@ torch code above from the saved T_i.
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -201,6 +202,25 @@ def _linear_into(x: Tensor, weight: Tensor, bias: Optional[Tensor], extra_rows: 
     return y, buf
 
 
+_SCRATCH = threading.local()
+SCRATCH_BYTES = 16 << 20
+
+
+def _workspace(numel: int, like: Tensor) -> Tensor:
+    """A scratch vector of ``numel`` elements in ``like``'s dtype. On a CPU, up to
+    :data:`SCRATCH_BYTES` of it are kept per thread from one call to the next: a fresh buffer of
+    megabytes comes back from the allocator as fresh pages, whose faults (the kernel zeroing
+    them) cost more than the adapter's products at serving sizes. Nothing that a call returns or
+    saves lives in it."""
+    nbytes = numel * like.element_size()
+    if like.device.type != "cpu" or nbytes > SCRATCH_BYTES or torch.compiler.is_compiling():
+        return like.new_empty(numel)
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.dtype != like.dtype or buf.numel() < numel:
+        buf = _SCRATCH.buf = like.new_empty(max(numel, SCRATCH_BYTES // like.element_size() // 4))
+    return buf[:numel]
+
+
 def _fwd_stacked(x, w, bias, plan: MixedRows, adapters, live, grid):
     """The adapters ``live`` as batched products over their samples' rows, gathered into one
     [n, S·L, k] grid (``grid``: :meth:`MixedRows.stacked`): T = X_g Aᵀ and the delta by two
@@ -211,12 +231,14 @@ def _fwd_stacked(x, w, bias, plan: MixedRows, adapters, live, grid):
     y, buf = _linear_into(x, w, bias, rows if pads else 0)
     group = [adapters[i] for i in live]
     first = group[0]
-    k, d = x.shape[1], w.shape[0]
-    # one workspace holds the gathered X, then (X_g read) the delta: one fresh buffer, not two
-    work = x.new_empty(n * S * rows * max(k, d))
-    xg = torch.index_select(x.view(batch, -1), 0, gather, out=work[:n * S * rows * k].view(n * S, rows * k))
-    xg = xg.view(n, S * rows, k)
-    t = torch.bmm(xg, torch.stack([a.lora_A for a in group]).transpose(1, 2))      # T = X_g Aᵀ
+    k, d, r = x.shape[1], w.shape[0], first.lora_A.shape[0]
+    grid_rows = n * S * rows
+    # one workspace: the gathered X, then (once read) the delta; the stacked A and B after it
+    work = _workspace(grid_rows * max(k, d) + n * r * (k + d), x)
+    a_stack = torch.stack([a.lora_A for a in group], out=work[-n * r * (k + d):-n * r * d].view(n, r, k))
+    b_stack = torch.stack([a.lora_B for a in group], out=work[-n * r * d:].view(n, d, r))
+    xg = torch.index_select(x.view(batch, -1), 0, gather, out=work[:grid_rows * k].view(n * S, rows * k))
+    t = torch.bmm(xg.view(n, S * rows, k), a_stack.transpose(1, 2))               # T = X_g Aᵀ
     u = activation_fn(t, first.activation)
     if first.core is not None:
         core = torch.stack([a.core for a in group])
@@ -225,8 +247,7 @@ def _fwd_stacked(x, w, bias, plan: MixedRows, adapters, live, grid):
     alpha = scales[0]                                   # one scale: folded into the scatter-add
     if len(set(scales)) > 1:
         alpha, u = 1.0, u * torch.tensor(scales, dtype=u.dtype, device=u.device)[:, None, None]
-    delta = torch.bmm(u, torch.stack([a.lora_B for a in group]).transpose(1, 2),
-                      out=work[:n * S * rows * d].view(n, S * rows, d))
+    delta = torch.bmm(u, b_stack.transpose(1, 2), out=work[:grid_rows * d].view(n, S * rows, d))
     if first.out_scale is not None:
         delta.mul_(torch.stack([a.out_scale for a in group])[:, None, :])
     _add_samples(buf.view(-1, rows * buf.shape[1]), scatter, delta.view(n * S, -1), alpha)
