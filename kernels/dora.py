@@ -20,9 +20,9 @@ import triton.language as tl
 
 from . import lowrank as _dense
 from .lowrank import _op
-from .lowrank_4bit import _w4_tile, _weight_args
+from .lowrank_4bit import _w4_tile, _weight_args, lowrank_4bit_fwd
 
-__all__ = ["dora_norm", "dora_norm_4bit", "dora_fwd"]
+__all__ = ["dora_norm", "dora_norm_4bit", "dora_fwd", "dora_fwd_4bit"]
 
 _WARPS, _STAGES = 8, 2
 
@@ -125,16 +125,18 @@ def dora_fwd(x, weight, bias, lora_A, lora_B, row_scale, scale: float, dropout_p
     GEMM whose epilogue applies the row scale c [d] (fp32) to base plus adapter and adds the
     bias after it: Y = c ⊙ (X Wᵀ + s·T Bᵀ) + b, written once. Returns (Y, T, Z): Z = X Wᵀ + s·T Bᵀ
     (written by the same epilogue) when ``store_z``, else ``None``."""
+    z = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device) if store_z else None
+    y, t = _dense.lowrank_fwd(x, weight, bias, lora_A, lora_B, None, None, scale, dropout_p, seed, None,
+                              row_scale=row_scale.float().contiguous(), z=z)
+    return y, t, z
+
+
+def dora_fwd_4bit(x, packed, quant_state, bias, lora_A, lora_B, row_scale, scale: float, dropout_p: float,
+                  seed: int, store_z: bool):
+    """:func:`dora_fwd` over a 4-bit W (QDoRA): the 4-bit op's GEMM (M > 16) or decode kernel
+    (M <= 16) with the row scale c in its epilogue, W dequantised in registers. Returns (Y, T, Z)."""
     _dense._check_dtype(x)
-    M, N = x.shape[0], weight.shape[0]
-    R = lora_A.shape[0]
-    _dense._block_r(R)
-    a = lora_A.contiguous()
-    t = torch.empty((M, R), dtype=x.dtype, device=x.device)
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    z = torch.empty_like(y) if store_z else None
-    with _dense._device(x):
-        _dense._t_pass(x, a, a, 0, 0, dropout_p, seed, t, t)
-        _dense._fwd_gemm(x, weight, bias, t, lora_B.contiguous(), None, scale, y,
-                         row_scale=row_scale.float().contiguous(), z=z)
+    z = torch.empty((x.shape[0], quant_state.shape[0]), dtype=x.dtype, device=x.device) if store_z else None
+    y, t = lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, None, None, scale, dropout_p, seed, None,
+                            row_scale=row_scale.float().contiguous(), z=z)
     return y, t, z

@@ -100,6 +100,8 @@ class Problem:
         from fastpeft.config import method_spec
         if not method_spec(self.method).has_adapter:
             raise ValueError(f"method {self.method!r} has no adapter op to inspect")
+        if method_spec(self.method).magnitude and self.op == "group":
+            raise ValueError(f"method {self.method!r} (a row magnitude) runs on op dense or 4bit, not group")
 
     @property
     def training(self) -> bool:
@@ -192,6 +194,7 @@ def _step(problem: Problem, device="cpu", weight4=None) -> None:
     the packed weight and quant state of ``op="4bit"`` when the caller built them."""
     import torch
     import fastpeft
+    from fastpeft.config import method_spec
 
     grad = problem.training
     dt, k, d = problem.torch_dtype, problem.k, problem.d
@@ -207,11 +210,16 @@ def _step(problem: Problem, device="cpu", weight4=None) -> None:
         else:
             a, b, core, out_scale, act = _adapter_tensors(problem, k, d, grad, device)
             kw = dict(core=core, out_scale=out_scale, scale=scale, dropout_p=p, activation=act, seed=1234)
+            if method_spec(problem.method).magnitude:   # DoRA: the norm kernel, then the row-scale epilogue
+                kw = dict(scale=scale, dropout_p=p, seed=1234,
+                          magnitude=torch.empty(d, dtype=dt, device=device).requires_grad_(grad))
             if problem.op == "dense":
-                ys = [fastpeft.lowrank_linear(x, torch.empty(d, k, dtype=dt, device=device), None, a, b, **kw)]
+                fn = fastpeft.dora_linear if "magnitude" in kw else fastpeft.lowrank_linear
+                ys = [fn(x, torch.empty(d, k, dtype=dt, device=device), None, a, b, **kw)]
             else:
                 packed, state = weight4 if weight4 is not None else _quant_state(problem, device)
-                ys = [fastpeft.lowrank_linear_4bit(x, packed, state, None, a, b, **kw)]
+                fn = fastpeft.dora_linear_4bit if "magnitude" in kw else fastpeft.lowrank_linear_4bit
+                ys = [fn(x, packed, state, None, a, b, **kw)]
         if grad:
             torch.autograd.backward(list(ys), [torch.empty_like(y) for y in ys])
 
@@ -482,7 +490,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="compute dtype")
     parser.add_argument("--dropout", type=float, default=0.1, help="adapter dropout probability, in [0, 1)")
     parser.add_argument("--method", default="lora", help="adapter preset (lora, lora_fa, lamda, vera, adalora, "
-                        "parallel): what trains, the core and the activation")
+                        "parallel, dora): what trains, the core and the activation (dora: the norm "
+                        "kernel and the row scale in the GEMM's epilogue)")
     parser.add_argument("--mode", choices=MODES, default="auto", help="train: forward + backward; decode: "
                         "forward without grad; auto: decode at M <= 16, else train")
     parser.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit format (--op 4bit)")

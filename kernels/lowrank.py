@@ -159,14 +159,20 @@ def _gemm_keep(configs, arch, smem, M, N, block_r, elem, dx=False, dropout=True,
         # mma.sync (sm_80) holds its operand fragments in registers: with an r >= 64 prologue the
         # accumulator gets half the budget (sm_90's wgmma reads them from shared memory)
         budget = _ACC_WORDS // 2 if arch == 80 and block_r >= 64 else _ACC_WORDS
-        two_stores = store_z and _per_thread(bm * bn, w) > 32
-        return main <= smem and tiles <= _TILE_WORDS and acc <= budget and not masked and not two_stores
+        return (main <= smem and tiles <= _TILE_WORDS and acc <= budget and not masked
+                and _z_fits(store_z, bm, bn, w))
 
     def size_ok(c):
         bm = c.kwargs["BLOCK_M"]
         return bm <= max(16, _pow2(M)) and c.kwargs["BLOCK_N"] <= max(16, _pow2(N)) and _wgmma_rows_ok(arch, bm, _pow2(M))
 
     return _keep(configs, tiles, _gemm_tile, ok, size_ok)
+
+
+def _z_fits(store_z: bool, block_m: int, block_n: int, num_warps: int) -> bool:
+    """The row-scale epilogue writing Z and Y from one accumulator (DoRA while m trains) keeps it
+    and the two stores' addresses in registers only at up to 32 accumulator values per thread."""
+    return not store_z or _per_thread(block_m * block_n, num_warps) <= 32
 
 
 def _t_keep(configs, arch, smem, M, block_r, elem, dropout=True):
@@ -499,6 +505,26 @@ def _adapter_init(u_ptr, b_ptr, os_ptr, bias_ptr, rm, rn, M, N, R, stride_um, sc
     return acc
 
 
+@triton.jit
+def _store_y(acc, y_ptr, z_ptr, rs_ptr, bias_ptr, rm, rn, M, N, stride_ym, stride_yn, HAS_BIAS: tl.constexpr,
+             HAS_ROW_SCALE: tl.constexpr, STORE_Z: tl.constexpr):
+    """The forward GEMMs' epilogue: the accumulator [BLOCK_M, BLOCK_N] (fp32) written to Y.
+
+    Without HAS_ROW_SCALE the accumulator already holds the bias. With it (DoRA) the accumulator
+    is Z = X Wᵀ + s·(U Bᵀ) ⊙ o without bias: Z is written beside Y when STORE_Z (z_ptr, Y's
+    strides), then Y = c ⊙ Z + b with the row scale c [N] (fp32) and the bias added after it."""
+    mask_n = rn < N
+    mask = (rm < M)[:, None] & mask_n[None, :]
+    offs = rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
+    if HAS_ROW_SCALE:
+        if STORE_Z:
+            tl.store(z_ptr + offs, acc.to(z_ptr.dtype.element_ty), mask=mask)
+        acc = acc * tl.load(rs_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.autotune(configs=_GEMM_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R", "STORE_Z"],
                  prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
@@ -525,8 +551,6 @@ def _lowrank_fwd_gemm_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    mask_m = rm < M
-    mask_n = rn < N
     acc = _adapter_init(u_ptr, b_ptr, os_ptr, bias_ptr, rm, rn, M, N, R, stride_um, scale,
                         HAS_BIAS and not HAS_ROW_SCALE, HAS_OUT_SCALE, UPCAST, DOT_PRECISION, BLOCK_R, R_CHUNK,
                         BLOCK_M, BLOCK_N)
@@ -539,14 +563,8 @@ def _lowrank_fwd_gemm_kernel(
         xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_k[None, :], other=0.0)
         wt = tl.load(w_cols + kk[:, None] * stride_wk, mask=mask_k[:, None], other=0.0)
         acc = tl.dot(_op(xt, dtype, UPCAST), _op(wt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
-    offs = rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
-    if HAS_ROW_SCALE:
-        if STORE_Z:
-            tl.store(z_ptr + offs, acc.to(z_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-        acc = acc * tl.load(rs_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _store_y(acc, y_ptr, z_ptr, rs_ptr, bias_ptr, rm, rn, M, N, stride_ym, stride_yn, HAS_BIAS, HAS_ROW_SCALE,
+             STORE_Z)
 
 
 # --------------------------------------------------------------------------------------------
@@ -971,9 +989,9 @@ def _fwd_gemm(x, weight, bias, u, b, out_scale, scale: float, y, row_scale=None,
 
 
 def lowrank_fwd(x, weight, bias, lora_A, lora_B, core, out_scale, scale: float, dropout_p: float,
-                seed: int, activation):
+                seed: int, activation, row_scale=None, z=None):
     """Forward on 2-D x [M, k]: returns (Y [M, d], T [M, r]), both in x's dtype; T is the
-    pre-activation D(X)Aᵀ that backward needs."""
+    pre-activation D(X)Aᵀ that backward needs. ``row_scale``, ``z``: as :func:`_fwd_gemm`."""
     _check_dtype(x)
     M = x.shape[0]
     R = lora_A.shape[0]
@@ -987,7 +1005,7 @@ def lowrank_fwd(x, weight, bias, lora_A, lora_B, core, out_scale, scale: float, 
     y = torch.empty((M, weight.shape[0]), dtype=x.dtype, device=x.device)
     with _device(x):
         _t_pass(x, a, core_c, core_kind, act, dropout_p, seed, t, u)
-        _fwd_gemm(x, weight, bias, u, lora_B.contiguous(), out_scale, scale, y)
+        _fwd_gemm(x, weight, bias, u, lora_B.contiguous(), out_scale, scale, y, row_scale, z)
     return y, t
 
 

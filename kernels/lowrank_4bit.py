@@ -23,6 +23,10 @@ Forward, Y = X Wᵀ + b + s·(U Bᵀ) ⊙ o:
     reads its rows of packed W once (4 bits per weight), computes T = D(X)Aᵀ in the same loop over
     k, and adds s·(U Bᵀ) ⊙ o + b in its epilogue; no partial sums in memory.
 
+DoRA (``row_scale`` c [d]): both forward kernels end in the dense GEMM's epilogue
+(``_store_y``, HAS_ROW_SCALE): Y = c ⊙ (X Wᵀ + s·(U Bᵀ) ⊙ o) + b, the unscaled product stored
+beside Y only when asked (STORE_Z); the dX kernel scales each dY tile by c as it loads it.
+
 Backward:
   * ``_lowrank4_bwd_dx_kernel``: dX = dY W + s·D'(dT A) in one kernel: its main loop over d
     accumulates dY W (W dequantised in registers) and G = (dY ⊙ o) B beside it; the epilogue forms
@@ -52,7 +56,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import lowrank as _dense
-from .lowrank import _act_fwd, _act_grad, _adapter_init, _core_tile, _grouped_pid, _keep_mask, _op
+from .lowrank import _act_fwd, _act_grad, _adapter_init, _core_tile, _grouped_pid, _keep_mask, _op, _store_y
 
 __all__ = ["lowrank_4bit_fwd", "lowrank_4bit_bwd", "dequantize_4bit_dense", "buffer_min_m",
            "DECODE_MAX_M", "BUFFER_MIN_M_ENV", "BUFFER_MIN_M_DEFAULT"]
@@ -117,8 +121,9 @@ def _words(elems: int, elem: int, num_warps: int) -> int:
     return _per_thread(elems, num_warps) * (2 if elem == 4 else 1)
 
 
-def _gemm_keep(configs, arch, smem, M, N, block_r, elem, layout, dx=False):
-    """Y GEMM (``dx=False``; M, N = d) and dX (M, N = k) over the tiles that fit for ``layout``."""
+def _gemm_keep(configs, arch, smem, M, N, block_r, elem, layout, dx=False, store_z=False):
+    """Y GEMM (``dx=False``; M, N = d) and dX (M, N = k) over the tiles that fit for ``layout``;
+    ``store_z``: the DoRA epilogue writes Z beside Y (the dense module's limit on the tile)."""
     tiles = _DX_TILES if dx else _GEMM_TILES
 
     def tile_of(c):
@@ -136,7 +141,7 @@ def _gemm_keep(configs, arch, smem, M, N, block_r, elem, layout, dx=False):
             tile_ok = _words(bn * bk, elem, w) <= _TILE_WORDS
         # sm_80: the 8-warp 16-row dX tile spills 8-12 bytes as launched (fastpeft inspect)
         spills = dx and arch == 80 and (bm, bn, bk, w) == (16, 64, 32, 8)
-        return main <= smem and live_ok and tile_ok and not spills
+        return main <= smem and live_ok and tile_ok and not spills and _dense._z_fits(store_z, bm, bn, w)
 
     def size_ok(c):
         bm = c.kwargs["BLOCK_M"]
@@ -166,7 +171,7 @@ def _prune_gemm(configs, named_args, **kwargs):
     args = _dense._prune_args(named_args, kwargs)
     arch, smem, _ = _dense._limits_of(args["x_ptr"])
     return _gemm_keep(configs, arch, smem, args["M_KEY"], args["N"], args["BLOCK_R"], args["x_ptr"].element_size(),
-                      args["LAYOUT"])
+                      args["LAYOUT"], store_z=bool(args.get("STORE_Z", False)))
 
 
 def _prune_dx(configs, named_args, **kwargs):
@@ -326,11 +331,12 @@ def _w4_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows, c
 # Forward kernels
 # --------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R", "LAYOUT"],
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R", "LAYOUT", "STORE_Z"],
                  prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _lowrank4_fwd_gemm_kernel(
     x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, u_ptr, b_ptr, os_ptr, y_ptr,
+    rs_ptr, z_ptr,
     M, N, K, R, M_KEY,
     stride_xm, stride_xk, stride_ym, stride_yn,
     scale,
@@ -338,16 +344,19 @@ def _lowrank4_fwd_gemm_kernel(
     W_KIND: tl.constexpr, LAYOUT: tl.constexpr, NESTED: tl.constexpr, BLOCK2: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, HAS_ROW_SCALE: tl.constexpr = False, STORE_Z: tl.constexpr = False,
 ):
-    """Y = s·(U Bᵀ) ⊙ o + b + X Wᵀ, W [N, K] dequantised tile by tile in registers."""
+    """Y = s·(U Bᵀ) ⊙ o + b + X Wᵀ, W [N, K] dequantised tile by tile in registers.
+
+    With HAS_ROW_SCALE (DoRA) the epilogue is the dense GEMM's (``_store_y``):
+    Y = c ⊙ (X Wᵀ + s·(U Bᵀ) ⊙ o) + b, and Z = X Wᵀ + s·(U Bᵀ) ⊙ o beside it with STORE_Z."""
     dtype = x_ptr.dtype.element_ty
     pid_m, pid_n = _grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    acc = _adapter_init(u_ptr, b_ptr, os_ptr, bias_ptr, rm, rn, M, N, R, R, scale, HAS_BIAS, HAS_OUT_SCALE,
-                        UPCAST, DOT_PRECISION, BLOCK_R, R_CHUNK, BLOCK_M, BLOCK_N)
+    acc = _adapter_init(u_ptr, b_ptr, os_ptr, bias_ptr, rm, rn, M, N, R, R, scale, HAS_BIAS and not HAS_ROW_SCALE,
+                        HAS_OUT_SCALE, UPCAST, DOT_PRECISION, BLOCK_R, R_CHUNK, BLOCK_M, BLOCK_N)
     # rows past M read wrapped addresses and are never stored; W rows past N dequantise to 0
     x_rows = x_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm
     for k0 in range(0, K, BLOCK_K):
@@ -356,8 +365,8 @@ def _lowrank4_fwd_gemm_kernel(
         wt = _w4_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rn % N, k0, N, K, BLOCK_N, BLOCK_K,
                       QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST)
         acc = tl.dot(_op(xt, dtype, UPCAST), _op(tl.trans(wt), dtype, UPCAST), acc, input_precision=DOT_PRECISION)
-    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+    _store_y(acc, y_ptr, z_ptr, rs_ptr, bias_ptr, rm, rn, M, N, stride_ym, stride_yn, HAS_BIAS, HAS_ROW_SCALE,
+             STORE_Z)
 
 
 @triton.autotune(configs=_DECODE_CONFIGS, key=["M", "N", "K", "BLOCK_R", "HAS_DROPOUT", "LAYOUT"],
@@ -365,7 +374,7 @@ def _lowrank4_fwd_gemm_kernel(
 @triton.jit(do_not_specialize=["seed"])
 def _lowrank4_decode_kernel(
     x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, a_ptr, core_ptr, b_ptr, os_ptr, bias_ptr,
-    t_ptr, y_ptr,
+    t_ptr, y_ptr, rs_ptr, z_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_ym, stride_yn,
     seed, dropout_p, inv_keep, scale,
@@ -373,7 +382,8 @@ def _lowrank4_decode_kernel(
     HAS_OUT_SCALE: tl.constexpr, QBLOCK: tl.constexpr, QUANT: tl.constexpr, W_KIND: tl.constexpr,
     LAYOUT: tl.constexpr, NESTED: tl.constexpr, BLOCK2: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_ROW_SCALE: tl.constexpr = False,
+    STORE_Z: tl.constexpr = False,
 ):
     """The whole forward for M <= BLOCK_M rows and BLOCK_N columns of Y, in one program:
 
@@ -381,7 +391,9 @@ def _lowrank4_decode_kernel(
       and, beside it, T = D(X) Aᵀ [BLOCK_M, r] (every program computes the whole T: r·k values
       of A per program, read from L2 after the first);
     * epilogue: T stored by program 0, U = σ(T)Sᵀ | σ(T) ⊙ S | σ(T) in registers (rounded to x's
-      dtype, as the training path stores it), and Y = X Wᵀ + s·(U Bᵀ) ⊙ o + b written once.
+      dtype, as the training path stores it), and Y = X Wᵀ + s·(U Bᵀ) ⊙ o + b written once
+      (with HAS_ROW_SCALE, DoRA: Y = c ⊙ (X Wᵀ + s·(U Bᵀ) ⊙ o) + b and Z beside it with STORE_Z,
+      the GEMM's epilogue ``_store_y``).
     No partial sums in memory: the grid is split over d only, so the sum order is fixed."""
     dtype = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
@@ -436,10 +448,10 @@ def _lowrank4_decode_kernel(
     if HAS_OUT_SCALE:
         col_scale = col_scale * tl.load(os_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
     acc += adp * col_scale[None, :]
-    if HAS_BIAS:
+    if HAS_BIAS and not HAS_ROW_SCALE:
         acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    _store_y(acc, y_ptr, z_ptr, rs_ptr, bias_ptr, rm, rn, M, N, stride_ym, stride_yn, HAS_BIAS, HAS_ROW_SCALE,
+             STORE_Z)
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,6 +463,7 @@ def _lowrank4_decode_kernel(
 @triton.jit(do_not_specialize=["seed"])
 def _lowrank4_bwd_dx_kernel(
     dy_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, t_ptr, core_ptr, b_ptr, os_ptr, a_ptr, dx_ptr,
+    rs_ptr,
     M, N, K, R, M_KEY,
     stride_dym, stride_dyk, stride_dxm, stride_dxn,
     seed, dropout_p, adapter_scale,
@@ -458,9 +471,12 @@ def _lowrank4_bwd_dx_kernel(
     QBLOCK: tl.constexpr, QUANT: tl.constexpr, W_KIND: tl.constexpr, LAYOUT: tl.constexpr,
     NESTED: tl.constexpr, BLOCK2: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_ROW_SCALE: tl.constexpr = False,
 ):
     """dX [M, N=k] = dY W + s/(1-p)·mask ⊙ (dT A), reduction over K = d.
+
+    With HAS_ROW_SCALE (DoRA, Y = c ⊙ Z + b) the op's output gradient is dZ = c ⊙ dY: each dY
+    tile is scaled by c [K] as it is loaded, for both terms (no [M, d] pass before the kernel).
 
     The main loop adds dY W (W [K, N] dequantised in registers) and, beside it,
     G = (dY ⊙ o) B [BLOCK_M, r]. Epilogue: H = G S (R_CHUNK columns at a time) | G ⊙ S | G,
@@ -483,6 +499,8 @@ def _lowrank4_bwd_dx_kernel(
         kk = k0 + rk
         mask_k = kk < K
         dyt = tl.load(dy_rows + kk[None, :] * stride_dyk, mask=mask_k[None, :], other=0.0)
+        if HAS_ROW_SCALE:
+            dyt = dyt.to(tl.float32) * tl.load(rs_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)[None, :]
         wt = _w4_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, kk, pid_n * BLOCK_N, K, N, BLOCK_K,
                       BLOCK_N, QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST)
         dy_op = _op(dyt, dtype, UPCAST)
@@ -653,11 +671,13 @@ def _t_pass(x, lora_A, core, dropout_p, seed, act, core_kind):
 
 
 def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_scale, scale: float,
-                     dropout_p: float, seed: int, activation):
+                     dropout_p: float, seed: int, activation, row_scale=None, z=None):
     """Forward on 2-D x [M, k] over the 4-bit W: returns (Y [M, d], T [M, r]) in x's dtype.
 
     Y = X Wᵀ + b + s·(σ(D(X)Aᵀ)Sᵀ)Bᵀ ⊙ o with W dequantised in registers (never in memory), or,
-    where :func:`buffer_min_m` asks for it, into a dense buffer freed when this call returns."""
+    where :func:`buffer_min_m` asks for it, into a dense buffer freed when this call returns.
+    ``row_scale`` c (fp32 [d], DoRA): Y = c ⊙ (X Wᵀ + s·(σ(D(X)Aᵀ)Sᵀ)Bᵀ ⊙ o) + b from the same
+    epilogue, and the unscaled product written into ``z`` ([M, d], x's dtype) when given."""
     _dense._check_dtype(x)
     M, K = x.shape
     weight_args = _weight_args(packed, quant_state, x.device)
@@ -667,7 +687,7 @@ def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_sca
     if _buffered(M):
         weight = dequantize_4bit_dense(packed, quant_state, x.dtype, weight_args)
         return _dense.lowrank_fwd(x, weight, bias, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
-                                  activation)
+                                  activation, row_scale, z)
     R = lora_A.shape[0]
     BR = _dense._block_r(R)
     act = _dense._ACTIVATIONS[activation]
@@ -679,7 +699,9 @@ def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_sca
     adapter = dict(b_ptr=b, os_ptr=out_scale if out_scale is not None else b,
                    bias_ptr=bias if bias is not None else b, HAS_BIAS=bias is not None,
                    HAS_OUT_SCALE=out_scale is not None, BLOCK_R=BR, R_CHUNK=_dense._r_chunk(BR),
-                   UPCAST=interp, DOT_PRECISION=precision)
+                   UPCAST=interp, DOT_PRECISION=precision,
+                   rs_ptr=row_scale if row_scale is not None else b, z_ptr=z if z is not None else y,
+                   HAS_ROW_SCALE=row_scale is not None, STORE_Z=z is not None)
     with _dense._device(x):
         if M <= DECODE_MAX_M:
             t = _decode(x, data, scales, wmeta, lora_A, core, y, scale, dropout_p, seed, act, core_kind, adapter)
@@ -695,7 +717,7 @@ def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_sca
         elif not _dense._autotuning():
             arch, smem, _ = _dense._limits_of(x)
             fb = _dense._fallback(_gemm_keep(_GEMM_CONFIGS, arch, smem, M, N, BR, x.element_size(),
-                                             wmeta["LAYOUT"]))
+                                             wmeta["LAYOUT"], store_z=z is not None))
         else:
             fb = {}
         _dense._launch(_lowrank4_fwd_gemm_kernel,
@@ -731,18 +753,34 @@ def _decode(x, data, scales, wmeta, lora_A, core, y, scale, dropout_p, seed, act
 
 def lowrank_4bit_bwd(grad_y, x, packed, quant_state, T, lora_A, lora_B, core, out_scale, scale, dropout_p,
                      seed, activation, need_x: bool, need_A: bool, need_B: bool, need_core: bool,
-                     need_out_scale: bool, need_bias: bool, deterministic: bool = False):
+                     need_out_scale: bool, need_bias: bool, deterministic: bool = False, row_scale=None):
     """Backward on 2-D tensors: (dX, dA, dB, dcore, dout_scale, dbias), ``None`` where not needed.
 
     dX = dY W + s·D'(dT A) runs in one kernel over the packed W (see the module docstring); the
     adapter gradients dA = s·dTᵀD(X), dB = s·dYoᵀU, dS, d_o and db = Σ dY are the dense module's
-    (they never read W, which is passed there as a zero-stride placeholder)."""
+    (they never read W, which is passed there as a zero-stride placeholder).
+
+    ``row_scale`` c (fp32 [d], DoRA, without core or out_scale): ``grad_y`` is dY of
+    Y = c ⊙ Z + b and the op's own output gradient is dZ = c ⊙ dY, never formed: the adapter
+    term only sees dZ through (dZ ⊙ o) = dY ⊙ c, so the dense pass runs with c as its out_scale
+    (dB, dA, and db = Σ dY unchanged), and the dX kernel scales each dY tile by c as it loads it."""
     _dense._check_dtype(grad_y)
     M, N = grad_y.shape
     weight_args = _weight_args(packed, quant_state, grad_y.device)
     data, scales, wmeta, (d, K) = weight_args
     if d != N:
         raise ValueError(f"grad_y has {N} columns but the 4-bit weight is [d={d}, k={K}]")
+    if row_scale is not None:
+        if core is not None or out_scale is not None:
+            raise ValueError("row_scale (DoRA) takes no core and no out_scale")
+        if need_x and _buffered(M):   # the dense kernels take dZ itself
+            weight = dequantize_4bit_dense(packed, quant_state, grad_y.dtype, weight_args)
+            out = _dense.lowrank_bwd(grad_y * row_scale.to(grad_y.dtype), x, weight, T, lora_A, lora_B, None, None,
+                                     scale, dropout_p, seed, activation, need_x, need_A, need_B, False, False,
+                                     False, deterministic=deterministic)
+            return (*out[:5], grad_y.sum(0) if need_bias else None)
+        out_scale = row_scale            # the dense kernels read o in fp32
+        need_out_scale = False
     if need_x and _buffered(M):   # dX through the dense kernels over a transient W
         weight = dequantize_4bit_dense(packed, quant_state, grad_y.dtype, weight_args)
         return _dense.lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
@@ -762,15 +800,17 @@ def lowrank_4bit_bwd(grad_y, x, packed, quant_state, T, lora_A, lora_B, core, ou
         b = lora_B.contiguous()
         p = float(dropout_p)
         dx = torch.empty((M, K), dtype=grad_y.dtype, device=grad_y.device)
+        has_rs = row_scale is not None
         args = dict(dy_ptr=grad_y, packed_ptr=data, **scales, t_ptr=T.contiguous(),
                     core_ptr=core.contiguous() if core is not None else a, b_ptr=b,
-                    os_ptr=out_scale if out_scale is not None else b, a_ptr=a, dx_ptr=dx,
+                    os_ptr=out_scale if out_scale is not None and not has_rs else b, a_ptr=a, dx_ptr=dx,
+                    rs_ptr=row_scale if has_rs else b, HAS_ROW_SCALE=has_rs,
                     M=M, N=K, K=N, R=R, M_KEY=_dense._pow2(M),
                     stride_dym=grad_y.stride(0), stride_dyk=grad_y.stride(1),
                     stride_dxm=dx.stride(0), stride_dxn=dx.stride(1),
                     seed=int(seed), dropout_p=p, adapter_scale=float(scale) / (1.0 - p),
                     ACTIVATION=_dense._ACTIVATIONS[activation], CORE=core_kind,
-                    HAS_OUT_SCALE=out_scale is not None, HAS_DROPOUT=p > 0.0, **wmeta, UPCAST=interp,
+                    HAS_OUT_SCALE=out_scale is not None and not has_rs, HAS_DROPOUT=p > 0.0, **wmeta, UPCAST=interp,
                     DOT_PRECISION=_dense._dot_precision(grad_y.dtype),
                     BLOCK_R=BR, R_CHUNK=_dense._r_chunk(BR), GROUP_M=_dense._GROUP_M)
         with _dense._device(grad_y):

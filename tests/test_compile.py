@@ -174,7 +174,8 @@ def _stack_4bit(preset, seed=0):
 
 
 @pytest.mark.parametrize("preset", [dict(method="lora"), dict(method="lamda"), dict(method="vera"),
-                                    dict(method="lora", train_bias=True)], ids=lambda p: "-".join(map(str, p.values())))
+                                    dict(method="lora", train_bias=True), dict(method="dora")],
+                         ids=lambda p: "-".join(map(str, p.values())))
 def test_4bit_layers_compile_fullgraph_and_match_eager(preset):
     """Models of 4-bit layers: no graph break, one graph, and Inductor's loss and gradients equal
     eager ones (the op is a pair of custom ops; the quant state crosses as tensors)."""

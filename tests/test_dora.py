@@ -210,9 +210,16 @@ def test_inject_save_load(tmp_path):
         assert torch.equal(fresh(x), model(x))
 
 
-def test_4bit_matches_peft_qdora():
+@pytest.mark.parametrize("backend,M", [("torch", 3), ("triton", 3), ("triton", 40)],
+                         ids=["torch", "triton-decode", "triton-gemm"])
+def test_4bit_matches_peft_qdora(backend, M):
+    """Equal to PEFT's DoRA layer on a bitsandbytes Linear4bit: the torch path, and the fused
+    Triton kernels (the decode kernel at M <= 16, the 4-bit GEMM above it, with the row scale and
+    the bias in their epilogue)."""
     bnb = pytest.importorskip("bitsandbytes")
     pytest.importorskip("peft")
+    if backend == "triton":
+        pytest.importorskip("triton")
     torch.manual_seed(0)
     for quant_type in ("nf4", "fp4"):
         dense = nn.Linear(64, 32)
@@ -225,14 +232,17 @@ def test_4bit_matches_peft_qdora():
             ref.lora_magnitude_vector["default"].weight.mul_(torch.rand(32) + 0.5)
         ours = fastpeft.LowRankLinear4bit.from_bnb(q, fastpeft.AdapterConfig(method="dora", r=4, alpha=8))
         _copy_from_peft(ref, ours)
-        x = torch.randn(3, 64)
+        x = torch.randn(M, 64)
         x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y_ref, y = ref(x1), ours(x2)
-        assert_close_rel(y, y_ref, 1e-5, f"{quant_type} y")
-        g = torch.randn_like(y)
-        got = torch.autograd.grad(y, [x2, ours.lora_A, ours.lora_B, ours.lora_magnitude], g)
-        want = torch.autograd.grad(y_ref, [x1, *_peft_params(ref)], g)
-        for name, a, e in zip(["dx", "dA", "dB", "dm"], got, want):
+        ours.bias.requires_grad_(True)
+        ref.base_layer.bias.requires_grad_(True)
+        with fastpeft.use_backend(backend):
+            y_ref, y = ref(x1), ours(x2)
+            assert_close_rel(y, y_ref, 1e-5, f"{quant_type} y")
+            g = torch.randn_like(y)
+            got = torch.autograd.grad(y, [x2, ours.lora_A, ours.lora_B, ours.lora_magnitude, ours.bias], g)
+        want = torch.autograd.grad(y_ref, [x1, *_peft_params(ref), ref.base_layer.bias], g)
+        for name, a, e in zip(["dx", "dA", "dB", "dm", "db"], got, want):
             assert_close_rel(a, e, 1e-5, f"{quant_type} {name}")
         # to_linear merges DoRA exactly
         with torch.no_grad():
@@ -254,3 +264,22 @@ def test_compiles_without_graph_break_and_opcheck():
     args = (x.detach(), layer.weight, layer.bias, layer.lora_A.detach(), layer.lora_B.detach(),
             torch.rand(D), 1.0, 0.1, torch.tensor(3), True, "torch")
     torch.library.opcheck(torch.ops.fastpeft.dora_fwd.default, args)
+
+
+def test_4bit_ops_opcheck():
+    """The QDoRA forward op and the 4-bit backward op with the row scale pass opcheck."""
+    from fastpeft.ops.lowrank_4bit import _state_meta, _state_tensors
+
+    gen = torch.Generator().manual_seed(2)
+    packed, state = fastpeft.quantize_4bit(torch.randn(D, K, generator=gen), blocksize=32)
+    weight = (packed, *_state_tensors(state), *_state_meta(state))
+    x, a, b = torch.randn(5, K, generator=gen), torch.randn(R, K, generator=gen), torch.randn(D, R, generator=gen)
+    bias, c = torch.randn(D, generator=gen), torch.rand(D, generator=gen) + 0.5
+    for store_z in (True, False):
+        fwd = (x, *weight, bias, a, b, c, 0.5, 0.1, torch.tensor(3), store_z, "torch")
+        torch.library.opcheck(torch.ops.fastpeft.dora_4bit_fwd.default, fwd)
+    _, t, _ = torch.ops.fastpeft.dora_4bit_fwd(*fwd)
+    grad_y = torch.randn(5, D, generator=gen)
+    for needs in ([True, True, True, False, False, True], [True, False, True, False, False, False]):
+        bwd = (grad_y, x, *weight, t, a, b, None, None, 0.5, 0.1, torch.tensor(3), None, needs, "torch", False, c)
+        torch.library.opcheck(torch.ops.fastpeft.lowrank_4bit_bwd.default, bwd)

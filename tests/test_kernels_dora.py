@@ -117,11 +117,11 @@ class _Allocations(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("four_bit", [False, True], ids=["dense", "4bit"])
-def test_training_step_allocates_nothing_weight_sized(four_bit):
+@pytest.mark.parametrize("four_bit,rows", [(False, 8), (True, 8), (True, 24)], ids=["dense", "4bit-decode", "4bit-gemm"])
+def test_training_step_allocates_nothing_weight_sized(four_bit, rows):
     layer = _layer(four_bit)
     opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=1e-3)
-    x = torch.randn(2, 8, K, device=DEVICE, requires_grad=True)
+    x = torch.randn(2, rows, K, device=DEVICE, requires_grad=True)
     with fastpeft.use_backend("triton"):
         layer(x).sum().backward()          # a first step (caches filled)
         opt.step()
@@ -184,3 +184,146 @@ def test_saved_tensors_contract(train_m):
     assert own == want, shapes
     assert any(t is x for t in saved.tensors)                   # the caller's x itself
     y.sum().backward()
+
+
+# -- QDoRA fused: the row scale in the 4-bit GEMM's and the decode kernel's epilogue ------------
+
+def _qdora_inputs(k, quant_type, blocksize, nested, shape, bias, train_m, dtype=torch.float32, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, sc=1.0: (torch.randn(*s, generator=gen) * sc).to(DEVICE, dtype)
+    w = torch.randn(D, k, generator=gen).to(DEVICE) * k ** -0.5
+    packed, state = fastpeft.quantize_4bit(w, quant_type=quant_type, blocksize=blocksize, compress_statistics=nested)
+    x = rnd(*shape, k).requires_grad_(True)
+    a = rnd(R, k, sc=k ** -0.5).requires_grad_(True)
+    b = rnd(D, R, sc=R ** -0.5).requires_grad_(True)
+    bias_t = rnd(D).requires_grad_(True) if bias else None
+    m = (torch.rand(D, generator=gen) + 0.5).to(DEVICE, dtype).requires_grad_(train_m)
+    return x, packed, state, bias_t, a, b, m
+
+
+@pytest.mark.parametrize("k,quant_type,blocksize,shape,bias,train_m,p", [
+    (123, "nf4", 64, (1,), True, True, 0.2),          # decode kernel, k odd, dropout
+    (123, "nf4", 64, (2, 150), False, False, 0.2),    # GEMM, 3 M tiles, 3-D input
+    (96, "fp4", 64, (300,), True, True, 0.0),         # GEMM, rows hold whole blocks
+    (96, "fp4", 64, (1, 1), False, False, 0.0),       # decode, 3-D input
+    (100, "nf4", 128, (40,), True, True, 0.1),        # GEMM, blocks straddle rows
+], ids=["M1-k123-nf4-bias-mtrain", "M300-k123-nf4-mfrozen", "M300-k96-fp4-bias-mtrain", "M1-k96-fp4-mfrozen",
+        "M40-k100-nf4-b128-bias-mtrain"])
+def test_fused_4bit_matches_float64(monkeypatch, k, quant_type, blocksize, shape, bias, train_m, p):
+    """dora_linear_4bit through the fused 4-bit kernels, W dequantised in registers at every M
+    (c and the bias in the GEMM's or the decode kernel's epilogue, Z stored only while m trains,
+    dZ = c ⊙ dY folded into backward): output and every gradient, the magnitude's included,
+    against float64 with the kernels' mask."""
+    from fastpeft.kernels import lowrank as L
+    from fastpeft.kernels import lowrank_4bit as L4
+
+    monkeypatch.setenv(L4.BUFFER_MIN_M_ENV, "0")
+
+    x, packed, state, bias_t, a, b, m = _qdora_inputs(k, quant_type, blocksize, True, shape, bias, train_m)
+    seed, s = 91, 0.75
+    with fastpeft.use_backend("triton"):
+        y = fastpeft.dora_linear_4bit(x, packed, state, bias_t, a, b, m, scale=s, dropout_p=p, seed=seed)
+        g = torch.randn_like(y)
+        params = [x, a, b] + ([bias_t] if bias else []) + ([m] if train_m else [])
+        got = torch.autograd.grad(y, params, g)
+    M = x.numel() // k
+    keep = (L.dropout_keep_mask(seed, M, k, p, DEVICE).reshape(x.shape).double() / (1 - p) if p
+            else torch.ones(x.shape, dtype=torch.float64))
+    w64 = fastpeft.dequantize_4bit(packed, state).double()
+    x64, a64, b64 = x.double(), a.double(), b.double()
+    n = torch.linalg.norm(w64 + s * b64 @ a64, dim=1).detach()
+    want = (m.double() / n) * (x64 @ w64.t() + s * ((x64 * keep) @ a64.t()) @ b64.t())
+    if bias:
+        want = want + bias_t.double()
+    assert_close_rel(y, want, 1e-5, "y")
+    exp = torch.autograd.grad(want, params, g.double())
+    for name, got_g, exp_g in zip(["dx", "dA", "dB"] + (["db"] if bias else []) + (["dm"] if train_m else []),
+                                  got, exp):
+        assert_close_rel(got_g, exp_g, 2e-5, name)
+
+
+@pytest.mark.parametrize("shape", [(1,), (40,)], ids=["decode", "gemm"])
+def test_fused_4bit_fp16(shape):
+    """fp16 through the same kernels (the interpreter computes fp16 correctly; bf16 it does not)."""
+    x, packed, state, bias_t, a, b, m = _qdora_inputs(96, "nf4", 64, True, shape, True, True, torch.float16)
+    with fastpeft.use_backend("triton"):
+        y = fastpeft.dora_linear_4bit(x, packed, state, bias_t, a, b, m, scale=0.5)
+        g = torch.randn_like(y)
+        got = torch.autograd.grad(y, [x, a, b, bias_t, m], g)
+    w64 = fastpeft.dequantize_4bit(packed, state).double()
+    n = torch.linalg.norm(w64 + 0.5 * b.double() @ a.double(), dim=1).detach()
+    want = (m.double() / n) * (x.double() @ w64.t() + 0.5 * (x.double() @ a.double().t()) @ b.double().t())
+    want = want + bias_t.double()
+    assert_close_rel(y, want, 2e-3, "y")
+    exp = torch.autograd.grad(want, [x, a, b, bias_t, m], g.double())
+    for name, got_g, exp_g in zip(["dx", "dA", "dB", "db", "dm"], got, exp):
+        assert_close_rel(got_g, exp_g, 8e-3, name)
+
+
+@pytest.mark.parametrize("M", [1, 40], ids=["decode", "gemm"])
+@pytest.mark.parametrize("train_m", [True, False], ids=["m-trains", "m-frozen"])
+def test_4bit_launches_no_separate_scale_pass(monkeypatch, M, train_m):
+    """A QDoRA step launches the 4-bit op's kernels and nothing else of size [M, d]: forward is
+    the decode kernel (M <= 16) or the T pass and the 4-bit GEMM, with c and the bias in their
+    epilogue (no torch op writes an [M, d] tensor); backward scales dY inside the 4-bit backward
+    (no [M, d] torch op but the product Σ dY ⊙ Z of the magnitude's gradient, while m trains)."""
+    from fastpeft.kernels import lowrank as L
+
+    launched = []
+    real_launch = L._launch
+    monkeypatch.setattr(L, "_launch", lambda kernel, grid, args, fb: (launched.append(kernel.fn.__name__ if hasattr(
+        kernel, "fn") else kernel.__name__), real_launch(kernel, grid, args, fb))[1])
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.md = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view and any(isinstance(t, torch.Tensor) and tuple(t.shape) == (M, D)
+                                        for t in torch.utils._pytree.tree_leaves(out)):
+                self.md.append(str(func))
+            return out
+
+    x, packed, state, bias, a, b, m = _qdora_inputs(123, "nf4", 64, True, (M,), True, train_m)
+    norm = KD.dora_norm_4bit(packed, state, a, b, 0.5)
+    with fastpeft.use_backend("triton"):
+        with Ops() as fwd:
+            y = fastpeft.dora_linear_4bit(x, packed, state, bias, a, b, m, scale=0.5, norm=norm)
+        fwd_kernels, launched[:] = list(launched), []
+        g = torch.randn_like(y)
+        with Ops() as bwd:
+            torch.autograd.grad(y, [x, a, b, bias] + ([m] if train_m else []), g)
+    want_fwd = ["_lowrank4_decode_kernel"] if M == 1 else ["_lowrank_fwd_t_kernel", "_lowrank4_fwd_gemm_kernel"]
+    assert fwd_kernels == want_fwd
+    assert fwd.md == ["fastpeft.dora_4bit_fwd.default"], fwd.md          # Y and Z come from the op itself
+    assert "_lowrank4_bwd_dx_kernel" in launched
+    assert bwd.md == (["aten.mul.Tensor"] if train_m else []), bwd.md       # dm's Σ dY ⊙ Z only
+
+
+@pytest.mark.parametrize("rows,min_m", [(40, "17"), (300, None)], ids=["M40-min17", "M300-default"])
+def test_fused_4bit_through_the_dense_buffer(monkeypatch, rows, min_m):
+    """From FASTPEFT_4BIT_BUFFER_MIN_M (by default 256) W is dequantised into a transient buffer
+    and the dense kernels run (the dense GEMM's row-scale epilogue; dX of dZ = c ⊙ dY): same
+    results."""
+    from fastpeft.kernels import lowrank_4bit as L4
+
+    if min_m is None:
+        monkeypatch.delenv(L4.BUFFER_MIN_M_ENV, raising=False)
+    else:
+        monkeypatch.setenv(L4.BUFFER_MIN_M_ENV, min_m)
+    assert L4._buffered(rows)
+    x, packed, state, bias, a, b, m = _qdora_inputs(96, "nf4", 64, True, (rows,), True, True)
+    with fastpeft.use_backend("triton"):
+        y = fastpeft.dora_linear_4bit(x, packed, state, bias, a, b, m, scale=0.5)
+        g = torch.randn_like(y)
+        got = torch.autograd.grad(y, [x, a, b, bias, m], g)
+    w64 = fastpeft.dequantize_4bit(packed, state).double()
+    n = torch.linalg.norm(w64 + 0.5 * b.double() @ a.double(), dim=1).detach()
+    want = (m.double() / n) * (x.double() @ w64.t() + 0.5 * (x.double() @ a.double().t()) @ b.double().t())
+    want = want + bias.double()
+    assert_close_rel(y, want, 1e-5, "y")
+    for name, got_g, exp_g in zip(["dx", "dA", "dB", "db", "dm"], got,
+                                  torch.autograd.grad(want, [x, a, b, bias, m], g.double())):
+        assert_close_rel(got_g, exp_g, 2e-5, name)

@@ -269,6 +269,33 @@ def test_dora_kernels_compile_clean():
     assert not failures, "\n".join(failures)
 
 
+# QDoRA: a step of the 4-bit op with the row scale c as the epilogue vector of the 4-bit GEMM
+# (Z stored beside Y while the magnitude trains) or of the decode kernel, and dY scaled by c in
+# the dX kernel's loads (HAS_ROW_SCALE), as launched
+DORA_4BIT_PROBLEMS = [Problem(op="4bit", method="dora", arch=arch, M=M, r=r, mode=mode, quant_type=quant)
+                      for arch, (M, mode), r, quant in itertools.product(
+                          ARCHS, ((1, "decode"), (1, "train"), (16, "train"), (8192, "train")), (16, 64),
+                          ("nf4", "fp4"))
+                      if quant == "nf4" or (M, r) == (8192, 64)]
+
+
+@pytest.mark.slow
+def test_dora_4bit_fused_kernels_compile_clean():
+    captured = capture_problems(DORA_4BIT_PROBLEMS)
+    triples = [(problem, job) for problem, (jobs, _) in zip(DORA_4BIT_PROBLEMS, captured) for job in jobs]
+    row_scaled = {job.name for _, job in triples if job.constexprs.get("HAS_ROW_SCALE")}
+    assert row_scaled >= {"_lowrank4_fwd_gemm_kernel", "_lowrank4_decode_kernel", "_lowrank4_bwd_dx_kernel"}
+    assert any(job.constexprs.get("STORE_Z") for _, job in triples if job.name == "_lowrank4_decode_kernel")
+    failures, seen = [], {}
+    for problem, job in triples:
+        seen.setdefault(job.key, (problem, job))
+    for (problem, job), result in zip(seen.values(), _aot.compile_kernels([j for _, j in seen.values()])):
+        what = _problem_with_binary(job.arch, problem, job, result)
+        if what:
+            failures.append(f"{_describe(problem, job)}: {what}")
+    assert not failures, f"{len(failures)} binaries fail:\n" + "\n".join(failures[:25])
+
+
 # -- autotune keys -----------------------------------------------------------------------------
 
 def test_autotune_keys_hold_every_argument_the_prune_reads(monkeypatch):

@@ -16,9 +16,10 @@ The norm never forms B·A nor W + s·B·A::
 r × r. The Triton backend computes W Aᵀ and ‖W_j‖² in one pass over W (``fastpeft.kernels.dora``,
 the 4-bit W dequantised in registers there): nothing of W's size is allocated.
 
-Dense W, Triton backend: c is one more epilogue vector of the low-rank op's fused GEMM
-(``fastpeft::dora_fwd``): the accumulator X Wᵀ + s·T Bᵀ is scaled by c, the bias added after,
-Y written once (and Z beside it while m trains). The torch backend and the 4-bit W compose the
+Triton backend: c is one more epilogue vector of the low-rank op's fused GEMM
+(``fastpeft::dora_fwd``; over a 4-bit W ``fastpeft::dora_4bit_fwd``, the 4-bit GEMM or, at
+M <= 16, its one-launch decode kernel): the accumulator X Wᵀ + s·T Bᵀ is scaled by c, the bias
+added after, Y written once (and Z beside it while m trains). The torch backend composes the
 low-rank op (without bias) with Y = c ⊙ Z + b.
 
 Backward (n a constant; dZ feeds the low-rank op's backward unchanged)::
@@ -27,6 +28,11 @@ Backward (n a constant; dZ feeds the low-rank op's backward unchanged)::
     dc = Σ_rows dY ⊙ Z          [d]
     dm = dc / n                 (0 where n = 0)
     db = Σ_rows dY
+
+Dense W: dZ is formed, then the low-rank op's backward. 4-bit W: dZ is never formed; the 4-bit
+op's backward takes c (``fastpeft::lowrank_4bit_bwd`` with ``row_scale``): its adapter pass sees
+dZ only as dZ ⊙ o = dY ⊙ c (c in the place of the out_scale o, which DoRA does not have), and
+its dX kernel scales each dY tile by c as it loads it.
 
 What backward keeps: the low-rank op's contract (T [M, r], the seed, x only when A trains),
 plus Z [M, d] when the magnitude trains (the op's own output, held by reference, not a copy),
@@ -58,6 +64,7 @@ from .lowrank import (_lowrank_bwd, apply_function, autocast_args, lowrank_fwd_t
                       validate_lowrank_args)
 
 __all__ = [
+    "DoraLinear4bitFunction",
     "DoraLinearFunction",
     "dora_linear",
     "dora_linear_4bit",
@@ -113,9 +120,15 @@ class _TorchBackend:
     def dora_fwd(x, weight, bias, lora_A, lora_B, row_scale, scale, dropout_p, seed, store_z):
         """(Y, T, Z or None) on 2-D x: the low-rank op without bias, then Y = c ⊙ Z + b."""
         z, t = lowrank_fwd_torch(x, weight, None, lora_A, lora_B, None, None, scale, dropout_p, seed, None)
-        c = row_scale.to(z.dtype)
-        y = z * c if bias is None else torch.addcmul(bias, z, c)
-        return y, t, z if store_z else None
+        return _scaled(z, row_scale, bias), t, z if store_z else None
+
+    @staticmethod
+    def dora_fwd_4bit(x, packed, quant_state, bias, lora_A, lora_B, row_scale, scale, dropout_p, seed, store_z):
+        """:meth:`dora_fwd` over a 4-bit W (dequantised to a transient dense W)."""
+        from .lowrank_4bit import lowrank_4bit_fwd_torch
+        z, t = lowrank_4bit_fwd_torch(x, packed, quant_state, None, lora_A, lora_B, None, None, scale, dropout_p,
+                                      seed, None)
+        return _scaled(z, row_scale, bias), t, z if store_z else None
 
     @staticmethod
     def dora_norm(weight, lora_A, lora_B, scale, weight_sq_norm=None):
@@ -165,6 +178,12 @@ def dora_row_scale(magnitude: Tensor, norm: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # The op: the low-rank op with the row scale c in its GEMM epilogue, and its autograd.
 # --------------------------------------------------------------------------------------------
+
+def _row_scale_grad(grad_y: Tensor, z: Tensor, dtype: torch.dtype) -> Tensor:
+    """dc = Σ_rows dY ⊙ Z [d]: the product in dY's dtype, summed in fp32 (float64 stays), one
+    [M, d] temporary (no fp32 copies of dY and Z)."""
+    return (grad_y * z).sum(0, dtype=_acc(grad_y.dtype)).to(dtype)
+
 
 def _dora_fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                    row_scale: Tensor, scale: float, dropout_p: float, seed: Tensor, store_z: bool,
@@ -227,10 +246,83 @@ class DoraLinearFunction(torch.autograd.Function):
             if need_w:
                 grads[1] = grad_z.t() @ x2d                                          # dW = dZᵀ X
         if need_c:                                                                    # dc = Σ dY ⊙ Z
-            acc = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
-            grads[5] = (grad_y.to(acc) * z.to(acc)).sum(0).to(row_scale.dtype)
+            grads[5] = _row_scale_grad(grad_y, z, row_scale.dtype)
         if need_bias:
             grads[2] = grad_y.sum(0)                                                  # db = Σ dY
+        return tuple(grads)
+
+
+def _dora_4bit_fwd_impl(x: Tensor, packed: Tensor, absmax: Tensor, offset: Optional[Tensor],
+                        absmax2: Optional[Tensor], code2: Optional[Tensor], shape: list[int],
+                        state_dtype: torch.dtype, blocksize: int, quant_type: str, blocksize2: int,
+                        dtype2: Optional[torch.dtype], bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                        row_scale: Tensor, scale: float, dropout_p: float, seed: Tensor, store_z: bool,
+                        backend: str) -> list[Tensor]:
+    from .lowrank_4bit import _rebuild_state
+    state = _rebuild_state(shape, state_dtype, blocksize, quant_type, blocksize2, dtype2, absmax, offset, absmax2,
+                           code2)
+    impl = _backend.get_impl(OP_NAME, backend if x.shape[0] else "torch")
+    y, t, z = impl.dora_fwd_4bit(x, packed, state, bias, lora_A, lora_B, row_scale, float(scale),
+                                 float(dropout_p), int(seed), bool(store_z))
+    return [y, t, z if z is not None else x.new_empty(0)]
+
+
+def _dora_4bit_fwd_fake(x, packed, absmax, offset, absmax2, code2, shape, state_dtype, blocksize, quant_type,
+                        blocksize2, dtype2, bias, lora_A, lora_B, row_scale, scale, dropout_p, seed, store_z,
+                        backend):
+    M, d = x.shape[0], shape[0]
+    return [x.new_empty(M, d), x.new_empty(M, lora_A.shape[0]), x.new_empty((M, d) if store_z else (0,))]
+
+
+_dora_4bit_fwd = _backend.custom_op("fastpeft::dora_4bit_fwd", _dora_4bit_fwd_impl, _dora_4bit_fwd_fake)
+
+
+class DoraLinear4bitFunction(torch.autograd.Function):
+    """Autograd of ``Y = c ⊙ (X Wᵀ + s·(D(X) Aᵀ) Bᵀ) + b`` over a 4-bit W (frozen: no dW).
+
+    Backward: the 4-bit op's backward with the row scale (``fastpeft::lowrank_4bit_bwd``,
+    ``row_scale=c``): dX, dA, dB of dZ = dY ⊙ c without forming dZ, db = Σ_rows dY;
+    dc = Σ_rows dY ⊙ Z. Saved: the 4-bit op's contract (the packed weight and its quant state's
+    tensors by reference, x only when A trains, T, the seed), c, and Z [M, d] only when c needs a
+    gradient. ``meta``: ``_state_meta`` of the quant state whose tensors precede it."""
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax, offset, absmax2, code2, meta, bias, lora_A, lora_B, row_scale, scale,
+                dropout_p, seed, backend):
+        needs = getattr(ctx, "needs_input_grad", None)
+        store_z = bool(needs and needs[10])
+        x2d = x.reshape(-1, x.shape[-1])
+        y, t, z = _dora_4bit_fwd(x2d, packed, absmax, offset, absmax2, code2, *meta, bias, lora_A, lora_B,
+                                 row_scale, scale, dropout_p, seed, store_z, backend)
+        keep_x = bool(needs and needs[8])
+        ctx.save_for_backward(x if keep_x else None, packed, lora_A, lora_B, row_scale, t, z if store_z else None,
+                              seed, absmax, offset, absmax2, code2)
+        ctx.meta = meta
+        ctx.scale, ctx.dropout_p, ctx.backend, ctx.has_bias = scale, dropout_p, backend, bias is not None
+        return y.reshape(*x.shape[:-1], meta[0][0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from .lowrank_4bit import _lowrank_4bit_bwd
+
+        x, packed, lora_A, lora_B, row_scale, t, z, seed, *state = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        needs = [need[0], need[8], need[9], False, False, need[7] and ctx.has_bias]
+        grad_y = grad_out.reshape(-1, grad_out.shape[-1])
+        if grad_y.stride(-1) != 1:
+            grad_y = grad_y.contiguous()
+        grads = [None] * 15
+        if any(needs):
+            x2d = x.reshape(-1, x.shape[-1]) if x is not None and needs[1] else None
+            out = _lowrank_4bit_bwd(grad_y, x2d, packed, *state, *ctx.meta, t, lora_A, lora_B, None, None, ctx.scale,
+                                    ctx.dropout_p, seed, None, needs, ctx.backend,
+                                    torch.are_deterministic_algorithms_enabled(), row_scale)
+            dx, d_a, d_b, _, _, d_bias = (g if n else None for g, n in zip(out, needs))
+            if dx is not None:
+                dx = dx.reshape(grad_out.shape[:-1] + (dx.shape[-1],))
+            grads[0], grads[7], grads[8], grads[9] = dx, d_bias, d_a, d_b
+        if need[10]:                                                                   # dc = Σ dY ⊙ Z
+            grads[10] = _row_scale_grad(grad_y, z, row_scale.dtype)
         return tuple(grads)
 
 
@@ -299,17 +391,27 @@ def dora_linear_4bit(x: Tensor, packed: Tensor, quant_state, bias: Optional[Tens
                      lora_B: Tensor, magnitude: Tensor, *, scale: float = 1.0, dropout_p: float = 0.0,
                      seed: Optional[int] = None, weight_sq_norm: Optional[Tensor] = None,
                      norm: Optional[Tensor] = None) -> Tensor:
-    """:func:`dora_linear` over a 4-bit W (bitsandbytes' layout): QDoRA. The norm kernel
-    dequantises W's tiles in registers (Triton backend); the low-rank part is
-    :func:`fastpeft.lowrank_linear_4bit`."""
+    """:func:`dora_linear` over a 4-bit W (bitsandbytes' layout): QDoRA. ``quant_state``
+    ``None`` takes ``packed.quant_state``. With the Triton backend the norm kernel and the fused
+    op dequantise W's tiles in registers, and the row scale is the 4-bit GEMM's (decode kernel's
+    at M <= 16) epilogue vector, as in :func:`dora_linear`."""
     from ..quant import validate_4bit
-    from .lowrank_4bit import lowrank_linear_4bit
+    from .lowrank_4bit import _state_meta, _state_tensors
 
+    if quant_state is None:
+        quant_state = getattr(packed, "quant_state", None)
     shape, _ = validate_4bit(packed, quant_state)
+    x, bias, lora_A, lora_B = autocast_args(x, bias, lora_A, lora_B)
+    validate_lowrank_args(x, shape, None, packed.device, bias, lora_A, lora_B, None, None, scale, dropout_p, None,
+                          seed, weight_name="the 4-bit weight (quant_state.shape)")
     validate_magnitude(magnitude, shape[0], x)
-    z = lowrank_linear_4bit(x, packed, quant_state, None, lora_A, lora_B, scale=scale,
-                            dropout_p=dropout_p, seed=seed)
+    backend = _backend.resolve_backend(OP_NAME, x.device)
     if norm is None:
-        norm = dora_norm(packed, lora_A.to(z.dtype), lora_B.to(z.dtype), scale, quant_state=quant_state,
+        norm = dora_norm(packed, lora_A.to(x.dtype), lora_B.to(x.dtype), scale, quant_state=quant_state,
                          weight_sq_norm=weight_sq_norm)
-    return _scaled(z, dora_row_scale(magnitude, norm), bias)
+    row_scale = dora_row_scale(magnitude, norm)
+    if row_scale.dtype != torch.float64:
+        row_scale = row_scale.float()
+    return apply_function(DoraLinear4bitFunction, x, packed, *_state_tensors(quant_state), _state_meta(quant_state),
+                          bias, lora_A, lora_B, row_scale, float(scale), float(dropout_p),
+                          seed_tensor(seed, float(dropout_p)), backend)

@@ -76,10 +76,19 @@ def lowrank_4bit_fwd_torch(x, packed, quant_state, bias, lora_A, lora_B, core, o
 def lowrank_4bit_bwd_torch(grad_y, x, packed, quant_state, t, lora_A, lora_B, core, out_scale,
                            scale: float, dropout_p: float, seed: int, activation: Optional[str],
                            need_x: bool, need_A: bool, need_B: bool, need_core: bool,
-                           need_out_scale: bool, need_bias: bool, deterministic: bool = False):
+                           need_out_scale: bool, need_bias: bool, deterministic: bool = False,
+                           row_scale: Optional[Tensor] = None):
     """Backward on 2-D tensors; (dX, dA, dB, dcore, dout_scale, dbias). W is dequantised again
-    only when dX is needed (dX = dY W + s·D'(dT A)); no other gradient reads it."""
+    only when dX is needed (dX = dY W + s·D'(dT A)); no other gradient reads it.
+
+    ``row_scale`` c [d] (DoRA, Y = c ⊙ Z + b): ``grad_y`` is dY; the op's gradients are taken
+    of dZ = c ⊙ dY, db of dY."""
     w = dequantize_weight(packed, quant_state, grad_y.dtype) if need_x else None
+    if row_scale is not None:
+        grads = lowrank_bwd_torch(grad_y * row_scale.to(grad_y.dtype), x, w, t, lora_A, lora_B, core, out_scale,
+                                  scale, dropout_p, seed, activation, need_x, need_A, need_B, need_core,
+                                  need_out_scale, False)
+        return (*grads[:5], grad_y.sum(0) if need_bias else None)
     return lowrank_bwd_torch(grad_y, x, w, t, lora_A, lora_B, core, out_scale, scale, dropout_p,
                              seed, activation, need_x, need_A, need_B, need_core, need_out_scale,
                              need_bias)
@@ -249,12 +258,14 @@ def _lowrank_4bit_bwd_impl(grad_y: Tensor, x: Optional[Tensor], packed: Tensor, 
                            blocksize2: int, dtype2: Optional[torch.dtype], t: Tensor, lora_A: Tensor,
                            lora_B: Tensor, core: Optional[Tensor], out_scale: Optional[Tensor],
                            scale: float, dropout_p: float, seed: Tensor, activation: Optional[str],
-                           needs: list[bool], backend: str, deterministic: bool) -> list[Tensor]:
+                           needs: list[bool], backend: str, deterministic: bool,
+                           row_scale: Optional[Tensor] = None) -> list[Tensor]:
     state = _rebuild_state(shape, state_dtype, blocksize, quant_type, blocksize2, dtype2, absmax, offset,
                            absmax2, code2)
     impl = _backend.get_impl(OP_NAME, backend) if grad_y.shape[0] else _TorchBackend
     grads = impl.lowrank_4bit_bwd(grad_y, x, packed, state, t, lora_A, lora_B, core, out_scale, float(scale),
-                                  float(dropout_p), int(seed), activation, *needs, deterministic=deterministic)
+                                  float(dropout_p), int(seed), activation, *needs, deterministic=deterministic,
+                                  row_scale=row_scale)
     # custom ops return tensors only: an unneeded gradient travels as an empty tensor
     return [g if g is not None else grad_y.new_empty(0) for g in grads]
 
@@ -262,7 +273,7 @@ def _lowrank_4bit_bwd_impl(grad_y: Tensor, x: Optional[Tensor], packed: Tensor, 
 def _lowrank_4bit_bwd_fake(grad_y, x, packed, absmax, offset, absmax2, code2, shape, state_dtype,
                            blocksize, quant_type, blocksize2, dtype2, t, lora_A, lora_B, core,
                            out_scale, scale, dropout_p, seed, activation, needs, backend,
-                           deterministic):
+                           deterministic, row_scale=None):
     tensors = [None, lora_A, lora_B, core, out_scale, None]
     shapes = [(grad_y.shape[0], shape[1])] + [None if v is None else v.shape for v in tensors[1:5]] + [(shape[0],)]
     return [grad_y.new_empty(s if need else (0,), dtype=grad_y.dtype if v is None else v.dtype)
