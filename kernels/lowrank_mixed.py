@@ -18,8 +18,10 @@ nothing: padded columns of T are 0, and σ(0) = 0 for every activation.
     tile in registers (the 4-bit module's ``_w4_tile``): one base GEMM over all rows, Y written
     once.
 
-Only the forward runs here (serving and evaluation); the op's backward runs the torch code from
-the saved T (:mod:`fastpeft.ops.lowrank_mixed`), and calls with dropout run on the torch backend.
+Dropout on an adapter's input (training): adapter i's rows, in batch order, get the dense
+kernels' Philox keep-mask of seed ``seed + i`` (``dropout_keep_mask(seed + i, rows of i, k, p_i)``),
+drawn in the T pass's loop over k; backward regenerates it. Only the forward runs here; the op's
+backward runs the torch code from the saved T (:mod:`fastpeft.ops.lowrank_mixed`).
 Every accumulation is fp32; under the interpreter dot operands are upcast to fp32.
 """
 
@@ -30,7 +32,7 @@ import triton
 import triton.language as tl
 
 from . import lowrank as _dense
-from .lowrank import _act_fwd, _adapter_init, _op, _store_u
+from .lowrank import _act_fwd, _adapter_init, _keep_mask, _op, _store_u
 from .lowrank_4bit import _w4_tile, _weight_args
 
 __all__ = ["lowrank_mixed_fwd", "pack_adapters", "tile_table", "gpu_tiles"]
@@ -38,13 +40,18 @@ __all__ = ["lowrank_mixed_fwd", "pack_adapters", "tile_table", "gpu_tiles"]
 
 @triton.jit
 def _mixed_t_kernel(
-    x_ptr, order_ptr, tiles_ptr, a_ptr, core_ptr, t_ptr, u_ptr,
+    x_ptr, order_ptr, tiles_ptr, a_ptr, core_ptr, t_ptr, u_ptr, seed_ptr, p_ptr, first_ptr,
     K, R, stride_xm, stride_xk,
-    ACTIVATION: tl.constexpr, CORE: tl.constexpr, STORE_U: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
+    ACTIVATION: tl.constexpr, CORE: tl.constexpr, STORE_U: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """T = X[rows] A_iᵀ and U = σ(T) S_iᵀ | σ(T) ⊙ S_i for one tile of adapter i's rows."""
+    """T = D_i(X[rows]) A_iᵀ and U = σ(T) S_iᵀ | σ(T) ⊙ S_i for one tile of adapter i's rows.
+
+    HAS_DROPOUT: D_i keeps element (j, c) of the adapter's j-th row (its rows in batch order,
+    j = position - the segment's first, ``first_ptr[slot]``) by the dense kernels' Philox mask
+    (:func:`_keep_mask`) of the slot's seed and p (``seed_ptr``, ``p_ptr``), regenerated here and
+    in backward, never stored; kept values count 1/(1-p), applied to the r-wide accumulator."""
     dtype = x_ptr.dtype.element_ty
     tile = tl.program_id(0)
     slot = tl.load(tiles_ptr + tile * 3).to(tl.int64)
@@ -58,13 +65,21 @@ def _mixed_t_kernel(
     rows = tl.load(order_ptr + pos, mask=mask_m, other=0)           # gathered rows of X
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     a_cols = a_ptr + slot * R * K + (rr % R)[None, :] * K            # A_iᵀ tile [BK, BR]
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr + slot)
+        p = tl.load(p_ptr + slot)
+        local = pos - tl.load(first_ptr + slot)                      # row within the adapter's rows
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         mask_k = kk < K
         xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            xt = tl.where(_keep_mask(seed, local, kk, p), xt, 0.0)
         at = tl.load(a_cols + kk[:, None], mask=mask_k[:, None], other=0.0)
         acc = tl.dot(_op(xt, dtype, UPCAST), _op(at, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        acc = acc * (1.0 / (1.0 - p))
     offs = pos.to(tl.int64)[:, None] * R + rr[None, :]
     tl.store(t_ptr + offs, acc.to(t_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
     if STORE_U:
@@ -206,9 +221,26 @@ def _blocks(max_count: int, N: int, K: int, w4: bool, block_m=None):
     return gpu_tiles(max_count, w4, block_m)
 
 
-def lowrank_mixed_fwd(x, weight, bias, order, counts, adapters, quant_state=None, block_m=None):
+def _dropout_args(adapters, counts, seed: int, device):
+    """Per pack slot (the adapters with rows, in order): int32 seeds ``seed + i``, fp32 p and the
+    int32 first position of the adapter's rows in ``order``; (None, None, None) without dropout."""
+    seeds, ps, firsts, start = [], [], [], 0
+    for i, (a, count) in enumerate(zip(adapters, counts)):
+        if a is not None and count:
+            seeds.append((int(seed) + i) & 0x7FFFFFFF)
+            ps.append(float(a.dropout_p))
+            firsts.append(start)
+        start += count
+    if not any(p > 0.0 for p in ps):
+        return None, None, None
+    as_tensor = lambda v, dtype: torch.tensor(v, dtype=dtype).to(device)
+    return as_tensor(seeds, torch.int32), as_tensor(ps, torch.float32), as_tensor(firsts, torch.int32)
+
+
+def lowrank_mixed_fwd(x, weight, bias, order, counts, adapters, quant_state=None, block_m=None, seed: int = 0):
     """Forward of the mixed op on 2-D x [M, k] (see :mod:`fastpeft.ops.lowrank_mixed` for the
-    arguments): returns (Y [M, d], [T_i [rows of adapter i, r_i] or None per adapter]).
+    arguments): returns (Y [M, d], [T_i [rows of adapter i, r_i] or None per adapter]). Adapter i
+    with dropout_p > 0 drops its input with the Philox mask of seed ``seed + i`` over its own rows.
     ``block_m`` forces the row tile (tests)."""
     _dense._check_dtype(x)
     M, K = x.shape
@@ -248,10 +280,13 @@ def lowrank_mixed_fwd(x, weight, bias, order, counts, adapters, quant_state=None
             t = torch.empty((n_rows, R), dtype=x.dtype, device=x.device)
             store_u = core_kind != 0 or activation is not None
             u = torch.empty_like(t) if store_u else t
+            seeds, ps, firsts = _dropout_args(adapters, counts, seed, x.device)
             _mixed_t_kernel[(n_adapter_tiles,)](
                 x, order, tiles, a_pack, core_pack if core_pack is not None else a_pack, t, u,
+                seeds if seeds is not None else tiles, ps if ps is not None else scales,
+                firsts if firsts is not None else tiles,
                 K, R, x.stride(0), x.stride(1), ACTIVATION=_dense._ACTIVATIONS[activation], CORE=core_kind,
-                STORE_U=store_u, UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR,
+                STORE_U=store_u, HAS_DROPOUT=seeds is not None, UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR,
                 R_CHUNK=_dense._r_chunk(BR), BLOCK_M=bm, BLOCK_K=bk,
                 num_warps=warps, num_stages=stages)
             slot = 0

@@ -116,12 +116,108 @@ def test_through_the_model_equals_the_torch_backend():
         assert_close_rel(a, b, 1e-5, what)
 
 
-def test_triton_refuses_dropout_clearly():
-    model = fastpeft.inject(nn.Sequential(nn.Linear(16, 16)).to(DEVICE), AdapterConfig(r=2, dropout=0.1))
-    model.train()
-    with fastpeft.use_backend("triton"), fastpeft.mixed_batch(model, ["default", "__base__"]):
-        with pytest.raises(RuntimeError, match="dropout .* torch backend"):
-            model(torch.randn(2, 16, device=DEVICE))
+def _dropout_reference(x, w, b, plan, adapters, seed, rows_per_sample):
+    """Float64 Y and T_i with adapter i's rows (in batch order) dropped by the kernels' Philox
+    mask of seed + i: ``dropout_keep_mask(seed + i, rows of i, k, p_i)``."""
+    from fastpeft.kernels.lowrank import dropout_keep_mask
+
+    y = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    ts = [None] * len(adapters)
+    for i, a in enumerate(adapters):
+        samples = plan.samples_of[i]
+        if a is None or not samples:
+            continue
+        rows = torch.tensor([s * rows_per_sample + j for s in samples for j in range(rows_per_sample)])
+        xi = x.double()[rows]
+        if a.dropout_p > 0:
+            keep = dropout_keep_mask(seed + i, len(rows), x.shape[1], a.dropout_p, x.device).cpu()
+            assert 0 < keep.double().mean() < 1
+            xi = xi * keep.double() / (1 - a.dropout_p)
+        t = xi @ a.lora_A.double().t()
+        z = torch.nn.functional.gelu(t) if a.activation == "gelu" else t
+        if a.core is not None:
+            z = z * a.core.double() if a.core.dim() == 1 else z @ a.core.double().t()
+        delta = z @ a.lora_B.double().t()
+        if a.out_scale is not None:
+            delta = delta * a.out_scale.double()
+        y[rows] += a.scale * delta
+        ts[i] = t
+    return y, ts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("block_m", [16, 64], ids=["tiles16", "tiles64"])
+def test_dropout_against_float64_philox_mask(dtype, block_m):
+    """Per-adapter p (0.3, 0, -, 0.5): each adapter's rows dropped by the dense kernels' mask of its
+    own seed, counted from its first row; segments of several row tiles."""
+    gen = torch.Generator().manual_seed(5)
+    d, k, rows_per_sample, seed = 77, 123, 5, 1234
+    x = torch.randn(len(SAMPLES) * rows_per_sample, k, generator=gen).to(DEVICE, dtype)
+    w = (torch.randn(d, k, generator=gen) * k ** -0.5).to(DEVICE, dtype)
+    b = torch.randn(d, generator=gen).to(DEVICE, dtype)
+    adapters = _adapters(d, k, dtype, gen, activation="gelu" if dtype == torch.float32 else None)
+    adapters = [None if a is None else a._replace(dropout_p=p) for a, p in zip(adapters, (0.3, 0.0, 0.0, 0.5))]
+    plan = MixedRows(SAMPLES, len(adapters))
+    order, counts = plan.rows(rows_per_sample, DEVICE)
+    y, ts = LM.lowrank_mixed_fwd(x, w, b, order, counts, adapters, block_m=block_m, seed=seed)
+    y64, ts64 = _dropout_reference(x, w, b, plan, adapters, seed, rows_per_sample)
+    assert_close_rel(y, y64, TOL[dtype], "Y")
+    for i, (t, t64) in enumerate(zip(ts, ts64)):
+        assert (t is None) == (t64 is None)
+        if t is not None:
+            assert_close_rel(t, t64, TOL[dtype], f"T of adapter {i}")
+    y_other, _ = LM.lowrank_mixed_fwd(x, w, b, order, counts, adapters, block_m=block_m, seed=seed + 7)
+    assert not torch.equal(y_other, y)                     # another seed, another mask
+
+
+def test_dropout_4bit_against_float64_philox_mask():
+    gen = torch.Generator().manual_seed(8)
+    d, k, rows_per_sample, seed = 37, 123, 2, 4321
+    x = torch.randn(len(SAMPLES) * rows_per_sample, k, generator=gen).to(DEVICE)
+    w = torch.randn(d, k, generator=gen).to(DEVICE) * k ** -0.5
+    packed, state = fastpeft.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True)
+    b = torch.randn(d, generator=gen).to(DEVICE)
+    adapters = [None if a is None else a._replace(dropout_p=p)
+                for a, p in zip(_adapters(d, k, torch.float32, gen), (0.2, 0.6, 0.0, 0.0))]
+    plan = MixedRows(SAMPLES, len(adapters))
+    order, counts = plan.rows(rows_per_sample, DEVICE)
+    y, _ = LM.lowrank_mixed_fwd(x, packed, b, order, counts, adapters, state, block_m=16, seed=seed)
+    y64, _ = _dropout_reference(x, fastpeft.dequantize_4bit(packed, state), b, plan, adapters, seed, rows_per_sample)
+    assert_close_rel(y, y64, 1e-5, "Y")
+
+
+def test_dropout_gradients_through_the_op_against_float64():
+    """The Triton forward with dropout and the backward that regenerates its Philox masks: every
+    gradient against float64 autograd with the same masks."""
+    from fastpeft.ops.lowrank_mixed import lowrank_linear_mixed
+
+    gen = torch.Generator().manual_seed(6)
+    d, k, rows_per_sample, seed = 77, 123, 3, 99
+    base = _adapters(d, k, torch.float32, gen, activation="gelu")
+    base = [None if a is None else a._replace(dropout_p=p) for a, p in zip(base, (0.25, 0.0, 0.0, 0.4))]
+    x0 = torch.randn(len(SAMPLES), rows_per_sample, k, generator=gen).to(DEVICE)
+    w = (torch.randn(d, k, generator=gen) * k ** -0.5).to(DEVICE)
+    b0 = torch.randn(d, generator=gen).to(DEVICE)
+    fields = ("lora_A", "lora_B", "core", "out_scale")
+    leaves = lambda a, dtype: None if a is None else a._replace(**{
+        f: None if getattr(a, f) is None else getattr(a, f).detach().to(dtype).requires_grad_() for f in fields})
+    ads, ads64 = [leaves(a, torch.float32) for a in base], [leaves(a, torch.float64) for a in base]
+    x, x64 = x0.clone().requires_grad_(), x0.double().requires_grad_()
+    bias, bias64 = b0.clone().requires_grad_(), b0.double().requires_grad_()
+    with fastpeft.use_backend("triton"):
+        y = lowrank_linear_mixed(x, w, bias, ads, SAMPLES, seed=seed)
+    plan = MixedRows(SAMPLES, len(ads))
+    y64, _ = _dropout_reference(x64.reshape(-1, k), w, bias64, plan, ads64, seed, rows_per_sample)
+    assert_close_rel(y, y64.reshape(y.shape), 1e-5, "Y")
+    g = torch.randn(y.shape, generator=gen).to(DEVICE)
+    y.backward(g)
+    y64.backward(g.double().reshape(y64.shape))
+    assert_close_rel(x.grad, x64.grad, 1e-5, "dX")
+    assert_close_rel(bias.grad, bias64.grad, 1e-5, "db")
+    for i, (a, r) in enumerate(zip(ads, ads64)):
+        for f in fields:
+            if a is not None and getattr(a, f) is not None:
+                assert_close_rel(getattr(a, f).grad, getattr(r, f).grad, 1e-5, f"d{f} of adapter {i}")
 
 
 _CAPTURE_SCRIPT = """
@@ -151,6 +247,8 @@ for arch in (80, 90):
                                  [None if a is None else a._replace(lora_A=a.lora_A[:, :256], lora_B=a.lora_B[:256],
                                   out_scale=None if a.out_scale is None else a.out_scale[:256]) for a in adapters],
                                  state)
+            LM.lowrank_mixed_fwd(x, torch.empty(d, k, dtype=bf), None, order, counts,      # dropout in the T pass
+                                 [None if a is None else a._replace(dropout_p=0.1) for a in adapters], seed=7)
         jobs += [asdict(j) for j in captured]
 json.dump(jobs, sys.stdout)
 """
@@ -158,7 +256,8 @@ json.dump(jobs, sys.stdout)
 
 def _static_jobs():
     """The launches of the mixed forward (dense and 4-bit, r padded to 16 and 64, segments of 24
-    and 512 rows) on stand-in tensors, as Triton specialises them for sm_80 and sm_90."""
+    and 512 rows, with and without dropout) on stand-in tensors, as Triton specialises them for
+    sm_80 and sm_90."""
     import json
     import subprocess
     import sys
@@ -178,6 +277,7 @@ def test_gpu_tiles_compile_for_sm80_and_sm90_without_spills():
 
     jobs = _static_jobs()
     assert {j.name for j in jobs} >= {"_mixed_t_kernel", "_mixed_gemm_kernel"} and {j.arch for j in jobs} == {80, 90}
+    assert any(j.constexprs.get("HAS_DROPOUT") for j in jobs)
     for job, res in zip(jobs, _aot.compile_kernels(jobs)):
         what = f"{job.name} sm_{job.arch} BLOCK_M={job.constexprs.get('BLOCK_M')} BLOCK_R={job.constexprs.get('BLOCK_R')}"
         assert not res.error, f"{what}: {res.error}"

@@ -28,10 +28,11 @@ one-adapter contract: each T_i and a seed (adapter i's dropout mask is regenerat
 ``seed + i``); the caller's x itself only when some A (or W) trains; for a 4-bit W the packed
 weight, dequantised again for dX.
 
-Backends: ``"torch"`` (the reference, and the CPU implementation) and ``"triton"`` for the
-forward (:mod:`fastpeft.kernels.lowrank_mixed`: the T pass and the base GEMM's epilogue gather
-each row tile's adapter; dense and 4-bit W), used when no dropout is active; backward runs the
-torch code above from the saved T_i.
+Backends: ``"torch"`` (the reference, and the CPU implementation; its dropout masks come from
+torch's generator) and ``"triton"`` for the forward (:mod:`fastpeft.kernels.lowrank_mixed`: the
+T pass and the base GEMM's epilogue gather each row tile's adapter; dense and 4-bit W; dropout by
+the kernels' Philox mask of ``seed + i`` over adapter i's rows); backward runs the torch code
+above from the saved T_i, regenerating the mask the forward's backend drew.
 """
 
 from __future__ import annotations
@@ -308,7 +309,7 @@ class LowRankMixedFunction(torch.autograd.Function):
         if backend == "triton":
             from ..kernels.lowrank_mixed import lowrank_mixed_fwd
             order, counts = plan.rows(x2d.shape[0] // len(plan), x.device)
-            y, ts = lowrank_mixed_fwd(x2d, weight, bias, order, counts, adapters, quant_state)
+            y, ts = lowrank_mixed_fwd(x2d, weight, bias, order, counts, adapters, quant_state, seed=seed)
         else:
             y, ts = lowrank_mixed_fwd_torch(x2d, weight, bias, plan, adapters, quant_state, seed)
         keep_x = weight.requires_grad or any(a is not None and a.lora_A.requires_grad for a in adapters)
@@ -319,7 +320,7 @@ class LowRankMixedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        plan, specs, quant_state, seed, _ = ctx.meta
+        plan, specs, quant_state, seed, backend = ctx.meta
         saved = ctx.saved_tensors
         x, weight = saved[:2]
         flat = saved[2:2 + _FIELDS * len(specs)]
@@ -351,8 +352,8 @@ class LowRankMixedFunction(torch.autograd.Function):
                 need_x or need_a, need_b, need_core, need_os)
             drop = None
             if a.dropout_p > 0.0 and (need_x or need_a):                         # D_i, regenerated
-                drop = _dropout_scale(_seed_of(seed, i), gy.shape[0], a.lora_A.shape[1], a.dropout_p,
-                                      d_t.dtype, grad_y.device)
+                drop = _drop_factor(backend, _seed_of(seed, i), gy.shape[0], a.lora_A.shape[1], a.dropout_p,
+                                    d_t.dtype, grad_y.device)
             if need_x:                                                           # += s_i·D_i'(dT_i A_i)
                 part = d_t @ a.lora_A
                 _add_rows(dx, sel, part if drop is None else part.mul_(drop), a.scale, batch)
@@ -364,6 +365,15 @@ class LowRankMixedFunction(torch.autograd.Function):
         if dx is not None:
             dx = dx.reshape(grad_out.shape[:-1] + (dx.shape[-1],))
         return (dx, d_w, d_bias, None, *grads)
+
+
+def _drop_factor(backend: str, seed: int, m: int, k: int, dropout_p: float, dtype, device) -> Tensor:
+    """D's [m, k] factor (keep-mask / (1-p)) as the forward drew it: the torch generator's mask
+    on the torch backend, the kernels' Philox mask on the Triton one."""
+    if backend != "triton":
+        return _dropout_scale(seed, m, k, dropout_p, dtype, device)
+    from ..kernels.lowrank import dropout_keep_mask
+    return dropout_keep_mask(seed, m, k, dropout_p, device).to(dtype).mul_(1.0 / (1.0 - dropout_p))
 
 
 def _adapters(specs, flat):
@@ -385,9 +395,7 @@ _backend.register_impl(OP_NAME, "torch", lambda: None, lambda device: None)
 _backend.register_triton(OP_NAME, "lowrank_mixed")
 
 
-def _triton_supports(adapters, training_dropout: bool) -> Optional[str]:
-    if training_dropout:
-        return "dropout on the adapter input runs on the torch backend in a mixed batch"
+def _triton_supports(adapters) -> Optional[str]:
     acts = {a.activation for a in adapters if a is not None}
     if len(acts) > 1:
         return f"the adapters of one mixed batch must share one activation for the Triton kernels, got {acts}"
@@ -477,7 +485,7 @@ def lowrank_linear_mixed(x: Tensor, weight: Tensor, bias: Optional[Tensor],
         raise TypeError(f"seed must be an int or None, got {seed!r}")
     dropout = any(s is not None and s[1] > 0.0 for s in specs)
     seed = int(seed_tensor(seed, 0.5 if dropout else 0.0))
-    backend = _resolve(x.device, _triton_supports(adapters, dropout))
+    backend = _resolve(x.device, _triton_supports(adapters))
     meta = (sample_adapter, specs, quant_state, seed, backend)
     return apply_function(LowRankMixedFunction, x, weight, bias, meta, *flat)
 
