@@ -102,3 +102,16 @@ def test_frobenius_sq_is_the_total_energy():
 def test_bad_arguments(bad, r, err):
     with pytest.raises(err):
         top_singular_triplets(bad, r)
+
+
+def test_all_finite():
+    from fastpeft.svd import all_finite
+
+    big = torch.full((4, 4), 3e38)          # finite, but its float32 sum overflows
+    assert all_finite(big) and all_finite(torch.zeros(0, 3))
+    for value in (float("nan"), float("inf"), -float("inf")):
+        w = torch.randn(8, 8)
+        w[5, 1] = value
+        assert not all_finite(w) and not all_finite(w.half())
+    half = torch.full((300, 300), 60000.0, dtype=torch.float16)
+    assert all_finite(half)

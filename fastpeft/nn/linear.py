@@ -14,7 +14,7 @@ from torch import Tensor
 from ..config import AdapterConfig
 from ..ops.dora import dora_linear, dora_norm, dora_row_scale, row_sq_norms
 from ..ops.lowrank import lowrank_linear
-from ..svd import top_singular_triplets
+from ..svd import all_finite, top_singular_triplets
 
 __all__ = ["LowRankLinear", "ADAPTER_PARAMS", "vera_projections"]
 
@@ -151,7 +151,7 @@ class LowRankLinear(nn.Module):
         if init == "svd":
             # LaMDA: A = top-r right singular vectors, B = top-r left singular vectors, core 0.
             weight = self._dense_weight_fp32()
-            if not torch.isfinite(weight).all():
+            if not all_finite(weight):
                 raise ValueError("the base weight has NaN or Inf entries; LaMDA's SVD initialisation needs "
                                  "a finite weight")
             # only the top r triplets (fastpeft.svd), contiguous tensors of their own: strided
