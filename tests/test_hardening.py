@@ -542,7 +542,7 @@ def test_report_skips_a_damaged_file_names_it_and_fails(tmp_path, capsys):
     folder, readme = _results_copy(tmp_path)
     good = folder / _newest(folder, "bench")
     data = json.loads(good.read_text())
-    assert main(["report", "--results", str(folder), "--readme", str(readme)]) == 0
+    assert main(["report", "--results", str(folder), "--readme", str(readme), "--allow-noisy"]) == 0
     # a newer bench file cut short, and a memory file whose rows lack a field
     stamp = data["meta"]["timestamp"]
     truncated = folder / "bench-zz-truncated.json"
@@ -555,12 +555,54 @@ def test_report_skips_a_damaged_file_names_it_and_fails(tmp_path, capsys):
     broken = folder / "memory-zz-missing-field.json"
     broken.write_text(json.dumps(mdata))
     capsys.readouterr()
-    assert main(["report", "--results", str(folder), "--readme", str(readme)]) == 1
+    assert main(["report", "--results", str(folder), "--readme", str(readme), "--allow-noisy"]) == 1
     err = capsys.readouterr().err
     assert "bench-zz-truncated.json" in err and "memory-zz-missing-field.json" in err and "status" in err
     text = readme.read_text()
     assert "Layer microbenchmark" in text and stamp[:10] in text   # the good bench file is still shown
+    assert main(["report", "--results", str(folder), "--readme", str(readme), "--check", "--allow-noisy"]) == 1
+
+
+def _quiet_rows(rows):
+    """The rows with tight quantiles, enough samples and ratios at or above the floor."""
+    for r in rows:
+        if r["status"] == "ok":
+            r.update(ms_q20=r["ms"] * 0.95, ms_q80=r["ms"] * 1.05, samples=20)
+            if r.get("ratio") is not None:
+                r["ratio"] = max(r["ratio"], 1.0)
+    return rows
+
+
+@pytest.mark.parametrize("spoil, why", [
+    (dict(ms_q20=0.5, ms_q80=2.0), "20-80 % range"),          # spread 1.5 of a median of 1
+    (dict(samples=3), "3 timed samples"),
+    (dict(ratio=0.8), "0.80x the floor"),
+])
+def test_report_refuses_noisy_rows_unless_allowed(tmp_path, capsys, spoil, why):
+    from fastpeft.cli import main
+    folder, readme = _results_copy(tmp_path)
+    newest = folder / _newest(folder, "bench")
+    data = json.loads(newest.read_text())
+    _quiet_rows(data["rows"])
+    newest.write_text(json.dumps(data))
+    assert main(["report", "--results", str(folder), "--readme", str(readme)]) == 0   # quiet: written
+    quiet = readme.read_text()
+    assert "Layer microbenchmark" in quiet and "Noisy run" not in quiet
+    row = next(r for r in data["rows"] if r["provider"] == "fastpeft-torch" and r["status"] == "ok")
+    row.update({"ms": 1.0, "ms_q20": 0.95, "ms_q80": 1.05, "ratio": 2.0, **spoil})
+    newest.write_text(json.dumps(data))
+    readme.write_text("# t\n\n<!-- results:start -->\nold results\n<!-- results:end -->\n")
+    before = readme.read_text()
+    capsys.readouterr()
+    assert main(["report", "--results", str(folder), "--readme", str(readme)]) == 1
+    err = capsys.readouterr().err
+    name = f"fastpeft-torch M={row['M']} {row['shape']} r={row['r']} {row['mode']}"
+    assert "refused" in err and name in err and why in err and newest.name in err
+    assert readme.read_text() == before                                     # untouched
     assert main(["report", "--results", str(folder), "--readme", str(readme), "--check"]) == 1
+    assert main(["report", "--results", str(folder), "--readme", str(readme), "--allow-noisy"]) == 0
+    text = readme.read_text()
+    assert "**Noisy run.** 1 of" in text and name in text
 
 
 def test_report_never_replaces_results_with_nothing(tmp_path, capsys):

@@ -10,8 +10,15 @@ command twice changes nothing, and ``--check`` can tell whether the README is cu
     fastpeft report                          # rewrite README.md's section in place
     fastpeft report --readme docs/x.md --results some/folder
     fastpeft report --check                  # exit 1 when the section is out of date
+    fastpeft report --allow-noisy            # show noisy rows, flagged, instead of refusing
 
 Without the markers the section is printed instead, with a hint on where to place them.
+
+Noisy results are refused: when a shown bench file has a row whose numbers do not mean much (a
+20-80 % range wider than ``NOISE_SPREAD`` of the median, fewer timed samples than a quick CPU run
+takes, or an adapter layer faster than the floor, which no adapter layer is), the command names
+those rows, leaves the README as it is and exits 1; ``--allow-noisy`` writes them anyway, under a
+"Noisy run" note.
 """
 
 from __future__ import annotations
@@ -22,14 +29,16 @@ import sys
 from collections import Counter
 from typing import Optional
 
-from .runner import format_table, latest_results
+from .runner import CPU_MIN_SAMPLES, format_table, latest_results
 
-__all__ = ["START", "END", "add_arguments", "validate", "render", "replace_section", "run"]
+__all__ = ["START", "END", "NOISE_SPREAD", "add_arguments", "validate", "render", "replace_section",
+           "noisy_rows", "run"]
 
 START = "<!-- results:start -->"
 END = "<!-- results:end -->"
 CPU_LABEL = "CPU timings, not kernel speed"
 DETAILS_ABOVE = 12   # tables longer than this many rows are folded
+NOISE_SPREAD = 0.5   # a row whose (q80 - q20) / median exceeds this is noisy
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the README to update (default README.md, when it exists)")
     parser.add_argument("--check", action="store_true",
                         help="change nothing; exit 1 when the section is missing or out of date")
+    parser.add_argument("--allow-noisy", action="store_true",
+                        help="write noisy bench rows (wide 20-80 %% range, too few samples, faster than "
+                             "the floor) under a 'Noisy run' note instead of refusing them")
 
 
 def validate(args) -> Optional[str]:
@@ -92,7 +104,7 @@ def _figures(path: str, suffixes, readme_dir: str) -> list[str]:
     return [""] + lines if lines else []
 
 
-def _bench_section(data: dict, readme_dir: str) -> list[str]:
+def _bench_section(data: dict, readme_dir: str, noisy: Optional[list] = None) -> list[str]:
     meta, rows, args = data["meta"], data["rows"], data.get("args", {})
     ok = [r for r in rows if r["status"] == "ok"]
     lines = _heading("Layer microbenchmark", meta, f"{CPU_LABEL}: they check that the harness runs and "
@@ -110,12 +122,11 @@ def _bench_section(data: dict, readme_dir: str) -> list[str]:
         table = _bench_table([r for r in ok if r["mode"] == mode], op)
         if table:
             lines += ["", f"{'Dense' if op == 'dense' else '4-bit (NF4)'} base weight:", ""] + table
-    noisy = _noisy(ok)
-    if noisy:
-        note = (f"{len(noisy)} of {len(ok)} measured rows are noisy (a ratio below the floor, a 20-80 % "
-                f"range wider than half the median, or fewer than 5 timed samples), e.g. "
-                + ", ".join(f"{r['provider']} M={r['M']} {r['shape']} {r['mode']}" for r in noisy[:3]))
-        print(f"fastpeft report: warning: {data['_path']}: {note}; rerun on a quiet machine", file=sys.stderr)
+    flagged = noisy_rows(ok)
+    if flagged:
+        note = (f"{len(flagged)} of {len(ok)} measured rows are noisy (a ratio below the floor, a 20-80 % "
+                f"range wider than {NOISE_SPREAD:g} of the median, or fewer than {CPU_MIN_SAMPLES[True]} timed "
+                "samples), e.g. " + ", ".join(_row_name(r) for r, _ in flagged[:3]))
         lines += ["", f"**Noisy run.** {note}: read these ratios with care."]
     notes = Counter((r["provider"], r["status"], r["reason"]) for r in rows if r["status"] != "ok")
     if notes:
@@ -123,18 +134,32 @@ def _bench_section(data: dict, readme_dir: str) -> list[str]:
             f"`{name}` ({status}: {reason})" for (name, status, reason) in sorted(notes, key=str)) + "."]
     lines += _figures(data["_path"], [("-time_vs_M.png", "time vs M"), ("-time_vs_r.png", "time vs r"),
                                       ("-ratio.png", "ratio to the floor")], readme_dir)
+    if noisy is not None:
+        noisy += [f"{data['_path']}: {_row_name(r)}: {why}" for r, why in flagged]
     return lines
 
 
-def _noisy(rows: list[dict]) -> list[dict]:
-    """Rows whose numbers do not mean much: faster than the floor (no adapter layer is), a
-    20-80 % range wider than half the median, or fewer than 5 timed samples (CPU)."""
-    def bad(r):
-        ratio, samples = r.get("ratio"), r.get("samples")
-        spread = (r.get("ms_q80", 0) - r.get("ms_q20", 0)) / r["ms"] if r.get("ms") else 0
-        return (ratio is not None and ratio < 1.0 and r["provider"] != "torch-linear") or spread > 0.5 \
-            or (samples is not None and 0 < samples < 5)
-    return [r for r in rows if bad(r)]
+def _row_name(r: dict) -> str:
+    return f"{r['provider']} M={r['M']} {r['shape']} r={r.get('r')} {r['mode']}"
+
+
+def noisy_rows(rows: list[dict]) -> list[tuple[dict, str]]:
+    """(row, why) for each measured row whose numbers do not mean much, from its stored
+    quantiles: a 20-80 % range wider than ``NOISE_SPREAD`` of the median, fewer timed samples
+    than a quick CPU run takes (GPU rows, timed by ``do_bench``, store 0), or a ratio below the
+    floor for a provider that runs more than the floor's GEMM."""
+    out = []
+    for r in rows:
+        ms, ratio, samples = r.get("ms"), r.get("ratio"), r.get("samples")
+        spread = (r["ms_q80"] - r["ms_q20"]) / ms if ms else 0.0
+        if spread > NOISE_SPREAD:
+            out.append((r, f"20-80 % range {r['ms_q20']:.4g}-{r['ms_q80']:.4g} ms is {spread:.2f} of the "
+                           f"median {ms:.4g} ms (limit {NOISE_SPREAD:g})"))
+        elif samples and samples < CPU_MIN_SAMPLES[True]:
+            out.append((r, f"{samples} timed samples (at least {CPU_MIN_SAMPLES[True]})"))
+        elif ratio is not None and ratio < 1.0 and r["provider"] != "torch-linear":
+            out.append((r, f"{ratio:.2f}x the floor: faster than the base F.linear alone"))
+    return out
 
 
 def _bench_table(rows: list[dict], op: str) -> list[str]:
@@ -201,14 +226,15 @@ def _memory_section(data: dict, readme_dir: str) -> list[str]:
     return lines
 
 
-def _body(results_dir: str, readme_dir: str, problems: list) -> list[str]:
+def _body(results_dir: str, readme_dir: str, problems: list, noisy: Optional[list] = None) -> list[str]:
     """The tables of every usable result file; a file that cannot be read, or lacks a field the
-    tables need, is skipped and named in ``problems``."""
+    tables need, is skipped and named in ``problems``; noisy bench rows are named in ``noisy``."""
     body = []
-    for kind, section in (("bench", _bench_section), ("memory", _memory_section)):
+    for kind in ("bench", "memory"):
         for data in _chosen(latest_results(results_dir, kind, problems)):
             try:
-                body += section(data, readme_dir) + [""]
+                body += (_bench_section(data, readme_dir, noisy) if kind == "bench"
+                         else _memory_section(data, readme_dir)) + [""]
             except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
                 what = f"field {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
                 problems.append(f"{data['_path']}: missing or malformed {what}")
@@ -248,10 +274,18 @@ def run(args) -> int:
     readme = args.readme or ("README.md" if os.path.isfile("README.md") else None)
     readme_dir = os.path.dirname(os.path.abspath(readme)) if readme else os.getcwd()
     problems: list[str] = []
-    body = _body(args.results, readme_dir, problems)
+    noisy: list[str] = []
+    body = _body(args.results, readme_dir, problems, noisy)
     section = _section(args.results, readme_dir, body)
     for problem in problems:
         print(f"fastpeft report: skipped {problem}", file=sys.stderr)
+    for row in noisy:
+        print(f"fastpeft report: noisy: {row}", file=sys.stderr)
+    if noisy and not getattr(args, "allow_noisy", False):
+        print(f"fastpeft report: refused: {len(noisy)} noisy row(s) named above; "
+              f"{readme or 'nothing'} left as it is. Rerun the benchmark on a quiet machine, or pass "
+              "--allow-noisy to show them under a 'Noisy run' note", file=sys.stderr)
+        return 1
     failed = 1 if problems else 0
     if readme is None:
         print(section, end="")
