@@ -127,7 +127,10 @@ def resolve_backend(op: str, device: torch.device, requested: str | None = None,
                     problem: dict | None = None) -> str:
     """The concrete backend that runs ``op`` on ``device`` (for ``problem``, when the op passes
     one); a clear error if the requested one cannot run there."""
-    requested = _check_name(requested or _requested)
+    requested = requested or _requested
+    if requested == "auto" and device.type != "cuda":   # off CUDA, auto is the torch path
+        return "torch"
+    _check_name(requested)
     if requested == "auto":
         for name in _auto_order(op, device, problem):
             impl = _IMPLS.get((op, name))

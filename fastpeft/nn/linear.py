@@ -202,8 +202,7 @@ class LowRankLinear(nn.Module):
 
     def adapter_tensors(self, dtype) -> tuple:
         """(A, B, core, out_scale) in ``dtype`` (a differentiable cast where they differ)."""
-        cast = lambda t: None if t is None or t.dtype == dtype else t.to(dtype)
-        return tuple(t if cast(t) is None else cast(t)
+        return tuple(t if t is None or t.dtype == dtype else t.to(dtype)
                      for t in (self.lora_A, self.lora_B, self.lora_core, self.lora_out_scale))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -211,7 +210,7 @@ class LowRankLinear(nn.Module):
             return self._routing(self, x)
         # a layer linked to its siblings (fastpeft.group_projections) may take its output from
         # the group's one pass over x; never while torch.compile traces
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and SIBLING_GROUPS:
             group = SIBLING_GROUPS.get(self)
             if group is not None:
                 out = group.output_for(self, x)
@@ -220,17 +219,18 @@ class LowRankLinear(nn.Module):
         return self._forward_alone(x)
 
     def _forward_alone(self, x: Tensor) -> Tensor:
+        # each parameter read once (nn.Module.__getattr__ is a Python call per read)
+        weight, bias = self.weight, self.bias
         if self.merged:
-            return F.linear(x, self.weight, self.bias)
-        lora_a, lora_b, core, out_scale = self.adapter_tensors(self.weight.dtype)
-        if self.lora_magnitude is not None:
-            return dora_linear(x, self.weight, self.bias, lora_a, lora_b, self.lora_magnitude,
-                               scale=self.scale, dropout_p=self.dropout_p if self.training else 0.0,
-                               weight_sq_norm=self._weight_sq_norm())
-        return lowrank_linear(x, self.weight, self.bias, lora_a, lora_b, core=core,
-                              out_scale=out_scale, scale=self.scale,
-                              dropout_p=self.dropout_p if self.training else 0.0,
-                              activation=self.activation)
+            return F.linear(x, weight, bias)
+        lora_a, lora_b, core, out_scale = self.adapter_tensors(weight.dtype)
+        dropout_p = self.dropout_p if self.training else 0.0
+        magnitude = self.lora_magnitude
+        if magnitude is not None:
+            return dora_linear(x, weight, bias, lora_a, lora_b, magnitude, scale=self.scale,
+                               dropout_p=dropout_p, weight_sq_norm=self._weight_sq_norm())
+        return lowrank_linear(x, weight, bias, lora_a, lora_b, core=core, out_scale=out_scale,
+                              scale=self.scale, dropout_p=dropout_p, activation=self.activation)
 
     # -- merging ----------------------------------------------------------------------------
 

@@ -31,7 +31,6 @@ host time than a small layer's kernels.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import Optional, Sequence
@@ -168,6 +167,20 @@ def _dropped(x: Tensor, dropout_p: float, seed: int) -> Tensor:
     return keep.mul_(x).mul_(1.0 / (1.0 - dropout_p))
 
 
+@functools.lru_cache(maxsize=16)
+def _zero_scalar(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A 0-dim zero of ``dtype`` on ``device``: the ignored input of :func:`_mm_scaled`."""
+    return torch.zeros((), dtype=dtype, device=device)
+
+
+def _mm_scaled(a: Tensor, b: Tensor, alpha: float) -> Tensor:
+    """alpha·(a @ b) in one GEMM (addmm with beta = 0 ignores its input; no separate pass, and no
+    scalar op, whose dispatch costs about as much as a [16, 16] product)."""
+    if alpha == 1.0:
+        return torch.mm(a, b)
+    return torch.addmm(_zero_scalar(a.dtype, a.device), a, b, beta=0, alpha=alpha)
+
+
 def _plain(core, out_scale, activation) -> bool:
     """The LoRA / LoRA-FA form (no core, no output scale, no activation): the lean path."""
     return core is None and out_scale is None and activation is None
@@ -183,7 +196,7 @@ def lowrank_fwd_torch(x, weight, bias, lora_A, lora_B, core, out_scale, scale: f
     y = F.linear(x, weight, bias)
     if dropout_p > 0.0:
         keep = _keep_factor(seed, x.shape[0], x.shape[1], dropout_p, x.dtype, x.device)
-        t = torch.mm(keep.mul_(x), lora_A.t()).mul_(1.0 / (1.0 - dropout_p))   # T = D(X) Aᵀ
+        t = _mm_scaled(keep.mul_(x), lora_A.t(), 1.0 / (1.0 - dropout_p))      # T = D(X) Aᵀ
         del keep
     else:
         t = x @ lora_A.t()
@@ -203,7 +216,7 @@ def lowrank_bwd_r_torch(grad_y, t, lora_B, core, out_scale, scale: float,
     """The r-dim chain of backward (2-D): returns (dT, dB, dcore, dout_scale), ``None`` where not
     needed. dT = (G S) ⊙ σ'(T) in dY's dtype, without the scale s (module docstring)."""
     if _plain(core, out_scale, activation) and grad_y.dtype not in (torch.float16, torch.bfloat16):
-        d_b = torch.mm(grad_y.t(), t).mul_(scale) if need_B else None           # dB = s·dYᵀ T
+        d_b = _mm_scaled(grad_y.t(), t, scale) if need_B else None               # dB = s·dYᵀ T
         return (torch.mm(grad_y, lora_B) if need_dt else None), d_b, None, None  # dT = dY B
     d_t = d_b = d_core = d_out_scale = None
     # the r-dim chain runs in fp32 for half inputs (as the kernels accumulate): dS and dout_scale
@@ -243,12 +256,16 @@ def lowrank_bwd_torch(grad_y, x, weight, t, lora_A, lora_B, core, out_scale, sca
     """Backward on 2-D tensors. Returns (dX, dA, dB, dcore, dout_scale, dbias), ``None`` where a
     gradient is not needed. See the module docstring for the derivation."""
     dx = d_a = d_bias = None
+    need_dt = need_x or need_A
+    # dX and dA share the factor c = s/(1-p) of D'(dT A) and dTᵀ D(X): applied once, to dT [M, r]
+    # (inside the GEMM dY B on the plain fp32/fp64 path)
+    c = scale / (1.0 - dropout_p)
+    lean = need_dt and _plain(core, out_scale, activation) and grad_y.dtype not in (torch.float16, torch.bfloat16)
     d_t, d_b, d_core, d_out_scale = lowrank_bwd_r_torch(
-        grad_y, t, lora_B, core, out_scale, scale, activation, need_x or need_A, need_B,
+        grad_y, t, lora_B, core, out_scale, scale, activation, need_dt and not lean, need_B,
         need_core, need_out_scale)
-    if need_x or need_A:
-        # dX and dA share the factor c = s/(1-p) of D'(dT A) and dTᵀ D(X): applied once, to dT [M, r]
-        d_t = d_t.mul(scale / (1.0 - dropout_p))
+    if need_dt:
+        d_t = _mm_scaled(grad_y, lora_B, c) if lean else d_t.mul(c)
         # the 0/1 mask, regenerated once for dX and dA and dropped when backward returns
         keep = None
         if dropout_p > 0.0:
@@ -352,21 +369,25 @@ def _gradients(ctx, grad_out):
     if grad_y.stride(-1) != 1:
         grad_y = grad_y.contiguous()
     x2d = x if x is None or x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    grads = [None] * 7
-    needs = [need_x, need_A, need_B, need_core, need_os, need_bias]
-    if any(needs):
-        out = _lowrank_bwd(
-            grad_y, x2d if need_A else None, weight, t, lora_A, lora_B, core, out_scale,
-            ctx.scale, ctx.dropout_p, seed, ctx.activation, needs, ctx.backend,
-            torch.are_deterministic_algorithms_enabled())
-        dx, d_a, d_b, d_core, d_os, d_bias = (g if n else None for g, n in zip(out, needs))
-        if dx is not None:
-            if grad_out.dim() != 2:
-                dx = dx.reshape(grad_out.shape[:-1] + (weight.shape[1],))
-        grads[0], grads[2], grads[3], grads[4], grads[5], grads[6] = dx, d_bias, d_a, d_b, d_core, d_os
+    d_w = dx = d_a = d_b = d_core = d_os = d_bias = None
+    needs = (need_x, need_A, need_B, need_core, need_os, need_bias)
+    if need_x or need_A or need_B or need_core or need_os or need_bias:
+        if ctx.backend == "torch" and grad_y.shape[0] and _backend.plain_eager(grad_y):
+            # the torch backend in plain eager mode: its function directly, no op boundary
+            dx, d_a, d_b, d_core, d_os, d_bias = lowrank_bwd_torch(
+                grad_y, x2d if need_A else None, weight, t, lora_A, lora_B, core, out_scale,
+                ctx.scale, ctx.dropout_p, int(seed), ctx.activation, *needs)
+        else:
+            out = _lowrank_bwd(
+                grad_y, x2d if need_A else None, weight, t, lora_A, lora_B, core, out_scale,
+                ctx.scale, ctx.dropout_p, seed, ctx.activation, list(needs), ctx.backend,
+                torch.are_deterministic_algorithms_enabled())
+            dx, d_a, d_b, d_core, d_os, d_bias = (g if n else None for g, n in zip(out, needs))
+        if dx is not None and grad_out.dim() != 2:
+            dx = dx.reshape(grad_out.shape[:-1] + (weight.shape[1],))
     if need_w:
-        grads[1] = grad_y.t() @ x2d                                       # dW = dYᵀ X
-    return grads
+        d_w = grad_y.t() @ x2d                                            # dW = dYᵀ X
+    return dx, d_w, d_bias, d_a, d_b, d_core, d_os
 
 
 # The forward custom op is differentiable on its own (for users of torch.ops.fastpeft directly)
@@ -407,6 +428,24 @@ def _describe(t: Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
+def _check_same(tensor: Tensor, name: str, dtype, device) -> None:
+    if tensor.dtype != dtype:
+        raise TypeError(f"{name} dtype {tensor.dtype} must equal x dtype {dtype} "
+                        "(cast the adapter, or run under torch.autocast)")
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but x is on {device}; "
+                         "all tensors must be on one device")
+
+
+def _check_optional(tensor, name: str, shapes, dtype, device) -> None:
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(tensor).__name__}")
+    if tensor.shape not in shapes:
+        want = " or ".join(str(list(s)) for s in shapes)
+        raise ValueError(f"{name} must have shape {want}, got {_describe(tensor)}")
+    _check_same(tensor, name, dtype, device)
+
+
 def validate_lowrank_args(x, weight_shape, weight_dtype, weight_device, bias, lora_A, lora_B, core,
                           out_scale, scale, dropout_p, activation, seed, weight_name="weight"):
     """Check every argument of the op; raise a ValueError/TypeError that names the argument and
@@ -434,27 +473,18 @@ def validate_lowrank_args(x, weight_shape, weight_dtype, weight_device, bias, lo
     if lora_A.dim() != 2 or lora_A.shape[1] != k or lora_A.shape[0] < 1:
         raise ValueError(f"lora_A must have shape [r, k={k}] with r >= 1, got {_describe(lora_A)}")
     r = lora_A.shape[0]
-    if tuple(lora_B.shape) != (d, r):
+    if lora_B.shape != (d, r):
         raise ValueError(f"lora_B must have shape [d={d}, r={r}], got {_describe(lora_B)}")
-    optional = [("bias", bias, [(d,)]), ("core", core, [(r,), (r, r)]),
-                ("out_scale", out_scale, [(d,)])]
-    for name, tensor, shapes in optional:
-        if tensor is None:
-            continue
-        if not isinstance(tensor, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(tensor).__name__}")
-        if tuple(tensor.shape) not in shapes:
-            want = " or ".join(str(list(s)) for s in shapes)
-            raise ValueError(f"{name} must have shape {want}, got {_describe(tensor)}")
-    for name, tensor in [("lora_A", lora_A), ("lora_B", lora_B)] + [(n, t) for n, t, _ in optional]:
-        if tensor is None:
-            continue
-        if tensor.dtype != x.dtype:
-            raise TypeError(f"{name} dtype {tensor.dtype} must equal x dtype {x.dtype} "
-                            "(cast the adapter, or run under torch.autocast)")
-        if tensor.device != x.device:
-            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}; "
-                             "all tensors must be on one device")
+    dtype, device = x.dtype, x.device
+    _check_same(lora_A, "lora_A", dtype, device)
+    _check_same(lora_B, "lora_B", dtype, device)
+    # the optional tensors (None in LoRA's common case: no per-call work for them)
+    if bias is not None:
+        _check_optional(bias, "bias", ((d,),), dtype, device)
+    if core is not None:
+        _check_optional(core, "core", ((r,), (r, r)), dtype, device)
+    if out_scale is not None:
+        _check_optional(out_scale, "out_scale", ((d,),), dtype, device)
     # torch.compile traces a scale that changed between calls (fastpeft.set_adapter to an adapter
     # of another alpha) as a symbolic float, whose finiteness cannot be asked while tracing
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
@@ -504,12 +534,13 @@ def apply_function(function, x: Tensor, *args):
     autograd-Function machinery and its saved tensors cost host time that inference calls, one
     small layer at a time, feel."""
     device_type = x.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-        if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(
-                isinstance(a, Tensor) and a.requires_grad for a in (x, *args))):
-            return function.forward(_NoGraph(), x, *args)
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return apply_function(function, x, *args)
+    if torch.is_grad_enabled() and (x.requires_grad or any(
+            isinstance(a, Tensor) and a.requires_grad for a in args)) or torch.compiler.is_compiling():
         return function.apply(x, *args)
+    return function.forward(_NoGraph(), x, *args)
 
 
 def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
