@@ -490,6 +490,7 @@ inline const char* check_args(const Decode4Args& a, Params* p) {
   if (a.M < 0 || a.M > kDecodeMaxM) return "M must be at most 16";
   if (a.R < 1 || a.R > kDecodeMaxR) return "r must be in 1..64";
   if (a.N < 0 || a.K < 0) return "negative sizes";
+  if (a.M > 0 && a.N == 0) return "d must be positive (T is computed by the blocks over d)";
   const int shift = log2_exact(a.blocksize);
   if (shift < 5 || shift > 12) return "blocksize must be a power of two in 32..4096";
   if (a.K % a.blocksize != 0) return "k must be a multiple of the blocksize";

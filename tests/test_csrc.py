@@ -360,7 +360,7 @@ def test_emulated_kernel_strided_x(emulator):
 def test_emulated_launcher_refuses_what_it_cannot_run(emulator, change, reason):
     p = dict(M=2, k=128, d=8, r=4, dtype=torch.float16)
     p.update(change)
-    c = _case(p["M"], p["k"], 8, p["r"], p["dtype"], "nf4", 64, True)
+    c = _case(p["M"], p["k"], p["d"], p["r"], p["dtype"], "nf4", 64, True)
     with pytest.raises(ValueError, match=reason):
         _emulate(emulator, c, 1.0)
 

@@ -149,6 +149,9 @@ def lowrank_4bit_fwd_cuda(x, packed, quant_state, bias, lora_A, lora_B, core, ou
                                  blocksize=int(quant_state.blocksize)))
     if reason is not None:
         raise ValueError(f"the CUDA decode kernel cannot run this call: {reason}")
+    if d == 0:   # no rows of W: nothing for the kernel's blocks to cover, T alone
+        return lowrank_4bit_fwd_torch(x, packed, quant_state, bias, lora_A, lora_B, core, out_scale, scale,
+                                      0.0, seed, activation)
     absmax, code2, absmax2, offset, blocksize2 = _cuda_absmax_args(quant_state)
     contiguous = (lambda t: None if t is None else t.contiguous())
     y, t = _cuda_ext().lowrank4_decode(
