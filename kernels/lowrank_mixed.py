@@ -18,10 +18,20 @@ nothing: padded columns of T are 0, and σ(0) = 0 for every activation.
     tile in registers (the 4-bit module's ``_w4_tile``): one base GEMM over all rows, Y written
     once.
 
+Backward (dense W, no dropout; :func:`lowrank_mixed_bwd`), from dY and the saved T:
+  * ``_mixed_u_kernel``: per adapter tile, U = σ(T) S_iᵀ (when dB or d_o needs it and U ≠ T);
+  * ``_mixed_dy_kernel``: per adapter tile, one pass over its dY rows: G = (dY ⊙ o_i) B_i in
+    registers, the tile's partials of dYᵀU and dS, and dT = (G S_i) ⊙ σ'(T);
+  * ``_mixed_gemm_kernel`` again for dX = dY W + s_i·dT A_i (W read transposed, A_iᵀ packed as
+    the epilogue's B): one GEMM over all rows, each tile's adapter term first;
+  * ``_mixed_da_kernel``: dA_i = s_i·dT_iᵀ X_i, one program per (adapter, k-block) over the
+    adapter's own rows.
+Each adapter's gradients sum its own tiles in a fixed order: deterministic, no atomics.
+
 Dropout on an adapter's input (training): adapter i's rows, in batch order, get the dense
 kernels' Philox keep-mask of seed ``seed + i`` (``dropout_keep_mask(seed + i, rows of i, k, p_i)``),
-drawn in the T pass's loop over k; backward regenerates it. Only the forward runs here; the op's
-backward runs the torch code from the saved T (:mod:`fastpeft.ops.lowrank_mixed`).
+drawn in the T pass's loop over k; the op's backward regenerates it and runs the torch code
+(:mod:`fastpeft.ops.lowrank_mixed`), as it does for a 4-bit W.
 Every accumulation is fp32; under the interpreter dot operands are upcast to fp32.
 """
 
@@ -32,10 +42,10 @@ import triton
 import triton.language as tl
 
 from . import lowrank as _dense
-from .lowrank import _act_fwd, _adapter_init, _keep_mask, _op, _store_u
+from .lowrank import _act_fwd, _act_grad, _adapter_init, _core_tile, _keep_mask, _op, _store_u
 from .lowrank_4bit import _w4_tile, _weight_args
 
-__all__ = ["lowrank_mixed_fwd", "pack_adapters", "tile_table", "gpu_tiles"]
+__all__ = ["lowrank_mixed_fwd", "lowrank_mixed_bwd", "pack_adapters", "tile_table", "gpu_tiles"]
 
 
 @triton.jit
@@ -137,6 +147,167 @@ def _mixed_gemm_kernel(
         acc = tl.dot(_op(xt, dtype, UPCAST), _op(wt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
     y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + rn[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Backward kernels (dense W): dX reuses _mixed_gemm_kernel with W read transposed
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _mixed_u_kernel(t_ptr, tiles_ptr, core_ptr, u_ptr, R,
+                    ACTIVATION: tl.constexpr, CORE: tl.constexpr, UPCAST: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
+                    BLOCK_M: tl.constexpr):
+    """U = σ(T) S_iᵀ | σ(T) ⊙ S_i from the saved T for one tile of adapter i's rows."""
+    tile = tl.program_id(0)
+    slot = tl.load(tiles_ptr + tile * 3).to(tl.int64)
+    start = tl.load(tiles_ptr + tile * 3 + 1)
+    end = tl.load(tiles_ptr + tile * 3 + 2)
+    pos = start + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    mask = (pos < end)[:, None] & (rr < R)[None, :]
+    tt = tl.load(t_ptr + pos.to(tl.int64)[:, None] * R + rr[None, :], mask=mask, other=0.0).to(tl.float32)
+    if CORE == 2:
+        core_i = core_ptr + slot * R * R
+    else:
+        core_i = core_ptr + slot * R
+    _store_u(_act_fwd(tt, ACTIVATION), core_i, u_ptr, pos, end, R, CORE, UPCAST, DOT_PRECISION, BLOCK_R, R_CHUNK)
+
+
+@triton.jit
+def _mixed_dy_kernel(
+    dy_ptr, order_ptr, tiles_ptr, t_ptr, u_ptr, core_ptr, b_ptr, os_ptr, dt_ptr, p_ptr, ds_ptr,
+    N, R, stride_dym, stride_dyn,
+    ACTIVATION: tl.constexpr, CORE: tl.constexpr, HAS_OUT_SCALE: tl.constexpr,
+    COMPUTE_DT: tl.constexpr, COMPUTE_P: tl.constexpr, COMPUTE_DS: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One pass over the dY rows of one tile of adapter i (gathered through ``order``).
+
+    G = (dY ⊙ o_i) B_i accumulates over d in registers; per d-tile the tile's partial dYᵀU
+    [d, R] goes to this tile's slot of the partials (no atomics: the launcher sums each
+    adapter's tiles in tile order). After the loop: the tile's dS partial (Gᵀ Z, or Σ_rows G ⊙ Z
+    for a diagonal core) and dT = (G S_i) ⊙ σ'(T) at the tile's positions."""
+    dtype = dy_ptr.dtype.element_ty
+    tile = tl.program_id(0)
+    slot = tl.load(tiles_ptr + tile * 3).to(tl.int64)
+    start = tl.load(tiles_ptr + tile * 3 + 1)
+    end = tl.load(tiles_ptr + tile * 3 + 2)
+    pos = start + tl.arange(0, BLOCK_M)
+    mask_m = pos < end
+    rr = tl.arange(0, BLOCK_R)
+    mask_r = rr < R
+    mask_mr = mask_m[:, None] & mask_r[None, :]
+    t_rows = pos.to(tl.int64)[:, None] * R
+    if CORE == 2:
+        core_i = core_ptr + slot * R * R
+        ds_i = ds_ptr + tile.to(tl.int64) * R * R
+    else:
+        core_i = core_ptr + slot * R
+        ds_i = ds_ptr + tile.to(tl.int64) * R
+    if COMPUTE_P:    # U is 0 on padded rows and columns: they add nothing to dYᵀU
+        u_op = _op(tl.load(u_ptr + t_rows + rr[None, :], mask=mask_mr, other=0.0), dtype, UPCAST)
+    rows = tl.load(order_ptr + pos, mask=mask_m, other=0)
+    dy_rows = dy_ptr + rows.to(tl.int64)[:, None] * stride_dym
+    b_cols = b_ptr + slot * N * R + (rr % R)[None, :]
+    part_p = p_ptr + tile.to(tl.int64) * N * R
+    g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        mask_n = rn < N
+        dyt = tl.load(dy_rows + rn[None, :] * stride_dyn, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        if COMPUTE_DT or COMPUTE_DS:     # G += (dY ⊙ o_i) B_i
+            if HAS_OUT_SCALE:
+                osv = tl.load(os_ptr + slot * N + rn, mask=mask_n, other=0.0).to(tl.float32)
+                dyo = dyt.to(tl.float32) * osv[None, :]
+            else:
+                dyo = dyt
+            bt = tl.load(b_cols + rn.to(tl.int64)[:, None] * R, mask=mask_n[:, None], other=0.0)
+            g = tl.dot(_op(dyo, dtype, UPCAST), _op(bt, dtype, UPCAST), g, input_precision=DOT_PRECISION)
+        if COMPUTE_P:                    # this tile's dYᵀ U [BLOCK_N, R]
+            pp = tl.dot(tl.trans(_op(dyt, dtype, UPCAST)), u_op, input_precision=DOT_PRECISION)
+            tl.store(part_p + rn.to(tl.int64)[:, None] * R + rr[None, :], pp, mask=mask_n[:, None] & mask_r[None, :])
+    _dy_tail(g, t_ptr, t_rows, core_i, ds_i, dt_ptr,
+             mask_m, R, ACTIVATION, CORE, COMPUTE_DT, COMPUTE_DS, UPCAST, DOT_PRECISION, BLOCK_R, R_CHUNK)
+
+
+@triton.jit
+def _dy_tail(g, t_ptr, t_rows, core_ptr, ds_ptr, dt_ptr, mask_m, R, ACTIVATION: tl.constexpr,
+             CORE: tl.constexpr, COMPUTE_DT: tl.constexpr, COMPUTE_DS: tl.constexpr, UPCAST: tl.constexpr,
+             DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr):
+    """From G [BLOCK_M, BLOCK_R] (fp32): dS's partial at ``ds_ptr`` (Gᵀ Z [R, R] for a full core,
+    Σ_rows G ⊙ Z [R] for a diagonal one; Z = σ(T) read back) and dT = (G S) ⊙ σ'(T) [rows, R];
+    R_CHUNK columns at a time where an [R, R] operand would not fit in registers."""
+    dtype = dt_ptr.dtype.element_ty
+    rr = tl.arange(0, BLOCK_R)
+    mask_r = rr < R
+    mask_mr = mask_m[:, None] & mask_r[None, :]
+    if COMPUTE_DS:
+        if CORE == 2:
+            gt = tl.trans(g)
+            for j0 in tl.static_range(0, BLOCK_R, R_CHUNK):
+                rj = j0 + tl.arange(0, R_CHUNK)
+                zj = _act_fwd(tl.load(t_ptr + t_rows + rj[None, :], mask=mask_m[:, None] & (rj < R)[None, :],
+                                      other=0.0).to(tl.float32), ACTIVATION)
+                tl.store(ds_ptr + rr[:, None] * R + rj[None, :], tl.dot(gt, zj, input_precision=DOT_PRECISION),
+                         mask=mask_r[:, None] & (rj < R)[None, :])
+        else:
+            z = _act_fwd(tl.load(t_ptr + t_rows + rr[None, :], mask=mask_mr, other=0.0).to(tl.float32), ACTIVATION)
+            tl.store(ds_ptr + rr, tl.sum(g * z, axis=0), mask=mask_r)
+    if COMPUTE_DT:
+        if CORE == 2:
+            g_op = _op(g, dtype, UPCAST)
+            for j0 in tl.static_range(0, BLOCK_R, R_CHUNK):
+                rj = j0 + tl.arange(0, R_CHUNK)
+                mask_j = mask_m[:, None] & (rj < R)[None, :]
+                h = tl.dot(g_op, _op(_core_tile(core_ptr, R, rr, rj, False), dtype, UPCAST),
+                           input_precision=DOT_PRECISION)
+                if ACTIVATION != 0:
+                    h = h * _act_grad(tl.load(t_ptr + t_rows + rj[None, :], mask=mask_j, other=0.0).to(tl.float32),
+                                      ACTIVATION)
+                tl.store(dt_ptr + t_rows + rj[None, :], h.to(dtype), mask=mask_j)
+        else:
+            h = g
+            if CORE == 1:
+                h = h * tl.load(core_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+            if ACTIVATION != 0:
+                h = h * _act_grad(tl.load(t_ptr + t_rows + rr[None, :], mask=mask_mr, other=0.0).to(tl.float32),
+                                  ACTIVATION)
+            tl.store(dt_ptr + t_rows + rr[None, :], h.to(dtype), mask=mask_mr)
+
+
+@triton.jit
+def _mixed_da_kernel(
+    dt_ptr, x_ptr, order_ptr, first_ptr, count_ptr, scale_ptr, da_ptr,
+    K, R, stride_xm, stride_xk,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dA_i [R, BLOCK_K] = s_i·dT_iᵀ X_i over all of adapter i's rows (program (i, k-block)), in
+    row order: each gradient is one program's fixed-order sum (deterministic, no partials)."""
+    dtype = x_ptr.dtype.element_ty
+    slot = tl.program_id(0).to(tl.int64)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    first = tl.load(first_ptr + slot)
+    end = first + tl.load(count_ptr + slot)
+    mask_k = rk < K
+    mask_r = rr < R
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    rb = tl.arange(0, BLOCK_M)
+    for m0 in range(first, end, BLOCK_M):
+        pos = m0 + rb
+        mask_m = pos < end
+        dtt = tl.load(dt_ptr + pos.to(tl.int64)[None, :] * R + rr[:, None], mask=mask_r[:, None] & mask_m[None, :],
+                      other=0.0)
+        rows = tl.load(order_ptr + pos, mask=mask_m, other=0)
+        xt = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk,
+                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(_op(dtt, dtype, UPCAST), _op(xt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
+    acc = acc * tl.load(scale_ptr + slot)
+    out = da_ptr + slot * R * K + rr[:, None] * K + rk[None, :]
+    tl.store(out, acc.to(da_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_k[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,3 +478,124 @@ def lowrank_mixed_fwd(x, weight, bias, order, counts, adapters, quant_state=None
             UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR, R_CHUNK=_dense._r_chunk(BR),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return y, ts
+
+
+def _dy_rows(block_m: int, block_r: int, elem: int) -> int:
+    """Row tile of the pass over dY: G [BLOCK_M, r] stays in registers (the dense pass's rule)."""
+    return min(block_m, _dense._dy_block_m(block_m, block_r, elem))
+
+
+def lowrank_mixed_bwd(grad_y, x, weight, order, counts, adapters, ts, need_dx: bool, needs, block_m=None):
+    """Backward of the mixed op without dropout, dense W (see :mod:`fastpeft.ops.lowrank_mixed`).
+
+    ``ts``: the saved T_i (None for an adapter without rows); ``needs``: per adapter (dA, dB,
+    dcore, dout_scale) flags. Returns (dX [M, k] or None, per adapter [dA, dB, dcore, dout_scale]
+    or None). With dYo = dY ⊙ o_i, G = dYo B_i and dT = (G S_i) ⊙ σ'(T) on adapter i's rows::
+
+        dX = dY W + s_i·dT A_i          one GEMM over all rows (the forward's GEMM kernel, W read
+                                         transposed, A_iᵀ as the epilogue's B, each tile's adapter)
+        dA_i = s_i·dT_iᵀ X_i            one program per (adapter, k-block), over its own rows
+        dB_i = s_i·o_i ⊙ dYᵀU_i,  d_o_i = s_i·rowsum(B_i ⊙ dYᵀU_i),  dS_i = s_i·(Gᵀ Z | Σ G ⊙ Z)
+
+    The pass over dY writes one partial of dYᵀU (and dS) per row tile; each adapter's tiles are
+    summed in tile order: every gradient is deterministic."""
+    _dense._check_dtype(grad_y)
+    M, N = grad_y.shape
+    d, K = weight.shape
+    dev, dtype = grad_y.device, grad_y.dtype
+    segments, present, owner, start = [], [], [], 0
+    for i, (a, count) in enumerate(zip(adapters, counts)):
+        if a is not None and count and ts[i] is not None:
+            segments.append((len(present), start, count))
+            present.append(a)
+            owner.append(i)
+        start += count
+    n_rows = sum(counts)
+    grads: list = [None] * len(adapters)
+    dx = torch.empty((M, K), dtype=dtype, device=dev) if need_dx else None
+    interp = _dense._interpreting()
+    precision = _dense._dot_precision(dtype)
+    max_count = max([c for *_, c in segments] + [max(M - n_rows, 1)])
+    bm, bn, bk, warps, stages = _blocks(max_count, K, N, False, block_m)      # the dX GEMM: N = k, K = d
+    tiles, _ = tile_table(segments, n_rows, M, bm, dev)
+    u = b_t = scales = d_t = None
+    R, BR = 1, 16
+    with _dense._device(grad_y):
+        if present:
+            a_pack, b_pack, core_kind, core_pack, os_pack, scales, R = pack_adapters(present, d, K, dtype, dev)
+            BR, RC = _dense._block_r(R), _dense._r_chunk(_dense._block_r(R))
+            act = _dense._ACTIVATIONS[present[0].activation]
+            t = torch.zeros((n_rows, R), dtype=dtype, device=dev)
+            for (_, first, count), i in zip(segments, owner):
+                t[first:first + count, :ts[i].shape[1]] = ts[i]
+            flags = [needs[i] for i in owner]
+            need_a = any(f[0] for f in flags)
+            need_p = any(f[1] or f[3] for f in flags)
+            need_ds = core_kind != 0 and any(f[2] for f in flags)
+            bm_dy = block_m or _dy_rows(bm, BR, grad_y.element_size())
+            dy_tiles, n_dy = tile_table(segments, n_rows, n_rows, bm_dy, dev)
+            common = dict(UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR)
+            u = t
+            if need_p and (core_kind != 0 or act != 0):                   # U = σ(T)Sᵀ from the saved T
+                u = torch.empty_like(t)
+                _mixed_u_kernel[(n_dy,)](t, dy_tiles, core_pack if core_pack is not None else t, u, R,
+                                         ACTIVATION=act, CORE=core_kind, R_CHUNK=RC, BLOCK_M=bm_dy, num_warps=4,
+                                         **common)
+            d_t = torch.empty_like(t) if (need_dx or need_a) else t
+            f32 = torch.float32
+            p_part = torch.empty((n_dy, N, R), dtype=f32, device=dev) if need_p else t.new_empty(1, dtype=f32)
+            ds_part = (torch.empty((n_dy, R * R if core_kind == 2 else R), dtype=f32, device=dev) if need_ds
+                       else t.new_empty(1, dtype=f32))
+            dy_bn = _dense._interp_block(N) if interp else 32
+            _mixed_dy_kernel[(n_dy,)](
+                grad_y, order, dy_tiles, t, u, core_pack if core_pack is not None else t, b_pack,
+                os_pack if os_pack is not None else b_pack, d_t, p_part, ds_part, N, R,
+                grad_y.stride(0), grad_y.stride(1), ACTIVATION=act, CORE=core_kind,
+                HAS_OUT_SCALE=os_pack is not None, COMPUTE_DT=need_dx or need_a, COMPUTE_P=need_p,
+                COMPUTE_DS=need_ds, R_CHUNK=RC, BLOCK_M=bm_dy, BLOCK_N=dy_bn, num_warps=4,
+                num_stages=1 if interp else 3, **common)
+            da_pack = None
+            if need_a:
+                da_pack = torch.empty((len(present), R, K), dtype=dtype, device=dev)
+                firsts = torch.tensor([f for _, f, _ in segments], dtype=torch.int32).to(dev)
+                count_t = torch.tensor([c for *_, c in segments], dtype=torch.int32).to(dev)
+                da_bm = _dense._interp_block(max_count) if interp else 32
+                da_bk = max(32, _dense._interp_block(K)) if interp else 64
+                _mixed_da_kernel[(len(present), triton.cdiv(K, da_bk))](
+                    d_t, x, order, firsts, count_t, scales, da_pack, K, R, x.stride(0), x.stride(1),
+                    BLOCK_M=da_bm, BLOCK_K=da_bk, num_warps=4, num_stages=1 if interp else 3, **common)
+            tile0 = 0
+            for slot, ((_, _, count), i) in enumerate(zip(segments, owner)):
+                a, (want_a, want_b, want_core, want_os) = present[slot], needs[i]
+                r, s = a.lora_A.shape[0], float(a.scale)
+                n_t = triton.cdiv(count, bm_dy)
+                d_a = d_b = d_core = d_os = None
+                if want_a:
+                    d_a = da_pack[slot, :r]
+                if want_b or want_os:
+                    p = p_part[tile0:tile0 + n_t].sum(0)[:, :r]                 # dYᵀU_i, tiles in order
+                    if want_b:
+                        d_b = (p * s if a.out_scale is None else p * (s * a.out_scale.float())[:, None]).to(dtype)
+                    if want_os:
+                        d_os = ((a.lora_B.float() * p).sum(1) * s).to(dtype)
+                if want_core and a.core is not None:
+                    ds = ds_part[tile0:tile0 + n_t].sum(0) * s
+                    if core_kind == 2:
+                        ds = ds.view(R, R)[:r, :r]
+                        ds = ds.diagonal() if a.core.dim() == 1 else ds
+                    d_core = ds[:r].to(dtype)
+                grads[i] = [d_a, d_b, d_core, d_os]
+                tile0 += n_t
+            b_t = a_pack.transpose(1, 2).contiguous()                        # A_iᵀ [n, k, R]: the epilogue's B
+        if need_dx:
+            u_dx = d_t if d_t is not None else dx
+            _mixed_gemm_kernel[(tiles.shape[0], triton.cdiv(K, bn))](
+                grad_y, order, tiles, weight, absmax_ptr=weight, code2_ptr=weight, absmax2_ptr=weight,
+                offset_ptr=weight, bias_ptr=dx, u_ptr=u_dx, b_ptr=b_t if b_t is not None else dx,
+                os_ptr=b_t if b_t is not None else dx, scale_ptr=scales if scales is not None else dx, y_ptr=dx,
+                N=K, K=N, R=R, stride_xm=grad_y.stride(0), stride_xk=grad_y.stride(1),
+                stride_wn=weight.stride(1), stride_wk=weight.stride(0), stride_ym=dx.stride(0), stride_yn=dx.stride(1),
+                HAS_BIAS=False, HAS_OUT_SCALE=False, W4=False, QBLOCK=64, QUANT=0, W_KIND=0, LAYOUT=2, NESTED=False,
+                BLOCK2=256, UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR, R_CHUNK=_dense._r_chunk(BR),
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    return dx, grads

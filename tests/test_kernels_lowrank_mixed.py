@@ -92,28 +92,36 @@ def test_tile_table_covers_every_row_once():
     assert sorted(covered) == list(range(70))
 
 
-def test_through_the_model_equals_the_torch_backend():
+def test_through_the_model_equals_the_torch_backend(monkeypatch):
+    """lora, lora_fa, vera and lamda adapters in one batch with base rows: the Triton forward and
+    backward give the torch backend's output, dX and every parameter's gradient."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 16)).to(DEVICE)
     fastpeft.inject(model, AdapterConfig(method="lora", r=4))
     fastpeft.add_adapter(model, AdapterConfig(method="vera", r=6), "v")
     fastpeft.add_adapter(model, AdapterConfig(method="lamda", r=3, target_modules=["2"]), "l")
+    fastpeft.add_adapter(model, AdapterConfig(method="lora_fa", r=5), "f")
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.3)
-    names = ["l", "v", "default", "__base__", "l", "default"]
+    names = ["l", "v", "default", "__base__", "f", "l", "default"]
     x = torch.randn(len(names), 5, 40, device=DEVICE)
+    calls = []
+    bwd = LM.lowrank_mixed_bwd
+    monkeypatch.setattr(LM, "lowrank_mixed_bwd", lambda *a, **k: calls.append(1) or bwd(*a, **k))
+    params = [p for p in model.parameters() if p.requires_grad]
     results = {}
     for backend in ("torch", "triton"):
         xb = x.clone().requires_grad_()
         with fastpeft.use_backend(backend), fastpeft.mixed_batch(model, names):
             y = model(xb)
         y.square().sum().backward()
-        results[backend] = (y, xb.grad, model[2].lora_slots["l"].lora_core.grad.clone())
+        results[backend] = [y, xb.grad] + [p.grad.clone() for p in params]
         model.zero_grad()
-    for a, b, what in zip(results["triton"], results["torch"], ("Y", "dX", "dS of 'l'")):
-        assert_close_rel(a, b, 1e-5, what)
+    assert len(calls) == 2                               # both layers' backward ran the kernels
+    for i, (a, b) in enumerate(zip(results["triton"], results["torch"])):
+        assert_close_rel(a, b, 1e-5, ["Y", "dX"][i] if i < 2 else f"gradient of parameter {i - 2}")
 
 
 def _dropout_reference(x, w, b, plan, adapters, seed, rows_per_sample):
@@ -220,6 +228,75 @@ def test_dropout_gradients_through_the_op_against_float64():
                 assert_close_rel(getattr(a, f).grad, getattr(r, f).grad, 1e-5, f"d{f} of adapter {i}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("activation,block_m", [(None, 16), ("gelu", 16), (None, 64)], ids=["tiles16", "gelu", "tiles64"])
+def test_backward_against_float64(dtype, activation, block_m):
+    """Every gradient of the Triton backward (full, diagonal and no core, out_scale, an absent
+    adapter, rows of no adapter, segments of several tiles) against float64 autograd."""
+    gen = torch.Generator().manual_seed(11)
+    d, k, rows_per_sample = 77, 123, 3
+    x = torch.randn(len(SAMPLES) * rows_per_sample, k, generator=gen).to(DEVICE, dtype)
+    w = (torch.randn(d, k, generator=gen) * k ** -0.5).to(DEVICE, dtype)
+    b = torch.randn(d, generator=gen).to(DEVICE, dtype)
+    adapters = _adapters(d, k, dtype, gen, activation=activation)
+    plan = MixedRows(SAMPLES, len(adapters))
+    order, counts = plan.rows(rows_per_sample, DEVICE)
+    y, ts = LM.lowrank_mixed_fwd(x, w, b, order, counts, adapters, block_m=block_m)
+    g = torch.randn(y.shape, generator=gen).to(DEVICE, dtype)
+    needs = [(True, True, True, True)] * len(adapters)
+    dx, grads = LM.lowrank_mixed_bwd(g, x, w, order, counts, adapters, ts, True, needs, block_m=block_m)
+    fields = ("lora_A", "lora_B", "core", "out_scale")
+    ads64 = [None if a is None else a._replace(**{
+        f: None if getattr(a, f) is None else getattr(a, f).detach().double().requires_grad_() for f in fields})
+        for a in adapters]
+    x64 = x.double().requires_grad_()
+    y64, _ = _dropout_reference(x64, w, b, plan, ads64, 0, rows_per_sample)
+    y64.backward(g.double())
+    tol = TOL[dtype] * (1 if dtype == torch.float32 else 2)
+    assert_close_rel(dx, x64.grad, tol, "dX")
+    for i, (a, got) in enumerate(zip(ads64, grads)):
+        assert (got is None) == (a is None)
+        if a is None:
+            continue
+        for f, gr in zip(fields, got):
+            if getattr(a, f) is not None:
+                assert_close_rel(gr, getattr(a, f).grad, tol, f"d{f} of adapter {i}")
+
+
+def test_backward_of_rows_without_adapters():
+    """A batch whose rows run the base alone (a layer without the active adapter): dX = dY W."""
+    from fastpeft.ops.lowrank_mixed import lowrank_linear_mixed
+
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(3, 4, 37, generator=gen).to(DEVICE).requires_grad_()
+    w = torch.randn(21, 37, generator=gen).to(DEVICE)
+    with fastpeft.use_backend("triton"):
+        y = lowrank_linear_mixed(x, w, None, [], [-1, -1, -1])
+    g = torch.randn(y.shape, generator=gen).to(DEVICE)
+    y.backward(g)
+    assert_close_rel(x.grad, (g.double() @ w.double()), 1e-5, "dX")
+
+
+def test_backward_is_deterministic_and_skips_what_is_not_needed():
+    gen = torch.Generator().manual_seed(12)
+    d, k, rows_per_sample = 40, 33, 4
+    x = torch.randn(len(SAMPLES) * rows_per_sample, k, generator=gen).to(DEVICE)
+    w = torch.randn(d, k, generator=gen).to(DEVICE)
+    adapters = _adapters(d, k, torch.float32, gen)
+    order, counts = MixedRows(SAMPLES, len(adapters)).rows(rows_per_sample, DEVICE)
+    _, ts = LM.lowrank_mixed_fwd(x, w, None, order, counts, adapters, block_m=16)
+    g = torch.randn(x.shape[0], d, generator=gen).to(DEVICE)
+    needs = [(False, True, False, False)] * len(adapters)
+    first = LM.lowrank_mixed_bwd(g, x, w, order, counts, adapters, ts, False, needs, block_m=16)
+    again = LM.lowrank_mixed_bwd(g, x, w, order, counts, adapters, ts, False, needs, block_m=16)
+    assert first[0] is None and again[0] is None
+    for one, two in zip(first[1], again[1]):
+        assert (one is None) == (two is None)
+        if one is not None:
+            assert one[0] is None and one[2] is None and one[3] is None
+            assert torch.equal(one[1], two[1])
+
+
 _CAPTURE_SCRIPT = """
 import json, sys, torch
 import fastpeft
@@ -242,7 +319,10 @@ for arch in (80, 90):
         order, counts = MixedRows([0, 1, -1, 3, 0, 3, 1, 0], len(adapters)).rows(rows_per_sample, "cpu")
         x = torch.empty(8 * rows_per_sample, k, dtype=bf)
         with _stand_in_device(arch), _aot.capture(arch) as captured:
-            LM.lowrank_mixed_fwd(x, torch.empty(d, k, dtype=bf), torch.empty(d, dtype=bf), order, counts, adapters)
+            w = torch.empty(d, k, dtype=bf)
+            _, ts = LM.lowrank_mixed_fwd(x, w, torch.empty(d, dtype=bf), order, counts, adapters)
+            LM.lowrank_mixed_bwd(torch.empty(x.shape[0], d, dtype=bf), x, w, order, counts, adapters, ts, True,
+                                 [(True, True, True, True)] * len(adapters))
             LM.lowrank_mixed_fwd(x[:, :256], packed, None, order, counts,
                                  [None if a is None else a._replace(lora_A=a.lora_A[:, :256], lora_B=a.lora_B[:256],
                                   out_scale=None if a.out_scale is None else a.out_scale[:256]) for a in adapters],
@@ -256,8 +336,8 @@ json.dump(jobs, sys.stdout)
 
 def _static_jobs():
     """The launches of the mixed forward (dense and 4-bit, r padded to 16 and 64, segments of 24
-    and 512 rows, with and without dropout) on stand-in tensors, as Triton specialises them for
-    sm_80 and sm_90."""
+    and 512 rows, with and without dropout) and backward (dense) on stand-in tensors, as Triton
+    specialises them for sm_80 and sm_90."""
     import json
     import subprocess
     import sys
@@ -278,6 +358,7 @@ def test_gpu_tiles_compile_for_sm80_and_sm90_without_spills():
     jobs = _static_jobs()
     assert {j.name for j in jobs} >= {"_mixed_t_kernel", "_mixed_gemm_kernel"} and {j.arch for j in jobs} == {80, 90}
     assert any(j.constexprs.get("HAS_DROPOUT") for j in jobs)
+    assert {j.name for j in jobs} >= {"_mixed_u_kernel", "_mixed_dy_kernel", "_mixed_da_kernel"}
     for job, res in zip(jobs, _aot.compile_kernels(jobs)):
         what = f"{job.name} sm_{job.arch} BLOCK_M={job.constexprs.get('BLOCK_M')} BLOCK_R={job.constexprs.get('BLOCK_R')}"
         assert not res.error, f"{what}: {res.error}"
