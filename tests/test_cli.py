@@ -74,8 +74,11 @@ def test_bench_quick_writes_json_csv_and_table(bench_dir, capsys):
         if r["status"] == "ok":
             assert r["ms"] > 0 and r["ms_q20"] <= r["ms"] * 1.0001 and r["ms_q80"] >= r["ms"] * 0.9999
             assert r["tflops"] > 0 and r["gbps"] > 0 and r["ratio"] > 0
+            # the process's CPU time beside the wall time (a CPU run)
+            assert r["cpu_ms"] > 0 and r["cpu_q20"] <= r["cpu_ms"] * 1.0001 <= r["cpu_q80"] * 1.0002
+            assert r["cpu_ratio"] > 0
             if r["provider"] == "torch-linear":
-                assert r["ratio"] == 1.0
+                assert r["ratio"] == 1.0 and r["cpu_ratio"] == 1.0
     # without a GPU the kernels are skipped rows with the reason, not dropped
     triton = [r for r in rows if r["provider"] == "fastpeft-triton"]
     assert triton and all(r["status"] == "skipped" and r["reason"] == "no GPU" for r in triton)

@@ -52,7 +52,8 @@ DEFAULTS = {
 }
 COLUMNS = [("op", "op"), ("M", "M"), ("shape", "k->d"), ("r", "r"), ("dtype", "dtype"),
            ("mode", "mode"), ("provider", "provider"), ("ms", "ms"), ("q20_q80", "q20-q80"),
-           ("ratio", "x floor"), ("tflops", "TFLOP/s"), ("gbps", "GB/s")]
+           ("ratio", "x floor"), ("cpu_ms", "cpu ms"), ("cpu_ratio", "cpu x floor"), ("tflops", "TFLOP/s"),
+           ("gbps", "GB/s")]
 
 
 def _int_list(text: str) -> list[int]:
@@ -249,7 +250,8 @@ def _timing_fields(provider: Provider, case: Case, mode: str, timing) -> dict:
     work = "fwd" if mode in DECODE_MODES else mode
     return {"status": "ok", "reason": None, "ms": timing.ms, "ms_q20": timing.q20, "ms_q80": timing.q80,
             "samples": timing.samples, "tflops": flops(provider, case, work) / seconds / 1e12,
-            "gbps": bytes_moved(provider, case, work) / seconds / 1e9}
+            "gbps": bytes_moved(provider, case, work) / seconds / 1e9,
+            "cpu_ms": timing.cpu_ms, "cpu_q20": timing.cpu_q20, "cpu_q80": timing.cpu_q80}
 
 
 def _measure_decode(provider: Provider, case: Case, device: torch.device, modes, quick: bool) -> list[dict]:
@@ -364,12 +366,15 @@ def step_function(built: Built, sets, mode: str):
 
 
 def _add_ratios(rows: list[dict]) -> None:
-    floors = {(r["M"], r["k"], r["d"], r["dtype"], r["mode"]): r["ms"] for r in rows
+    floors = {(r["M"], r["k"], r["d"], r["dtype"], r["mode"]): r for r in rows
               if r["provider"] == "torch-linear" and r["status"] == "ok"}
     for row in rows:
         if row["status"] == "ok":
             floor = floors.get((row["M"], row["k"], row["d"], row["dtype"], row["mode"]))
-            row["ratio"] = row["ms"] / floor if floor else None
+            row["ratio"] = row["ms"] / floor["ms"] if floor else None
+            # CPU: the same ratio of process CPU times (steadier than wall time on a shared machine)
+            row["cpu_ratio"] = row["cpu_ms"] / floor["cpu_ms"] if floor and row.get("cpu_ms") \
+                and floor.get("cpu_ms") else None
             # an adapter layer cannot beat its own base GEMM: below 1 the timing is noise
             row["below_floor"] = bool(row["ratio"] is not None and row["ratio"] < 1.0
                                       and row["provider"] != "torch-linear")

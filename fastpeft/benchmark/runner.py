@@ -7,8 +7,10 @@ results carry the same fields and are measured the same way:
 - on a GPU, :func:`time_fn` is ``triton.testing.do_bench`` (which flushes L2 before every
   repetition) reporting the median and the 20/80 % quantiles in ms;
 - on a CPU, blocks of calls timed with ``time.perf_counter`` (at least 10 blocks for ``--quick``,
-  20 otherwise, and 0.05 / 0.3 s), the median and quantiles taken over the blocks. CPU timings
-  are CPU timings, never kernel speed.
+  20 otherwise, and 0.05 / 0.3 s), the median and quantiles taken over the blocks, and the same
+  for the process's CPU time (``time.process_time``: the time it computed, without the time
+  other jobs held the cores; with one thread the steadier measure on a shared machine). CPU
+  timings are CPU timings, never kernel speed.
 
 Result files are ``<kind>-<device-slug>-<YYYYmmdd-HHMMSS>.json`` (``{"meta": ..., "rows": [...]}``)
 and a ``.csv`` beside it (one row per record, the metadata repeated in each row).
@@ -85,6 +87,9 @@ class Timing:
     q20: float
     q80: float
     samples: int = 0      # timed blocks on a CPU (0: do_bench on a GPU)
+    cpu_ms: Optional[float] = None    # CPU: the process's CPU time per call, median and quantiles
+    cpu_q20: Optional[float] = None
+    cpu_q80: Optional[float] = None
 
 
 # timed blocks per CPU case (quick, full): enough for the 20/80 % quantiles to mean something
@@ -135,14 +140,17 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, quick: bool = Fal
     min_samples, min_time = CPU_MIN_SAMPLES[bool(quick)], 0.05 if quick else 0.3
     number = max(1, int((min_time / min_samples) / max(once, 1e-9)))
     times: list[float] = []
+    cpu: list[float] = []
     start = time.perf_counter()
     while len(times) < min_samples or (time.perf_counter() - start < min_time and len(times) < 1000):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(number):
             call()
+        cpu.append((time.process_time() - c0) / number)
         times.append((time.perf_counter() - t0) / number)
-    q = statistics.quantiles(times, n=5, method="inclusive")
-    return Timing(statistics.median(times) * 1e3, q[0] * 1e3, q[3] * 1e3, len(times))
+    q, qc = (statistics.quantiles(v, n=5, method="inclusive") for v in (times, cpu))
+    return Timing(statistics.median(times) * 1e3, q[0] * 1e3, q[3] * 1e3, len(times),
+                  statistics.median(cpu) * 1e3, qc[0] * 1e3, qc[3] * 1e3)
 
 
 class SavedBytes:
