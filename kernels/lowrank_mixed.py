@@ -18,12 +18,13 @@ nothing: padded columns of T are 0, and σ(0) = 0 for every activation.
     tile in registers (the 4-bit module's ``_w4_tile``): one base GEMM over all rows, Y written
     once.
 
-Backward (dense W, no dropout; :func:`lowrank_mixed_bwd`), from dY and the saved T:
+Backward (without dropout; :func:`lowrank_mixed_bwd`), from dY and the saved T:
   * ``_mixed_u_kernel``: per adapter tile, U = σ(T) S_iᵀ (when dB or d_o needs it and U ≠ T);
   * ``_mixed_dy_kernel``: per adapter tile, one pass over its dY rows: G = (dY ⊙ o_i) B_i in
     registers, the tile's partials of dYᵀU and dS, and dT = (G S_i) ⊙ σ'(T);
-  * ``_mixed_gemm_kernel`` again for dX = dY W + s_i·dT A_i (W read transposed, A_iᵀ packed as
-    the epilogue's B): one GEMM over all rows, each tile's adapter term first;
+  * ``_mixed_gemm_kernel`` again for dX = dY W + s_i·dT A_i (W read transposed, a 4-bit W
+    dequantised tile by tile; A_iᵀ packed as the epilogue's B): one GEMM over all rows, each
+    tile's adapter term first;
   * ``_mixed_da_kernel``: dA_i = s_i·dT_iᵀ X_i, one program per (adapter, k-block) over the
     adapter's own rows.
 Each adapter's gradients sum its own tiles in a fixed order: deterministic, no atomics.
@@ -31,7 +32,7 @@ Each adapter's gradients sum its own tiles in a fixed order: deterministic, no a
 Dropout on an adapter's input (training): adapter i's rows, in batch order, get the dense
 kernels' Philox keep-mask of seed ``seed + i`` (``dropout_keep_mask(seed + i, rows of i, k, p_i)``),
 drawn in the T pass's loop over k; the op's backward regenerates it and runs the torch code
-(:mod:`fastpeft.ops.lowrank_mixed`), as it does for a 4-bit W.
+(:mod:`fastpeft.ops.lowrank_mixed`).
 Every accumulation is fp32; under the interpreter dot operands are upcast to fp32.
 """
 
@@ -105,14 +106,16 @@ def _mixed_t_kernel(
 def _mixed_gemm_kernel(
     x_ptr, order_ptr, tiles_ptr, w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, u_ptr, b_ptr, os_ptr, scale_ptr, y_ptr,
     N, K, R, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, W4: tl.constexpr, QBLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, W4: tl.constexpr, W_T: tl.constexpr, QBLOCK: tl.constexpr,
     QUANT: tl.constexpr, W_KIND: tl.constexpr, LAYOUT: tl.constexpr, NESTED: tl.constexpr, BLOCK2: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Y[rows] = s_i·(U B_iᵀ) ⊙ o_i + b + X[rows] Wᵀ for one row tile (adapter i, or none when
-    its slot is -1) and one block of d; W dense, or 4-bit (W4) dequantised in registers."""
+    its slot is -1) and one block of d; W dense, or 4-bit (W4) dequantised in registers. W_T
+    (backward's dX = dY W + s_i·dT A_i): the reduction runs over W's rows (a dense W's strides
+    come swapped; a 4-bit W's [BLOCK_K, BLOCK_N] tile is dequantised as it lies)."""
     dtype = x_ptr.dtype.element_ty
     tile = tl.program_id(0)
     slot = tl.load(tiles_ptr + tile * 3)
@@ -139,7 +142,10 @@ def _mixed_gemm_kernel(
         kk = k0 + rk
         mask_k = kk < K
         xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_k[None, :], other=0.0)
-        if W4:
+        if W4 and W_T:
+            wt = _w4_tile(w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, kk, tl.program_id(1) * BLOCK_N, K, N,
+                          BLOCK_K, BLOCK_N, QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST)
+        elif W4:
             wt = tl.trans(_w4_tile(w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rn % N, k0, N, K, BLOCK_N,
                                    BLOCK_K, QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST))
         else:
@@ -150,7 +156,7 @@ def _mixed_gemm_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Backward kernels (dense W): dX reuses _mixed_gemm_kernel with W read transposed
+# Backward kernels: dX reuses _mixed_gemm_kernel with W read transposed (W_T)
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -474,7 +480,7 @@ def lowrank_mixed_fwd(x, weight, bias, order, counts, adapters, quant_state=None
             os_ptr=os_pack if os_pack is not None else b_pack, scale_ptr=scales, y_ptr=y,
             N=N, K=K, R=R, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=stride_wn, stride_wk=stride_wk,
             stride_ym=y.stride(0), stride_yn=y.stride(1),
-            HAS_BIAS=bias is not None, HAS_OUT_SCALE=os_pack is not None, W4=w4, **wmeta,
+            HAS_BIAS=bias is not None, HAS_OUT_SCALE=os_pack is not None, W4=w4, W_T=False, **wmeta,
             UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR, R_CHUNK=_dense._r_chunk(BR),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return y, ts
@@ -485,8 +491,10 @@ def _dy_rows(block_m: int, block_r: int, elem: int) -> int:
     return min(block_m, _dense._dy_block_m(block_m, block_r, elem))
 
 
-def lowrank_mixed_bwd(grad_y, x, weight, order, counts, adapters, ts, need_dx: bool, needs, block_m=None):
-    """Backward of the mixed op without dropout, dense W (see :mod:`fastpeft.ops.lowrank_mixed`).
+def lowrank_mixed_bwd(grad_y, x, weight, order, counts, adapters, ts, need_dx: bool, needs, quant_state=None,
+                      block_m=None):
+    """Backward of the mixed op without dropout (see :mod:`fastpeft.ops.lowrank_mixed`); W dense,
+    or 4-bit with ``quant_state`` (dequantised tile by tile in the dX GEMM).
 
     ``ts``: the saved T_i (None for an adapter without rows); ``needs``: per adapter (dA, dB,
     dcore, dout_scale) flags. Returns (dX [M, k] or None, per adapter [dA, dB, dcore, dout_scale]
@@ -501,7 +509,15 @@ def lowrank_mixed_bwd(grad_y, x, weight, order, counts, adapters, ts, need_dx: b
     summed in tile order: every gradient is deterministic."""
     _dense._check_dtype(grad_y)
     M, N = grad_y.shape
-    d, K = weight.shape
+    w4 = quant_state is not None
+    if w4:
+        w_arg, wscales, wmeta, (d, K) = _weight_args(weight, quant_state, grad_y.device)
+        stride_wn = stride_wk = 0
+    else:
+        (d, K), w_arg = weight.shape, weight
+        wscales = dict(absmax_ptr=weight, code2_ptr=weight, absmax2_ptr=weight, offset_ptr=weight)
+        wmeta = dict(QBLOCK=64, QUANT=0, W_KIND=0, LAYOUT=2, NESTED=False, BLOCK2=256)
+        stride_wn, stride_wk = weight.stride(1), weight.stride(0)                 # W read transposed
     dev, dtype = grad_y.device, grad_y.dtype
     segments, present, owner, start = [], [], [], 0
     for i, (a, count) in enumerate(zip(adapters, counts)):
@@ -516,7 +532,7 @@ def lowrank_mixed_bwd(grad_y, x, weight, order, counts, adapters, ts, need_dx: b
     interp = _dense._interpreting()
     precision = _dense._dot_precision(dtype)
     max_count = max([c for *_, c in segments] + [max(M - n_rows, 1)])
-    bm, bn, bk, warps, stages = _blocks(max_count, K, N, False, block_m)      # the dX GEMM: N = k, K = d
+    bm, bn, bk, warps, stages = _blocks(max_count, K, N, w4, block_m)         # the dX GEMM: N = k, K = d
     tiles, _ = tile_table(segments, n_rows, M, bm, dev)
     u = b_t = scales = d_t = None
     R, BR = 1, 16
@@ -590,12 +606,10 @@ def lowrank_mixed_bwd(grad_y, x, weight, order, counts, adapters, ts, need_dx: b
         if need_dx:
             u_dx = d_t if d_t is not None else dx
             _mixed_gemm_kernel[(tiles.shape[0], triton.cdiv(K, bn))](
-                grad_y, order, tiles, weight, absmax_ptr=weight, code2_ptr=weight, absmax2_ptr=weight,
-                offset_ptr=weight, bias_ptr=dx, u_ptr=u_dx, b_ptr=b_t if b_t is not None else dx,
+                grad_y, order, tiles, w_arg, **wscales, bias_ptr=dx, u_ptr=u_dx, b_ptr=b_t if b_t is not None else dx,
                 os_ptr=b_t if b_t is not None else dx, scale_ptr=scales if scales is not None else dx, y_ptr=dx,
                 N=K, K=N, R=R, stride_xm=grad_y.stride(0), stride_xk=grad_y.stride(1),
-                stride_wn=weight.stride(1), stride_wk=weight.stride(0), stride_ym=dx.stride(0), stride_yn=dx.stride(1),
-                HAS_BIAS=False, HAS_OUT_SCALE=False, W4=False, QBLOCK=64, QUANT=0, W_KIND=0, LAYOUT=2, NESTED=False,
-                BLOCK2=256, UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR, R_CHUNK=_dense._r_chunk(BR),
+                stride_wn=stride_wn, stride_wk=stride_wk, stride_ym=dx.stride(0), stride_yn=dx.stride(1),
+                HAS_BIAS=False, HAS_OUT_SCALE=False, W4=w4, W_T=True, **wmeta, UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR, R_CHUNK=_dense._r_chunk(BR),
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return dx, grads

@@ -263,6 +263,63 @@ def test_backward_against_float64(dtype, activation, block_m):
                 assert_close_rel(gr, getattr(a, f).grad, tol, f"d{f} of adapter {i}")
 
 
+@pytest.mark.parametrize("quant_type,k", [("nf4", 128), ("fp4", 96), ("nf4", 123)])   # layouts 2, 1, 0
+def test_backward_4bit_against_float64(quant_type, k, monkeypatch):
+    """dX through the 4-bit W (dequantised tile by tile, read transposed; 32-wide blocks, so
+    several over k and d) and the adapter gradients against float64 autograd on the dequantised
+    weight."""
+    from fastpeft.kernels import lowrank as dense
+
+    monkeypatch.setattr(dense, "INTERPRET_BLOCK_CAP", 32)
+    gen = torch.Generator().manual_seed(14)
+    d, rows_per_sample = 37, 2
+    x = torch.randn(len(SAMPLES) * rows_per_sample, k, generator=gen).to(DEVICE)
+    w = torch.randn(d, k, generator=gen).to(DEVICE) * k ** -0.5
+    packed, state = fastpeft.quantize_4bit(w, quant_type=quant_type, blocksize=64, compress_statistics=True)
+    adapters = _adapters(d, k, torch.float32, gen, activation="gelu")
+    plan = MixedRows(SAMPLES, len(adapters))
+    order, counts = plan.rows(rows_per_sample, DEVICE)
+    _, ts = LM.lowrank_mixed_fwd(x, packed, None, order, counts, adapters, state, block_m=16)
+    g = torch.randn(x.shape[0], d, generator=gen).to(DEVICE)
+    needs = [(True, True, True, True)] * len(adapters)
+    dx, grads = LM.lowrank_mixed_bwd(g, x, packed, order, counts, adapters, ts, True, needs, state, block_m=16)
+    fields = ("lora_A", "lora_B", "core", "out_scale")
+    ads64 = [None if a is None else a._replace(**{
+        f: None if getattr(a, f) is None else getattr(a, f).detach().double().requires_grad_() for f in fields})
+        for a in adapters]
+    x64 = x.double().requires_grad_()
+    y64, _ = _dropout_reference(x64, fastpeft.dequantize_4bit(packed, state), None, plan, ads64, 0, rows_per_sample)
+    y64.backward(g.double())
+    assert_close_rel(dx, x64.grad, 1e-5, "dX")
+    for i, (a, got) in enumerate(zip(ads64, grads)):
+        if a is not None:
+            for f, gr in zip(fields, got):
+                if getattr(a, f) is not None:
+                    assert_close_rel(gr, getattr(a, f).grad, 1e-5, f"d{f} of adapter {i}")
+
+
+def test_4bit_through_the_op_equals_the_torch_backend():
+    from fastpeft.ops.lowrank_mixed import lowrank_linear_mixed
+
+    gen = torch.Generator().manual_seed(15)
+    d, k = 29, 64
+    w = torch.randn(d, k, generator=gen).to(DEVICE) * k ** -0.5
+    packed, state = fastpeft.quantize_4bit(w, quant_type="nf4", blocksize=64)
+    x0 = torch.randn(len(SAMPLES), 3, k, generator=gen).to(DEVICE)
+    base = _adapters(d, k, torch.float32, gen)
+    results = {}
+    for backend in ("torch", "triton"):
+        ads = [None if a is None else a._replace(lora_A=a.lora_A.clone().requires_grad_(),
+                                                 lora_B=a.lora_B.clone().requires_grad_()) for a in base]
+        x = x0.clone().requires_grad_()
+        with fastpeft.use_backend(backend):
+            y = lowrank_linear_mixed(x, packed, None, ads, SAMPLES, quant_state=state)
+        y.square().sum().backward()
+        results[backend] = [y, x.grad] + [t.grad for a in ads if a is not None for t in (a.lora_A, a.lora_B)]
+    for i, (a, b) in enumerate(zip(results["triton"], results["torch"])):
+        assert_close_rel(a, b, 1e-5, f"output {i}")
+
+
 def test_backward_of_rows_without_adapters():
     """A batch whose rows run the base alone (a layer without the active adapter): dX = dY W."""
     from fastpeft.ops.lowrank_mixed import lowrank_linear_mixed
@@ -327,6 +384,11 @@ for arch in (80, 90):
                                  [None if a is None else a._replace(lora_A=a.lora_A[:, :256], lora_B=a.lora_B[:256],
                                   out_scale=None if a.out_scale is None else a.out_scale[:256]) for a in adapters],
                                  state)
+            a256 = [None if a is None else a._replace(lora_A=a.lora_A[:, :256], lora_B=a.lora_B[:256],
+                    out_scale=None if a.out_scale is None else a.out_scale[:256]) for a in adapters]
+            _, ts4 = LM.lowrank_mixed_fwd(x[:, :256], packed, None, order, counts, a256, state)
+            LM.lowrank_mixed_bwd(torch.empty(x.shape[0], 256, dtype=bf), x[:, :256], packed, order, counts, a256,
+                                 ts4, True, [(True, True, True, True)] * len(adapters), state)
             LM.lowrank_mixed_fwd(x, torch.empty(d, k, dtype=bf), None, order, counts,      # dropout in the T pass
                                  [None if a is None else a._replace(dropout_p=0.1) for a in adapters], seed=7)
         jobs += [asdict(j) for j in captured]
@@ -336,8 +398,8 @@ json.dump(jobs, sys.stdout)
 
 def _static_jobs():
     """The launches of the mixed forward (dense and 4-bit, r padded to 16 and 64, segments of 24
-    and 512 rows, with and without dropout) and backward (dense) on stand-in tensors, as Triton
-    specialises them for sm_80 and sm_90."""
+    and 512 rows, with and without dropout) and backward (dense and 4-bit) on stand-in tensors, as
+    Triton specialises them for sm_80 and sm_90."""
     import json
     import subprocess
     import sys

@@ -31,9 +31,9 @@ weight, dequantised again for dX.
 Backends: ``"torch"`` (the reference, and the CPU implementation; its dropout masks come from
 torch's generator) and ``"triton"`` (:mod:`fastpeft.kernels.lowrank_mixed`): forward, the T pass
 and the base GEMM's epilogue gather each row tile's adapter, dense and 4-bit W, dropout by the
-kernels' Philox mask of ``seed + i`` over adapter i's rows; backward, for a dense W without
-dropout, the pass over dY per adapter tile, dX = dY W + s_i·dT_i A_i in one GEMM and dA_i
-from the adapter's own rows (deterministic); with dropout or a 4-bit W backward runs the torch
+kernels' Philox mask of ``seed + i`` over adapter i's rows; backward, without
+dropout, the pass over dY per adapter tile, dX = dY W + s_i·dT_i A_i in one GEMM (W dense or
+4-bit) and dA_i from the adapter's own rows (deterministic); with dropout backward runs the torch
 code above from the saved T_i, regenerating the mask the forward's backend drew.
 """
 
@@ -338,9 +338,8 @@ class LowRankMixedFunction(torch.autograd.Function):
             d_w = grad_y.t() @ x2d                                               # dW = dYᵀ X
         if need_bias:
             d_bias = grad_y.sum(0)                                               # db = Σ dY
-        if backend == "triton" and quant_state is None and not any(
-                specs[i][1] > 0.0 for i in ctx.present):                         # the kernels
-            dx, per_adapter = _bwd_triton(ctx, grad_y, x2d, weight, adapters, ts, need_x)
+        if backend == "triton" and not any(specs[i][1] > 0.0 for i in ctx.present):   # the kernels
+            dx, per_adapter = _bwd_triton(ctx, grad_y, x2d, weight, quant_state, adapters, ts, need_x)
             for i, g in enumerate(per_adapter):
                 if g is not None:
                     grads[_FIELDS * i:_FIELDS * (i + 1)] = g
@@ -378,7 +377,7 @@ class LowRankMixedFunction(torch.autograd.Function):
         return (dx, d_w, d_bias, None, *grads)
 
 
-def _bwd_triton(ctx, grad_y, x2d, weight, adapters, ts: dict, need_x: bool):
+def _bwd_triton(ctx, grad_y, x2d, weight, quant_state, adapters, ts: dict, need_x: bool):
     """dX and each adapter's (dA, dB, dcore, dout_scale) by the Triton kernels
     (:func:`fastpeft.kernels.lowrank_mixed.lowrank_mixed_bwd`)."""
     from ..kernels.lowrank_mixed import lowrank_mixed_bwd
@@ -388,7 +387,7 @@ def _bwd_triton(ctx, grad_y, x2d, weight, adapters, ts: dict, need_x: bool):
     needs = [(need[4 + _FIELDS * i], need[5 + _FIELDS * i], need[6 + _FIELDS * i], need[7 + _FIELDS * i])
              for i in range(len(adapters))]
     return lowrank_mixed_bwd(grad_y.contiguous(), x2d, weight, order, counts, adapters,
-                             [ts.get(i) for i in range(len(adapters))], need_x, needs)
+                             [ts.get(i) for i in range(len(adapters))], need_x, needs, quant_state)
 
 
 def _drop_factor(backend: str, seed: int, m: int, k: int, dropout_p: float, dtype, device) -> Tensor:
