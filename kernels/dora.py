@@ -56,7 +56,7 @@ def _dora_norm_kernel(
         mask_k = kk < K
         if IS_4BIT:
             wt = _w4_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rn, k0, N, K, BLOCK_N, BLOCK_K,
-                          QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST)
+                          QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST, dtype)
         else:
             wt = tl.load(w_ptr + rn.to(tl.int64)[:, None] * stride_wn + kk[None, :] * stride_wk,
                          mask=mask_n[:, None] & mask_k[None, :], other=0.0)

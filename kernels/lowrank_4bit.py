@@ -6,12 +6,14 @@ index in nibble ``i & 1`` (0 = high) of byte ``i >> 1``, scaled by the fp32 ``ab
 256-entry second-level table, absmax2 and the offset, bit-exact with bitsandbytes; no launch and
 no expanded copy). Tiles of W are
 dequantised in registers (``code[q] · absmax`` in fp32, rounded to the quant state's dtype as
-bitsandbytes does, then fed to ``tl.dot``) and never written to memory. ``code[q]`` is a tree of
-selects on the four index bits (NF4 or FP4 constants; no table in memory). The tile loader has
-three layouts (``LAYOUT``, from k and the blocksize): 2, k a multiple of the blocksize: a
-[rows, 2j] tile is one load of [rows, j] bytes whose high and low nibbles are interleaved, with
-one scale per row and block; 1, k even: the same byte pairs, a scale gathered per byte; 0, k odd:
-each element gathers its byte and its scale.
+bitsandbytes does, then fed to ``tl.dot``) and never written to memory. The tile loader has
+three layouts (``LAYOUT``, from k and the blocksize): 2, k a multiple of the blocksize (and the
+packed bytes 4-byte aligned): compiled for a 16-bit compute dtype, a [rows, 8j] tile is one load
+of [rows, j] 32-bit words, and each (row, block) forms its 16 possible values once, which byte
+permutes (``prmt.b32``, 8 weights per lookup) then pick, bit-exact with bitsandbytes (see
+:func:`lut_lookup_asm`); 1, k even: byte pairs, a scale gathered per byte; 0, k odd: each element
+gathers its byte and its scale. Layouts 1 and 0, other dtypes and the interpreter (which cannot
+run PTX) take ``code[q]`` from a tree of selects on the four index bits (:func:`_code_value`).
 
 Names as in :mod:`fastpeft.kernels.lowrank`: T = D(X)Aᵀ, Z = σ(T), U = Z Sᵀ | Z ⊙ S | Z.
 
@@ -48,6 +50,7 @@ arithmetic is wrong).
 from __future__ import annotations
 
 import os
+import struct
 from typing import Optional
 
 import torch
@@ -83,6 +86,14 @@ _GEMM_TILES = [(128, 128, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 8, 3), (6
                (64, 64, 32, 8, 3), (16, 64, 32, 4, 3), (16, 64, 32, 8, 3)]
 _DX_TILES = [(64, 128, 32, 8, 3), (64, 64, 32, 8, 3), (64, 64, 32, 4, 3), (32, 64, 32, 8, 3), (32, 64, 32, 4, 3),
              (16, 64, 32, 8, 3), (16, 32, 32, 8, 3)]
+# Tiles kept only where W is formed by byte permutes (:func:`_uses_lut`), ahead of the others: a
+# lookup needs a few registers per 8 weights, so a thread can form 32-64 weights per k-step and
+# the loop's fixed cost (addresses, barriers, the activation loads) and the table of each (row,
+# block) spread over more weights. Non-MMA instructions per weight per thread at k = d = 4096,
+# bf16 NF4 (fastpeft inspect): GEMM 128x128x32 11.9 (sm_90) / 19.0 (sm_80), 128x128x64 7.8 /
+# 16.7, 128x128x128 6.4 / 15.7; dX 64x128x32 14.6, 64x128x64 8.8 (sm_90; it spills on sm_80).
+_GEMM_LUT_TILES = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3)]
+_DX_LUT_TILES = [(64, 128, 64, 8, 3)]
 # decode: (BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_M is 16. Each k-step forms a W tile and
 # loads an Aᵀ tile [BLOCK_K, r] beside it (T is computed in the same loop), so large r takes the
 # short-k tiles.
@@ -92,9 +103,9 @@ _DECODE_TILES = [(32, 128, 8, 3), (64, 64, 8, 3), (16, 128, 4, 3), (32, 64, 4, 3
 _DEQUANT_TILE = (32, 128, 8)
 
 _GEMM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                 for bm, bn, bk, w, s in _GEMM_TILES]
+                 for bm, bn, bk, w, s in _GEMM_LUT_TILES + _GEMM_TILES]
 _DX_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-               for bm, bn, bk, w, s in _DX_TILES]
+               for bm, bn, bk, w, s in _DX_LUT_TILES + _DX_TILES]
 _DECODE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                    for bn, bk, w, s in _DECODE_TILES]
 # 32-bit registers per thread (an fp32 value counts 2 units, as in the dense module), per layout:
@@ -121,10 +132,19 @@ def _words(elems: int, elem: int, num_warps: int) -> int:
     return _per_thread(elems, num_warps) * (2 if elem == 4 else 1)
 
 
-def _gemm_keep(configs, arch, smem, M, N, block_r, elem, layout, dx=False, store_z=False):
+def _uses_lut(layout: int, w_kind: int, dtype: torch.dtype) -> bool:
+    """Whether the compiled tile of :func:`_w4_tile` forms W by byte permutes: k a multiple of the
+    blocksize, a 16-bit compute dtype, and a state dtype whose rounding that dtype's equals."""
+    kind = _W_KIND.get(dtype, 0)
+    return layout == 2 and kind != 0 and w_kind in (0, kind)
+
+
+def _gemm_keep(configs, arch, smem, M, N, block_r, elem, layout, dx=False, store_z=False, lut=False):
     """Y GEMM (``dx=False``; M, N = d) and dX (M, N = k) over the tiles that fit for ``layout``;
-    ``store_z``: the DoRA epilogue writes Z beside Y (the dense module's limit on the tile)."""
-    tiles = _DX_TILES if dx else _GEMM_TILES
+    ``store_z``: the DoRA epilogue writes Z beside Y (the dense module's limit on the tile);
+    ``lut``: W formed by byte permutes, where the larger tiles of ``_GEMM_LUT_TILES`` fit."""
+    lut_tiles = (_DX_LUT_TILES if arch == 90 else []) if dx else _GEMM_LUT_TILES
+    tiles = (_DX_TILES if dx else _GEMM_TILES) + (lut_tiles if lut else [])
 
     def tile_of(c):
         return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
@@ -133,6 +153,8 @@ def _gemm_keep(configs, arch, smem, M, N, block_r, elem, layout, dx=False, store
         bm, bn, bk, w, s = tile_of(c)
         # pipelined operands: the activation tile and the packed bytes (W is formed in registers)
         main = s * (bm * bk * elem + bn * bk // 2) + bn * bk * elem
+        if (bm, bn, bk, w, s) in lut_tiles:    # checked for spills at every r by the static tests
+            return main <= smem and _dense._z_fits(store_z, bm, bn, w)
         if dx:  # G [BM, r] lives beside the accumulator through the main loop
             live_ok = _words(bm * bn + bm * block_r, elem, w) <= _DX_LIVE_WORDS[layout]
             tile_ok = _words(bn * bk, elem, w) <= _DX_TILE_WORDS[layout]
@@ -171,20 +193,94 @@ def _prune_gemm(configs, named_args, **kwargs):
     args = _dense._prune_args(named_args, kwargs)
     arch, smem, _ = _dense._limits_of(args["x_ptr"])
     return _gemm_keep(configs, arch, smem, args["M_KEY"], args["N"], args["BLOCK_R"], args["x_ptr"].element_size(),
-                      args["LAYOUT"], store_z=bool(args.get("STORE_Z", False)))
+                      args["LAYOUT"], store_z=bool(args.get("STORE_Z", False)),
+                      lut=_uses_lut(args["LAYOUT"], args["W_KIND"], args["x_ptr"].dtype))
 
 
 def _prune_dx(configs, named_args, **kwargs):
     args = _dense._prune_args(named_args, kwargs)
     arch, smem, _ = _dense._limits_of(args["dy_ptr"])
     return _gemm_keep(configs, arch, smem, args["M_KEY"], args["N"], args["BLOCK_R"], args["dy_ptr"].element_size(),
-                      args["LAYOUT"], dx=True)
+                      args["LAYOUT"], dx=True, lut=_uses_lut(args["LAYOUT"], args["W_KIND"], args["dy_ptr"].dtype))
 
 
 def _prune_decode(configs, named_args, **kwargs):
     args = _dense._prune_args(named_args, kwargs)
     arch, smem, _ = _dense._limits_of(args["x_ptr"])
     return _decode_keep(configs, arch, smem, args["N"], args["K"], args["BLOCK_R"], args["x_ptr"].element_size())
+
+
+# --------------------------------------------------------------------------------------------
+# Dequantisation by byte permutes (PTX, compiled code only; the interpreter takes the select tree)
+# --------------------------------------------------------------------------------------------
+#
+# Where every row of W holds whole quant blocks, all weights of one (row, block) share one
+# absmax a, so the 16 values bitsandbytes can produce there are known up front:
+# v[q] = round(code[q] · a) (the fp32 product rounded to the output dtype, as bitsandbytes rounds
+# it). ``_LUT_TABLE_ASM`` forms them once per (row, block) and splits the 16 16-bit values into
+# a low-byte plane and a high-byte plane, 4 registers each (register j: entries 4j..4j+3).
+# ``_LUT_LOOKUP_ASM`` then turns one 32-bit word of packed W (8 nibbles) into its 8 values with
+# ``prmt.b32``, which picks each byte of its result from 8 bytes by a 4-bit selector: per 4
+# nibbles, two permutes per plane look up entries 0-7 and 8-15 by the low 3 index bits, a third
+# picks between them by bit 3, and two more interleave the planes into 16-bit values. The
+# values are then exactly those of the table: bit for bit bitsandbytes' dequantisation.
+
+# the fp32 code tables in index order (bitsandbytes' get_4bit_type; FP4: raw / 12, index 8 = +0)
+_NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+             -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+             0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+             0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+_FP4_MAG = (0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 0.5, 0.1666666716337204, 0.25)
+_FP4_CODE = _FP4_MAG + (0.0,) + tuple(-v for v in _FP4_MAG[1:])
+
+
+def _f32_hex(v: float) -> str:
+    return "0f%08X" % struct.unpack("<I", struct.pack("<f", v))[0]
+
+
+def lut_table_asm(quant: int, out_fp16: bool) -> str:
+    """PTX: absmax (fp32 bits in ``$8``) -> the 8 table registers ``$0..$7`` (low-byte plane of
+    entries 0-3, 4-7, 8-11, 12-15, then the high-byte plane) of v[q] = round(code[q]·absmax) in
+    fp16 (``out_fp16``) or bf16; ``quant`` 0 = NF4, 1 = FP4."""
+    code = _FP4_CODE if quant else _NF4_CODE
+    kind = "f16x2" if out_fp16 else "bf16x2"
+    lines = ["{", ".reg .f32 a, p<16>;", ".reg .b32 w<8>;", "mov.b32 a, $8;"]
+    lines += [f"mul.rn.f32 p{q}, a, {_f32_hex(c)};" for q, c in enumerate(code)]
+    lines += [f"cvt.rn.{kind}.f32 w{j}, p{2 * j + 1}, p{2 * j};" for j in range(8)]
+    lines += [f"prmt.b32 ${j}, w{2 * j}, w{2 * j + 1}, 0x6420;" for j in range(4)]
+    lines += [f"prmt.b32 ${4 + j}, w{2 * j}, w{2 * j + 1}, 0x7531;" for j in range(4)]
+    return "\n".join(lines + ["}"])
+
+
+def lut_lookup_asm() -> str:
+    """PTX: one word of packed W (``$8``; byte j holds elements 2j (high nibble) and 2j+1) and the
+    table registers (``$9..$16``) -> the 8 values as 16-bit outputs, output m holding element
+    m with its 3 bits reversed (0, 4, 2, 6, 1, 5, 3, 7: the order a tree of three ``tl.join``
+    turns back into 0..7)."""
+    lines = ["{", ".reg .b32 s, g, al, bl, l, ah, bh, h, o0, o1;",
+             "and.b32 s, $8, 0x77777777;",              # the low 3 bits of each index
+             "shr.b32 g, $8, 1;",                       # bit 3 of nibble i -> bit 2 of selector i
+             "and.b32 g, g, 0x44444444;",
+             "or.b32 g, g, 0x32103210;"]                # selector i: byte i of the 0-7 or the 8-15 lookup
+    bitrev = (0, 4, 2, 6, 1, 5, 3, 7)
+    out = {e: m for m, e in enumerate(bitrev)}
+    for grp in range(2):                               # nibbles 4·grp .. 4·grp + 3
+        if grp:
+            lines += ["shr.b32 s, s, 16;", "shr.b32 g, g, 16;"]
+        lines += ["prmt.b32 al, $9, $10, s;", "prmt.b32 bl, $11, $12, s;", "prmt.b32 l, al, bl, g;",
+                  "prmt.b32 ah, $13, $14, s;", "prmt.b32 bh, $15, $16, s;", "prmt.b32 h, ah, bh, g;",
+                  # nibble 2j+1 is element 2j, nibble 2j is element 2j+1 (high nibble first)
+                  "prmt.b32 o0, l, h, 0x4051;", "prmt.b32 o1, l, h, 0x6273;"]
+        e = 4 * grp
+        lines += [f"mov.b32 {{${out[e]}, ${out[e + 1]}}}, o0;", f"mov.b32 {{${out[e + 2]}, ${out[e + 3]}}}, o1;"]
+    return "\n".join(lines + ["}"])
+
+
+_LUT_LOOKUP_ASM = tl.constexpr(lut_lookup_asm())
+_LUT_TABLE_NF4_F16 = tl.constexpr(lut_table_asm(0, True))
+_LUT_TABLE_NF4_BF16 = tl.constexpr(lut_table_asm(0, False))
+_LUT_TABLE_FP4_F16 = tl.constexpr(lut_table_asm(1, True))
+_LUT_TABLE_FP4_BF16 = tl.constexpr(lut_table_asm(1, False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,17 +382,70 @@ def _scaled(v, sc, ROWS: tl.constexpr, WIDTH: tl.constexpr, GROUP: tl.constexpr,
 
 
 @triton.jit
+def _lut_tables(sc, QUANT: tl.constexpr, FP16: tl.constexpr):
+    """The 8 table registers of :data:`_LUT_TABLE_NF4_BF16` & co. for the fp32 scales ``sc``."""
+    bits = sc.to(tl.int32, bitcast=True)
+    if QUANT == 0:
+        if FP16:
+            asm: tl.constexpr = _LUT_TABLE_NF4_F16
+        else:
+            asm: tl.constexpr = _LUT_TABLE_NF4_BF16
+    else:
+        if FP16:
+            asm: tl.constexpr = _LUT_TABLE_FP4_F16
+        else:
+            asm: tl.constexpr = _LUT_TABLE_FP4_BF16
+    return tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,=r,=r,=r,=r,r", [bits], dtype=(tl.int32,) * 8,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _w4_tile_lut(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows, col0, n_rows, n_cols,
+                 ROWS: tl.constexpr, COLS: tl.constexpr, QBLOCK: tl.constexpr, QUANT: tl.constexpr, OUT: tl.constexpr,
+                 NESTED: tl.constexpr, BLOCK2: tl.constexpr, INTERPRETED: tl.constexpr):
+    """:func:`_w4_tile` for LAYOUT 2 by byte permutes (see :func:`lut_lookup_asm`): one word of 8
+    weights per lookup, the table of each (row, block) formed once. ``col0`` is a multiple of COLS.
+    ``INTERPRETED`` only selects how a nested absmax is rounded (see :func:`_absmax`)."""
+    NB: tl.constexpr = COLS // QBLOCK if COLS > QBLOCK else 1      # quant blocks across the tile
+    WPB: tl.constexpr = COLS // 8 // NB                               # words per row and block
+    WPQ: tl.constexpr = QBLOCK // 8                                   # words per quant block
+    per_row = n_cols // QBLOCK
+    wi = tl.arange(0, NB)[None, :, None] * WPB + tl.arange(0, WPB)[None, None, :]     # [1, NB, WPB]
+    word = (col0 // COLS) * (COLS // 8) + wi
+    mask = (rows < n_rows)[:, None, None] & (word < per_row * WPQ)
+    words = packed_ptr.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None, None] * (per_row * WPQ) + word
+    q = tl.load(words, mask=mask, other=0)
+    sc = _row_scales(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows, col0, n_rows, n_cols, ROWS, COLS, QBLOCK,
+                     NESTED, BLOCK2, INTERPRETED)
+    t0, t1, t2, t3, t4, t5, t6, t7 = _lut_tables(sc[:, :, None], QUANT, OUT == tl.float16)
+    v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+        _LUT_LOOKUP_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r", [q, t0, t1, t2, t3, t4, t5, t6, t7],
+        dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+    # v_m holds element m with its bits reversed: joined as [.., i, j, k] = v_{4k+2j+i}, element 4i+2j+k
+    w = tl.join(tl.join(tl.join(v0, v1), tl.join(v2, v3)), tl.join(tl.join(v4, v5), tl.join(v6, v7)))
+    return tl.reshape(w, (ROWS, COLS)).to(OUT, bitcast=True)
+
+
+@triton.jit
 def _w4_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows, col0, n_rows, n_cols,
              ROWS: tl.constexpr, COLS: tl.constexpr, QBLOCK: tl.constexpr, QUANT: tl.constexpr,
              W_KIND: tl.constexpr, LAYOUT: tl.constexpr, NESTED: tl.constexpr, BLOCK2: tl.constexpr,
-             INTERPRETED: tl.constexpr):
+             INTERPRETED: tl.constexpr, OUT: tl.constexpr):
     """W[rows, col0 : col0 + COLS] of the packed [n_rows, n_cols] weight, dequantised: code[q]·absmax
-    in fp32, rounded to the state's dtype; 0 outside the weight. ``col0`` and COLS are even. The
-    absmax comes from :func:`_absmax` (nested statistics expanded in registers).
+    in fp32, rounded to the state's dtype; 0 outside the weight. ``col0`` is a multiple of COLS,
+    COLS even. The absmax comes from :func:`_absmax` (nested statistics expanded in registers).
+    ``OUT``: the dtype the caller casts the tile to.
 
-    LAYOUT 2 (k % QBLOCK == 0): byte pairs, one scale per row and block; 1 (k even): byte pairs,
-    a scale per byte; 0 (k odd): a byte and a scale per element."""
-    if LAYOUT == 0:
+    LAYOUT 2 (k % QBLOCK == 0): compiled, with a 16-bit ``OUT`` that the state's rounding equals
+    (state fp32, or of ``OUT``'s dtype), by table lookups (:func:`_w4_tile_lut`), in ``OUT``;
+    otherwise (and under the interpreter, ``INTERPRETED``, which cannot run PTX) byte pairs, one
+    scale per row and block, each value from the select tree of :func:`_code_value`.
+    LAYOUT 1 (k even): byte pairs, a scale per byte; 0 (k odd): a byte and a scale per element."""
+    OUT_KIND: tl.constexpr = 1 if OUT == tl.float16 else (2 if OUT == tl.bfloat16 else -1)
+    if LAYOUT == 2 and not INTERPRETED and OUT_KIND > 0 and (W_KIND == 0 or W_KIND == OUT_KIND) and QBLOCK % 8 == 0:
+        w = _w4_tile_lut(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows, col0, n_rows, n_cols,
+                         ROWS, COLS, QBLOCK, QUANT, OUT, NESTED, BLOCK2, INTERPRETED)
+    elif LAYOUT == 0:
         cols = col0 + tl.arange(0, COLS)
         mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
         idx = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
@@ -331,7 +480,7 @@ def _w4_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows, c
 # Forward kernels
 # --------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R", "LAYOUT", "STORE_Z"],
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R", "LAYOUT", "STORE_Z", "W_KIND"],
                  prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _lowrank4_fwd_gemm_kernel(
@@ -363,7 +512,7 @@ def _lowrank4_fwd_gemm_kernel(
         kk = k0 + rk
         xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=(kk < K)[None, :], other=0.0)
         wt = _w4_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rn % N, k0, N, K, BLOCK_N, BLOCK_K,
-                      QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST)
+                      QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST, dtype)
         acc = tl.dot(_op(xt, dtype, UPCAST), _op(tl.trans(wt), dtype, UPCAST), acc, input_precision=DOT_PRECISION)
     _store_y(acc, y_ptr, z_ptr, rs_ptr, bias_ptr, rm, rn, M, N, stride_ym, stride_yn, HAS_BIAS, HAS_ROW_SCALE,
              STORE_Z)
@@ -414,7 +563,7 @@ def _lowrank4_decode_kernel(
         mask_k = kk < K
         xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_k[None, :], other=0.0)
         wt = _w4_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rn % N, k0, N, K, BLOCK_N, BLOCK_K,
-                      QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST)
+                      QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST, dtype)
         x_op = _op(xt, dtype, UPCAST)
         acc = tl.dot(x_op, _op(tl.trans(wt), dtype, UPCAST), acc, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
@@ -458,7 +607,7 @@ def _lowrank4_decode_kernel(
 # Backward: dX
 # --------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_DX_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R", "LAYOUT"],
+@triton.autotune(configs=_DX_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R", "LAYOUT", "W_KIND"],
                  prune_configs_by={"early_config_prune": _prune_dx})
 @triton.jit(do_not_specialize=["seed"])
 def _lowrank4_bwd_dx_kernel(
@@ -502,7 +651,7 @@ def _lowrank4_bwd_dx_kernel(
         if HAS_ROW_SCALE:
             dyt = dyt.to(tl.float32) * tl.load(rs_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)[None, :]
         wt = _w4_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, kk, pid_n * BLOCK_N, K, N, BLOCK_K,
-                      BLOCK_N, QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST)
+                      BLOCK_N, QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST, dtype)
         dy_op = _op(dyt, dtype, UPCAST)
         acc = tl.dot(dy_op, _op(wt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
         bt = tl.load(b_cols + kk.to(tl.int64)[:, None] * R, mask=mask_k[:, None], other=0.0)
@@ -555,7 +704,7 @@ def _dequant4_kernel(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
     k0 = tl.program_id(1) * BLOCK_K
     rk = k0 + tl.arange(0, BLOCK_K)
     wt = _w4_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rn, k0, N, K, BLOCK_N, BLOCK_K, QBLOCK,
-                  QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, INTERPRETED)
+                  QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, INTERPRETED, w_ptr.dtype.element_ty)
     w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
     tl.store(w_ptrs, wt.to(w_ptr.dtype.element_ty), mask=(rn < N)[:, None] & (rk < K)[None, :])
 
@@ -593,13 +742,14 @@ def _weight_args(packed, quant_state, device):
     scales, scale_meta = _scale_args(quant_state)
     qblock = int(quant_state.blocksize)
     meta = dict(QBLOCK=qblock, QUANT=_QUANT[quant_state.quant_type], W_KIND=_W_KIND[quant_state.dtype],
-                LAYOUT=_layout(k, qblock), **scale_meta)
+                LAYOUT=_layout(k, qblock, data.data_ptr() % 4 == 0), **scale_meta)
     return data, scales, meta, (d, k)
 
 
-def _layout(k: int, qblock: int) -> int:
-    """2: every row holds whole blocks; 1: rows start on a byte; 0: k odd."""
-    return 2 if k % qblock == 0 else (1 if k % 2 == 0 else 0)
+def _layout(k: int, qblock: int, aligned: bool = True) -> int:
+    """2: every row holds whole blocks (the packed bytes 4-byte aligned: the compiled tile loads
+    32-bit words); 1: rows start on a byte; 0: k odd."""
+    return 2 if k % qblock == 0 and aligned else (1 if k % 2 == 0 else 0)
 
 
 def dequantize_4bit_dense(packed, quant_state, dtype: torch.dtype, weight_args=None) -> torch.Tensor:
@@ -717,7 +867,8 @@ def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_sca
         elif not _dense._autotuning():
             arch, smem, _ = _dense._limits_of(x)
             fb = _dense._fallback(_gemm_keep(_GEMM_CONFIGS, arch, smem, M, N, BR, x.element_size(),
-                                             wmeta["LAYOUT"], store_z=z is not None))
+                                             wmeta["LAYOUT"], store_z=z is not None,
+                                             lut=_uses_lut(wmeta["LAYOUT"], wmeta["W_KIND"], x.dtype)))
         else:
             fb = {}
         _dense._launch(_lowrank4_fwd_gemm_kernel,
@@ -820,7 +971,8 @@ def lowrank_4bit_bwd(grad_y, x, packed, quant_state, T, lora_A, lora_B, core, ou
             elif not _dense._autotuning():
                 arch, smem, _ = _dense._limits_of(grad_y)
                 fb = _dense._fallback(_gemm_keep(_DX_CONFIGS, arch, smem, M, K, BR, grad_y.element_size(),
-                                                 wmeta["LAYOUT"], dx=True))
+                                                 wmeta["LAYOUT"], dx=True,
+                                                 lut=_uses_lut(wmeta["LAYOUT"], wmeta["W_KIND"], grad_y.dtype)))
             else:
                 fb = {}
             _dense._launch(_lowrank4_bwd_dx_kernel,

@@ -144,10 +144,10 @@ def _mixed_gemm_kernel(
         xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_k[None, :], other=0.0)
         if W4 and W_T:
             wt = _w4_tile(w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, kk, tl.program_id(1) * BLOCK_N, K, N,
-                          BLOCK_K, BLOCK_N, QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST)
+                          BLOCK_K, BLOCK_N, QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST, dtype)
         elif W4:
             wt = tl.trans(_w4_tile(w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rn % N, k0, N, K, BLOCK_N,
-                                   BLOCK_K, QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST))
+                                   BLOCK_K, QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST, dtype))
         else:
             wt = tl.load(w_cols + kk[:, None] * stride_wk, mask=mask_k[:, None], other=0.0)
         acc = tl.dot(_op(xt, dtype, UPCAST), _op(wt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)

@@ -341,3 +341,85 @@ def test_autotune_keys_hold_every_argument_the_prune_reads(monkeypatch):
         checked.add(kernel.base_fn.__name__)
     assert {"_lowrank_fwd_t_kernel", "_lowrank_bwd_dx_kernel", "_lowrank_bwd_da_kernel",
             "_lowrank4_fwd_gemm_kernel", "_lowrank_group_bwd_dx_kernel"} <= checked
+
+
+# -- 4-bit dequantisation by byte permutes (PRMT) -----------------------------------------------
+
+# non-MMA instructions per weight per thread in the main loop (fastpeft inspect's measure) of the
+# config autotune prefers (its first), at inspect's default problem (bf16 NF4, k = d = 4096, r = 16,
+# dropout 0.1: decode's loop also draws the Philox mask): the lowest reached, not the <= 4 aimed at
+PRMT_PER_WEIGHT = {90: {"_lowrank4_fwd_gemm_kernel": 7.9, "_lowrank4_bwd_dx_kernel": 8.9,
+                        "_lowrank4_decode_kernel": 41},
+                   80: {"_lowrank4_fwd_gemm_kernel": 16.8, "_lowrank4_bwd_dx_kernel": 19.4,
+                        "_lowrank4_decode_kernel": 40.6}}
+PRMT_PROBLEMS = [Problem(op="4bit", arch=arch, k=4096, d=4096, M=M, r=16, dtype="bf16", dropout=0.1)
+                 for arch in ARCHS for M in (1, 8192)]
+
+
+@functools.lru_cache(maxsize=None)
+def _prmt_compiled():
+    """[(job, result, preferred)] for every 4-bit kernel job of PRMT_PROBLEMS; ``preferred``: the
+    first config captured for its launch (the one autotune falls back to)."""
+    jobs, preferred, seen = [], [], set()
+    for jobs_of, _ in capture_problems(PRMT_PROBLEMS):
+        launches = set()
+        for job in jobs_of:
+            if "packed_ptr" in job.signature and job.key not in seen:
+                seen.add(job.key)
+                jobs.append(job)
+                preferred.append(job.launch not in launches)
+            launches.add(job.launch)
+    return list(zip(jobs, _aot.compile_kernels(jobs), preferred))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_4bit_main_loops_dequantise_by_prmt(arch):
+    """The 4-bit GEMM, dX and decode binaries of sm_80 / sm_90 (k a multiple of the blocksize,
+    every config autotune may choose) dequantise by byte permutes: PRMT in the main loop and no
+    FSEL (the select tree is the interpreter's path), no spills; the preferred config's non-MMA
+    instructions per weight per thread within PRMT_PER_WEIGHT."""
+    from fastpeft.kernels.inspect import _instructions, _record
+
+    checked = set()
+    for job, result, preferred in _prmt_compiled():
+        if job.arch != arch:
+            continue
+        dtype = job.signature.get("x_ptr") or job.signature.get("dy_ptr")
+        name = f"{job.name} {job.config} QUANT={job.constexprs.get('QUANT')} {dtype}"
+        assert not result.error, f"{name}: {result.error[:300]}"
+        assert not result.spills and not result.resources.get("LOCAL", 0), f"{name}: spills"
+        loop = main_loop(result.sass)
+        body = [op.split(".")[0] for a, op, _ in _instructions(result.sass) if loop["start"] <= a <= loop["end"]]
+        assert "PRMT" in body and "FSEL" not in body, f"{name}: {body.count('PRMT')} PRMT, {body.count('FSEL')} FSEL"
+        if preferred:
+            per_weight = _record(job, result, "bf16")["non_mma_per_weight"]
+            assert per_weight <= PRMT_PER_WEIGHT[arch][job.name], f"{name}: {per_weight} non-MMA per weight"
+            checked.add(job.name)
+    assert checked == set(PRMT_PER_WEIGHT[arch])
+
+
+def test_dequantisation_kernel_uses_prmt():
+    """The dense-buffer kernel (bf16 out, k a multiple of the blocksize) compiles to PRMT and
+    no FSEL for sm_80 and sm_90."""
+    script = textwrap.dedent("""
+        import json, sys, torch
+        from dataclasses import asdict
+        from fastpeft.kernels import _aot, lowrank_4bit as L4
+        from fastpeft.kernels.inspect import Problem, _quant_state, _stand_in_device
+        jobs = []
+        for arch in (80, 90):
+            for quant in ("nf4", "fp4"):
+                packed, state = _quant_state(Problem(op="4bit", k=4096, d=64, quant_type=quant))
+                with _stand_in_device(arch), _aot.capture(arch) as captured:
+                    L4.dequantize_4bit_dense(packed, state, torch.bfloat16)
+                jobs += [asdict(j) for j in captured]
+        json.dump(jobs, sys.stdout)
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_aot.clean_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = [_aot.AotJob(**j) for j in json.loads(res.stdout)]
+    assert len(jobs) == 4 and {j.constexprs["LAYOUT"] for j in jobs} == {2}
+    for job, result in zip(jobs, _aot.compile_kernels(jobs)):
+        assert not result.error and not result.spills, (job.arch, result.error)
+        assert "PRMT" in result.sass and "FSEL" not in result.sass, job.arch
