@@ -18,7 +18,7 @@ recording is compiled for ``GPUTarget("cuda", arch)`` and its SASS read:
   BLOCK_N × BLOCK_K tile of weights);
 * 4-bit problems run with W dequantised in registers at every M (the in-register kernels, whose
   instructions per weight set the dense-buffer crossover) unless ``FASTPEFT_4BIT_BUFFER_MIN_M``
-  is set, e.g. to 1 to capture the buffered path the op takes by default from M = 256;
+  is set, e.g. to 1 to capture the buffered path the op takes by default from M = 640;
 * HBM traffic from the shapes: every distinct tensor storage an argument points at, read or
   written once (tiles read again by other programs are taken to hit L2), and the roofline floor
   ``max(bytes / bandwidth, flops / tensor-core peak)`` on the reference devices of the arch.

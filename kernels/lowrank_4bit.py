@@ -67,11 +67,12 @@ __all__ = ["lowrank_4bit_fwd", "lowrank_4bit_bwd", "dequantize_4bit_dense", "buf
 DECODE_MAX_M = 16
 BUFFER_MIN_M_ENV = "FASTPEFT_4BIT_BUFFER_MIN_M"
 # Default M from which W goes through the transient dense buffer: the crossover predicted from
-# `fastpeft inspect` (the in-register GEMM main loop spends ~20.5 more instructions per weight
-# and M tile of 128 rows than the dense one) and the H100/H200 roofline (the buffer adds a write
-# and a read of d·k bf16), bench/NOTES.md "The dense-buffer crossover". A prediction: to be
-# replaced by the crossover `fastpeft bench --op 4bit` measures on a GPU.
-BUFFER_MIN_M_DEFAULT = 256
+# `fastpeft inspect` (the in-register GEMM main loop, dequantising by byte permutes, spends ~5.7
+# more instructions per weight and M tile of 128 rows than the dense one) and the H100/H200
+# roofline (the buffer adds a write and a read of d·k bf16), bench/NOTES.md "The dense-buffer
+# crossover". A prediction: to be replaced by the crossover `fastpeft bench --op 4bit` measures
+# on a GPU.
+BUFFER_MIN_M_DEFAULT = 640
 _W_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _QUANT = {"nf4": 0, "fp4": 1}
 _LAYOUTS = ({"layout": 2}, {"layout": 1}, {"layout": 0})

@@ -304,13 +304,14 @@ def test_4bit_launches_no_separate_scale_pass(monkeypatch, M, train_m):
 
 @pytest.mark.parametrize("rows,min_m", [(40, "17"), (300, None)], ids=["M40-min17", "M300-default"])
 def test_fused_4bit_through_the_dense_buffer(monkeypatch, rows, min_m):
-    """From FASTPEFT_4BIT_BUFFER_MIN_M (by default 256) W is dequantised into a transient buffer
-    and the dense kernels run (the dense GEMM's row-scale epilogue; dX of dZ = c ⊙ dY): same
-    results."""
+    """From FASTPEFT_4BIT_BUFFER_MIN_M (by default BUFFER_MIN_M_DEFAULT, here set to 256 to keep
+    the interpreted problem small) W is dequantised into a transient buffer and the dense kernels
+    run (the dense GEMM's row-scale epilogue; dX of dZ = c ⊙ dY): same results."""
     from fastpeft.kernels import lowrank_4bit as L4
 
     if min_m is None:
         monkeypatch.delenv(L4.BUFFER_MIN_M_ENV, raising=False)
+        monkeypatch.setattr(L4, "BUFFER_MIN_M_DEFAULT", 256)
     else:
         monkeypatch.setenv(L4.BUFFER_MIN_M_ENV, min_m)
     assert L4._buffered(rows)
