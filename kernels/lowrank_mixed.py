@@ -18,7 +18,7 @@ nothing: padded columns of T are 0, and σ(0) = 0 for every activation.
     tile in registers (the 4-bit module's ``_w4_tile``): one base GEMM over all rows, Y written
     once.
 
-Backward (without dropout; :func:`lowrank_mixed_bwd`), from dY and the saved T:
+Backward (:func:`lowrank_mixed_bwd`), from dY and the saved T:
   * ``_mixed_u_kernel``: per adapter tile, U = σ(T) S_iᵀ (when dB or d_o needs it and U ≠ T);
   * ``_mixed_dy_kernel``: per adapter tile, one pass over its dY rows: G = (dY ⊙ o_i) B_i in
     registers, the tile's partials of dYᵀU and dS, and dT = (G S_i) ⊙ σ'(T);
@@ -31,8 +31,7 @@ Each adapter's gradients sum its own tiles in a fixed order: deterministic, no a
 
 Dropout on an adapter's input (training): adapter i's rows, in batch order, get the dense
 kernels' Philox keep-mask of seed ``seed + i`` (``dropout_keep_mask(seed + i, rows of i, k, p_i)``),
-drawn in the T pass's loop over k; the op's backward regenerates it and runs the torch code
-(:mod:`fastpeft.ops.lowrank_mixed`).
+drawn in the T pass's loop over k and again, never stored, in the dX epilogue and the dA pass.
 Every accumulation is fp32; under the interpreter dot operands are upcast to fp32.
 """
 
@@ -105,8 +104,10 @@ def _mixed_t_kernel(
 @triton.jit
 def _mixed_gemm_kernel(
     x_ptr, order_ptr, tiles_ptr, w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, u_ptr, b_ptr, os_ptr, scale_ptr, y_ptr,
+    seed_ptr, p_ptr, first_ptr,
     N, K, R, stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, W4: tl.constexpr, W_T: tl.constexpr, QBLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, W4: tl.constexpr, W_T: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    QBLOCK: tl.constexpr,
     QUANT: tl.constexpr, W_KIND: tl.constexpr, LAYOUT: tl.constexpr, NESTED: tl.constexpr, BLOCK2: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
@@ -115,7 +116,9 @@ def _mixed_gemm_kernel(
     """Y[rows] = s_i·(U B_iᵀ) ⊙ o_i + b + X[rows] Wᵀ for one row tile (adapter i, or none when
     its slot is -1) and one block of d; W dense, or 4-bit (W4) dequantised in registers. W_T
     (backward's dX = dY W + s_i·dT A_i): the reduction runs over W's rows (a dense W's strides
-    come swapped; a 4-bit W's [BLOCK_K, BLOCK_N] tile is dequantised as it lies)."""
+    come swapped; a 4-bit W's [BLOCK_K, BLOCK_N] tile is dequantised as it lies). HAS_DROPOUT
+    (dX only, no bias): the adapter term is D_i'(·), the slot's Philox mask over the adapter's
+    own rows (``seed_ptr``, ``p_ptr``, ``first_ptr`` as in the T pass), kept values 1/(1-p)."""
     dtype = x_ptr.dtype.element_ty
     tile = tl.program_id(0)
     slot = tl.load(tiles_ptr + tile * 3)
@@ -131,6 +134,10 @@ def _mixed_gemm_kernel(
         acc = _adapter_init(u_ptr, b_ptr + s64 * N * R, os_ptr + s64 * N, bias_ptr, pos, rn, end, N, R, R,
                             tl.load(scale_ptr + s64), HAS_BIAS, HAS_OUT_SCALE, UPCAST, DOT_PRECISION,
                             BLOCK_R, R_CHUNK, BLOCK_M, BLOCK_N)
+        if HAS_DROPOUT:
+            p = tl.load(p_ptr + s64)
+            keep = _keep_mask(tl.load(seed_ptr + s64), pos - tl.load(first_ptr + s64), rn, p)
+            acc = tl.where(keep, acc * (1.0 / (1.0 - p)), 0.0)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if HAS_BIAS:
@@ -285,13 +292,14 @@ def _dy_tail(g, t_ptr, t_rows, core_ptr, ds_ptr, dt_ptr, mask_m, R, ACTIVATION: 
 
 @triton.jit
 def _mixed_da_kernel(
-    dt_ptr, x_ptr, order_ptr, first_ptr, count_ptr, scale_ptr, da_ptr,
+    dt_ptr, x_ptr, order_ptr, first_ptr, count_ptr, scale_ptr, da_ptr, seed_ptr, p_ptr,
     K, R, stride_xm, stride_xk,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dA_i [R, BLOCK_K] = s_i·dT_iᵀ X_i over all of adapter i's rows (program (i, k-block)), in
-    row order: each gradient is one program's fixed-order sum (deterministic, no partials)."""
+    """dA_i [R, BLOCK_K] = s_i·dT_iᵀ D_i(X_i) over all of adapter i's rows (program (i, k-block)),
+    in row order: each gradient is one program's fixed-order sum (deterministic, no partials).
+    HAS_DROPOUT: D_i is the T pass's mask, regenerated from the slot's seed and p."""
     dtype = x_ptr.dtype.element_ty
     slot = tl.program_id(0).to(tl.int64)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -302,6 +310,9 @@ def _mixed_da_kernel(
     mask_r = rr < R
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     rb = tl.arange(0, BLOCK_M)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr + slot)
+        p = tl.load(p_ptr + slot)
     for m0 in range(first, end, BLOCK_M):
         pos = m0 + rb
         mask_m = pos < end
@@ -310,8 +321,12 @@ def _mixed_da_kernel(
         rows = tl.load(order_ptr + pos, mask=mask_m, other=0)
         xt = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + rk[None, :] * stride_xk,
                      mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            xt = tl.where(_keep_mask(seed, pos - first, rk, p), xt, 0.0)
         acc = tl.dot(_op(dtt, dtype, UPCAST), _op(xt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
     acc = acc * tl.load(scale_ptr + slot)
+    if HAS_DROPOUT:
+        acc = acc * (1.0 / (1.0 - p))
     out = da_ptr + slot * R * K + rr[:, None] * K + rk[None, :]
     tl.store(out, acc.to(da_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_k[None, :])
 
@@ -480,7 +495,8 @@ def lowrank_mixed_fwd(x, weight, bias, order, counts, adapters, quant_state=None
             os_ptr=os_pack if os_pack is not None else b_pack, scale_ptr=scales, y_ptr=y,
             N=N, K=K, R=R, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=stride_wn, stride_wk=stride_wk,
             stride_ym=y.stride(0), stride_yn=y.stride(1),
-            HAS_BIAS=bias is not None, HAS_OUT_SCALE=os_pack is not None, W4=w4, W_T=False, **wmeta,
+            seed_ptr=tiles, p_ptr=y, first_ptr=tiles,
+            HAS_BIAS=bias is not None, HAS_OUT_SCALE=os_pack is not None, W4=w4, W_T=False, HAS_DROPOUT=False, **wmeta,
             UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR, R_CHUNK=_dense._r_chunk(BR),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return y, ts
@@ -492,17 +508,18 @@ def _dy_rows(block_m: int, block_r: int, elem: int) -> int:
 
 
 def lowrank_mixed_bwd(grad_y, x, weight, order, counts, adapters, ts, need_dx: bool, needs, quant_state=None,
-                      block_m=None):
-    """Backward of the mixed op without dropout (see :mod:`fastpeft.ops.lowrank_mixed`); W dense,
-    or 4-bit with ``quant_state`` (dequantised tile by tile in the dX GEMM).
+                      block_m=None, seed: int = 0):
+    """Backward of the mixed op (see :mod:`fastpeft.ops.lowrank_mixed`); W dense, or 4-bit with
+    ``quant_state`` (dequantised tile by tile in the dX GEMM); adapter i's dropout mask (seed
+    ``seed + i``, as the forward drew it) regenerated in the dX epilogue and the dA pass.
 
     ``ts``: the saved T_i (None for an adapter without rows); ``needs``: per adapter (dA, dB,
     dcore, dout_scale) flags. Returns (dX [M, k] or None, per adapter [dA, dB, dcore, dout_scale]
     or None). With dYo = dY ⊙ o_i, G = dYo B_i and dT = (G S_i) ⊙ σ'(T) on adapter i's rows::
 
-        dX = dY W + s_i·dT A_i          one GEMM over all rows (the forward's GEMM kernel, W read
+        dX = dY W + s_i·D_i'(dT A_i)    one GEMM over all rows (the forward's GEMM kernel, W read
                                          transposed, A_iᵀ as the epilogue's B, each tile's adapter)
-        dA_i = s_i·dT_iᵀ X_i            one program per (adapter, k-block), over its own rows
+        dA_i = s_i·dT_iᵀ D_i(X_i)       one program per (adapter, k-block), over its own rows
         dB_i = s_i·o_i ⊙ dYᵀU_i,  d_o_i = s_i·rowsum(B_i ⊙ dYᵀU_i),  dS_i = s_i·(Gᵀ Z | Σ G ⊙ Z)
 
     The pass over dY writes one partial of dYᵀU (and dS) per row tile; each adapter's tiles are
@@ -536,6 +553,7 @@ def lowrank_mixed_bwd(grad_y, x, weight, order, counts, adapters, ts, need_dx: b
     tiles, _ = tile_table(segments, n_rows, M, bm, dev)
     u = b_t = scales = d_t = None
     R, BR = 1, 16
+    seeds, ps, firsts_d = _dropout_args(adapters, counts, seed, dev)
     with _dense._device(grad_y):
         if present:
             a_pack, b_pack, core_kind, core_pack, os_pack, scales, R = pack_adapters(present, d, K, dtype, dev)
@@ -578,7 +596,8 @@ def lowrank_mixed_bwd(grad_y, x, weight, order, counts, adapters, ts, need_dx: b
                 da_bm = _dense._interp_block(max_count) if interp else 32
                 da_bk = max(32, _dense._interp_block(K)) if interp else 64
                 _mixed_da_kernel[(len(present), triton.cdiv(K, da_bk))](
-                    d_t, x, order, firsts, count_t, scales, da_pack, K, R, x.stride(0), x.stride(1),
+                    d_t, x, order, firsts, count_t, scales, da_pack, seeds if seeds is not None else firsts,
+                    ps if ps is not None else scales, K, R, x.stride(0), x.stride(1), HAS_DROPOUT=seeds is not None,
                     BLOCK_M=da_bm, BLOCK_K=da_bk, num_warps=4, num_stages=1 if interp else 3, **common)
             tile0 = 0
             for slot, ((_, _, count), i) in enumerate(zip(segments, owner)):
@@ -608,8 +627,10 @@ def lowrank_mixed_bwd(grad_y, x, weight, order, counts, adapters, ts, need_dx: b
             _mixed_gemm_kernel[(tiles.shape[0], triton.cdiv(K, bn))](
                 grad_y, order, tiles, w_arg, **wscales, bias_ptr=dx, u_ptr=u_dx, b_ptr=b_t if b_t is not None else dx,
                 os_ptr=b_t if b_t is not None else dx, scale_ptr=scales if scales is not None else dx, y_ptr=dx,
-                N=K, K=N, R=R, stride_xm=grad_y.stride(0), stride_xk=grad_y.stride(1),
+                seed_ptr=seeds if seeds is not None else tiles, p_ptr=ps if ps is not None else dx,
+                first_ptr=firsts_d if firsts_d is not None else tiles, N=K, K=N, R=R, stride_xm=grad_y.stride(0), stride_xk=grad_y.stride(1),
                 stride_wn=stride_wn, stride_wk=stride_wk, stride_ym=dx.stride(0), stride_yn=dx.stride(1),
-                HAS_BIAS=False, HAS_OUT_SCALE=False, W4=w4, W_T=True, **wmeta, UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR, R_CHUNK=_dense._r_chunk(BR),
+                HAS_BIAS=False, HAS_OUT_SCALE=False, W4=w4, W_T=True, HAS_DROPOUT=seeds is not None, **wmeta,
+                UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR, R_CHUNK=_dense._r_chunk(BR),
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return dx, grads

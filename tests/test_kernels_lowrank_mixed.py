@@ -194,13 +194,19 @@ def test_dropout_4bit_against_float64_philox_mask():
     assert_close_rel(y, y64, 1e-5, "Y")
 
 
-def test_dropout_gradients_through_the_op_against_float64():
-    """The Triton forward with dropout and the backward that regenerates its Philox masks: every
-    gradient against float64 autograd with the same masks."""
+def test_dropout_gradients_through_the_op_against_float64(monkeypatch):
+    """The Triton forward with dropout and the Triton backward that regenerates its Philox masks
+    (dX epilogue, dA pass; 16-row tiles, 32-wide blocks): every gradient against float64 autograd
+    with the same masks."""
+    from fastpeft.kernels import lowrank as dense
     from fastpeft.ops.lowrank_mixed import lowrank_linear_mixed
 
+    monkeypatch.setattr(dense, "INTERPRET_BLOCK_CAP", 16)
+    calls = []
+    bwd = LM.lowrank_mixed_bwd
+    monkeypatch.setattr(LM, "lowrank_mixed_bwd", lambda *a, **k: calls.append(1) or bwd(*a, **k))
     gen = torch.Generator().manual_seed(6)
-    d, k, rows_per_sample, seed = 77, 123, 3, 99
+    d, k, rows_per_sample, seed = 77, 123, 5, 99
     base = _adapters(d, k, torch.float32, gen, activation="gelu")
     base = [None if a is None else a._replace(dropout_p=p) for a, p in zip(base, (0.25, 0.0, 0.0, 0.4))]
     x0 = torch.randn(len(SAMPLES), rows_per_sample, k, generator=gen).to(DEVICE)
@@ -226,6 +232,7 @@ def test_dropout_gradients_through_the_op_against_float64():
         for f in fields:
             if a is not None and getattr(a, f) is not None:
                 assert_close_rel(getattr(a, f).grad, getattr(r, f).grad, 1e-5, f"d{f} of adapter {i}")
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -389,8 +396,10 @@ for arch in (80, 90):
             _, ts4 = LM.lowrank_mixed_fwd(x[:, :256], packed, None, order, counts, a256, state)
             LM.lowrank_mixed_bwd(torch.empty(x.shape[0], 256, dtype=bf), x[:, :256], packed, order, counts, a256,
                                  ts4, True, [(True, True, True, True)] * len(adapters), state)
-            LM.lowrank_mixed_fwd(x, torch.empty(d, k, dtype=bf), None, order, counts,      # dropout in the T pass
-                                 [None if a is None else a._replace(dropout_p=0.1) for a in adapters], seed=7)
+            dropped = [None if a is None else a._replace(dropout_p=0.1) for a in adapters]
+            _, tsd = LM.lowrank_mixed_fwd(x, w, None, order, counts, dropped, seed=7)       # dropout in the T pass
+            LM.lowrank_mixed_bwd(torch.empty(x.shape[0], d, dtype=bf), x, w, order, counts, dropped, tsd, True,
+                                 [(True, True, True, True)] * len(adapters), seed=7)   # ... and in dX and dA
         jobs += [asdict(j) for j in captured]
 json.dump(jobs, sys.stdout)
 """
@@ -419,7 +428,8 @@ def test_gpu_tiles_compile_for_sm80_and_sm90_without_spills():
 
     jobs = _static_jobs()
     assert {j.name for j in jobs} >= {"_mixed_t_kernel", "_mixed_gemm_kernel"} and {j.arch for j in jobs} == {80, 90}
-    assert any(j.constexprs.get("HAS_DROPOUT") for j in jobs)
+    assert {j.name for j in jobs if j.constexprs.get("HAS_DROPOUT")} == {"_mixed_t_kernel", "_mixed_gemm_kernel",
+                                                                         "_mixed_da_kernel"}
     assert {j.name for j in jobs} >= {"_mixed_u_kernel", "_mixed_dy_kernel", "_mixed_da_kernel"}
     for job, res in zip(jobs, _aot.compile_kernels(jobs)):
         what = f"{job.name} sm_{job.arch} BLOCK_M={job.constexprs.get('BLOCK_M')} BLOCK_R={job.constexprs.get('BLOCK_R')}"

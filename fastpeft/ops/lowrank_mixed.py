@@ -31,10 +31,10 @@ weight, dequantised again for dX.
 Backends: ``"torch"`` (the reference, and the CPU implementation; its dropout masks come from
 torch's generator) and ``"triton"`` (:mod:`fastpeft.kernels.lowrank_mixed`): forward, the T pass
 and the base GEMM's epilogue gather each row tile's adapter, dense and 4-bit W, dropout by the
-kernels' Philox mask of ``seed + i`` over adapter i's rows; backward, without
-dropout, the pass over dY per adapter tile, dX = dY W + s_i·dT_i A_i in one GEMM (W dense or
-4-bit) and dA_i from the adapter's own rows (deterministic); with dropout backward runs the torch
-code above from the saved T_i, regenerating the mask the forward's backend drew.
+kernels' Philox mask of ``seed + i`` over adapter i's rows; backward, the pass over dY per
+adapter tile, dX = dY W + s_i·D_i'(dT_i A_i) in one GEMM (W dense or 4-bit) and dA_i from the
+adapter's own rows (deterministic), the mask regenerated. The torch backend's backward is the
+code above, from the saved T_i and its own regenerated masks.
 """
 
 from __future__ import annotations
@@ -338,7 +338,7 @@ class LowRankMixedFunction(torch.autograd.Function):
             d_w = grad_y.t() @ x2d                                               # dW = dYᵀ X
         if need_bias:
             d_bias = grad_y.sum(0)                                               # db = Σ dY
-        if backend == "triton" and not any(specs[i][1] > 0.0 for i in ctx.present):   # the kernels
+        if backend == "triton":                                                  # the kernels
             dx, per_adapter = _bwd_triton(ctx, grad_y, x2d, weight, quant_state, adapters, ts, need_x)
             for i, g in enumerate(per_adapter):
                 if g is not None:
@@ -362,8 +362,8 @@ class LowRankMixedFunction(torch.autograd.Function):
                 need_x or need_a, need_b, need_core, need_os)
             drop = None
             if a.dropout_p > 0.0 and (need_x or need_a):                         # D_i, regenerated
-                drop = _drop_factor(backend, _seed_of(seed, i), gy.shape[0], a.lora_A.shape[1], a.dropout_p,
-                                    d_t.dtype, grad_y.device)
+                drop = _dropout_scale(_seed_of(seed, i), gy.shape[0], a.lora_A.shape[1], a.dropout_p,
+                                      d_t.dtype, grad_y.device)
             if need_x:                                                           # += s_i·D_i'(dT_i A_i)
                 part = d_t @ a.lora_A
                 _add_rows(dx, sel, part if drop is None else part.mul_(drop), a.scale, batch)
@@ -387,16 +387,8 @@ def _bwd_triton(ctx, grad_y, x2d, weight, quant_state, adapters, ts: dict, need_
     needs = [(need[4 + _FIELDS * i], need[5 + _FIELDS * i], need[6 + _FIELDS * i], need[7 + _FIELDS * i])
              for i in range(len(adapters))]
     return lowrank_mixed_bwd(grad_y.contiguous(), x2d, weight, order, counts, adapters,
-                             [ts.get(i) for i in range(len(adapters))], need_x, needs, quant_state)
-
-
-def _drop_factor(backend: str, seed: int, m: int, k: int, dropout_p: float, dtype, device) -> Tensor:
-    """D's [m, k] factor (keep-mask / (1-p)) as the forward drew it: the torch generator's mask
-    on the torch backend, the kernels' Philox mask on the Triton one."""
-    if backend != "triton":
-        return _dropout_scale(seed, m, k, dropout_p, dtype, device)
-    from ..kernels.lowrank import dropout_keep_mask
-    return dropout_keep_mask(seed, m, k, dropout_p, device).to(dtype).mul_(1.0 / (1.0 - dropout_p))
+                             [ts.get(i) for i in range(len(adapters))], need_x, needs, quant_state,
+                             seed=ctx.meta[3])
 
 
 def _adapters(specs, flat):
