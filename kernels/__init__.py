@@ -5,6 +5,9 @@ launchers on 2-D tensors (the autograd Functions live in ``fastpeft.ops``):
 
 * :mod:`fastpeft.kernels.lowrank`: the dense low-rank adapter op, ``lowrank_fwd`` /
   ``lowrank_bwd`` / ``dropout_keep_mask``.
+* :mod:`fastpeft.kernels.lowrank_sm90`: sm_90 main loops of the dense op's forward GEMM and dX
+  (TMA tensor descriptors feeding wgmma, a persistent grouped tile schedule, tiles up to
+  128×256), chosen by the dense launchers on sm_90 for aligned fp16/bf16 operands.
 * :mod:`fastpeft.kernels.lowrank_group`: several projections of one input (q/k/v, gate/up),
   ``lowrank_group_fwd`` / ``lowrank_group_bwd``.
 * :mod:`fastpeft.kernels.lowrank_mixed`: several adapters in one batch, each row tile with its

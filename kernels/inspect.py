@@ -291,24 +291,50 @@ def _kind(opcode: str) -> str:
 
 
 def main_loop(sass: str) -> Optional[dict]:
-    """The main loop: among the bodies of backward branches, the one with the most tensor-core
-    instructions (then the most memory instructions, then the shortest). Returns its instruction
-    counts per iteration ``{"total", "mma", "memory", "other"}``, the tensor-core instruction
-    kinds in it (``"mma_kind"``) and its address range, or
-    ``None`` for straight-line code."""
+    """The main loop: the innermost loop (backward branch) with the most tensor-core
+    instructions, i.e. one that holds no other loop with tensor-core instructions (then the most
+    memory instructions, then the shortest; without tensor cores anywhere, the same order over
+    every loop). Returns its instruction counts per iteration ``{"total", "mma", "memory",
+    "other"}`` (of the memory ones, ``"tma_load"`` UTMALDG and ``"ldgsts"`` cp.async), the tensor-core instruction kinds in it (``"mma_kind"``), its address range and
+    ``"body"``, the instructions between its ends; or ``None`` for straight-line code.
+
+    Per iteration, regions that a predicated forward branch inside the loop skips are left out:
+    a persistent kernel whose loop over tiles and k-steps is flattened into one loop runs its
+    once-per-tile prologue and epilogue under such branches, not once per k-step."""
     instrs = _instructions(sass)
+    predicated = {int(m.group(1), 16) for m in _INSTR.finditer(sass) if m.group(2)}
     loops = []
     for addr, opcode, operands in instrs:
         target = re.match(r"\s*(0x[0-9a-f]+)", operands)
         if opcode.split(".")[0] == "BRA" and target and int(target.group(1), 16) < addr:
-            body = [op for a, op, _ in instrs if int(target.group(1), 16) <= a <= addr]
-            kinds = [_kind(op) for op in body]
-            loops.append({"total": len(body), "mma": kinds.count("mma"), "memory": kinds.count("memory"),
-                          "other": kinds.count("other"), "start": int(target.group(1), 16), "end": addr,
-                          "mma_kind": "/".join(sorted({op.split(".")[0] for op in body if _MMA.match(op)})) or "-"})
+            start = int(target.group(1), 16)
+            body = [(a, op, rest) for a, op, rest in instrs if start <= a <= addr]
+            loops.append({"start": start, "end": addr, "body": body,
+                          "mma_all": sum(_kind(op) == "mma" for _, op, _ in body)})
+    # a wait stub placed after the code returns into the middle of a loop with a backward branch:
+    # of two ranges that overlap without nesting, the later-ending one is such a return, no loop
+    loops = [lp for lp in loops if not any(o["start"] < lp["start"] <= o["end"] < lp["end"] for o in loops)]
     if not loops:
         return None
-    return max(loops, key=lambda lp: (lp["mma"], lp["memory"], -lp["total"]))
+    with_mma = [lp for lp in loops if lp["mma_all"]]
+    innermost = [lp for lp in with_mma if not any(
+        o is not lp and lp["start"] <= o["start"] and o["end"] <= lp["end"] for o in with_mma)]
+    candidates = []
+    for lp in innermost or loops:
+        skipped = []
+        for a, op, rest in lp["body"]:
+            target = re.match(r"\s*(0x[0-9a-f]+)", rest)
+            if op.split(".")[0] == "BRA" and target and a in predicated and a < int(target.group(1), 16) <= lp["end"]:
+                skipped.append((a, int(target.group(1), 16)))
+        ops = [op for a, op, _ in lp["body"] if not any(lo < a < hi for lo, hi in skipped)]
+        kinds = [_kind(op) for op in ops]
+        base = [op.split(".")[0] for op in ops]
+        candidates.append({"total": len(ops), "mma": kinds.count("mma"), "memory": kinds.count("memory"),
+                           "other": kinds.count("other"), "tma_load": base.count("UTMALDG"),
+                           "ldgsts": base.count("LDGSTS"), "start": lp["start"], "end": lp["end"],
+                           "body": len(lp["body"]),
+                           "mma_kind": "/".join(sorted({op.split(".")[0] for op in ops if _MMA.match(op)})) or "-"})
+    return max(candidates, key=lambda lp: (lp["mma"], lp["memory"], -lp["total"]))
 
 
 def analyse_sass(sass: str) -> dict:
@@ -329,6 +355,8 @@ _FLOPS = {
     "_lowrank_u_kernel": lambda a: 2 * a["M"] * a["R"] * a["R"],
     "_lowrank_bwd_dy_kernel": lambda a: 4 * a["M"] * a["N"] * a["R"],
     "_lowrank_bwd_dx_kernel": lambda a: 2 * a["M"] * a["N"] * (a["K"] + a["R"]),
+    "_lowrank_fwd_gemm_tma_kernel": lambda a: 2 * a["M"] * a["N"] * (a["K"] + a["R"]),
+    "_lowrank_bwd_dx_tma_kernel": lambda a: 2 * a["M"] * a["N"] * (a["K"] + a["R"]),
     "_lowrank_bwd_da_kernel": lambda a: 2 * a["M"] * a["K"] * a["R"],
     "_lowrank4_fwd_gemm_kernel": lambda a: 2 * a["M"] * a["N"] * (a["K"] + a["R"]),
     "_lowrank4_decode_kernel": lambda a: 2 * a["M"] * a["N"] * a["K"],
@@ -411,7 +439,7 @@ class Report:
     def table(self) -> str:
         devices = list(DEVICES[self.problem.arch])
         head = ["#", "kernel", "config", "regs", "smem KB", "LDL/STL", "MMA", "TMA ld/st", "LDGSTS", "instrs",
-                "loop mma/mem/oth", "non-MMA/w", "HBM MB", *(f"floor {d} us" for d in devices)]
+                "loop mma/mem/oth", "loop TMA/LDGSTS", "non-MMA/w", "HBM MB", *(f"floor {d} us" for d in devices)]
         rows = []
         for rec in self.records:
             c = rec["config"]
@@ -426,6 +454,7 @@ class Report:
                 f"{rec['spills']['ldl']}/{rec['spills']['stl']}", f"{rec['mma_kind']} {rec['mma']}",
                 f"{rec['tma']['load']}/{rec['tma']['store']}", str(rec["ldgsts"]), str(rec["instructions"]),
                 f"{loop['mma']}/{loop['memory']}/{loop['other']}" if loop else "-",
+                f"{loop['tma_load']}/{loop['ldgsts']}" if loop else "-",
                 "-" if rec["non_mma_per_weight"] is None else f"{rec['non_mma_per_weight']:g}",
                 f"{rec['hbm_bytes'] / 1e6:.1f}", *(f"{rec['floor_us'][d]:.1f}" for d in devices)])
         widths = [max(len(r[i]) if i < len(r) else 0 for r in [head] + rows) for i in range(len(head))]

@@ -10,7 +10,8 @@ o [d], scale s, activation σ and inverted dropout D (keep probability 1-p, kept
 Forward, two kernels:
   * ``_lowrank_fwd_t_kernel``: one pass over X: T = D(X)Aᵀ (returned, saved by the caller) and
     U = σ(T)Sᵀ ([M, r], a workspace);
-  * ``_lowrank_fwd_gemm_kernel``: Y = X Wᵀ whose epilogue adds b and s·(U Bᵀ)⊙o: Y written once.
+  * ``_lowrank_fwd_gemm_kernel``: Y = X Wᵀ whose epilogue adds b and s·(U Bᵀ)⊙o: Y written once
+    (on sm_90 with aligned operands, its TMA twin in :mod:`fastpeft.kernels.lowrank_sm90`).
 
 Backward from dY, with dYo = dY ⊙ o, G = dYo B, H = G S | G ⊙ S | G and dT = H ⊙ σ'(T):
   * ``_lowrank_u_kernel``: U = σ(T)Sᵀ from the saved T (when dB or d_o needs it and U ≠ T);
@@ -19,7 +20,8 @@ Backward from dY, with dYo = dY ⊙ o, G = dYo B, H = G S | G ⊙ S | G and dT =
     deterministic mode writes one partial per block, fast mode adds them with fp32 atomics;
   * ``_lowrank_bwd_finalize_kernel``: reduces the partials in a fixed order:
     dB = s·o ⊙ (dYᵀU) = s·dYoᵀU,  d_o = s·rowsum(B ⊙ dYᵀU),  db = Σ_rows dY;
-  * ``_lowrank_bwd_dx_kernel``: dX = dY W whose epilogue adds s·D'(dT A), the mask regenerated;
+  * ``_lowrank_bwd_dx_kernel``: dX = dY W whose epilogue adds s·D'(dT A), the mask regenerated
+    (on sm_90 with aligned operands, its TMA twin);
   * ``_lowrank_bwd_da_kernel``: dA = s·dTᵀ D(X), a skinny split-M GEMM, the mask regenerated;
   * ``_sum_partials_kernel``: fixed-order sums of split partials (dS = s·Gᵀ Z, dA).
 
@@ -369,17 +371,22 @@ def _keep_mask(seed, rows, cols, dropout_p):
 
 
 @triton.jit
-def _grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Program id → (tile row, tile column), GROUP_M row tiles at a time (L2 reuse of W)."""
-    pid = tl.program_id(0)
+def _grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile index → (tile row, tile column), GROUP_M row tiles at a time (L2 reuse of W)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     in_group = GROUP_M * num_pid_n
-    first_m = (pid // in_group) * GROUP_M
+    first_m = (tile // in_group) * GROUP_M
     group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_m
-    pid_n = (pid % in_group) // group_m
+    pid_m = first_m + (tile % in_group) % group_m
+    pid_n = (tile % in_group) // group_m
     return pid_m, pid_n
+
+
+@triton.jit
+def _grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id → (tile row, tile column) in :func:`_grouped_tile`'s order."""
+    return _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
 
 @triton.jit
@@ -726,6 +733,30 @@ def _lowrank_bwd_finalize_kernel(
         tl.store(dbias_ptr + rn, acc_b.to(dbias_ptr.dtype.element_ty), mask=mask_n)
 
 
+@triton.jit
+def _dx_adapter_init(dt_ptr, a_ptr, rm, rn, M, N, R, seed, dropout_p, adapter_scale,
+                     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The dX accumulator's start on a [BLOCK_M, BLOCK_N] tile: s/(1-p)·mask ⊙ (dT A) (R_CHUNK of
+    r at a time; dT [M, R] and A [R, N] contiguous; ``adapter_scale`` = s/(1-p)), the mask
+    regenerated from the seed."""
+    dtype = dt_ptr.dtype.element_ty
+    mask_m = rm < M
+    mask_n = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dt_rows = dt_ptr + rm.to(tl.int64)[:, None] * R
+    for r0 in tl.range(0, BLOCK_R, R_CHUNK, num_stages=1):   # not pipelined: registers
+        rc = r0 + tl.arange(0, R_CHUNK)
+        mask_c = rc < R
+        dtt = tl.load(dt_rows + rc[None, :], mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+        at = tl.load(a_ptr + rc[:, None] * N + rn[None, :], mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(_op(dtt, dtype, UPCAST), _op(at, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
+    acc = acc * tl.to_tensor(adapter_scale).to(tl.float32)
+    if HAS_DROPOUT:
+        acc = tl.where(_keep_mask(seed, rm, rn, tl.to_tensor(dropout_p).to(tl.float32)), acc, 0.0)
+    return acc
+
+
 @triton.autotune(configs=_DX_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R", "HAS_DROPOUT"],
                  prune_configs_by={"early_config_prune": _prune_dx})
 @triton.jit(do_not_specialize=["seed"])
@@ -748,17 +779,8 @@ def _lowrank_bwd_dx_kernel(
     rk = tl.arange(0, BLOCK_K)
     mask_m = rm < M
     mask_n = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    dt_rows = dt_ptr + rm.to(tl.int64)[:, None] * R
-    for r0 in tl.range(0, BLOCK_R, R_CHUNK, num_stages=1):   # not pipelined: registers
-        rc = r0 + tl.arange(0, R_CHUNK)
-        mask_c = rc < R
-        dtt = tl.load(dt_rows + rc[None, :], mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-        at = tl.load(a_ptr + rc[:, None] * N + rn[None, :], mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(_op(dtt, dtype, UPCAST), _op(at, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
-    acc = acc * tl.to_tensor(adapter_scale).to(tl.float32)
-    if HAS_DROPOUT:
-        acc = tl.where(_keep_mask(seed, rm, rn, tl.to_tensor(dropout_p).to(tl.float32)), acc, 0.0)
+    acc = _dx_adapter_init(dt_ptr, a_ptr, rm, rn, M, N, R, seed, dropout_p, adapter_scale, HAS_DROPOUT, UPCAST,
+                           DOT_PRECISION, BLOCK_R, R_CHUNK, BLOCK_M, BLOCK_N)
     # rows past M / N read wrapped addresses and are never stored: the loop masks only along d
     dy_rows = dy_ptr + (rm % M).to(tl.int64)[:, None] * stride_dym
     w_cols = w_ptr + (rn % N)[None, :] * stride_wn                                    # W tile [BK, BN]
@@ -976,6 +998,9 @@ def _fwd_gemm(x, weight, bias, u, b, out_scale, scale: float, y, row_scale=None,
                 stride_um=u.stride(0), scale=float(scale), HAS_BIAS=bias is not None,
                 HAS_OUT_SCALE=out_scale is not None, GROUP_M=_GROUP_M, UPCAST=interp,
                 DOT_PRECISION=_dot_precision(x.dtype), BLOCK_R=BR, R_CHUNK=_r_chunk(BR))
+    from . import lowrank_sm90
+    if lowrank_sm90.tma_ok(x, weight):          # sm_90, aligned: TMA + wgmma main loop
+        return lowrank_sm90.fwd_gemm(args, x)
     if interp:
         fb = dict(BLOCK_M=_interp_block(M), BLOCK_N=_interp_block(N), BLOCK_K=_interp_block(K),
                   num_warps=4, num_stages=1)
@@ -1167,23 +1192,33 @@ def lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dr
                         seed=int(seed), dropout_p=p, adapter_scale=s / (1.0 - p),
                         HAS_DROPOUT=p > 0.0, UPCAST=interp, DOT_PRECISION=_dot_precision(grad_y.dtype),
                         BLOCK_R=BR, R_CHUNK=_r_chunk(BR), GROUP_M=_GROUP_M)
-            if interp:
-                fb = dict(BLOCK_M=_interp_block(M), BLOCK_N=_interp_block(K), BLOCK_K=_interp_block(N),
-                          num_warps=4, num_stages=1)
-            elif not _autotuning():
-                arch, smem, _ = _limits_of(grad_y)
-                fb = _fallback(_gemm_keep(_DX_CONFIGS, arch, smem, M, K, BR, grad_y.element_size(), dx=True,
-                                          dropout=p > 0.0))
+            from . import lowrank_sm90
+            if lowrank_sm90.tma_ok(grad_y, weight, tf32=False):    # sm_90, aligned: TMA + wgmma
+                lowrank_sm90.bwd_dx(args, grad_y)
             else:
-                fb = {}
-            _launch(_lowrank_bwd_dx_kernel,
-                    lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),), args, fb)
+                _dx_pointer(args, grad_y, p > 0.0)
 
         if need_A:
             da_part = lowrank_bwd_da_partials(d_t, x, p, seed)
             d_a = torch.empty_like(a)
             _sum_partials(da_part, d_a, da_part.shape[0], s / (1.0 - p))
     return dx, d_a, d_b, d_core, d_os, d_bias
+
+
+def _dx_pointer(args: dict, grad_y, dropout: bool):
+    """The dX GEMM with pointer (cp.async) loads: ``args`` of :func:`_lowrank_bwd_dx_kernel`."""
+    M, N = args["M"], args["N"]
+    if _interpreting():
+        fb = dict(BLOCK_M=_interp_block(M), BLOCK_N=_interp_block(N), BLOCK_K=_interp_block(args["K"]),
+                  num_warps=4, num_stages=1)
+    elif not _autotuning():
+        arch, smem, _ = _limits_of(grad_y)
+        fb = _fallback(_gemm_keep(_DX_CONFIGS, arch, smem, M, N, args["BLOCK_R"], grad_y.element_size(), dx=True,
+                                  dropout=dropout))
+    else:
+        fb = {}
+    _launch(_lowrank_bwd_dx_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
+            args, fb)
 
 
 def _sum_partials(part, out, n_partials: int, scale: float):

@@ -31,11 +31,55 @@ LOOP_SASS = """
 
 def test_main_loop_is_the_backward_branch_with_the_most_mma():
     loop = I.main_loop(LOOP_SASS)
-    assert loop == {"total": 6, "mma": 2, "memory": 1, "other": 3, "start": 0x130, "end": 0x180, "mma_kind": "HGMMA"}
+    assert loop == {"total": 6, "mma": 2, "memory": 1, "other": 3, "tma_load": 0, "ldgsts": 0, "start": 0x130,
+                    "end": 0x180, "body": 6, "mma_kind": "HGMMA"}
     counts = I.analyse_sass(LOOP_SASS)
     assert counts["mma"] == 3 and counts["mma_kind"] == "HGMMA" and counts["ldgsts"] == 1
     assert (counts["ldl"], counts["stl"]) == (0, 1)
     assert I.main_loop("        /*0100*/                   EXIT ;\n") is None
+
+
+# a persistent kernel: a loop over tiles (0x100-0x1c0) around a k-loop (0x130-0x160); then the
+# same flattened into one loop whose once-per-tile prologue (0x210-0x230) and epilogue
+# (0x270-0x290) sit under predicated forward branches, with a wait stub after the code that
+# branches back into the loop (0x2e0)
+NESTED_SASS = """
+        /*0100*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT, gsb0 ;   /* 0x000 */
+        /*0110*/                   IADD3 R2, R2, 0x40, RZ ;               /* 0x000 */
+        /*0120*/                   IADD3 R3, R2, 0x40, RZ ;               /* 0x000 */
+        /*0130*/                   UTMALDG.2D [UR4], [UR16] ;             /* 0x000 */
+        /*0140*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;            /* 0x000 */
+        /*0150*/                   IADD3 R2, R2, 0x40, RZ ;               /* 0x000 */
+        /*0160*/              @!P1 BRA 0x130 ;                            /* 0x000 */
+        /*0170*/                   STG.E [R4.64], R24 ;                   /* 0x000 */
+        /*0180*/                   FMUL R3, R4, R5 ;                      /* 0x000 */
+        /*0190*/                   FMUL R3, R4, R5 ;                      /* 0x000 */
+        /*01c0*/               @P0 BRA 0x100 ;                            /* 0x000 */
+        /*0200*/                   IADD3 R2, R2, 0x40, RZ ;               /* 0x000 */
+        /*0210*/               @P2 BRA 0x240 ;                            /* 0x000 */
+        /*0220*/                   LDG.E R6, [R4.64] ;                    /* 0x000 */
+        /*0230*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT, gsb0 ;   /* 0x000 */
+        /*0240*/                   UTMALDG.2D [UR4], [UR16] ;             /* 0x000 */
+        /*0250*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;            /* 0x000 */
+        /*0260*/               @P3 BRA 0x2a0 ;                            /* 0x000 */
+        /*0270*/                   FMUL R3, R4, R5 ;                      /* 0x000 */
+        /*0280*/                   STG.E [R4.64], R24 ;                   /* 0x000 */
+        /*0290*/                   FMUL R3, R4, R5 ;                      /* 0x000 */
+        /*02a0*/              @!P0 BRA 0x200 ;                            /* 0x000 */
+        /*02b0*/                   EXIT ;                                 /* 0x000 */
+        /*02c0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P3, [UR20+0x27000], R161 ;  /* 0x000 */
+        /*02d0*/              @!P3 BRA 0x2c0 ;                            /* 0x000 */
+        /*02e0*/                   BRA 0x250 ;                            /* 0x000 */
+"""
+
+
+def test_main_loop_is_innermost_and_skips_once_per_tile_regions():
+    nested = NESTED_SASS.split("/*0200*/")[0]
+    assert I.main_loop(nested) == {"total": 4, "mma": 1, "memory": 1, "other": 2, "tma_load": 1, "ldgsts": 0,
+                                   "start": 0x130, "end": 0x160, "body": 4, "mma_kind": "HGMMA"}
+    flat = "\n".join(ln for ln in NESTED_SASS.splitlines() if "/*02" in ln or "/*01" not in ln)
+    assert I.main_loop(flat) == {"total": 6, "mma": 1, "memory": 1, "other": 4, "tma_load": 1, "ldgsts": 0,
+                                 "start": 0x200, "end": 0x2a0, "body": 11, "mma_kind": "HGMMA"}
 
 
 @pytest.mark.parametrize("argv,flag", [
@@ -77,17 +121,19 @@ def test_decode_call_of_the_4bit_op(tmp_path, capsys):
 def test_training_step_launches_and_specialisation():
     """A dense LoRA training step with dropout at an aligned shape: every launch of forward and
     backward is captured, every autotune config of a launch compiles, sizes divisible by 16 carry
-    the divisibility attribute, and the GEMM's main loop has wgmma on sm_90."""
+    the divisibility attribute, and the GEMMs' main loops have wgmma fed by TMA on sm_90."""
     report = I.inspect_kernels(op="dense", arch=90, k=256, d=128, M=512, r=16, dropout=0.1)
     kernels = {r["kernel"] for r in report.records}
-    assert {"_lowrank_fwd_t_kernel", "_lowrank_fwd_gemm_kernel", "_lowrank_bwd_dy_kernel",
-            "_lowrank_bwd_dx_kernel", "_lowrank_bwd_da_kernel"} <= kernels
+    assert {"_lowrank_fwd_t_kernel", "_lowrank_fwd_gemm_tma_kernel", "_lowrank_bwd_dy_kernel",
+            "_lowrank_bwd_dx_tma_kernel", "_lowrank_bwd_da_kernel"} <= kernels
     assert report.launches == len({r["launch"] for r in report.records}) >= 6
     assert not [r for r in report.records if r["error"]]
-    gemm = [r for r in report.records if r["kernel"] == "_lowrank_fwd_gemm_kernel"]
+    gemm = [r for r in report.records if r["kernel"] == "_lowrank_fwd_gemm_tma_kernel"]
     assert len(gemm) >= 2 and all(r["autotuned"] for r in gemm)
     assert all(r["specialisation"]["attrs"]["K"] == [["tt.divisibility", 16]] for r in gemm)
-    assert all("HGMMA" in r["main_loop"]["mma_kind"] for r in gemm if r["config"]["BLOCK_M"] >= 64)
+    gemms = gemm + [r for r in report.records if r["kernel"] == "_lowrank_bwd_dx_tma_kernel"]
+    assert all("HGMMA" in r["main_loop"]["mma_kind"] and r["main_loop"]["tma_load"] and not r["main_loop"]["ldgsts"]
+               for r in gemms)
     assert "floor H100" in report.table() and report.floor_us("H200") > 0
 
 

@@ -8,7 +8,8 @@ dropout 0 and 0.1; the dense, 4-bit and grouped ops (LoRA), plus the other prese
 own specialisation of the real arguments; every distinct specialisation × kept config is
 compiled once. Checks on each binary: no compile error (there is no fallback build), shared
 memory within the device's per-block limit, no local-memory spills, tensor cores in every GEMM
-(wgmma in the main loop on sm_90, with the exceptions listed below and their reasons).
+(wgmma in the main loop on sm_90, with the exceptions listed below and their reasons), and on
+sm_90 the forward GEMM's and dX's main loops loading through TMA.
 
 Compilation runs in worker subprocesses (the interpreter is on in this process) and is cached by
 Triton on disk, so a second run is fast.
@@ -50,6 +51,10 @@ NOT_WGMMA = {
     "_dora_norm_kernel": "W·Aᵀ for DoRA's norms is an r-wide skinny product, run when the adapter changes",
 }
 SMALL_M = "BLOCK_M < 64 is kept only for M < 64 (decode-sized), where a 64-row wgmma tile would be mostly padding"
+# sm_90 GEMMs whose main loop loads its operands through TMA (UTMALDG), without cp.async; at the
+# grid's shapes (all 16-byte aligned) the forward GEMM and dX run them, never the pointer kernels
+TMA_KERNELS = {"_lowrank_fwd_gemm_tma_kernel", "_lowrank_bwd_dx_tma_kernel"}
+POINTER_ON_SM90 = {"_lowrank_fwd_gemm_kernel", "_lowrank_bwd_dx_kernel"}
 
 
 def _block_m(job):
@@ -57,16 +62,19 @@ def _block_m(job):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled():
-    """[(problem, job, result)] for every captured job of every problem."""
-    captured = capture_problems(PROBLEMS)
-    triples = [(problem, job) for problem, (jobs, _) in zip(PROBLEMS, captured) for job in jobs]
+def _problems_of(op, arch):
+    """[(problem, job, result)] for every captured job of the problems of one op and arch (so
+    that a ``-k`` subset compiles only its share)."""
+    problems = [p for p in PROBLEMS if p.op == op and p.arch == arch]
+    captured = capture_problems(problems)
+    triples = [(problem, job) for problem, (jobs, _) in zip(problems, captured) for job in jobs]
     results = _aot.compile_kernels([job for _, job in triples])
     return [(problem, job, result) for (problem, job), result in zip(triples, results)]
 
 
-def _problems_of(op, arch):
-    return [t for t in _compiled() if t[0].op == op and t[0].arch == arch]
+def _compiled():
+    """[(problem, job, result)] for every captured job of every problem."""
+    return [t for op in OPS for arch in ARCHS for t in _problems_of(op, arch)]
 
 
 def _describe(problem, job):
@@ -84,9 +92,11 @@ def _problem_with_binary(arch, problem, job, result):
         return f"{result.shared} bytes of shared memory (limit {_aot.SMEM_LIMIT[arch]})"
     if result.spills or result.resources.get("LOCAL", 0):
         return f"{len(result.spills)} local-memory instructions, e.g. {result.spills[:2]}, {result.resources}"
+    loop = main_loop(result.sass)
+    if job.name in TMA_KERNELS and not (loop and loop["tma_load"] and not loop["ldgsts"]):
+        return f"main loop without TMA loads ({loop and {k: loop[k] for k in ('tma_load', 'ldgsts')}})"
     if not result.uses_tensor_cores:
         return None
-    loop = main_loop(result.sass)
     # straight-line kernels (an unrolled r-wide product) have no loop: their MMA anywhere counts
     kinds = loop["mma_kind"] if loop and loop["mma"] else "/".join(result.tensor_core_ops)
     if arch == 80 and "HMMA" not in kinds:
@@ -120,12 +130,28 @@ def test_the_grid_covers_every_kernel_and_several_configs():
     names = {job.name for _, job, _ in _compiled()}
     assert {"_lowrank_fwd_t_kernel", "_lowrank_fwd_gemm_kernel", "_lowrank_bwd_dy_kernel", "_lowrank_bwd_dx_kernel",
             "_lowrank_bwd_da_kernel", "_lowrank4_fwd_gemm_kernel", "_lowrank4_bwd_dx_kernel",
-            "_lowrank4_decode_kernel", "_lowrank_group_bwd_dx_kernel", "_lowrank_u_kernel"} <= names
-    big = [(p, j) for p, j, _ in _compiled() if p.M == 8192 and j.name == "_lowrank_fwd_gemm_kernel"]
+            "_lowrank4_decode_kernel", "_lowrank_group_bwd_dx_kernel", "_lowrank_u_kernel"} | TMA_KERNELS <= names
+    big = [(p, j) for p, j, _ in _compiled() if p.M == 8192 and j.name in {"_lowrank_fwd_gemm_kernel"} | TMA_KERNELS]
     per_launch = {}
     for p, j in big:
         per_launch.setdefault((p, j.launch), []).append(j)
     assert all(len(v) >= 2 for v in per_launch.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", ["dense", "group"])
+def test_sm90_forward_gemm_and_dx_load_through_tma(op):
+    """On sm_90, at the grid's (aligned) shapes, every launch of the dense forward GEMM and dX
+    (the grouped op's forward GEMM too) is a TMA kernel, each config's main loop with UTMALDG and
+    no cp.async (checked per binary by ``_problem_with_binary``); on sm_80 the pointer kernels."""
+    names = {job.name for _, job, _ in _problems_of(op, 90)}
+    assert "_lowrank_fwd_gemm_tma_kernel" in names and not names & POINTER_ON_SM90, names
+    if op == "dense":
+        assert "_lowrank_bwd_dx_tma_kernel" in names
+    tma = [(p, j, r) for p, j, r in _problems_of(op, 90) if j.name in TMA_KERNELS]
+    assert all(not _problem_with_binary(90, p, j, r) for p, j, r in tma)
+    assert any(j.config["BLOCK_N"] == 256 for _, j, _ in tma) and any(j.config["PERSISTENT"] for _, j, _ in tma)
+    assert not {job.name for _, job, _ in _problems_of(op, 80)} & TMA_KERNELS
 
 
 def test_wgmma_exceptions_name_real_kernels():
