@@ -13,17 +13,24 @@ Forward, two kernels:
   * ``_lowrank_fwd_gemm_kernel``: Y = X Wᵀ whose epilogue adds b and s·(U Bᵀ)⊙o: Y written once
     (on sm_90 with aligned operands, its TMA twin in :mod:`fastpeft.kernels.lowrank_sm90`).
 
-Backward from dY, with dYo = dY ⊙ o, G = dYo B, H = G S | G ⊙ S | G and dT = H ⊙ σ'(T):
-  * ``_lowrank_u_kernel``: U = σ(T)Sᵀ from the saved T (when dB or d_o needs it and U ≠ T);
-  * ``_lowrank_bwd_dy_kernel``: one pass over dY, split over M: G in registers, then dT (stored)
-    and per-block partials of dYᵀU [d, r], Σ_rows dY [d] and Gᵀ Z (or Σ_rows G ⊙ Z);
-    deterministic mode writes one partial per block, fast mode adds them with fp32 atomics;
-  * ``_lowrank_bwd_finalize_kernel``: reduces the partials in a fixed order:
-    dB = s·o ⊙ (dYᵀU) = s·dYoᵀU,  d_o = s·rowsum(B ⊙ dYᵀU),  db = Σ_rows dY;
+Backward from dY, with dYo = dY ⊙ o, G = dYo B, H = G S | G ⊙ S | G and dT = H ⊙ σ'(T); at
+most three launches, no fill, every sum in a fixed order (bit-identical across runs):
+  * ``_lowrank_bwd_dy_kernel``: one pass over dY with two kinds of program. Row programs (BLOCK_M
+    rows each) accumulate G over d in registers, then store dT and their partial of dS = s·Gᵀ Z
+    (or s·Σ_rows G ⊙ Z); the last row program to finish sums those partials. Column programs
+    (BLOCK_N columns of d each) accumulate P_Z = dYᵀ Z and Σ_rows dY over all of M in registers,
+    then write dB = s·o ⊙ (P_Z Sᵀ | P_Z ⊙ S), d_o = s·rowsum(B ⊙ P) and db. U = σ(T)Sᵀ is never
+    formed: its core is applied to the [d, r] sum instead;
   * ``_lowrank_bwd_dx_kernel``: dX = dY W whose epilogue adds s·D'(dT A), the mask regenerated
     (on sm_90 with aligned operands, its TMA twin);
-  * ``_lowrank_bwd_da_kernel``: dA = s·dTᵀ D(X), a skinny split-M GEMM, the mask regenerated;
-  * ``_sum_partials_kernel``: fixed-order sums of split partials (dS = s·Gᵀ Z, dA).
+  * ``_lowrank_bwd_da_kernel``: dA = s·dTᵀ D(X), a skinny GEMM split over M: each program stores
+    an fp32 partial and the last program of each column block sums them and writes dA.
+
+"The last program" is found with an int32 counter per column block (:func:`_arrive_last`): each
+program arrives with an atomic add after its stores, the one that completes the count reduces
+and resets the counter to 0. Counters are zeroed once, when first allocated (:func:`_counters`),
+so no launch needs a fill. The Triton interpreter runs programs one after another: the last in
+grid order reduces.
 
 Dropout: element (m, c) of X is kept iff ``u >= p`` for the uniform ``u`` that is word ``c % 4``
 of Philox4x32-10 with key ``seed`` and counter ``(c // 4, m mod 2³², m >> 32, 0)``: one Philox
@@ -50,7 +57,7 @@ import triton.language as tl
 
 from ._aot import SMEM_LIMIT
 
-__all__ = ["lowrank_fwd", "lowrank_bwd", "lowrank_bwd_dy", "lowrank_bwd_da_partials", "dropout_keep_mask",
+__all__ = ["lowrank_fwd", "lowrank_bwd", "lowrank_bwd_dy", "lowrank_bwd_da", "dropout_keep_mask",
            "MAX_RANK"]
 
 MAX_RANK = 128
@@ -246,11 +253,6 @@ def _da_keep(configs, arch, smem, M, K, block_r, elem, dropout=True):
         return c.kwargs["BLOCK_M"] <= max(16, _pow2(M)) and c.kwargs["BLOCK_K"] <= max(16, _pow2(K))
 
     return _keep(configs, tiles, tile_of, ok, size_ok)
-
-
-def _finalize_block_n(block_r: int) -> int:
-    """d rows per program of the reduction of the [d, r] partials: <= 16 values a thread."""
-    return max(16, 2048 // block_r)
 
 
 @functools.lru_cache(maxsize=None)
@@ -470,21 +472,6 @@ def _lowrank_fwd_t_kernel(
 
 
 @triton.jit
-def _lowrank_u_kernel(
-    t_ptr, core_ptr, u_ptr, M, R,
-    ACTIVATION: tl.constexpr, CORE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """U = σ(T)Sᵀ | σ(T) ⊙ S from the saved T (backward: dB, d_out_scale need U; T is all that
-    was kept)."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rr = tl.arange(0, BLOCK_R)
-    mask = (rm < M)[:, None] & (rr < R)[None, :]
-    tt = tl.load(t_ptr + rm.to(tl.int64)[:, None] * R + rr[None, :], mask=mask, other=0.0).to(tl.float32)
-    _store_u(_act_fwd(tt, ACTIVATION), core_ptr, u_ptr, rm, M, R, CORE, UPCAST, DOT_PRECISION, BLOCK_R, R_CHUNK)
-
-
-@triton.jit
 def _adapter_init(u_ptr, b_ptr, os_ptr, bias_ptr, rm, rn, M, N, R, stride_um, scale,
                   HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
@@ -578,77 +565,52 @@ def _lowrank_fwd_gemm_kernel(
 # Backward kernels
 # --------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_DY_CONFIGS, key=["M_KEY", "N", "BLOCK_R", "BLOCK_M"],
-                 prune_configs_by={"early_config_prune": _prune_dy},
-                 reset_to_zero=["p_ptr", "dbias_ptr", "ds_ptr"])
 @triton.jit
-def _lowrank_bwd_dy_kernel(
-    dy_ptr, t_ptr, u_ptr, core_ptr, b_ptr, os_ptr,
-    dt_ptr, p_ptr, dbias_ptr, ds_ptr,
-    M, N, R, M_KEY,
-    stride_dym, stride_dyn,
-    ACTIVATION: tl.constexpr, CORE: tl.constexpr, HAS_OUT_SCALE: tl.constexpr,
-    COMPUTE_DT: tl.constexpr, COMPUTE_P: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    COMPUTE_DS: tl.constexpr, ATOMIC: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """One pass over BLOCK_M rows of dY.
+def _arrive_last(cnt_ptr, arrivals):
+    """Whether this program is the last of ``arrivals`` programs to reach the int32 counter at
+    ``cnt_ptr``; that program resets it to 0, so counters (allocated zeroed once) are 0 again when
+    the launch ends and no launch needs a fill. The barrier orders every store of the program
+    before its arrival (an acq_rel atomic at GPU scope), so the last one reads every partial."""
+    tl.debug_barrier()
+    old = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    last = old == arrivals - 1
+    if last:
+        tl.store(cnt_ptr, 0)
+    return last
 
-    G = dYo B is accumulated over d in registers; per d-tile the partial dYᵀU [BLOCK_N, r]
-    (for dB = s·o⊙dYᵀU and d_o = s·rowsum(B ⊙ dYᵀU)) and Σ_rows dY (db) go to this block's
-    partial slot (or, ATOMIC, are added to slot 0). After the loop, R_CHUNK columns at a time:
-    Gᵀ Z (full core) or Σ_rows G ⊙ Z (diagonal) to the dS partials, and dT = (G S) ⊙ σ'(T).
-    U (u_ptr) was computed from T beforehand (it is T itself without core and activation).
-    """
+
+@triton.jit
+def _dy_rows(dy_ptr, t_ptr, core_ptr, b_ptr, os_ptr, dt_ptr, ds_part_ptr, cnt_ptr, dcore_ptr, pid,
+             M, N, R, ROW_PROGRAMS, stride_dym, stride_dyn, stride_tm, stride_dtm, scale,
+             ACTIVATION: tl.constexpr, CORE: tl.constexpr, HAS_OUT_SCALE: tl.constexpr,
+             COMPUTE_DT: tl.constexpr, COMPUTE_DS: tl.constexpr, UPCAST: tl.constexpr,
+             DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row program ``pid``: G = dYo B over its BLOCK_M rows (accumulated over d in registers),
+    then dT = (G S) ⊙ σ'(T) and this block's dS partial, s·Gᵀ Z | s·Σ_rows G ⊙ Z; the last row
+    program sums the dS partials in row-block order into dcore."""
     dtype = dy_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    if ATOMIC:
-        part = pid * 0
-    else:
-        part = pid
     rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, BLOCK_R)
     mask_m = rm < M
     mask_r = rr < R
     mask_mr = mask_m[:, None] & mask_r[None, :]
-    t_rows = rm.to(tl.int64)[:, None] * R
-    if COMPUTE_P:    # U of padded rows / columns is 0: they add nothing to dYᵀU
-        u_op = _op(tl.load(u_ptr + t_rows + rr[None, :], mask=mask_mr, other=0.0), dtype, UPCAST)
+    t_rows = t_ptr + rm.to(tl.int64)[:, None] * stride_tm
     g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    part_p = p_ptr + part.to(tl.int64) * N * R
-    part_db = dbias_ptr + part.to(tl.int64) * N
-    # rows past M read wrapped addresses: they add nothing to dYᵀU (U is 0 there), Σ dY weights
-    # rows by valid_m, and their G / dT are never stored
-    valid_m = mask_m.to(tl.float32)
+    # rows past M read wrapped addresses: their G and dT are never stored, their Z is 0
     dy_rows = dy_ptr + (rm % M).to(tl.int64)[:, None] * stride_dym
     b_cols = b_ptr + (rr % R)[None, :]
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         mask_n = rn < N
         dyt = tl.load(dy_rows + rn[None, :] * stride_dyn, mask=mask_n[None, :], other=0.0)
-        if COMPUTE_DT or COMPUTE_DS:     # G += (dY ⊙ o) B
-            if HAS_OUT_SCALE:
-                osv = tl.load(os_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
-                dyo = dyt.to(tl.float32) * osv[None, :]
-            else:
-                dyo = dyt
-            bt = tl.load(b_cols + rn.to(tl.int64)[:, None] * R, mask=mask_n[:, None], other=0.0)
-            g = tl.dot(_op(dyo, dtype, UPCAST), _op(bt, dtype, UPCAST), g, input_precision=DOT_PRECISION)
-        if COMPUTE_P:                    # partial dYᵀ U [BLOCK_N, r]
-            pp = tl.dot(tl.trans(_op(dyt, dtype, UPCAST)), u_op, input_precision=DOT_PRECISION)
-            p_ptrs = part_p + rn.to(tl.int64)[:, None] * R + rr[None, :]
-            p_mask = mask_n[:, None] & mask_r[None, :]
-            if ATOMIC:
-                tl.atomic_add(p_ptrs, pp, mask=p_mask)
-            else:
-                tl.store(p_ptrs, pp, mask=p_mask)
-        if COMPUTE_DB:                   # partial Σ_rows dY
-            cs = tl.sum(dyt.to(tl.float32) * valid_m[:, None], axis=0)
-            if ATOMIC:
-                tl.atomic_add(part_db + rn, cs, mask=mask_n)
-            else:
-                tl.store(part_db + rn, cs, mask=mask_n)
+        if HAS_OUT_SCALE:
+            osv = tl.load(os_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
+            dyo = dyt.to(tl.float32) * osv[None, :]
+        else:
+            dyo = dyt
+        bt = tl.load(b_cols + rn.to(tl.int64)[:, None] * R, mask=mask_n[:, None], other=0.0)
+        g = tl.dot(_op(dyo, dtype, UPCAST), _op(bt, dtype, UPCAST), g, input_precision=DOT_PRECISION)
     # T is read back (not kept live across the loop); padded entries give σ(0) = 0
     if COMPUTE_DS:
         if CORE == 2:                    # Gᵀ Z [r, r], fp32 operands (a sum over M with cancellation)
@@ -656,25 +618,17 @@ def _lowrank_bwd_dy_kernel(
             for j0 in tl.static_range(0, BLOCK_R, R_CHUNK):
                 rj = j0 + tl.arange(0, R_CHUNK)
                 mask_j = mask_m[:, None] & (rj < R)[None, :]
-                zj = _act_fwd(tl.load(t_ptr + t_rows + rj[None, :], mask=mask_j, other=0.0).to(tl.float32),
-                              ACTIVATION)
+                zj = _act_fwd(tl.load(t_rows + rj[None, :], mask=mask_j, other=0.0).to(tl.float32), ACTIVATION)
                 ds = tl.dot(gt, zj, input_precision=DOT_PRECISION)
-                ds_ptrs = ds_ptr + part.to(tl.int64) * R * R + rr[:, None] * R + rj[None, :]
-                ds_mask = mask_r[:, None] & (rj < R)[None, :]
-                if ATOMIC:
-                    tl.atomic_add(ds_ptrs, ds, mask=ds_mask)
-                else:
-                    tl.store(ds_ptrs, ds, mask=ds_mask)
+                tl.store(ds_part_ptr + pid.to(tl.int64) * R * R + rr[:, None] * R + rj[None, :], ds,
+                         mask=mask_r[:, None] & (rj < R)[None, :])
         else:                            # Σ_rows G ⊙ Z [r]
-            z = _act_fwd(tl.load(t_ptr + t_rows + rr[None, :], mask=mask_mr, other=0.0).to(tl.float32),
-                         ACTIVATION)
-            ds = tl.sum(g * z, axis=0)
-            ds_ptrs = ds_ptr + part.to(tl.int64) * R + rr
-            if ATOMIC:
-                tl.atomic_add(ds_ptrs, ds, mask=mask_r)
-            else:
-                tl.store(ds_ptrs, ds, mask=mask_r)
+            z = _act_fwd(tl.load(t_rows + rr[None, :], mask=mask_mr, other=0.0).to(tl.float32), ACTIVATION)
+            tl.store(ds_part_ptr + pid.to(tl.int64) * R + rr, tl.sum(g * z, axis=0), mask=mask_r)
+        if _arrive_last(cnt_ptr, ROW_PROGRAMS):
+            _sum_core_partials(ds_part_ptr, dcore_ptr, ROW_PROGRAMS, R, scale, CORE, BLOCK_R, R_CHUNK)
     if COMPUTE_DT:
+        dt_rows = dt_ptr + rm.to(tl.int64)[:, None] * stride_dtm
         if CORE == 2:                    # H = G S, R_CHUNK output columns at a time
             g_op = _op(g, dtype, UPCAST)
             for j0 in tl.static_range(0, BLOCK_R, R_CHUNK):
@@ -683,54 +637,142 @@ def _lowrank_bwd_dy_kernel(
                 h = tl.dot(g_op, _op(_core_tile(core_ptr, R, rr, rj, False), dtype, UPCAST),
                            input_precision=DOT_PRECISION)
                 if ACTIVATION != 0:
-                    tj = tl.load(t_ptr + t_rows + rj[None, :], mask=mask_j, other=0.0).to(tl.float32)
+                    tj = tl.load(t_rows + rj[None, :], mask=mask_j, other=0.0).to(tl.float32)
                     h = h * _act_grad(tj, ACTIVATION)
-                tl.store(dt_ptr + t_rows + rj[None, :], h.to(dt_ptr.dtype.element_ty), mask=mask_j)
+                tl.store(dt_rows + rj[None, :], h.to(dt_ptr.dtype.element_ty), mask=mask_j)
         else:
             h = g
             if CORE == 1:
                 h = h * tl.load(core_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
             if ACTIVATION != 0:
-                tt = tl.load(t_ptr + t_rows + rr[None, :], mask=mask_mr, other=0.0).to(tl.float32)
+                tt = tl.load(t_rows + rr[None, :], mask=mask_mr, other=0.0).to(tl.float32)
                 h = h * _act_grad(tt, ACTIVATION)
-            tl.store(dt_ptr + t_rows + rr[None, :], h.to(dt_ptr.dtype.element_ty), mask=mask_mr)
+            tl.store(dt_rows + rr[None, :], h.to(dt_ptr.dtype.element_ty), mask=mask_mr)
 
 
 @triton.jit
-def _lowrank_bwd_finalize_kernel(
-    p_ptr, dbias_part_ptr, b_ptr, os_ptr, db_ptr, dos_ptr, dbias_ptr,
-    NP, N, R, scale,
-    HAS_OUT_SCALE: tl.constexpr, NEED_B: tl.constexpr, NEED_OS: tl.constexpr, NEED_BIAS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Sum the NP partials in order: P = dYᵀU; dB = s·o ⊙ P; d_o = s·rowsum(B ⊙ P); db = Σ dY."""
+def _sum_core_partials(part_ptr, dcore_ptr, NP, R, scale, CORE: tl.constexpr, BLOCK_R: tl.constexpr,
+                       R_CHUNK: tl.constexpr):
+    """dcore = s·Σ_i part[i] over the NP row-block partials, in order (R_CHUNK columns of a full
+    core at a time); the partials are read past L1 (other programs wrote them)."""
     s = tl.to_tensor(scale).to(tl.float32)
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, BLOCK_R)
+    mask_r = rr < R
+    if CORE == 2:
+        for j0 in tl.static_range(0, BLOCK_R, R_CHUNK):
+            rj = j0 + tl.arange(0, R_CHUNK)
+            offs = rr[:, None] * R + rj[None, :]
+            mask = mask_r[:, None] & (rj < R)[None, :]
+            acc = tl.zeros((BLOCK_R, R_CHUNK), dtype=tl.float32)
+            ptrs = part_ptr + offs
+            for _ in range(0, NP):
+                acc += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                ptrs += R * R
+            tl.store(dcore_ptr + offs, (acc * s).to(dcore_ptr.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        ptrs = part_ptr + rr
+        for _ in range(0, NP):
+            acc += tl.load(ptrs, mask=mask_r, other=0.0, cache_modifier=".cg")
+            ptrs += R
+        tl.store(dcore_ptr + rr, (acc * s).to(dcore_ptr.dtype.element_ty), mask=mask_r)
+
+
+@triton.jit
+def _dy_cols(dy_ptr, t_ptr, core_ptr, b_ptr, os_ptr, db_ptr, dos_ptr, dbias_ptr, pid_n,
+             M, N, R, stride_dym, stride_dyn, stride_tm, scale,
+             ACTIVATION: tl.constexpr, CORE: tl.constexpr, HAS_OUT_SCALE: tl.constexpr,
+             COMPUTE_B: tl.constexpr, COMPUTE_OS: tl.constexpr, COMPUTE_DB: tl.constexpr,
+             UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+             R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Column program ``pid_n``: over every row of dY, for its BLOCK_N columns, P_Z = dYᵀ Z
+    [BLOCK_N, r] and Σ_rows dY in registers, in row order; then P = dYᵀ U = P_Z Sᵀ | P_Z ⊙ S | P_Z,
+    dB = s·o ⊙ P, d_o = s·rowsum(B ⊙ P) and db = Σ_rows dY, written once in their dtypes."""
+    dtype = dy_ptr.dtype.element_ty
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    rb = tl.arange(0, BLOCK_M)
     mask_n = rn < N
-    mask = mask_n[:, None] & (rr < R)[None, :]
-    offs = rn.to(tl.int64)[:, None] * R + rr[None, :]
-    if NEED_B or NEED_OS:
-        acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-        p_ptrs = p_ptr + offs
-        for _ in range(0, NP):
-            acc += tl.load(p_ptrs, mask=mask, other=0.0)
-            p_ptrs += N * R
-        if NEED_B:
-            d_b = acc * s
-            if HAS_OUT_SCALE:
-                d_b = d_b * tl.load(os_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-            tl.store(db_ptr + offs, d_b.to(db_ptr.dtype.element_ty), mask=mask)
-        if NEED_OS:
-            b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dos_ptr + rn, (tl.sum(b * acc, axis=1) * s).to(dos_ptr.dtype.element_ty), mask=mask_n)
-    if NEED_BIAS:
-        acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        db_ptrs = dbias_part_ptr + rn
-        for _ in range(0, NP):
-            acc_b += tl.load(db_ptrs, mask=mask_n, other=0.0)
-            db_ptrs += N
+    mask_r = rr < R
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    dy_cols = dy_ptr + rn[None, :] * stride_dyn
+    for m0 in range(0, M, BLOCK_M):
+        rm = m0 + rb
+        mask_m = rm < M
+        dyt = tl.load(dy_cols + rm.to(tl.int64)[:, None] * stride_dym, mask=mask_m[:, None] & mask_n[None, :],
+                      other=0.0)
+        if COMPUTE_B or COMPUTE_OS:      # Z of padded rows / columns is σ(0) = 0
+            tt = tl.load(t_ptr + rm.to(tl.int64)[:, None] * stride_tm + rr[None, :],
+                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            z = _act_fwd(tt.to(tl.float32), ACTIVATION)
+            acc = tl.dot(tl.trans(_op(dyt, dtype, UPCAST)), _op(z, dtype, UPCAST), acc,
+                         input_precision=DOT_PRECISION)
+        if COMPUTE_DB:
+            acc_b += tl.sum(dyt.to(tl.float32), axis=0)
+    s = tl.to_tensor(scale).to(tl.float32)
+    if COMPUTE_B or COMPUTE_OS:
+        col = tl.zeros((BLOCK_N,), dtype=tl.float32) + s
+        if HAS_OUT_SCALE:
+            col = col * tl.load(os_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
+        if CORE == 2:                    # P = P_Z Sᵀ, R_CHUNK output columns at a time
+            d_o = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for j0 in tl.static_range(0, BLOCK_R, R_CHUNK):
+                rj = j0 + tl.arange(0, R_CHUNK)
+                mask = mask_n[:, None] & (rj < R)[None, :]
+                offs = rn.to(tl.int64)[:, None] * R + rj[None, :]
+                p = tl.dot(acc, _core_tile(core_ptr, R, rr, rj, True).to(tl.float32), input_precision=DOT_PRECISION)
+                if COMPUTE_B:
+                    tl.store(db_ptr + offs, (p * col[:, None]).to(db_ptr.dtype.element_ty), mask=mask)
+                if COMPUTE_OS:
+                    d_o += tl.sum(tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32) * p, axis=1)
+            if COMPUTE_OS:
+                tl.store(dos_ptr + rn, (d_o * s).to(dos_ptr.dtype.element_ty), mask=mask_n)
+        else:
+            p = acc
+            if CORE == 1:
+                p = p * tl.load(core_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+            mask = mask_n[:, None] & mask_r[None, :]
+            offs = rn.to(tl.int64)[:, None] * R + rr[None, :]
+            if COMPUTE_B:
+                tl.store(db_ptr + offs, (p * col[:, None]).to(db_ptr.dtype.element_ty), mask=mask)
+            if COMPUTE_OS:
+                b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(dos_ptr + rn, (tl.sum(b * p, axis=1) * s).to(dos_ptr.dtype.element_ty), mask=mask_n)
+    if COMPUTE_DB:
         tl.store(dbias_ptr + rn, acc_b.to(dbias_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.autotune(configs=_DY_CONFIGS, key=["M_KEY", "N", "BLOCK_R", "BLOCK_M"],
+                 prune_configs_by={"early_config_prune": _prune_dy})
+@triton.jit
+def _lowrank_bwd_dy_kernel(
+    dy_ptr, t_ptr, core_ptr, b_ptr, os_ptr,
+    dt_ptr, ds_part_ptr, cnt_ptr, db_ptr, dos_ptr, dbias_ptr, dcore_ptr,
+    M, N, R, M_KEY, ROW_PROGRAMS,
+    stride_dym, stride_dyn, stride_tm, stride_dtm, scale,
+    ACTIVATION: tl.constexpr, CORE: tl.constexpr, HAS_OUT_SCALE: tl.constexpr,
+    COMPUTE_DT: tl.constexpr, COMPUTE_DS: tl.constexpr, COMPUTE_B: tl.constexpr,
+    COMPUTE_OS: tl.constexpr, COMPUTE_DB: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The adapter gradients that need only dY and T, in one launch of two kinds of program.
+
+    Programs [0, ROW_PROGRAMS) each take BLOCK_M rows (:func:`_dy_rows`): dT and the dS
+    partials, the last of them summing those (``cnt_ptr``). The programs after them each take
+    BLOCK_N columns of d (:func:`_dy_cols`): dB, d_o and db, reduced over all of M in registers.
+    Every sum runs in a fixed order: results are bit-identical across runs."""
+    pid = tl.program_id(0)
+    if pid < ROW_PROGRAMS:
+        _dy_rows(dy_ptr, t_ptr, core_ptr, b_ptr, os_ptr, dt_ptr, ds_part_ptr, cnt_ptr, dcore_ptr, pid,
+                 M, N, R, ROW_PROGRAMS, stride_dym, stride_dyn, stride_tm, stride_dtm, scale,
+                 ACTIVATION, CORE, HAS_OUT_SCALE, COMPUTE_DT, COMPUTE_DS, UPCAST, DOT_PRECISION, BLOCK_R,
+                 R_CHUNK, BLOCK_M, BLOCK_N)
+    else:
+        _dy_cols(dy_ptr, t_ptr, core_ptr, b_ptr, os_ptr, db_ptr, dos_ptr, dbias_ptr, pid - ROW_PROGRAMS,
+                 M, N, R, stride_dym, stride_dyn, stride_tm, scale, ACTIVATION, CORE, HAS_OUT_SCALE,
+                 COMPUTE_B, COMPUTE_OS, COMPUTE_DB, UPCAST, DOT_PRECISION, BLOCK_R, R_CHUNK, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -798,15 +840,17 @@ def _lowrank_bwd_dx_kernel(
                  prune_configs_by={"early_config_prune": _prune_da})
 @triton.jit(do_not_specialize=["seed"])
 def _lowrank_bwd_da_kernel(
-    dt_ptr, x_ptr, part_ptr,
+    dt_ptr, x_ptr, part_ptr, cnt_ptr, da_ptr, rs_ptr,
     M, K, R, M_KEY,
-    stride_xm, stride_xk,
-    seed, dropout_p,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_dtm, stride_xm, stride_xk,
+    seed, dropout_p, scale,
+    HAS_DROPOUT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Partial dTᵀ (mask ⊙ X) [r, BLOCK_K] over this program's share of the rows (grid axis 1
-    splits M); the scale s/(1-p) is applied when the partials are summed."""
+    """dA [r, k] = c ⊙ dTᵀ (mask ⊙ X) for ``scale`` c = s/(1-p) (or the per-row ``rs`` [r] with
+    HAS_ROW_SCALE), written once in dA's dtype. Grid axis 1 splits M: each program stores its
+    fp32 partial [r, BLOCK_K], and the last program of a column block (``cnt_ptr``, one counter
+    per block of k) sums the partials in split order and writes dA; with one split, no partial."""
     dtype = x_ptr.dtype.element_ty
     p = tl.to_tensor(dropout_p).to(tl.float32)
     pid_k = tl.program_id(0)
@@ -828,26 +872,34 @@ def _lowrank_bwd_da_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         rm = m0 + rb
         mask_m = rm < m_end
-        dtt = tl.load(dt_cols + rm.to(tl.int64)[None, :] * R, mask=mask_m[None, :], other=0.0)
+        dtt = tl.load(dt_cols + rm.to(tl.int64)[None, :] * stride_dtm, mask=mask_m[None, :], other=0.0)
         xt = tl.load(x_cols + (rm % M).to(tl.int64)[:, None] * stride_xm)
         if HAS_DROPOUT:
             xt = tl.where(_keep_mask(seed, rm, rk, p), xt, 0.0)
         acc = tl.dot(_op(dtt, dtype, UPCAST), _op(xt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
-    out = part_ptr + pid_s.to(tl.int64) * R * K + rr[:, None] * K + rk[None, :]
-    tl.store(out, acc, mask=mask_r[:, None] & mask_k[None, :])
+    offs = rr[:, None] * K + rk[None, :]
+    mask = mask_r[:, None] & mask_k[None, :]
+    if split > 1:
+        tl.store(part_ptr + pid_s.to(tl.int64) * R * K + offs, acc, mask=mask)
+        if _arrive_last(cnt_ptr + pid_k, split):
+            acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+            ptrs = part_ptr + offs
+            for _ in range(0, split):
+                acc += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                ptrs += R * K
+            _store_da(acc, da_ptr, rs_ptr, offs, mask, rr, mask_r, scale, HAS_ROW_SCALE)
+    else:
+        _store_da(acc, da_ptr, rs_ptr, offs, mask, rr, mask_r, scale, HAS_ROW_SCALE)
 
 
 @triton.jit
-def _sum_partials_kernel(part_ptr, out_ptr, NP, N, scale, BLOCK: tl.constexpr):
-    """out = s·Σ_i part[i] over NP partials of N values each, in index order (deterministic)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    ptrs = part_ptr + offs
-    for _ in range(0, NP):
-        acc += tl.load(ptrs, mask=mask, other=0.0)
-        ptrs += N
-    tl.store(out_ptr + offs, (acc * tl.to_tensor(scale).to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+def _store_da(acc, da_ptr, rs_ptr, offs, mask, rr, mask_r, scale, HAS_ROW_SCALE: tl.constexpr):
+    """dA = c ⊙ acc in dA's dtype: the scalar ``scale``, or the per-row scales ``rs``."""
+    if HAS_ROW_SCALE:
+        acc = acc * tl.load(rs_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)[:, None]
+    else:
+        acc = acc * tl.to_tensor(scale).to(tl.float32)
+    tl.store(da_ptr + offs, acc.to(da_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -889,10 +941,6 @@ def _block_r(r: int) -> int:
 def _r_chunk(block_r: int) -> int:
     """Columns of r per step where an [r, r] or [r, tile] operand would not fit in registers."""
     return min(block_r, 16)
-
-
-def _u_block_m(block_r: int) -> int:
-    return max(16, min(64, 4096 // block_r))
 
 
 # Largest block a launcher takes under the interpreter (cost grows with programs × steps, so
@@ -1035,7 +1083,7 @@ def lowrank_fwd(x, weight, bias, lora_A, lora_B, core, out_scale, scale: float, 
 
 
 def _dy_block_m(M: int, block_r: int, elem: int) -> int:
-    """Rows per program of the pass over dY (fixed by the launcher: it sizes the partials). G
+    """Rows per step of the pass over dY (fixed by the launcher: it sets the row programs). G
     [BLOCK_M, r] stays in registers across the pass: fewer rows for larger r and fp32."""
     if _interpreting():
         return _interp_block(M)
@@ -1045,11 +1093,43 @@ def _dy_block_m(M: int, block_r: int, elem: int) -> int:
     return min(bm, max(16, _pow2(M)))
 
 
+# One int32 counter per column block for the last-program reductions, zeroed once when first
+# allocated and left at 0 by every launch (:func:`_arrive_last`), so no launch needs a fill.
+_COUNTERS: dict = {}
+_MIN_BLOCK = 16                          # the smallest column block of any config
+
+
+class _Allocating:
+    """Set while a workspace is allocated (and zeroed) for the first time: ``fastpeft inspect``
+    counts what runs then as once-only, not per step."""
+    active = False
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least ``n`` zeroed int32 counters for launches on ``device``'s current stream (launches
+    on one stream run in order, so they share one array; each leaves it at 0)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        _Allocating.active = True
+        try:
+            buf = torch.zeros(max(_pow2(n), 1024), dtype=torch.int32, device=device)
+        finally:
+            _Allocating.active = False
+        _COUNTERS[key] = buf
+    return buf
+
+
 def lowrank_bwd_dy(grad_y, T, lora_B, core, out_scale, scale, activation, need_dt: bool, need_B: bool,
-                   need_core: bool, need_out_scale: bool, need_bias: bool, deterministic: bool = False):
-    """The adapter gradients that need only dY and T (2-D): returns (dT, dB, dcore, dout_scale,
-    dbias), ``None`` where not needed. dT = (G S) ⊙ σ'(T) [M, r] in dY's dtype, without the
-    scale s (it feeds dX = dY W + s·D'(dT A) and dA = s·dTᵀ D(X)). See :func:`lowrank_bwd`."""
+                   need_core: bool, need_out_scale: bool, need_bias: bool, deterministic: bool = True,
+                   d_t=None):
+    """The adapter gradients that need only dY and T (2-D; T may be a column slice with unit
+    column stride), in one launch: returns (dT, dB, dcore, dout_scale, dbias), ``None`` where not
+    needed. dT = (G S) ⊙ σ'(T) [M, r] in dY's dtype, without the scale s (it feeds dX = dY W +
+    s·D'(dT A) and dA = s·dTᵀ D(X)), written into ``d_t`` when given ([M, r], unit column
+    stride). Every reduction runs in a fixed order (``deterministic`` is always honoured). See
+    :func:`lowrank_bwd`."""
     _check_dtype(grad_y)
     M, N = grad_y.shape
     R = lora_B.shape[1]
@@ -1061,82 +1141,92 @@ def lowrank_bwd_dy(grad_y, T, lora_B, core, out_scale, scale, activation, need_d
     need_out_scale = bool(need_out_scale and out_scale is not None)
     b = lora_B.contiguous()
     core_c = core.contiguous() if core is not None else b
-    t = T.contiguous()
+    t = T if T.stride(1) == 1 else T.contiguous()
     interp = _interpreting()
-    precision = _dot_precision(grad_y.dtype)
-    s = float(scale)
-    f32 = torch.float32
-    d_t = d_b = d_core = d_os = d_bias = None
-    need_p = need_B or need_out_scale
+    d_b = d_core = d_os = d_bias = None
+    if need_dt and d_t is None:
+        d_t = torch.empty((M, R), dtype=grad_y.dtype, device=dev)
+    elif not need_dt:
+        d_t = None
+    if need_B:
+        d_b = torch.empty_like(b)
+    if need_out_scale:
+        d_os = torch.empty_like(out_scale)
+    if need_bias:
+        d_bias = torch.empty((N,), dtype=grad_y.dtype, device=dev)
+    if need_core:
+        d_core = torch.empty_like(core_c)
+    if M == 0:                           # sums over no rows
+        for g in (d_b, d_core, d_os, d_bias):
+            if g is not None:
+                g.zero_()
+        return d_t, d_b, d_core, d_os, d_bias
+    rows = need_dt or need_core
+    cols = need_B or need_out_scale or need_bias
+    if not (rows or cols):
+        return d_t, d_b, d_core, d_os, d_bias
     with _device(grad_y):
         bm = _dy_block_m(M, BR, grad_y.element_size())
-        np_ = 1 if not deterministic else triton.cdiv(M, bm)
-        alloc = torch.zeros if not deterministic else torch.empty
-        d_t = torch.empty((M, R), dtype=grad_y.dtype, device=dev) if need_dt else None
-        p_part = alloc((np_, N, R), dtype=f32, device=dev) if need_p else grad_y.new_empty(1, dtype=f32)
-        db_part = alloc((np_, N), dtype=f32, device=dev) if need_bias else grad_y.new_empty(1, dtype=f32)
-        ds_numel = (R * R if core_kind == 2 else R) if need_core else 1
-        ds_part = alloc((np_ if need_core else 1, ds_numel), dtype=f32, device=dev)
-        if need_dt or need_p or need_core or need_bias:
-            u = t
-            if need_p and (core_kind != 0 or act != 0):     # U = σ(T)Sᵀ from the saved T
-                u = torch.empty((M, R), dtype=grad_y.dtype, device=dev)
-                ub = _interp_block(M) if interp else _u_block_m(BR)
-                _lowrank_u_kernel[(triton.cdiv(M, ub),)](
-                    t, core_c, u, M, R, ACTIVATION=act, CORE=core_kind, UPCAST=interp, DOT_PRECISION=precision,
-                    BLOCK_R=BR, R_CHUNK=_r_chunk(BR), BLOCK_M=ub, num_warps=4)
-            args = dict(dy_ptr=grad_y, t_ptr=t, u_ptr=u, core_ptr=core_c, b_ptr=b,
-                        os_ptr=out_scale if out_scale is not None else grad_y,
-                        dt_ptr=d_t if d_t is not None else t, p_ptr=p_part, dbias_ptr=db_part, ds_ptr=ds_part,
-                        M=M, N=N, R=R, M_KEY=_pow2(M), stride_dym=grad_y.stride(0), stride_dyn=grad_y.stride(1),
-                        ACTIVATION=act, CORE=core_kind, HAS_OUT_SCALE=out_scale is not None,
-                        COMPUTE_DT=need_dt, COMPUTE_P=need_p, COMPUTE_DB=need_bias, COMPUTE_DS=need_core,
-                        ATOMIC=not deterministic, UPCAST=interp, DOT_PRECISION=precision,
-                        BLOCK_R=BR, R_CHUNK=_r_chunk(BR), BLOCK_M=bm)
-            if interp:
-                fb = dict(BLOCK_N=_interp_block(N), num_warps=4, num_stages=1)
-            elif not _autotuning():
-                arch, smem, _ = _limits_of(grad_y)
-                fb = _fallback(_dy_keep(_DY_CONFIGS, arch, smem, bm, N, BR, grad_y.element_size()))
-            else:
-                fb = {}
-            _launch(_lowrank_bwd_dy_kernel, (triton.cdiv(M, bm),), args, fb)
-
-        if need_p or need_bias:
-            d_b = torch.empty_like(lora_B) if need_B else None
-            d_os = torch.empty_like(out_scale) if need_out_scale else None
-            d_bias = torch.empty((N,), dtype=grad_y.dtype, device=dev) if need_bias else None
-            bn = _interp_block(N) if interp else _finalize_block_n(BR)
-            _lowrank_bwd_finalize_kernel[(triton.cdiv(N, bn),)](
-                p_part, db_part, b, out_scale if out_scale is not None else b,
-                d_b if d_b is not None else b, d_os if d_os is not None else b,
-                d_bias if d_bias is not None else b, np_, N, R, s,
-                HAS_OUT_SCALE=out_scale is not None, NEED_B=need_B, NEED_OS=need_out_scale,
-                NEED_BIAS=need_bias, BLOCK_R=BR, BLOCK_N=bn)
-
+        row_programs = triton.cdiv(M, bm) if rows else 0
+        ds_part = cnt = grad_y
         if need_core:
-            d_core = torch.empty_like(core_c)
-            _sum_partials(ds_part, d_core, np_, s)
+            ds_part = torch.empty((row_programs, core_c.numel()), dtype=torch.float32, device=dev)
+            cnt = _counters(dev, 1)
+        placeholder = b
+        args = dict(dy_ptr=grad_y, t_ptr=t, core_ptr=core_c, b_ptr=b,
+                    os_ptr=out_scale if out_scale is not None else b,
+                    dt_ptr=d_t if d_t is not None else placeholder, ds_part_ptr=ds_part, cnt_ptr=cnt,
+                    db_ptr=d_b if d_b is not None else placeholder, dos_ptr=d_os if d_os is not None else placeholder,
+                    dbias_ptr=d_bias if d_bias is not None else placeholder,
+                    dcore_ptr=d_core if d_core is not None else placeholder,
+                    M=M, N=N, R=R, M_KEY=_pow2(M), ROW_PROGRAMS=row_programs,
+                    stride_dym=grad_y.stride(0), stride_dyn=grad_y.stride(1), stride_tm=t.stride(0),
+                    stride_dtm=d_t.stride(0) if d_t is not None else R, scale=float(scale),
+                    ACTIVATION=act, CORE=core_kind, HAS_OUT_SCALE=out_scale is not None,
+                    COMPUTE_DT=need_dt, COMPUTE_DS=need_core, COMPUTE_B=need_B, COMPUTE_OS=need_out_scale,
+                    COMPUTE_DB=need_bias, UPCAST=interp, DOT_PRECISION=_dot_precision(grad_y.dtype),
+                    BLOCK_R=BR, R_CHUNK=_r_chunk(BR), BLOCK_M=bm)
+        if interp:
+            fb = dict(BLOCK_N=_interp_block(N), num_warps=4, num_stages=1)
+        elif not _autotuning():
+            arch, smem, _ = _limits_of(grad_y)
+            fb = _fallback(_dy_keep(_DY_CONFIGS, arch, smem, bm, N, BR, grad_y.element_size()))
+        else:
+            fb = {}
+        _launch(_lowrank_bwd_dy_kernel,
+                lambda meta: (row_programs + (triton.cdiv(N, meta["BLOCK_N"]) if cols else 0),), args, fb)
     return d_t, d_b, d_core, d_os, d_bias
 
 
-def lowrank_bwd_da_partials(d_t, x, dropout_p: float, seed: int):
-    """Split-M partials of dTᵀ D(X)·(1-p) (the mask only, not its 1/(1-p)): fp32 [split, r·k],
-    to be summed in order and scaled by s/(1-p). ``d_t`` [M, r] contiguous."""
+def _da_split(M: int, K: int, x) -> int:
+    """Programs along M of the dA kernel: one per row block under the interpreter, else enough
+    to fill the device twice over the blocks of k, at least 256 rows each."""
+    if _interpreting():
+        return triton.cdiv(M, _interp_block(M))
+    _, _, sms = _limits_of(x)
+    return max(1, min(triton.cdiv(2 * sms, triton.cdiv(K, 64)), triton.cdiv(M, 256)))
+
+
+def lowrank_bwd_da(d_t, x, dropout_p: float, seed: int, scale, out, row_scale=None):
+    """dA = c ⊙ dTᵀ D(X) into ``out`` [r, k] (its dtype) in one launch, for c = s/(1-p) given
+    as ``scale`` (or per row of dA: ``row_scale``, fp32 [r], 1/(1-p) included). ``d_t`` [M, r]
+    with unit column stride. Split-M partials are fp32 and summed in a fixed order by the last
+    program of each column block (bit-identical across runs)."""
     M, K = x.shape
     R = d_t.shape[1]
     BR = _block_r(R)
+    if M == 0:
+        return out.zero_()
     p = float(dropout_p)
     interp = _interpreting()
-    if interp:   # one partial per row block
-        split = triton.cdiv(M, _interp_block(M))
-    else:
-        _, _, sms = _limits_of(x)
-        split = max(1, min(triton.cdiv(2 * sms, triton.cdiv(K, 64)), triton.cdiv(M, 256)))
-    da_part = torch.empty((split, R * K), dtype=torch.float32, device=x.device)
-    args = dict(dt_ptr=d_t, x_ptr=x, part_ptr=da_part, M=M, K=K, R=R, M_KEY=_pow2(M),
-                stride_xm=x.stride(0), stride_xk=x.stride(1), seed=int(seed), dropout_p=p,
-                HAS_DROPOUT=p > 0.0, UPCAST=interp, DOT_PRECISION=_dot_precision(x.dtype), BLOCK_R=BR)
+    split = _da_split(M, K, x)
+    part = torch.empty((split, R * K), dtype=torch.float32, device=x.device) if split > 1 else out
+    cnt = _counters(x.device, triton.cdiv(K, _MIN_BLOCK)) if split > 1 else out
+    args = dict(dt_ptr=d_t, x_ptr=x, part_ptr=part, cnt_ptr=cnt, da_ptr=out,
+                rs_ptr=row_scale if row_scale is not None else out, M=M, K=K, R=R, M_KEY=_pow2(M),
+                stride_dtm=d_t.stride(0), stride_xm=x.stride(0), stride_xk=x.stride(1), seed=int(seed),
+                dropout_p=p, scale=float(scale), HAS_DROPOUT=p > 0.0, HAS_ROW_SCALE=row_scale is not None,
+                UPCAST=interp, DOT_PRECISION=_dot_precision(x.dtype), BLOCK_R=BR)
     if interp:
         fb = dict(BLOCK_M=_interp_block(M), BLOCK_K=_interp_block(K), num_warps=4, num_stages=1)
     elif not _autotuning():
@@ -1145,21 +1235,22 @@ def lowrank_bwd_da_partials(d_t, x, dropout_p: float, seed: int):
     else:
         fb = {}
     _launch(_lowrank_bwd_da_kernel, lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), split), args, fb)
-    return da_part
+    return out
 
 
 def lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
                 activation, need_x: bool, need_A: bool, need_B: bool, need_core: bool,
-                need_out_scale: bool, need_bias: bool, deterministic: bool = False):
+                need_out_scale: bool, need_bias: bool, deterministic: bool = True):
     """Backward on 2-D tensors: returns (dX, dA, dB, dcore, dout_scale, dbias), ``None`` where
-    not needed. ``x`` may be ``None`` unless ``need_A``. ``deterministic``: partials reduced in
-    a fixed order (bit-identical across runs) instead of fp32 atomics.
+    not needed. ``x`` may be ``None`` unless ``need_A``. At most three launches: the pass over dY
+    (:func:`lowrank_bwd_dy`), dX, dA (:func:`lowrank_bwd_da`); every reduction runs in a fixed
+    order, so results are bit-identical across runs (``deterministic`` is always honoured).
 
     Derivation (module docstring names)::
 
         dYo = dY ⊙ o;  G = dYo B;  H = G S | G ⊙ S | G;  dT = H ⊙ σ'(T)
         dX = dY W + s·D'(dT A)                  (∂Y/∂X through the base and the adapter)
-        dB = s·dYoᵀ U                           (Y ∋ s·(U Bᵀ) ⊙ o)
+        dB = s·dYoᵀ U = s·o ⊙ (dYᵀ Z) Sᵀ        (Y ∋ s·(U Bᵀ) ⊙ o, U = Z Sᵀ)
         d_o = s·rowsum(B ⊙ dYᵀU)               (Σ_m dY[m, j]·(U Bᵀ)[m, j])
         dS = s·Gᵀ Z | s·Σ_rows G ⊙ Z            (U = Z Sᵀ | Z ⊙ S)
         dA = s·dTᵀ D(X)                         (T = D(X) Aᵀ)
@@ -1180,7 +1271,7 @@ def lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dr
     dx = d_a = None
     d_t, d_b, d_core, d_os, d_bias = lowrank_bwd_dy(
         grad_y, T, lora_B, core, out_scale, scale, activation, need_x or need_A, need_B, need_core,
-        need_out_scale, need_bias, deterministic)
+        need_out_scale, need_bias)
     with _device(grad_y):
         if need_x:
             dx = torch.empty((M, K), dtype=grad_y.dtype, device=dev)
@@ -1199,9 +1290,7 @@ def lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dr
                 _dx_pointer(args, grad_y, p > 0.0)
 
         if need_A:
-            da_part = lowrank_bwd_da_partials(d_t, x, p, seed)
-            d_a = torch.empty_like(a)
-            _sum_partials(da_part, d_a, da_part.shape[0], s / (1.0 - p))
+            d_a = lowrank_bwd_da(d_t, x, p, seed, s / (1.0 - p), torch.empty_like(a))
     return dx, d_a, d_b, d_core, d_os, d_bias
 
 
@@ -1219,10 +1308,3 @@ def _dx_pointer(args: dict, grad_y, dropout: bool):
         fb = {}
     _launch(_lowrank_bwd_dx_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
             args, fb)
-
-
-def _sum_partials(part, out, n_partials: int, scale: float):
-    n = out.numel()
-    block = _interp_block(n, 1 << 16) if _interpreting() else 1024
-    _sum_partials_kernel[(triton.cdiv(n, block),)](part, out, n_partials, n, scale, BLOCK=block)
-

@@ -33,7 +33,8 @@ Backward:
   * ``_lowrank4_bwd_dx_kernel``: dX = dY W + s·D'(dT A) in one kernel: its main loop over d
     accumulates dY W (W dequantised in registers) and G = (dY ⊙ o) B beside it; the epilogue forms
     H = G S | G ⊙ S | G, dT = H ⊙ σ'(T) and adds s/(1-p)·mask ⊙ (dT A) (the mask regenerated);
-  * dA, dB, dS, d_o, db: the dense module's kernels (they never read W).
+  * dA, dB, dS, d_o, db: the dense module's pass over dY and dA kernel (two launches, no fill;
+    they never read W).
 
 Transient dense buffer: at M > 16 and M >= :func:`buffer_min_m` (by default
 ``BUFFER_MIN_M_DEFAULT``, the crossover derived in bench/NOTES.md; ``FASTPEFT_4BIT_BUFFER_MIN_M``
@@ -909,8 +910,9 @@ def lowrank_4bit_bwd(grad_y, x, packed, quant_state, T, lora_A, lora_B, core, ou
     """Backward on 2-D tensors: (dX, dA, dB, dcore, dout_scale, dbias), ``None`` where not needed.
 
     dX = dY W + s·D'(dT A) runs in one kernel over the packed W (see the module docstring); the
-    adapter gradients dA = s·dTᵀD(X), dB = s·dYoᵀU, dS, d_o and db = Σ dY are the dense module's
-    (they never read W, which is passed there as a zero-stride placeholder).
+    adapter gradients are the dense module's launches, which never read W: dB = s·dYoᵀU, dS, d_o
+    and db = Σ dY (and dT when dA needs it) from its pass over dY, dA = s·dTᵀD(X) from its dA
+    kernel. At most three launches; every reduction in a fixed order.
 
     ``row_scale`` c (fp32 [d], DoRA, without core or out_scale): ``grad_y`` is dY of
     Y = c ⊙ Z + b and the op's own output gradient is dZ = c ⊙ dY, never formed: the adapter
@@ -938,10 +940,16 @@ def lowrank_4bit_bwd(grad_y, x, packed, quant_state, T, lora_A, lora_B, core, ou
         return _dense.lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
                                   activation, need_x, need_A, need_B, need_core, need_out_scale, need_bias,
                                   deterministic=deterministic)
-    placeholder = grad_y.new_zeros((1, 1)).expand(N, K)
-    _, d_a, d_b, d_core, d_os, d_bias = _dense.lowrank_bwd(
-        grad_y, x, placeholder, T, lora_A, lora_B, core, out_scale, scale, dropout_p, seed, activation,
-        False, need_A, need_B, need_core, need_out_scale, need_bias, deterministic=deterministic)
+    if need_A and x is None:
+        raise ValueError("lowrank_4bit_bwd needs x when need_A is True")
+    p = float(dropout_p)
+    d_t, d_b, d_core, d_os, d_bias = _dense.lowrank_bwd_dy(
+        grad_y, T, lora_B, core, out_scale, scale, activation, need_A, need_B, need_core, need_out_scale,
+        need_bias)
+    d_a = None
+    if need_A:
+        with _dense._device(grad_y):
+            d_a = _dense.lowrank_bwd_da(d_t, x, p, seed, float(scale) / (1.0 - p), torch.empty_like(lora_A))
     dx = None
     if need_x:
         R = lora_A.shape[0]
@@ -950,7 +958,6 @@ def lowrank_4bit_bwd(grad_y, x, packed, quant_state, T, lora_A, lora_B, core, ou
         core_kind = 0 if core is None else (1 if core.dim() == 1 else 2)
         a = lora_A.contiguous()
         b = lora_B.contiguous()
-        p = float(dropout_p)
         dx = torch.empty((M, K), dtype=grad_y.dtype, device=grad_y.device)
         has_rs = row_scale is not None
         args = dict(dy_ptr=grad_y, packed_ptr=data, **scales, t_ptr=T.contiguous(),

@@ -13,13 +13,15 @@ then each projection's GEMM with the adapter epilogue (``_lowrank_fwd_gemm_kerne
 column slice of U. Groups with Σ r_i > MAX_RANK run one T pass per run of adapters that fits.
 
 Backward, from the dY_i that reach it (dT_i = (G_i S_i) ⊙ σ'(T_i), G_i = (dY_i ⊙ o_i) B_i):
-  * per projection, the dense module's pass over dY_i: dT_i, dB_i, dS_i, do_i, db_i;
+  * per projection, the dense module's pass over dY_i (one launch): dT_i written into its column
+    slice of one [M, Σ r_i] dT, dB_i, dS_i, do_i, db_i;
   * ``_lowrank_group_bwd_dx_kernel``: dX = D'(Σ_i s_i·dT_i A_i) + Σ_i dY_i W_i in one GEMM
     (up to :data:`MAX_PAIRS` (dY_i, W_i) pairs in its main loop, further ones added by plain
     GEMMs; the adapter term, with the concatenated dT and A, initialises the accumulator): dX
     written once. Not autotuned: the first tile the dense dX kernel's prune rule keeps;
-  * dA_i = s_i·dT_iᵀ D(X): the dense module's split-M dA kernel over [dT_1 … dT_n] (one read of X
-    for every adapter), the partials summed per adapter in a fixed order.
+  * dA_i = s_i·dT_iᵀ D(X): the dense module's dA kernel over [dT_1 … dT_n] (one launch, one read
+    of X for every adapter, per-row scales s_i/(1-p) where they differ) writing one [Σ r_i, k] dA
+    whose row blocks are the dA_i; its split-M partials are summed in a fixed order in the kernel.
 """
 
 from __future__ import annotations
@@ -265,25 +267,37 @@ def lowrank_group_bwd(grad_ys, x, weights, t, lora_As, lora_Bs, cores, out_scale
     dx = None
     d_ts, d_as, d_bs, d_cores, d_oss, d_biases = ([None] * n for _ in range(6))
     live = [i for i in range(n) if grad_ys[i] is not None]
+    # dT of every live adapter side by side, each pass over dY_i writing its column slice
+    want_t = [i for i in live if need_x or need_As[i]]
+    cols = dict(zip(want_t, _offsets([ranks[i] for i in want_t])))
+    d_t_all = torch.empty((M, sum(ranks[i] for i in want_t)), dtype=t.dtype, device=t.device) if want_t else None
     for i in live:
+        d_t_i = d_t_all[:, cols[i]:cols[i] + ranks[i]] if i in cols else None
         d_ts[i], d_bs[i], d_cores[i], d_oss[i], d_biases[i] = L.lowrank_bwd_dy(
             grad_ys[i], t[:, offs[i]:offs[i + 1]], lora_Bs[i], cores[i], out_scales[i], scales[i], activation,
-            need_x or need_As[i], need_Bs[i], need_cores[i], need_out_scales[i], need_biases[i], deterministic)
+            i in cols, need_Bs[i], need_cores[i], need_out_scales[i], need_biases[i], d_t=d_t_i)
     with L._device(t):
         if need_x and live:
-            d_t = torch.cat([d_ts[i] for i in live], 1) if len(live) > 1 else d_ts[live[0]]
             a = torch.cat([lora_As[i] for i in live]) if len(live) > 1 else lora_As[live[0]].contiguous()
-            dx = _group_dx([(grad_ys[i], weights[i]) for i in live], d_t, a, [scales[i] for i in live],
+            dx = _group_dx([(grad_ys[i], weights[i]) for i in live], d_t_all, a, [scales[i] for i in live],
                            [ranks[i] for i in live], p, seed, M, weights[live[0]].shape[1])
         want_a = [i for i in live if need_As[i]]
         for i0, i1 in _runs([ranks[i] for i in want_a]):       # one read of X per run of adapters
             run = want_a[i0:i1]
-            d_t = torch.cat([d_ts[i] for i in run], 1) if len(run) > 1 else d_ts[run[0]]
-            part = L.lowrank_bwd_da_partials(d_t, x, p, seed)
-            part = part.view(part.shape[0], d_t.shape[1], x.shape[1])
+            c0, c1 = cols[run[0]], cols[run[-1]] + ranks[run[-1]]
+            if c1 - c0 == sum(ranks[i] for i in run):         # adjacent in d_t_all
+                d_t = d_t_all[:, c0:c1]
+            else:
+                d_t = torch.cat([d_ts[i] for i in run], 1)
+            run_scales = [scales[i] / (1.0 - p) for i in run]
+            row_scale = None
+            if len(set(run_scales)) > 1:
+                row_scale = torch.tensor([s for i, s in zip(run, run_scales) for _ in range(ranks[i])],
+                                         dtype=torch.float32, device=t.device)
+            out = torch.empty((d_t.shape[1], x.shape[1]), dtype=lora_As[run[0]].dtype, device=t.device)
+            L.lowrank_bwd_da(d_t, x, p, seed, run_scales[0], out, row_scale)
             col = 0
-            for i in run:                                      # fixed-order sums, s_i/(1-p) in fp32
-                d_as[i] = (part[:, col:col + ranks[i]].sum(0) * (scales[i] / (1.0 - p))).to(lora_As[i].dtype)
+            for i in run:                                      # row views of the one dA
+                d_as[i] = out[col:col + ranks[i]].to(lora_As[i].dtype)
                 col += ranks[i]
     return dx, d_as, d_bs, d_cores, d_oss, d_biases
-

@@ -150,3 +150,43 @@ def test_4bit_problems_capture_the_in_register_kernels_unless_told(monkeypatch):
     monkeypatch.setenv(L4.BUFFER_MIN_M_ENV, "1")
     names = {job.name for job in I.capture_problems([problem])[0][0]}
     assert "_dequant4_kernel" in names and "_lowrank4_fwd_gemm_kernel" not in names
+
+
+# Triton launches of one training step of one layer (the grouped op: three projections of one
+# input): forward T pass + GEMM(s); backward the pass over dY (per projection), dX, and dA where
+# A trains. No finalize, partial-sum or U kernel: their work runs inside those launches.
+STEP_LAUNCHES = {
+    "dense": {"lora": 5, "lora_fa": 4, "lamda": 4, "vera": 4},
+    "4bit": {"lora": 5, "lora_fa": 4, "lamda": 4, "vera": 4},
+    "group": {"lora": 9, "lora_fa": 8, "lamda": 8, "vera": 8},
+}
+STEP_KERNELS = {
+    "dense": {"_lowrank_fwd_t_kernel", "_lowrank_fwd_gemm_kernel", "_lowrank_bwd_dy_kernel", "_lowrank_bwd_dx_kernel"},
+    "4bit": {"_lowrank_fwd_t_kernel", "_lowrank4_fwd_gemm_kernel", "_lowrank_bwd_dy_kernel",
+             "_lowrank4_bwd_dx_kernel"},
+    "group": {"_lowrank_fwd_t_kernel", "_lowrank_fwd_gemm_kernel", "_lowrank_bwd_dy_kernel",
+              "_lowrank_group_bwd_dx_kernel"},
+}
+
+
+def test_launches_per_training_step():
+    """Launches of one training step (Triton launches plus torch kernels, as ``fastpeft inspect``
+    counts them): LoRA (A trains) 5 on the dense and 4-bit ops, LoRA-FA, LaMDA and VeRA (A
+    frozen) 4; the grouped op of three projections 9 and 8. No torch fill in any: the grouped
+    op's only torch kernels concatenate its parameters (A, the cores)."""
+    problems = [I.Problem(op=op, arch=arch, k=256, d=128, M=512, r=16, dropout=0.1, method=method)
+                for op in STEP_LAUNCHES for method in STEP_LAUNCHES[op] for arch in (80, 90)]
+    for problem, (jobs, torch_ops) in zip(problems, I.capture_problems(problems)):
+        what = problem.describe()
+        launches = {j.launch: j.name for j in jobs}
+        expected = STEP_LAUNCHES[problem.op][problem.method]
+        names = STEP_KERNELS[problem.op] | ({"_lowrank_bwd_da_kernel"} if problem.method == "lora" else set())
+        assert len(launches) == expected and set(launches.values()) == names, f"{what}: {sorted(launches.values())}"
+        if problem.op == "group":
+            assert set(torch_ops) <= {"cat", "block_diag"} and len(torch_ops) <= 3, f"{what}: {torch_ops}"
+        else:
+            assert torch_ops == [], f"{what}: {torch_ops}"
+        report = I.Report(problem, [], len(launches), torch_ops, [])
+        assert report.kernel_launches == expected + len(torch_ops)
+        if problem.op != "group":
+            assert report.kernel_launches <= (5 if problem.method == "lora" else 4), what

@@ -43,10 +43,9 @@ PROBLEMS += [Problem(op=op, arch=arch, M=M, r=r, dropout=0.1, method=method)
 NOT_WGMMA = {
     "_lowrank_bwd_da_kernel": "dA = s·dTᵀ·D(X) is an r-wide skinny product: its tiles have r rows (BLOCK_R), "
                               "fewer than the 64 a warpgroup's wgmma takes at r < 64",
-    "_lowrank_u_kernel": "U = σ(T)·Sᵀ is an r × r product per row block, BLOCK_R wide",
-    "_lowrank_bwd_dy_kernel": "G = dY·B and dYᵀ·U are r-wide skinny products; at r = 64 the pass takes 32 rows "
+    "_lowrank_bwd_dy_kernel": "G = dY·B and dYᵀ·Z are r-wide skinny products; at r = 64 the pass takes 32 rows "
                               "(G [BLOCK_M, r] stays in registers across d), under wgmma's 64 (at r ≤ 32, 64 "
-                              "rows and wgmma)",
+                              "rows and wgmma); dcore and dB's core product (P_Z·Sᵀ) are r × r products",
     "_lowrank4_decode_kernel": "decode: M ≤ 16 rows, a 64-row wgmma tile would be three-quarters padding",
     "_dora_norm_kernel": "W·Aᵀ for DoRA's norms is an r-wide skinny product, run when the adapter changes",
 }
@@ -130,7 +129,7 @@ def test_the_grid_covers_every_kernel_and_several_configs():
     names = {job.name for _, job, _ in _compiled()}
     assert {"_lowrank_fwd_t_kernel", "_lowrank_fwd_gemm_kernel", "_lowrank_bwd_dy_kernel", "_lowrank_bwd_dx_kernel",
             "_lowrank_bwd_da_kernel", "_lowrank4_fwd_gemm_kernel", "_lowrank4_bwd_dx_kernel",
-            "_lowrank4_decode_kernel", "_lowrank_group_bwd_dx_kernel", "_lowrank_u_kernel"} | TMA_KERNELS <= names
+            "_lowrank4_decode_kernel", "_lowrank_group_bwd_dx_kernel"} | TMA_KERNELS <= names
     big = [(p, j) for p, j, _ in _compiled() if p.M == 8192 and j.name in {"_lowrank_fwd_gemm_kernel"} | TMA_KERNELS]
     per_launch = {}
     for p, j in big:

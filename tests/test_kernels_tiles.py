@@ -1,8 +1,10 @@
 """The Triton kernels across several tiles: row tiles, column tiles, split-M partials.
 
 Under the interpreter the launchers take one block per small dim; here the block cap is lowered
-to 32 so that an odd M = 99 runs as 4 row tiles, the pass over dY and dA reduce 4 split-M
-partials each, and the deterministic mode's fixed-order reductions are exercised. Each op (dense,
+to 32 so that an odd M = 99 runs as 4 row tiles: the pass over dY runs 4 row programs (the last
+of them sums their 4 dS partials) and column programs that reduce dB over all 4 row blocks, dA
+runs 4 split-M programs per column block (the last sums their partials), and the fixed-order
+reductions must give bit-identical results across runs. Each op (dense,
 grouped, 4-bit) is compared with float64 autograd (output and every gradient), and the
 deterministic mode must be bit-identical across runs.
 """
@@ -29,41 +31,28 @@ TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Block cap 32 under the interpreter; records the partial counts of every reduction."""
+    """Block cap 32 under the interpreter; records, per launch, the row programs of the pass over
+    dY and the split-M programs of dA (whose last program of each column block reduces the
+    partials of the others: the interpreter runs programs one after another, in grid order)."""
     if DEVICE == "cuda":
         pytest.skip("block sizes are the autotuner's on a GPU")
     monkeypatch.setattr(L, "INTERPRET_BLOCK_CAP", CAP)
-    seen = {"sum": [], "finalize": [], "da_split": []}
-    sum_partials, da_partials = L._sum_partials, L.lowrank_bwd_da_partials
+    seen = {"dy_rows": [], "da_split": [], "kernels": []}
+    launch = L._launch
 
-    def recording_da(*args, **kwargs):
-        part = da_partials(*args, **kwargs)
-        seen["da_split"].append(part.shape[0])
-        return part
+    def recording(kernel, grid, args, fallback):
+        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+        seen["kernels"].append(name)
+        if name == "_lowrank_bwd_dy_kernel":
+            seen["dy_rows"].append(args["ROW_PROGRAMS"])
+        if name == "_lowrank_bwd_da_kernel":
+            seen["da_split"].append(grid(fallback)[1])
+        return launch(kernel, grid, args, fallback)
 
-    def recording_sum(part, out, n_partials, scale):
-        seen["sum"].append(n_partials)
-        return sum_partials(part, out, n_partials, scale)
-
-    class Recording:
-        def __init__(self, kernel, key):
-            self.kernel, self.key = kernel, key
-
-        def __getitem__(self, grid):
-            launch = self.kernel[grid]
-
-            def run(*args, **kwargs):
-                seen[self.key].append(args[7])
-                return launch(*args, **kwargs)
-            return run
-
-        def __getattr__(self, name):
-            return getattr(self.kernel, name)
-
-    monkeypatch.setattr(L, "_sum_partials", recording_sum)
-    monkeypatch.setattr(L, "lowrank_bwd_da_partials", recording_da)
-    monkeypatch.setattr(L, "_lowrank_bwd_finalize_kernel", Recording(L._lowrank_bwd_finalize_kernel, "finalize"))
-    return seen
+    monkeypatch.setattr(L, "_launch", recording)
+    yield seen
+    for buf in L._COUNTERS.values():      # every launch leaves its counters at 0
+        assert not buf.any(), "reduction counters left non-zero"
 
 
 def _rand(gen, *shape, s=1.0, dtype=torch.float32):
@@ -117,9 +106,8 @@ def test_dense_several_tiles_and_partials(small_blocks, dtype, deterministic):
     keep = L.dropout_keep_mask(SEED, M, K, P, DEVICE).cpu()
     y_ref, g_ref = _reference(x, w, a, b, core, gy, keep)
     _check(got, [y_ref, *g_ref], TOL[dtype], "dense")
-    assert max(small_blocks["sum"]) >= 3, small_blocks      # dA: one partial per 32-row block
-    if deterministic:
-        assert max(small_blocks["finalize"]) >= 3, small_blocks   # dB: one partial per dY block
+    assert max(small_blocks["da_split"]) >= 3, small_blocks   # dA: one partial per 32-row block
+    assert max(small_blocks["dy_rows"]) >= 3, small_blocks    # dS: one partial per dY row block
 
 
 def test_dense_deterministic_mode_is_bit_identical_across_runs(small_blocks):
@@ -127,7 +115,7 @@ def test_dense_deterministic_mode_is_bit_identical_across_runs(small_blocks):
     second, _ = _dense_step(torch.float32, True)
     for name, g1, g2 in zip(("y", "dx", "dA", "dB", "dcore"), first, second):
         assert torch.equal(g1, g2), f"{name} differs between two deterministic runs"
-    assert max(small_blocks["finalize"]) >= 3
+    assert max(small_blocks["dy_rows"]) >= 3 and max(small_blocks["da_split"]) >= 3
 
 
 def _group_step(deterministic):
@@ -170,7 +158,7 @@ def test_group_deterministic_mode_is_bit_identical_across_runs(small_blocks):
         runs.append([y.detach() for y in ys] + [x.grad] + [t.grad for t in (*As, *Bs, *cores)])
     for i, (g1, g2) in enumerate(zip(*runs)):
         assert torch.equal(g1, g2), f"tensor {i} differs between two deterministic runs"
-    assert max(small_blocks["finalize"]) >= 3, small_blocks
+    assert max(small_blocks["dy_rows"]) >= 3 and max(small_blocks["da_split"]) >= 3, small_blocks
 
 
 def _fourbit_step(deterministic, quant_type):
@@ -195,7 +183,7 @@ def test_4bit_several_tiles_and_partials(small_blocks, quant_type):
     keep = L.dropout_keep_mask(SEED, M, K, P, DEVICE).cpu()
     y_ref, g_ref = _reference(x, w, a, b, core, gy, keep)
     _check(got, [y_ref, *g_ref], TOL[torch.float32], f"4-bit {quant_type}")
-    assert max(small_blocks["sum"]) >= 3, small_blocks
+    assert max(small_blocks["da_split"]) >= 3 and max(small_blocks["dy_rows"]) >= 3, small_blocks
 
 
 def test_4bit_deterministic_mode_is_bit_identical_across_runs(small_blocks):
@@ -203,4 +191,51 @@ def test_4bit_deterministic_mode_is_bit_identical_across_runs(small_blocks):
     second, _ = _fourbit_step(True, "nf4")
     for name, g1, g2 in zip(("y", "dx", "dA", "dB", "dcore"), first, second):
         assert torch.equal(g1, g2), f"{name} differs between two deterministic runs"
-    assert max(small_blocks["finalize"]) >= 3, small_blocks
+    assert max(small_blocks["dy_rows"]) >= 3 and max(small_blocks["da_split"]) >= 3, small_blocks
+
+
+@pytest.mark.parametrize("core_kind,act,with_os", [("diag", "relu", True), ("full", "gelu", True), (None, "silu", False)])
+def test_dense_cores_out_scale_bias_several_tiles(small_blocks, core_kind, act, with_os):
+    """The launchers at M = 99 (4 row programs, 2 column programs of d = 40) with a diagonal or
+    full core, an activation, out_scale and a bias: every gradient against float64."""
+    gen = torch.Generator().manual_seed(5)
+    x, w, a, b, gy = (_rand(gen, M, K), _rand(gen, D, K, s=K ** -0.5), _rand(gen, R, K, s=K ** -0.5),
+                      _rand(gen, D, R, s=R ** -0.5), _rand(gen, M, D))
+    core = None if core_kind is None else (_rand(gen, R) if core_kind == "diag" else _rand(gen, R, R, s=R ** -0.5))
+    out_scale = _rand(gen, D) if with_os else None
+    bias = _rand(gen, D)
+    y, t = L.lowrank_fwd(x, w, bias, a, b, core, out_scale, SCALE, P, SEED, act)
+    grads = L.lowrank_bwd(gy, x, w, t, a, b, core, out_scale, SCALE, P, SEED, act, *([True] * 6))
+    keep = L.dropout_keep_mask(SEED, M, K, P, DEVICE).cpu()
+    leaves = [v.detach().cpu().double().requires_grad_() if v is not None else None
+              for v in (x, a, b, core, out_scale, bias)]
+    y_ref = reference_lowrank(leaves[0], w.cpu().double(), leaves[5], leaves[1], leaves[2], leaves[3], leaves[4],
+                              SCALE, keep_mask=keep, dropout_p=P, activation=act)
+    y_ref.backward(gy.cpu().double())
+    assert rel_err(y, y_ref.detach()) <= TOL[torch.float32], "y"
+    for name, g, leaf in zip(("dx", "dA", "dB", "dcore", "dout_scale", "dbias"), grads, leaves):
+        assert (g is None) == (leaf is None), name
+        if g is not None:
+            assert rel_err(g, leaf.grad) <= TOL[torch.float32], name
+    assert max(small_blocks["dy_rows"]) >= 3 and max(small_blocks["da_split"]) >= 3, small_blocks
+
+
+def test_counters_are_allocated_once_and_left_at_zero(small_blocks):
+    """The reduction counters are zeroed once, at their first use, and every launch leaves them
+    at 0: a second training step reuses the same array and runs no fill."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    _dense_step(torch.float32, True)
+    before = {k: v.data_ptr() for k, v in L._COUNTERS.items()}
+    ops = []
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Seen():
+        _dense_step(torch.float32, True)
+    assert {k: v.data_ptr() for k, v in L._COUNTERS.items()} == before and before
+    assert not {"zeros", "zero_", "fill_", "new_zeros", "zeros_like"} & set(ops), ops
+    assert all(not buf.any() for buf in L._COUNTERS.values())
