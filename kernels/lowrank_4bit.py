@@ -41,7 +41,8 @@ Transient dense buffer: at M > 16 and M >= :func:`buffer_min_m` (by default
 overrides it, 0 turns it off), forward and dX dequantise the whole W once into a dense buffer
 (``_dequant4_kernel``, bit-exact with bitsandbytes) and run the dense module's fused kernels on
 it; the buffer (d·k elements of x's dtype) lives only inside the launcher call and is never
-saved for backward. Below it W is dequantised in registers. ``fastpeft bench`` times both
+saved for backward. Below it, and always with ``row_scale`` (DoRA: nothing as large as W in a
+training step), W is dequantised in registers. ``fastpeft bench`` times both
 (``fastpeft-4bit-triton-registers`` and ``fastpeft-4bit-triton-buffered``) beside the default.
 
 Every accumulation is fp32; under the interpreter the operands are upcast to fp32 (its bf16
@@ -836,7 +837,7 @@ def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_sca
     data, scales, wmeta, (N, k) = weight_args
     if k != K:
         raise ValueError(f"x has k={K} columns but the 4-bit weight is [d={N}, k={k}]")
-    if _buffered(M):
+    if row_scale is None and _buffered(M):   # DoRA never: it allocates nothing as large as W
         weight = dequantize_4bit_dense(packed, quant_state, x.dtype, weight_args)
         return _dense.lowrank_fwd(x, weight, bias, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
                                   activation, row_scale, z)
@@ -927,15 +928,10 @@ def lowrank_4bit_bwd(grad_y, x, packed, quant_state, T, lora_A, lora_B, core, ou
     if row_scale is not None:
         if core is not None or out_scale is not None:
             raise ValueError("row_scale (DoRA) takes no core and no out_scale")
-        if need_x and _buffered(M):   # the dense kernels take dZ itself
-            weight = dequantize_4bit_dense(packed, quant_state, grad_y.dtype, weight_args)
-            out = _dense.lowrank_bwd(grad_y * row_scale.to(grad_y.dtype), x, weight, T, lora_A, lora_B, None, None,
-                                     scale, dropout_p, seed, activation, need_x, need_A, need_B, False, False,
-                                     False, deterministic=deterministic)
-            return (*out[:5], grad_y.sum(0) if need_bias else None)
         out_scale = row_scale            # the dense kernels read o in fp32
         need_out_scale = False
-    if need_x and _buffered(M):   # dX through the dense kernels over a transient W
+    # dX through the dense kernels over a transient W; DoRA never (nothing as large as W)
+    elif need_x and _buffered(M):
         weight = dequantize_4bit_dense(packed, quant_state, grad_y.dtype, weight_args)
         return _dense.lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
                                   activation, need_x, need_A, need_B, need_core, need_out_scale, need_bias,
