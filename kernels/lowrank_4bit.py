@@ -102,6 +102,9 @@ _DX_LUT_TILES = [(64, 128, 64, 8, 3)]
 # short-k tiles.
 _DECODE_TILES = [(32, 128, 8, 3), (64, 64, 8, 3), (16, 128, 4, 3), (32, 64, 4, 3), (32, 64, 8, 3),
                  (64, 32, 8, 3), (32, 32, 8, 3)]
+# decode tiles that spill (8-byte stack) as launched at M = 16 with the byte-permute decode
+# (fastpeft inspect, bf16, r = 8 and 16)
+_DECODE_SPILLS = {90: {(64, 64, 8, 3)}, 80: {(32, 32, 8, 3)}}
 # dequantisation into a dense buffer: (BLOCK_N, BLOCK_K, num_warps); 16 weights per thread
 _DEQUANT_TILE = (32, 128, 8)
 
@@ -189,7 +192,7 @@ def _decode_keep(configs, arch, smem, N, K, block_r, elem):
     def size_ok(c):
         return c.kwargs["BLOCK_N"] <= max(16, _dense._pow2(N)) and c.kwargs["BLOCK_K"] <= max(32, _dense._pow2(K))
 
-    return _dense._keep(configs, set(_DECODE_TILES), tile_of, ok, size_ok)
+    return _dense._keep(configs, set(_DECODE_TILES) - _DECODE_SPILLS.get(arch, set()), tile_of, ok, size_ok)
 
 
 def _prune_gemm(configs, named_args, **kwargs):
