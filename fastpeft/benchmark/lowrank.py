@@ -216,6 +216,15 @@ def measure(provider: Provider, case: Case, device: torch.device, modes=MODES,
     return rows + (_measure_decode(provider, case, device, decode, quick) if decode else [])
 
 
+def _row(base: dict, mode: str, status: str, reason: str) -> dict:
+    """A result row that carries no timing: a skipped or failed provider × mode."""
+    return {**base, "mode": mode, "status": status, "reason": reason}
+
+
+def _reason(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}"[:300]
+
+
 def _measure_training(provider: Provider, case: Case, device: torch.device, modes, quick: bool) -> list[dict]:
     base = measure_stub(provider, case)
     try:
@@ -224,11 +233,10 @@ def _measure_training(provider: Provider, case: Case, device: torch.device, mode
         with built.scope():
             extra = _memory_probe(built, sets[0], device)
     except Skip as reason:
-        return [{**base, "mode": m, "status": "skipped", "reason": str(reason)} for m in modes]
+        return [_row(base, m, "skipped", str(reason)) for m in modes]
     except Exception as err:  # a provider that breaks is reported, not fatal
         _release(device)
-        return [{**base, "mode": m, "status": "error", "reason": f"{type(err).__name__}: {err}"[:300]}
-                for m in modes]
+        return [_row(base, m, "error", _reason(err)) for m in modes]
     rows = []
     for mode in modes:
         try:
@@ -236,7 +244,7 @@ def _measure_training(provider: Provider, case: Case, device: torch.device, mode
                 timing = time_fn(step_function(built, sets, mode), device, quick=quick,
                                  grad_to_none=built.grads + [x for x, _ in sets])
         except Exception as err:
-            rows.append({**base, "mode": mode, "status": "error", "reason": f"{type(err).__name__}: {err}"[:300]})
+            rows.append(_row(base, mode, "error", _reason(err)))
             _release(device)
             continue
         rows.append({**base, "mode": mode, **_timing_fields(provider, case, mode, timing), **extra})
@@ -262,21 +270,20 @@ def _measure_decode(provider: Provider, case: Case, device: torch.device, modes,
         built = provider.build(case, device)
         sets = input_sets(case, device)
     except Skip as reason:
-        return [{**base, "mode": m, "status": "skipped", "reason": str(reason)} for m in modes]
+        return [_row(base, m, "skipped", str(reason)) for m in modes]
     except Exception as err:
         _release(device)
-        return [{**base, "mode": m, "status": "error", "reason": f"{type(err).__name__}: {err}"[:300]}
-                for m in modes]
+        return [_row(base, m, "error", _reason(err)) for m in modes]
     rows = []
     for mode in modes:
         try:
             with built.scope():
                 timing = time_fn(decode_function(built, sets, mode, device), device, quick=quick)
         except Skip as reason:
-            rows.append({**base, "mode": mode, "status": "skipped", "reason": str(reason)})
+            rows.append(_row(base, mode, "skipped", str(reason)))
             continue
         except Exception as err:
-            rows.append({**base, "mode": mode, "status": "error", "reason": f"{type(err).__name__}: {err}"[:300]})
+            rows.append(_row(base, mode, "error", _reason(err)))
             _release(device)
             continue
         rows.append({**base, "mode": mode, **_timing_fields(provider, case, mode, timing)})
