@@ -25,9 +25,12 @@ floors and predictions of bench/NOTES.md (M = 8192, k = d = 4096, bf16; one pass
   extra passes over [M, k] / [M, d] tensors (the fused step: 3), 1.35-1.50x the base step
   against 1.2-1.35x fused. Dropout adds about 8 passes in each direction (the mask is drawn as
   int32 words, masked, compared into an [M, k] 0/1 tensor and multiplied into X).
-- ``M > 1024``, forward only, no dropout: the composed path. Its 3 extra passes (X again for T,
-  Y read and written by the adapter's addmm) come to 1.15-1.21x F.linear, inside the fused
-  kernels' 1.12-1.25x: a tie goes to cuBLAS, which ``auto`` must never be slower than.
+- ``M > 1024``, forward only, no dropout: the composed path's 3 extra passes (X again for T,
+  Y read and written by the adapter's addmm) come to 1.15-1.21x F.linear. On sm_90 with 16-bit
+  operands whose rows are 16-byte multiples (k and d multiples of 8), the fused forward runs the
+  TMA/wgmma main loop (:mod:`fastpeft.kernels.lowrank_sm90`), predicted at 1.05-1.10x: the fused
+  kernels. Elsewhere (sm_80, fp32, odd k or d) the pointer main loop's 1.12-1.25x overlaps the
+  composed range: a tie goes to cuBLAS, which ``auto`` must never be slower than.
 
 ``fastpeft bench --update-dispatch`` rewrites the table from a GPU run
 (:mod:`fastpeft.benchmark.dispatch`). ``FASTPEFT_DISPATCH_TABLE`` names another table file
@@ -80,15 +83,22 @@ def row_key(op: str, arch: str, dtype: str, M_bucket, k: int, d: int, r: int, dr
     return (op, arch, dtype, M_bucket, int(k), int(d), int(r), bool(dropout))
 
 
-def static_choice(problem: dict) -> str:
-    """The predicted faster implementation, ``"triton"`` or ``"torch"`` (module docstring)."""
-    return _static(m_bucket(problem["M"]), problem["dropout_p"] > 0.0, bool(problem.get("grad", False)))
+def static_choice(problem: dict, arch: Optional[str] = None) -> str:
+    """The predicted faster implementation, ``"triton"`` or ``"torch"``, for ``problem`` on a GPU
+    of compute capability ``arch`` (``"sm_90"``; None: an unknown one) (module docstring)."""
+    return _static(m_bucket(problem["M"]), problem["dropout_p"] > 0.0, bool(problem.get("grad", False)),
+                   _tma_forward(arch, _dtype_name(problem["dtype"]), int(problem["k"]), int(problem["d"])))
 
 
-def _static(bucket, dropout: bool, grad: bool) -> str:
+def _tma_forward(arch: Optional[str], dtype: str, k: int, d: int) -> bool:
+    """Whether the fused forward GEMM takes the sm_90 TMA main loop (16-bit, 16-byte rows)."""
+    return arch == "sm_90" and dtype in ("float16", "bfloat16") and k % 8 == 0 and d % 8 == 0
+
+
+def _static(bucket, dropout: bool, grad: bool, tma_forward: bool = False) -> str:
     if bucket != OPEN_BUCKET and bucket <= STATIC_MAX_M_COMPOSED:   # a bucket boundary: M <= 1024
         return "torch"
-    return "triton" if dropout or grad else "torch"
+    return "triton" if dropout or grad or tma_forward else "torch"
 
 
 # -- the table file -----------------------------------------------------------------------------
@@ -230,4 +240,4 @@ def _lookup(op: str, index, dtype, bucket, k: int, d: int, r: int, dropout: bool
         mode = "fwd+bwd" if grad else "fwd"
         entry = row.get(mode) or row.get(MODES[1 - MODES.index(mode)])
         return entry["backend"]
-    return _static(bucket, dropout, grad)
+    return _static(bucket, dropout, grad, _tma_forward(arch, _dtype_name(dtype), k, d))

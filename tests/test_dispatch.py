@@ -70,10 +70,34 @@ def test_m_buckets(M, bucket):
     (1025, 0.1, True, "triton"), (8192, 0.0, True, "triton"), (8192, 0.1, False, "triton"),
     (8192, 0.0, False, "torch"), (100000, 0.0, False, "torch"), (100000, 0.1, False, "triton"),
 ])
-def test_static_prediction(table, M, dropout_p, grad, want):
+def test_static_prediction(table, monkeypatch, M, dropout_p, grad, want):
+    # fp32 on sm_90 (no TMA forward) and bf16 on sm_80 predict alike
     _write(table, [])
-    assert _dispatch.static_choice(_problem(M=M, dropout_p=dropout_p, grad=grad)) == want
-    assert _auto(_problem(M=M, dropout_p=dropout_p, grad=grad)) == want   # no row: auto follows it
+    for arch, dtype in (("sm_90", torch.float32), ("sm_80", torch.bfloat16)):
+        problem = _problem(M=M, dropout_p=dropout_p, grad=grad, dtype=dtype)
+        assert _dispatch.static_choice(problem, arch) == want
+        monkeypatch.setattr(_dispatch, "device_arch", lambda device: arch)
+        _dispatch.clear_cache()
+        assert _auto(problem) == want   # no row: auto follows it
+
+
+@pytest.mark.parametrize("arch,dtype,k,d,want", [
+    ("sm_90", torch.bfloat16, 4096, 4096, "triton"), ("sm_90", torch.float16, 4096, 1024, "triton"),
+    ("sm_90", torch.float32, 4096, 4096, "torch"), ("sm_90", torch.bfloat16, 4095, 4096, "torch"),
+    ("sm_90", torch.bfloat16, 4096, 4100, "torch"), ("sm_80", torch.bfloat16, 4096, 4096, "torch"),
+    (None, torch.bfloat16, 4096, 4096, "torch"),
+])
+def test_static_prediction_forward_only_follows_the_main_loop(table, monkeypatch, arch, dtype, k, d, want):
+    # forward only, no dropout, M > 1024: fused only where the TMA forward GEMM runs (sm_90, 16-bit,
+    # 16-byte rows); its prediction (1.05-1.10x F.linear) is below the composed path's 1.15-1.21x
+    _write(table, [])
+    problem = _problem(M=8192, k=k, d=d, dtype=dtype, dropout_p=0.0, grad=False)
+    assert _dispatch.static_choice(problem, arch) == want
+    assert _dispatch.static_choice(_problem(M=1024, k=k, d=d, dtype=dtype, dropout_p=0.0, grad=False),
+                                   arch) == "torch"
+    if arch is not None:
+        monkeypatch.setattr(_dispatch, "device_arch", lambda device: arch)
+        assert _auto(problem) == want
 
 
 def test_measured_rows_override_the_prediction(table):
