@@ -17,18 +17,21 @@ import sys
 
 import torch
 
-from fastpeft.kernels import _aot, dora, inspect, lowrank, lowrank_4bit, lowrank_group
+from fastpeft.kernels import _aot, _common, dora, inspect, lowrank, lowrank_4bit, lowrank_bwd, lowrank_group
 
 
 def compiled_on_device(device_index: int) -> list[dict]:
     """Every kernel of the fastpeft kernel modules compiled for the device, with its resources."""
-    rows = []
-    for module in (lowrank, lowrank_4bit, lowrank_group, dora):
+    rows, seen = [], set()
+    for module in (_common, lowrank, lowrank_bwd, lowrank_4bit, lowrank_group, dora):
         for value in vars(module).values():
             try:
                 fn = _aot.jit_function(value)
             except TypeError:
                 continue
+            if id(fn) in seen:       # a kernel module imports the jit functions of another
+                continue
+            seen.add(id(fn))
             cache = fn.device_caches.get(device_index)
             for kernel in (cache[0].values() if cache else ()):
                 kernel._init_handles()

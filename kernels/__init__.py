@@ -3,8 +3,13 @@
 One module per op family, each with private ``@triton.jit`` kernels followed by plain host
 launchers on 2-D tensors (the autograd Functions live in ``fastpeft.ops``):
 
-* :mod:`fastpeft.kernels.lowrank`: the dense low-rank adapter op, ``lowrank_fwd`` /
-  ``lowrank_bwd`` / ``dropout_keep_mask``.
+* :mod:`fastpeft.kernels.lowrank`: the dense low-rank adapter op's forward (the Y GEMM) and its
+  public launchers, ``lowrank_fwd`` / ``lowrank_bwd`` / ``dropout_keep_mask``.
+* :mod:`fastpeft.kernels.lowrank_bwd`: its backward kernels (the pass over dY, dX, dA) and their
+  launchers, with the gradient derivation.
+* :mod:`fastpeft.kernels._common`: what the kernel modules share: config choice, ``@triton.jit``
+  helpers (operands, activations, the Philox dropout mask, tile order, epilogues), the T pass
+  (T = D(X)Aᵀ and U in one pass over X) and launching.
 * :mod:`fastpeft.kernels.lowrank_sm90`: sm_90 main loops of the dense op's forward GEMM and dX
   (TMA tensor descriptors feeding wgmma, a persistent grouped tile schedule, tiles up to
   128×256), chosen by the dense launchers on sm_90 for aligned fp16/bf16 operands.

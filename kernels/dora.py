@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import lowrank as _dense
-from .lowrank import _op
+from . import _common
+from ._common import _op
+from .lowrank import lowrank_fwd
 from .lowrank_4bit import _w4_tile, _weight_args, lowrank_4bit_fwd
 
 __all__ = ["dora_norm", "dora_norm_4bit", "dora_fwd", "dora_fwd_4bit"]
@@ -72,19 +73,19 @@ def _dora_norm_kernel(
 
 def _launch(w, packed, scales, meta, a, N, K, stride_wn, stride_wk, is_4bit):
     """(W Aᵀ [N, R], ‖W_j‖² [N]) in fp32 from one pass over W."""
-    interp = _dense._interpreting()
+    interp = _common._interpreting()
     R = a.shape[0]
-    BR = _dense._block_r(R)
+    BR = _common._block_r(R)
     wat = torch.empty((N, R), dtype=torch.float32, device=a.device)
     sq = torch.empty((N,), dtype=torch.float32, device=a.device)
     if N == 0:
         return wat, sq
     if interp:
-        bn, bk = _dense._interp_block(N), max(32, _dense._interp_block(K))
+        bn, bk = _common._interp_block(N), max(32, _common._interp_block(K))
     else:
         bn, bk = _tile(BR)
     precision = "ieee" if a.dtype == torch.float32 else "tf32"
-    with _dense._device(a):
+    with _common._device(a):
         _dora_norm_kernel[(triton.cdiv(N, bn),)](
             w, packed, **scales, a_ptr=a, wat_ptr=wat, sq_ptr=sq, N=N, K=K, R=R, stride_wn=stride_wn,
             stride_wk=stride_wk,
@@ -98,7 +99,7 @@ def dora_norm(weight, lora_A, lora_B, scale: float, weight_sq_norm=None):
     from the kernel (``weight_sq_norm`` is not needed), the rest on [d, r] tensors."""
     from fastpeft.ops.dora import _norm_from_parts
 
-    _dense._check_dtype(lora_A)
+    _common._check_dtype(lora_A)
     N, K = weight.shape
     a = lora_A.detach().to(weight.dtype).contiguous()
     w = weight.detach()
@@ -112,7 +113,7 @@ def dora_norm_4bit(packed, quant_state, lora_A, lora_B, scale: float, weight_sq_
     """n for a 4-bit W (bitsandbytes' layout), dequantised tile by tile in registers."""
     from fastpeft.ops.dora import _norm_from_parts
 
-    _dense._check_dtype(lora_A)
+    _common._check_dtype(lora_A)
     data, scales, meta, (N, K) = _weight_args(packed, quant_state, lora_A.device)
     a = lora_A.detach().contiguous()
     wat, sq = _launch(a, data, scales, meta, a, N, K, 0, 0, True)
@@ -126,7 +127,7 @@ def dora_fwd(x, weight, bias, lora_A, lora_B, row_scale, scale: float, dropout_p
     bias after it: Y = c ⊙ (X Wᵀ + s·T Bᵀ) + b, written once. Returns (Y, T, Z): Z = X Wᵀ + s·T Bᵀ
     (written by the same epilogue) when ``store_z``, else ``None``."""
     z = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device) if store_z else None
-    y, t = _dense.lowrank_fwd(x, weight, bias, lora_A, lora_B, None, None, scale, dropout_p, seed, None,
+    y, t = lowrank_fwd(x, weight, bias, lora_A, lora_B, None, None, scale, dropout_p, seed, None,
                               row_scale=row_scale.float().contiguous(), z=z)
     return y, t, z
 
@@ -135,7 +136,7 @@ def dora_fwd_4bit(x, packed, quant_state, bias, lora_A, lora_B, row_scale, scale
                   seed: int, store_z: bool):
     """:func:`dora_fwd` over a 4-bit W (QDoRA): the 4-bit op's GEMM (M > 16) or decode kernel
     (M <= 16) with the row scale c in its epilogue, W dequantised in registers. Returns (Y, T, Z)."""
-    _dense._check_dtype(x)
+    _common._check_dtype(x)
     z = torch.empty((x.shape[0], quant_state.shape[0]), dtype=x.dtype, device=x.device) if store_z else None
     y, t = lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, None, None, scale, dropout_p, seed, None,
                             row_scale=row_scale.float().contiguous(), z=z)

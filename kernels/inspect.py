@@ -129,7 +129,7 @@ class _TorchKernels:
 
     def __init__(self):
         from torch.utils._python_dispatch import TorchDispatchMode
-        from .lowrank import _Allocating
+        from ._common import _Allocating
 
         seen = self.ops = []
 
@@ -238,16 +238,16 @@ def _stand_in_device(arch: int) -> Iterator[None]:
     """The launchers see a GPU of ``arch`` (its shared memory and SM count), the Triton backend
     accepts CPU tensors, and the ops run their Python implementations under the dispatch mode."""
     from fastpeft import _backend
-    from . import lowrank
+    from . import _common
 
-    saved = lowrank._limits_of, _backend.triton_available, _backend.plain_eager
-    lowrank._limits_of = lambda tensor: (arch, _aot.SMEM_LIMIT[arch], _aot.SM_COUNT[arch])
+    saved = _common._limits_of, _backend.triton_available, _backend.plain_eager
+    _common._limits_of = lambda tensor: (arch, _aot.SMEM_LIMIT[arch], _aot.SM_COUNT[arch])
     _backend.triton_available = lambda device: None
     _backend.plain_eager = lambda first: True
     try:
         yield
     finally:
-        lowrank._limits_of, _backend.triton_available, _backend.plain_eager = saved
+        _common._limits_of, _backend.triton_available, _backend.plain_eager = saved
 
 
 def capture_problem(problem: Problem) -> tuple[list[_aot.AotJob], list[str]]:

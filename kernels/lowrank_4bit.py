@@ -18,7 +18,7 @@ run PTX) take ``code[q]`` from a tree of selects on the four index bits (:func:`
 Names as in :mod:`fastpeft.kernels.lowrank`: T = D(X)Aᵀ, Z = σ(T), U = Z Sᵀ | Z ⊙ S | Z.
 
 Forward, Y = X Wᵀ + b + s·(U Bᵀ) ⊙ o:
-  * M > 16: T and U from the dense module's T pass (``_lowrank_fwd_t_kernel``, one pass over X),
+  * M > 16: T and U from the shared T pass (``_t_pass`` of :mod:`fastpeft.kernels._common`),
     then ``_lowrank4_fwd_gemm_kernel``: the adapter term and the bias initialise the
     accumulator, the main loop adds X Wᵀ with W tiles dequantised in registers;
   * M <= 16 (decode): one launch, ``_lowrank4_decode_kernel``, split over d only: each program
@@ -60,8 +60,13 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from . import lowrank as _dense
-from .lowrank import _act_fwd, _act_grad, _adapter_init, _core_tile, _grouped_pid, _keep_mask, _op, _store_y
+# the building blocks shared with the dense op (config choice, launching, the T pass), looked up
+# in that module when called (its replaceable names reach every kernel module)
+from . import _common as _dense
+from ._common import (_act_fwd, _act_grad, _adapter_init, _core_tile, _grouped_pid, _keep_mask, _op,
+                      _store_y, _words)
+from .lowrank import lowrank_fwd
+from .lowrank_bwd import lowrank_bwd, lowrank_bwd_da, lowrank_bwd_dy
 
 __all__ = ["lowrank_4bit_fwd", "lowrank_4bit_bwd", "dequantize_4bit_dense", "buffer_min_m",
            "DECODE_MAX_M", "BUFFER_MIN_M_ENV", "BUFFER_MIN_M_DEFAULT"]
@@ -129,14 +134,6 @@ _DX_LIVE_WORDS = {2: 40, 1: 36, 0: 32}
 # Choosing configs (pure functions of the architecture and the problem, replayed by the static
 # tests for sm_80 / sm_90 without a GPU).
 # --------------------------------------------------------------------------------------------
-
-def _per_thread(elems: int, num_warps: int) -> int:
-    return elems // (num_warps * 32)
-
-
-def _words(elems: int, elem: int, num_warps: int) -> int:
-    return _per_thread(elems, num_warps) * (2 if elem == 4 else 1)
-
 
 def _uses_lut(layout: int, w_kind: int, dtype: torch.dtype) -> bool:
     """Whether the compiled tile of :func:`_w4_tile` forms W by byte permutes: k a multiple of the
@@ -798,34 +795,6 @@ def _buffered(M: int) -> bool:
     return M > DECODE_MAX_M and min_m is not None and M >= min_m
 
 
-def _t_pass(x, lora_A, core, dropout_p, seed, act, core_kind):
-    """T = D(X)Aᵀ and U = σ(T)Sᵀ with the dense module's T kernel (its launch arguments)."""
-    M, K = x.shape
-    R = lora_A.shape[0]
-    BR = _dense._block_r(R)
-    a = lora_A.contiguous()
-    core_c = core.contiguous() if core is not None else a
-    t = torch.empty((M, R), dtype=x.dtype, device=x.device)
-    store_u = core_kind != 0 or act != 0
-    u = torch.empty((M, R), dtype=x.dtype, device=x.device) if store_u else t
-    interp = _dense._interpreting()
-    p = float(dropout_p)
-    args = dict(x_ptr=x, a_ptr=a, core_ptr=core_c, t_ptr=t, u_ptr=u, M=M, K=K, R=R, M_KEY=_dense._pow2(M),
-                stride_xm=x.stride(0), stride_xk=x.stride(1), seed=int(seed), dropout_p=p,
-                inv_keep=1.0 / (1.0 - p), ACTIVATION=act, CORE=core_kind, HAS_DROPOUT=p > 0.0,
-                STORE_U=store_u, UPCAST=interp, DOT_PRECISION=_dense._dot_precision(x.dtype), BLOCK_R=BR,
-                R_CHUNK=_dense._r_chunk(BR))
-    if interp:
-        fb = dict(BLOCK_M=_dense._interp_block(M), BLOCK_K=_dense._interp_block(K), num_warps=4, num_stages=1)
-    elif not _dense._autotuning():
-        arch, smem, _ = _dense._limits_of(x)
-        fb = _dense._fallback(_dense._t_keep(_dense._T_CONFIGS, arch, smem, M, BR, x.element_size(), p > 0.0))
-    else:
-        fb = {}
-    _dense._launch(_dense._lowrank_fwd_t_kernel, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),), args, fb)
-    return t, u
-
-
 def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_scale, scale: float,
                      dropout_p: float, seed: int, activation, row_scale=None, z=None):
     """Forward on 2-D x [M, k] over the 4-bit W: returns (Y [M, d], T [M, r]) in x's dtype.
@@ -842,7 +811,7 @@ def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_sca
         raise ValueError(f"x has k={K} columns but the 4-bit weight is [d={N}, k={k}]")
     if row_scale is None and _buffered(M):   # DoRA never: it allocates nothing as large as W
         weight = dequantize_4bit_dense(packed, quant_state, x.dtype, weight_args)
-        return _dense.lowrank_fwd(x, weight, bias, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
+        return lowrank_fwd(x, weight, bias, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
                                   activation, row_scale, z)
     R = lora_A.shape[0]
     BR = _dense._block_r(R)
@@ -862,7 +831,10 @@ def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_sca
         if M <= DECODE_MAX_M:
             t = _decode(x, data, scales, wmeta, lora_A, core, y, scale, dropout_p, seed, act, core_kind, adapter)
             return y, t
-        t, u = _t_pass(x, lora_A, core, dropout_p, seed, act, core_kind)
+        a = lora_A.contiguous()
+        t = torch.empty((M, R), dtype=x.dtype, device=x.device)
+        u = torch.empty((M, R), dtype=x.dtype, device=x.device) if core_kind != 0 or act != 0 else t
+        _dense._t_pass(x, a, core.contiguous() if core is not None else a, core_kind, act, dropout_p, seed, t, u)
         args = dict(x_ptr=x, packed_ptr=data, **scales, u_ptr=u, y_ptr=y,
                     M=M, N=N, K=K, R=R, M_KEY=_dense._pow2(M), stride_xm=x.stride(0), stride_xk=x.stride(1),
                     stride_ym=y.stride(0), stride_yn=y.stride(1), scale=float(scale),
@@ -936,19 +908,19 @@ def lowrank_4bit_bwd(grad_y, x, packed, quant_state, T, lora_A, lora_B, core, ou
     # dX through the dense kernels over a transient W; DoRA never (nothing as large as W)
     elif need_x and _buffered(M):
         weight = dequantize_4bit_dense(packed, quant_state, grad_y.dtype, weight_args)
-        return _dense.lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
+        return lowrank_bwd(grad_y, x, weight, T, lora_A, lora_B, core, out_scale, scale, dropout_p, seed,
                                   activation, need_x, need_A, need_B, need_core, need_out_scale, need_bias,
                                   deterministic=deterministic)
     if need_A and x is None:
         raise ValueError("lowrank_4bit_bwd needs x when need_A is True")
     p = float(dropout_p)
-    d_t, d_b, d_core, d_os, d_bias = _dense.lowrank_bwd_dy(
+    d_t, d_b, d_core, d_os, d_bias = lowrank_bwd_dy(
         grad_y, T, lora_B, core, out_scale, scale, activation, need_A, need_B, need_core, need_out_scale,
         need_bias)
     d_a = None
     if need_A:
         with _dense._device(grad_y):
-            d_a = _dense.lowrank_bwd_da(d_t, x, p, seed, float(scale) / (1.0 - p), torch.empty_like(lora_A))
+            d_a = lowrank_bwd_da(d_t, x, p, seed, float(scale) / (1.0 - p), torch.empty_like(lora_A))
     dx = None
     if need_x:
         R = lora_A.shape[0]

@@ -30,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import lowrank as L
-from .lowrank import _grouped_pid, _keep_mask, _op
+from . import _common, lowrank
+from ._common import _grouped_pid, _keep_mask, _op
+from .lowrank_bwd import lowrank_bwd_da, lowrank_bwd_dy
 
 __all__ = ["lowrank_group_fwd", "lowrank_group_bwd", "MAX_PAIRS"]
 
@@ -65,7 +66,7 @@ def _dx_keep(configs, arch: int, smem: int, M: int, K: int, R: int, elem: int, d
     r-chunked, so R counts only through the sm_80 register rule). On sm_90 the pairs loop keeps
     every pair's pointers, sizes and strides live, and a 4-warp 64×64 tile with BLOCK_K = 64
     spills there (the static checks read it in the SASS): such tiles are left out on sm_90."""
-    keep = L._gemm_keep(configs, arch, smem, M, K, max(16, min(L.MAX_RANK, L._pow2(R))), elem,
+    keep = _common._gemm_keep(configs, arch, smem, M, K, max(16, min(_common.MAX_RANK, _common._pow2(R))), elem,
                         dx=True, dropout=dropout)
     if arch == 90:
         fits = [c for c in keep if not (c.num_warps == 4 and c.kwargs["BLOCK_K"] >= 64
@@ -75,13 +76,13 @@ def _dx_keep(configs, arch: int, smem: int, M: int, K: int, R: int, elem: int, d
 
 
 def _prune_dx(configs, named_args, **kwargs):
-    args = L._prune_args(named_args, kwargs)
-    arch, smem, _ = L._limits_of(args["dt_ptr"])
+    args = _common._prune_args(named_args, kwargs)
+    arch, smem, _ = _common._limits_of(args["dt_ptr"])
     return _dx_keep(configs, arch, smem, args["M_KEY"], args["N"], args["R"], args["dt_ptr"].element_size(),
                     args["HAS_DROPOUT"])
 
 
-@triton.autotune(configs=L._DX_CONFIGS,
+@triton.autotune(configs=_common._DX_CONFIGS,
                  key=["M_KEY", "N", "D0", "D1", "D2", "D3", "R", "N_PAIRS", "HAS_COL_SCALE", "HAS_DROPOUT"],
                  prune_configs_by={"early_config_prune": _prune_dx})
 @triton.jit(do_not_specialize=["seed"])
@@ -156,8 +157,8 @@ def _runs(ranks) -> list[tuple[int, int]]:
         return []
     runs, start, total = [], 0, 0
     for i, r in enumerate(ranks):
-        L._block_r(r)                        # a clear error for r > MAX_RANK
-        if total + r > L.MAX_RANK:
+        _common._block_r(r)                        # a clear error for r > MAX_RANK
+        if total + r > _common.MAX_RANK:
             runs.append((start, i))
             start, total = i, 0
         total += r
@@ -183,25 +184,25 @@ def lowrank_group_fwd(x, weights, biases, lora_As, lora_Bs, cores, out_scales, s
                       seed: int, activation):
     """Forward on 2-D x [M, k]: returns ([Y_i [M, d_i]], T [M, Σ r_i]), all in x's dtype; T is
     the pre-activation D(X)Aᵀ of every adapter, side by side."""
-    L._check_dtype(x)
+    _common._check_dtype(x)
     M = x.shape[0]
     ranks = [a.shape[0] for a in lora_As]
     offs = _offsets(ranks)
-    act = L._ACTIVATIONS[activation]
+    act = _common._ACTIVATIONS[activation]
     runs = _runs(ranks)
     kw = dict(dtype=x.dtype, device=x.device)
     t = torch.empty((M, offs[-1]), **kw)
     ys = [torch.empty((M, w.shape[0]), **kw) for w in weights]
-    with L._device(x):
+    with _common._device(x):
         for i0, i1 in runs:
             c0, c1 = offs[i0], offs[i1]
             a = torch.cat(lora_As[i0:i1]).contiguous() if i1 - i0 > 1 else lora_As[i0].contiguous()
             core_kind, core_c = _run_core(cores[i0:i1], ranks[i0:i1], a)
             t_run = t if len(runs) == 1 else torch.empty((M, c1 - c0), **kw)
             u = torch.empty((M, c1 - c0), **kw) if core_kind != 0 or act != 0 else t_run
-            L._t_pass(x, a, core_c, core_kind, act, dropout_p, seed, t_run, u)     # one read of X
+            _common._t_pass(x, a, core_c, core_kind, act, dropout_p, seed, t_run, u)     # one read of X
             for i in range(i0, i1):
-                L._fwd_gemm(x, weights[i], biases[i], u[:, offs[i] - c0:offs[i + 1] - c0],
+                lowrank._fwd_gemm(x, weights[i], biases[i], u[:, offs[i] - c0:offs[i + 1] - c0],
                             lora_Bs[i].contiguous(), out_scales[i], scales[i], ys[i])
             if t_run is not t:
                 t[:, c0:c1] = t_run
@@ -224,23 +225,23 @@ def _group_dx(pairs, d_t, a, scales, ranks, dropout_p: float, seed: int, M: int,
     head, tail = pairs[:MAX_PAIRS], pairs[MAX_PAIRS:]
     dys = [dy for dy, _ in head] + [d_t] * (MAX_PAIRS - len(head))       # unused slots
     ws = [w.contiguous() for _, w in head] + [a] * (MAX_PAIRS - len(head))
-    interp = L._interpreting()
+    interp = _common._interpreting()
     if interp:
-        fb = dict(BLOCK_M=L._interp_block(M), BLOCK_N=L._interp_block(K),
-                  BLOCK_K=L._interp_block(max(dy.shape[1] for dy, _ in head)), num_warps=4, num_stages=1)
-    elif not L._autotuning():
-        arch, smem, _ = L._limits_of(d_t)
-        fb = L._fallback(_dx_keep(L._DX_CONFIGS, arch, smem, M, K, R, d_t.element_size(), p > 0.0))
+        fb = dict(BLOCK_M=_common._interp_block(M), BLOCK_N=_common._interp_block(K),
+                  BLOCK_K=_common._interp_block(max(dy.shape[1] for dy, _ in head)), num_warps=4, num_stages=1)
+    elif not _common._autotuning():
+        arch, smem, _ = _common._limits_of(d_t)
+        fb = _common._fallback(_dx_keep(_common._DX_CONFIGS, arch, smem, M, K, R, d_t.element_size(), p > 0.0))
     else:
         fb = {}
-    args = dict(dt_ptr=d_t, a_ptr=a, cs_ptr=cs, dx_ptr=dx, M=M, N=K, R=R, M_KEY=L._pow2(M),
+    args = dict(dt_ptr=d_t, a_ptr=a, cs_ptr=cs, dx_ptr=dx, M=M, N=K, R=R, M_KEY=_common._pow2(M),
                 stride_dxm=dx.stride(0), seed=int(seed), dropout_p=p, adapter_scale=float(adapter_scale),
                 N_PAIRS=len(head), HAS_COL_SCALE=not equal, HAS_DROPOUT=p > 0.0, UPCAST=interp,
-                DOT_PRECISION=L._dot_precision(dtype), R_CHUNK=_R_CHUNK, GROUP_M=L._GROUP_M)
+                DOT_PRECISION=_common._dot_precision(dtype), R_CHUNK=_R_CHUNK, GROUP_M=_common._GROUP_M)
     for j, (dy, w) in enumerate(zip(dys, ws)):
         args.update({f"dy{j}_ptr": dy, f"w{j}_ptr": w, f"D{j}": dy.shape[1], f"stride_dy{j}": dy.stride(0),
                      f"stride_w{j}": w.stride(0)})
-    L._launch(_lowrank_group_bwd_dx_kernel,
+    _common._launch(_lowrank_group_bwd_dx_kernel,
               lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),), args, fb)
     for dy, w in tail:                       # more than MAX_PAIRS projections: plain GEMMs
         dx.addmm_(dy, w)
@@ -273,10 +274,10 @@ def lowrank_group_bwd(grad_ys, x, weights, t, lora_As, lora_Bs, cores, out_scale
     d_t_all = torch.empty((M, sum(ranks[i] for i in want_t)), dtype=t.dtype, device=t.device) if want_t else None
     for i in live:
         d_t_i = d_t_all[:, cols[i]:cols[i] + ranks[i]] if i in cols else None
-        d_ts[i], d_bs[i], d_cores[i], d_oss[i], d_biases[i] = L.lowrank_bwd_dy(
+        d_ts[i], d_bs[i], d_cores[i], d_oss[i], d_biases[i] = lowrank_bwd_dy(
             grad_ys[i], t[:, offs[i]:offs[i + 1]], lora_Bs[i], cores[i], out_scales[i], scales[i], activation,
             i in cols, need_Bs[i], need_cores[i], need_out_scales[i], need_biases[i], d_t=d_t_i)
-    with L._device(t):
+    with _common._device(t):
         if need_x and live:
             a = torch.cat([lora_As[i] for i in live]) if len(live) > 1 else lora_As[live[0]].contiguous()
             dx = _group_dx([(grad_ys[i], weights[i]) for i in live], d_t_all, a, [scales[i] for i in live],
@@ -295,7 +296,7 @@ def lowrank_group_bwd(grad_ys, x, weights, t, lora_As, lora_Bs, cores, out_scale
                 row_scale = torch.tensor([s for i, s in zip(run, run_scales) for _ in range(ranks[i])],
                                          dtype=torch.float32, device=t.device)
             out = torch.empty((d_t.shape[1], x.shape[1]), dtype=lora_As[run[0]].dtype, device=t.device)
-            L.lowrank_bwd_da(d_t, x, p, seed, run_scales[0], out, row_scale)
+            lowrank_bwd_da(d_t, x, p, seed, run_scales[0], out, row_scale)
             col = 0
             for i in run:                                      # row views of the one dA
                 d_as[i] = out[col:col + ranks[i]].to(lora_As[i].dtype)

@@ -41,9 +41,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import lowrank as _dense
-from .lowrank import _act_fwd, _act_grad, _adapter_init, _core_tile, _keep_mask, _op, _store_u
+from . import _common
+from ._common import _act_fwd, _act_grad, _adapter_init, _core_tile, _keep_mask, _op, _store_u
 from .lowrank_4bit import _w4_tile, _weight_args
+from .lowrank_bwd import _dy_block_m
 
 __all__ = ["lowrank_mixed_fwd", "lowrank_mixed_bwd", "pack_adapters", "tile_table", "gpu_tiles"]
 
@@ -399,7 +400,7 @@ def gpu_tiles(max_count: int, w4: bool, block_m=None) -> tuple[int, int, int, in
     largest segment (16..64 rows), d-blocks of 64; the static test compiles each of them for sm_80
     and sm_90 without spills (dense 64-row tiles need 8 warps, a 4-bit W tile is formed 32
     columns at a time)."""
-    bm = block_m or max(16, min(64, _dense._pow2(max_count)))
+    bm = block_m or max(16, min(64, _common._pow2(max_count)))
     if w4:
         return bm, 64, 32, 4, 3
     return bm, 64, 64, 8 if bm >= 64 else 4, 3
@@ -407,9 +408,9 @@ def gpu_tiles(max_count: int, w4: bool, block_m=None) -> tuple[int, int, int, in
 
 def _blocks(max_count: int, N: int, K: int, w4: bool, block_m=None):
     """The tiles of one call; under the interpreter, one block over small dims."""
-    if _dense._interpreting():
-        bm = block_m or min(64, _dense._interp_block(max_count))
-        return bm, _dense._interp_block(N), max(32, _dense._interp_block(K)), 4, 1
+    if _common._interpreting():
+        bm = block_m or min(64, _common._interp_block(max_count))
+        return bm, _common._interp_block(N), max(32, _common._interp_block(K)), 4, 1
     return gpu_tiles(max_count, w4, block_m)
 
 
@@ -434,7 +435,7 @@ def lowrank_mixed_fwd(x, weight, bias, order, counts, adapters, quant_state=None
     arguments): returns (Y [M, d], [T_i [rows of adapter i, r_i] or None per adapter]). Adapter i
     with dropout_p > 0 drops its input with the Philox mask of seed ``seed + i`` over its own rows.
     ``block_m`` forces the row tile (tests)."""
-    _dense._check_dtype(x)
+    _common._check_dtype(x)
     M, K = x.shape
     w4 = quant_state is not None
     if w4:
@@ -460,15 +461,15 @@ def lowrank_mixed_fwd(x, weight, bias, order, counts, adapters, quant_state=None
     ts = [None] * len(adapters)
     max_count = max([c for *_, c in segments] + [max(M - n_rows, 1)])
     bm, bn, bk, warps, stages = _blocks(max_count, N, K, w4, block_m)
-    interp = _dense._interpreting()
-    precision = _dense._dot_precision(x.dtype)
+    interp = _common._interpreting()
+    precision = _common._dot_precision(x.dtype)
     tiles, n_adapter_tiles = tile_table(segments, n_rows, M, bm, x.device)
-    with _dense._device(x):
+    with _common._device(x):
         if present:
             a_pack, b_pack, core_kind, core_pack, os_pack, scales, R = pack_adapters(present, N, K, x.dtype,
                                                                                      x.device)
             activation = present[0].activation
-            BR = _dense._block_r(R)
+            BR = _common._block_r(R)
             t = torch.empty((n_rows, R), dtype=x.dtype, device=x.device)
             store_u = core_kind != 0 or activation is not None
             u = torch.empty_like(t) if store_u else t
@@ -477,9 +478,9 @@ def lowrank_mixed_fwd(x, weight, bias, order, counts, adapters, quant_state=None
                 x, order, tiles, a_pack, core_pack if core_pack is not None else a_pack, t, u,
                 seeds if seeds is not None else tiles, ps if ps is not None else scales,
                 firsts if firsts is not None else tiles,
-                K, R, x.stride(0), x.stride(1), ACTIVATION=_dense._ACTIVATIONS[activation], CORE=core_kind,
+                K, R, x.stride(0), x.stride(1), ACTIVATION=_common._ACTIVATIONS[activation], CORE=core_kind,
                 STORE_U=store_u, HAS_DROPOUT=seeds is not None, UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR,
-                R_CHUNK=_dense._r_chunk(BR), BLOCK_M=bm, BLOCK_K=bk,
+                R_CHUNK=_common._r_chunk(BR), BLOCK_M=bm, BLOCK_K=bk,
                 num_warps=warps, num_stages=stages)
             slot = 0
             for i, (a, count) in enumerate(zip(adapters, counts)):
@@ -497,14 +498,14 @@ def lowrank_mixed_fwd(x, weight, bias, order, counts, adapters, quant_state=None
             stride_ym=y.stride(0), stride_yn=y.stride(1),
             seed_ptr=tiles, p_ptr=y, first_ptr=tiles,
             HAS_BIAS=bias is not None, HAS_OUT_SCALE=os_pack is not None, W4=w4, W_T=False, HAS_DROPOUT=False, **wmeta,
-            UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR, R_CHUNK=_dense._r_chunk(BR),
+            UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR, R_CHUNK=_common._r_chunk(BR),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return y, ts
 
 
 def _dy_rows(block_m: int, block_r: int, elem: int) -> int:
     """Row tile of the pass over dY: G [BLOCK_M, r] stays in registers (the dense pass's rule)."""
-    return min(block_m, _dense._dy_block_m(block_m, block_r, elem))
+    return min(block_m, _dy_block_m(block_m, block_r, elem))
 
 
 def lowrank_mixed_bwd(grad_y, x, weight, order, counts, adapters, ts, need_dx: bool, needs, quant_state=None,
@@ -524,7 +525,7 @@ def lowrank_mixed_bwd(grad_y, x, weight, order, counts, adapters, ts, need_dx: b
 
     The pass over dY writes one partial of dYᵀU (and dS) per row tile; each adapter's tiles are
     summed in tile order: every gradient is deterministic."""
-    _dense._check_dtype(grad_y)
+    _common._check_dtype(grad_y)
     M, N = grad_y.shape
     w4 = quant_state is not None
     if w4:
@@ -546,19 +547,19 @@ def lowrank_mixed_bwd(grad_y, x, weight, order, counts, adapters, ts, need_dx: b
     n_rows = sum(counts)
     grads: list = [None] * len(adapters)
     dx = torch.empty((M, K), dtype=dtype, device=dev) if need_dx else None
-    interp = _dense._interpreting()
-    precision = _dense._dot_precision(dtype)
+    interp = _common._interpreting()
+    precision = _common._dot_precision(dtype)
     max_count = max([c for *_, c in segments] + [max(M - n_rows, 1)])
     bm, bn, bk, warps, stages = _blocks(max_count, K, N, w4, block_m)         # the dX GEMM: N = k, K = d
     tiles, _ = tile_table(segments, n_rows, M, bm, dev)
     u = b_t = scales = d_t = None
     R, BR = 1, 16
     seeds, ps, firsts_d = _dropout_args(adapters, counts, seed, dev)
-    with _dense._device(grad_y):
+    with _common._device(grad_y):
         if present:
             a_pack, b_pack, core_kind, core_pack, os_pack, scales, R = pack_adapters(present, d, K, dtype, dev)
-            BR, RC = _dense._block_r(R), _dense._r_chunk(_dense._block_r(R))
-            act = _dense._ACTIVATIONS[present[0].activation]
+            BR, RC = _common._block_r(R), _common._r_chunk(_common._block_r(R))
+            act = _common._ACTIVATIONS[present[0].activation]
             t = torch.zeros((n_rows, R), dtype=dtype, device=dev)
             for (_, first, count), i in zip(segments, owner):
                 t[first:first + count, :ts[i].shape[1]] = ts[i]
@@ -580,7 +581,7 @@ def lowrank_mixed_bwd(grad_y, x, weight, order, counts, adapters, ts, need_dx: b
             p_part = torch.empty((n_dy, N, R), dtype=f32, device=dev) if need_p else t.new_empty(1, dtype=f32)
             ds_part = (torch.empty((n_dy, R * R if core_kind == 2 else R), dtype=f32, device=dev) if need_ds
                        else t.new_empty(1, dtype=f32))
-            dy_bn = _dense._interp_block(N) if interp else 32
+            dy_bn = _common._interp_block(N) if interp else 32
             _mixed_dy_kernel[(n_dy,)](
                 grad_y, order, dy_tiles, t, u, core_pack if core_pack is not None else t, b_pack,
                 os_pack if os_pack is not None else b_pack, d_t, p_part, ds_part, N, R,
@@ -593,8 +594,8 @@ def lowrank_mixed_bwd(grad_y, x, weight, order, counts, adapters, ts, need_dx: b
                 da_pack = torch.empty((len(present), R, K), dtype=dtype, device=dev)
                 firsts = torch.tensor([f for _, f, _ in segments], dtype=torch.int32).to(dev)
                 count_t = torch.tensor([c for *_, c in segments], dtype=torch.int32).to(dev)
-                da_bm = _dense._interp_block(max_count) if interp else 32
-                da_bk = max(32, _dense._interp_block(K)) if interp else 64
+                da_bm = _common._interp_block(max_count) if interp else 32
+                da_bk = max(32, _common._interp_block(K)) if interp else 64
                 _mixed_da_kernel[(len(present), triton.cdiv(K, da_bk))](
                     d_t, x, order, firsts, count_t, scales, da_pack, seeds if seeds is not None else firsts,
                     ps if ps is not None else scales, K, R, x.stride(0), x.stride(1), HAS_DROPOUT=seeds is not None,
@@ -631,6 +632,6 @@ def lowrank_mixed_bwd(grad_y, x, weight, order, counts, adapters, ts, need_dx: b
                 first_ptr=firsts_d if firsts_d is not None else tiles, N=K, K=N, R=R, stride_xm=grad_y.stride(0), stride_xk=grad_y.stride(1),
                 stride_wn=stride_wn, stride_wk=stride_wk, stride_ym=dx.stride(0), stride_yn=dx.stride(1),
                 HAS_BIAS=False, HAS_OUT_SCALE=False, W4=w4, W_T=True, HAS_DROPOUT=seeds is not None, **wmeta,
-                UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR, R_CHUNK=_dense._r_chunk(BR),
+                UPCAST=interp, DOT_PRECISION=precision, BLOCK_R=BR, R_CHUNK=_common._r_chunk(BR),
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return dx, grads

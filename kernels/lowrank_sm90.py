@@ -9,7 +9,7 @@ rows and columns past the tensor's edge with zeros, so the main loop carries no 
 address arithmetic.
 
 Schedule: ``PERSISTENT`` configs launch one program per SM, each looping over output tiles in
-the grouped order of :func:`fastpeft.kernels.lowrank._grouped_tile` (GROUP_M row tiles at a time,
+the grouped order of :func:`fastpeft.kernels._common._grouped_tile` (GROUP_M row tiles at a time,
 for L2 reuse of W) with its loop nest flattened, so that the next tile's loads are issued while
 this tile's epilogue runs; the other configs launch one program per tile. Autotuning chooses.
 
@@ -21,7 +21,7 @@ an epilogue product; see bench/NOTES.md).
 Used when :func:`tma_ok` holds: an sm_90 device, fp16/bf16 (or fp32 with TF32 products), unit
 column strides, 16-byte aligned row strides and base addresses. Everything else (sm_80, odd
 shapes such as k = 123, exact fp32) runs the pointer (cp.async) kernels of
-:mod:`fastpeft.kernels.lowrank`.
+:mod:`fastpeft.kernels.lowrank` (forward) and :mod:`fastpeft.kernels.lowrank_bwd` (dX).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import lowrank as _L
-from .lowrank import (_adapter_init, _dx_adapter_init, _grouped_tile, _op, _pow2, _store_y, _unique,
-                      _wgmma_rows_ok)
+from . import _common
+from ._common import _adapter_init, _grouped_tile, _op, _pow2, _store_y, _unique, _wgmma_rows_ok
+from .lowrank_bwd import _dx_adapter_init
 
 __all__ = ["tma_ok", "fwd_gemm", "bwd_dx"]
 
@@ -94,19 +94,19 @@ def _tma_keep(configs, smem, M, N, elem, store_z=False, dropout=False):
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         return bm <= max(16, _pow2(M)) and bn <= max(16, _pow2(N)) and _wgmma_rows_ok(90, bm, _pow2(M))
 
-    return _L._keep(configs, set(map(_tile, configs)), _tile, ok, size_ok)
+    return _common._keep(configs, set(map(_tile, configs)), _tile, ok, size_ok)
 
 
 def _prune_fwd(configs, named_args, **kwargs):
-    args = _L._prune_args(named_args, kwargs)
-    _, smem, _ = _L._limits_of(args["x_ptr"])
-    return _tma_keep(configs, smem, args["M_KEY"], args["N"], _L._elem(args), store_z=bool(args["STORE_Z"]))
+    args = _common._prune_args(named_args, kwargs)
+    _, smem, _ = _common._limits_of(args["x_ptr"])
+    return _tma_keep(configs, smem, args["M_KEY"], args["N"], _common._elem(args), store_z=bool(args["STORE_Z"]))
 
 
 def _prune_dx(configs, named_args, **kwargs):
-    args = _L._prune_args(named_args, kwargs)
-    _, smem, _ = _L._limits_of(args["dy_ptr"])
-    return _tma_keep(configs, smem, args["M_KEY"], args["N"], _L._elem(args), dropout=bool(args["HAS_DROPOUT"]))
+    args = _common._prune_args(named_args, kwargs)
+    _, smem, _ = _common._limits_of(args["dy_ptr"])
+    return _tma_keep(configs, smem, args["M_KEY"], args["N"], _common._elem(args), dropout=bool(args["HAS_DROPOUT"]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def _lowrank_bwd_dx_tma_kernel(
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """dX [M, N=k] = s·D'(dT A) + dY W (reduction over K=d) per tile, as the pointer kernel
-    (:func:`fastpeft.kernels.lowrank._dx_adapter_init` starts the accumulator), with dY [M, K]
+    (:func:`fastpeft.kernels.lowrank_bwd._dx_adapter_init` starts the accumulator), with dY [M, K]
     and W [K, N] read through TMA descriptors (unit column strides)."""
     dtype = dy_ptr.dtype.element_ty
     dy_desc = tl.make_tensor_descriptor(dy_ptr, shape=[M, K], strides=[stride_dym, 1],
@@ -188,7 +188,7 @@ def _lowrank_bwd_dx_tma_kernel(
 # --------------------------------------------------------------------------------------------
 
 def _arch(t) -> int:
-    return INTERPRET_ARCH if _L._interpreting() else _L._limits_of(t)[0]
+    return INTERPRET_ARCH if _common._interpreting() else _common._limits_of(t)[0]
 
 
 def _aligned(t) -> bool:
@@ -207,14 +207,14 @@ def tma_ok(*operands, tf32: bool = True) -> bool:
     first = operands[0]
     if _arch(first) != 90:
         return False
-    if first.dtype == torch.float32 and not (tf32 and _L._dot_precision(first.dtype) == "tf32"):
+    if first.dtype == torch.float32 and not (tf32 and _common._dot_precision(first.dtype) == "tf32"):
         return False
     return all(_aligned(t) for t in operands)
 
 
 def _scratch(size: int, alignment: int, stream):
     """Global scratch of the in-kernel TMA descriptors (one 128-byte descriptor each per program)."""
-    return torch.empty(size, dtype=torch.int8, device="cpu" if _L._interpreting() else "cuda")
+    return torch.empty(size, dtype=torch.int8, device="cpu" if _common._interpreting() else "cuda")
 
 
 @contextlib.contextmanager
@@ -232,34 +232,34 @@ def _descriptor_scratch():
 def _programs(tiles: int, persistent: bool, sms: int) -> int:
     if not persistent:
         return tiles
-    return min(tiles, INTERPRET_PROGRAMS if _L._interpreting() else sms)
+    return min(tiles, INTERPRET_PROGRAMS if _common._interpreting() else sms)
 
 
 def _launch(kernel, M, N, args: dict, fallback_configs, ref):
     """Autotuned launch (or the first kept config), the grid one program per SM when persistent."""
-    interp = _L._interpreting()
-    sms = 0 if interp else _L._limits_of(ref)[2]
+    interp = _common._interpreting()
+    sms = 0 if interp else _common._limits_of(ref)[2]
 
     def grid(meta):
         tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
         return (_programs(tiles, meta["PERSISTENT"], sms),)
 
     if interp:
-        fb = dict(BLOCK_M=_L._interp_block(M), BLOCK_N=_L._interp_block(N), BLOCK_K=_L._interp_block(args["K"]),
-                  PERSISTENT=True, num_warps=4, num_stages=1)
-    elif not _L._autotuning():
-        fb = _L._fallback(fallback_configs())
+        fb = dict(BLOCK_M=_common._interp_block(M), BLOCK_N=_common._interp_block(N),
+                  BLOCK_K=_common._interp_block(args["K"]), PERSISTENT=True, num_warps=4, num_stages=1)
+    elif not _common._autotuning():
+        fb = _common._fallback(fallback_configs())
     else:
         fb = {}
     with _descriptor_scratch():
-        _L._launch(kernel, grid, args, fb)
+        _common._launch(kernel, grid, args, fb)
 
 
 def fwd_gemm(args: dict, x):
     """The forward GEMM through TMA: ``args`` as the pointer kernel's (its two unit column
     strides dropped)."""
     args = {k: v for k, v in args.items() if k not in ("stride_xk", "stride_wk")}
-    _, smem, _ = (0, 0, 0) if _L._interpreting() else _L._limits_of(x)
+    _, smem, _ = (0, 0, 0) if _common._interpreting() else _common._limits_of(x)
     _launch(_lowrank_fwd_gemm_tma_kernel, args["M"], args["N"], args,
             lambda: _tma_keep(_FWD_CONFIGS, smem, args["M"], args["N"], x.element_size(),
                               store_z=bool(args["STORE_Z"])), x)
@@ -269,7 +269,7 @@ def bwd_dx(args: dict, grad_y):
     """The dX GEMM through TMA: ``args`` as the pointer kernel's (its two unit column strides
     dropped)."""
     args = {k: v for k, v in args.items() if k not in ("stride_dyk", "stride_wn")}
-    _, smem, _ = (0, 0, 0) if _L._interpreting() else _L._limits_of(grad_y)
+    _, smem, _ = (0, 0, 0) if _common._interpreting() else _common._limits_of(grad_y)
     _launch(_lowrank_bwd_dx_tma_kernel, args["M"], args["N"], args,
             lambda: _tma_keep(_DX_CONFIGS, smem, args["M"], args["N"], grad_y.element_size(),
                               dropout=bool(args["HAS_DROPOUT"])), grad_y)

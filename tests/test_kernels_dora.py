@@ -267,11 +267,11 @@ def test_4bit_launches_no_separate_scale_pass(monkeypatch, M, train_m):
     the decode kernel (M <= 16) or the T pass and the 4-bit GEMM, with c and the bias in their
     epilogue (no torch op writes an [M, d] tensor); backward scales dY inside the 4-bit backward
     (no [M, d] torch op but the product Σ dY ⊙ Z of the magnitude's gradient, while m trains)."""
-    from fastpeft.kernels import lowrank as L
+    from fastpeft.kernels import _common
 
     launched = []
-    real_launch = L._launch
-    monkeypatch.setattr(L, "_launch", lambda kernel, grid, args, fb: (launched.append(kernel.fn.__name__ if hasattr(
+    real_launch = _common._launch
+    monkeypatch.setattr(_common, "_launch", lambda kernel, grid, args, fb: (launched.append(kernel.fn.__name__ if hasattr(
         kernel, "fn") else kernel.__name__), real_launch(kernel, grid, args, fb))[1])
 
     class Ops(TorchDispatchMode):

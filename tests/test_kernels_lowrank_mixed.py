@@ -198,10 +198,11 @@ def test_dropout_gradients_through_the_op_against_float64(monkeypatch):
     """The Triton forward with dropout and the Triton backward that regenerates its Philox masks
     (dX epilogue, dA pass; 16-row tiles, 32-wide blocks): every gradient against float64 autograd
     with the same masks."""
-    from fastpeft.kernels import lowrank as dense
+    from fastpeft.kernels import _common
     from fastpeft.ops.lowrank_mixed import lowrank_linear_mixed
 
-    monkeypatch.setattr(dense, "INTERPRET_BLOCK_CAP", 16)
+    monkeypatch.setattr(_common, "INTERPRET_BLOCK_CAP", 16)
+    assert _common._interp_block(1 << 20) == 16        # the launchers read the cap there
     calls = []
     bwd = LM.lowrank_mixed_bwd
     monkeypatch.setattr(LM, "lowrank_mixed_bwd", lambda *a, **k: calls.append(1) or bwd(*a, **k))
@@ -275,9 +276,10 @@ def test_backward_4bit_against_float64(quant_type, k, monkeypatch):
     """dX through the 4-bit W (dequantised tile by tile, read transposed; 32-wide blocks, so
     several over k and d) and the adapter gradients against float64 autograd on the dequantised
     weight."""
-    from fastpeft.kernels import lowrank as dense
+    from fastpeft.kernels import _common
 
-    monkeypatch.setattr(dense, "INTERPRET_BLOCK_CAP", 32)
+    monkeypatch.setattr(_common, "INTERPRET_BLOCK_CAP", 32)
+    assert _common._interp_block(1 << 20) == 32        # the launchers read the cap there
     gen = torch.Generator().manual_seed(14)
     d, rows_per_sample = 37, 2
     x = torch.randn(len(SAMPLES) * rows_per_sample, k, generator=gen).to(DEVICE)

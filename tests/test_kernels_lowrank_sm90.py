@@ -20,7 +20,9 @@ pytest.importorskip("triton")
 
 import fastpeft  # noqa: E402
 from fastpeft.kernels import dora as KD  # noqa: E402
+from fastpeft.kernels import _common  # noqa: E402
 from fastpeft.kernels import lowrank as L  # noqa: E402
+from fastpeft.kernels import lowrank_bwd as LB  # noqa: E402
 from fastpeft.kernels import lowrank_sm90 as S  # noqa: E402
 from helpers import assert_close_rel  # noqa: E402
 from test_kernels_lowrank import SEED, TOL, make_case, run_and_check  # noqa: E402
@@ -49,9 +51,10 @@ def sm90(monkeypatch):
     GEMM launcher ran ("tma-fwd", "tma-dx", "ptr-fwd", "ptr-dx")."""
     monkeypatch.setattr(S, "INTERPRET_ARCH", 90)
     monkeypatch.setattr(S, "INTERPRET_PROGRAMS", 2)
-    monkeypatch.setattr(L, "INTERPRET_BLOCK_CAP", CAP)
+    monkeypatch.setattr(_common, "INTERPRET_BLOCK_CAP", CAP)
+    assert _common._interp_block(1 << 20) == CAP       # the launchers read the cap there
     ran = []
-    fwd, dx, ptr_dx, launch = S.fwd_gemm, S.bwd_dx, L._dx_pointer, L._launch
+    fwd, dx, ptr_dx, launch = S.fwd_gemm, S.bwd_dx, LB._dx_pointer, _common._launch
 
     def record(name, fn):
         def wrapped(*args, **kwargs):
@@ -66,8 +69,8 @@ def sm90(monkeypatch):
 
     monkeypatch.setattr(S, "fwd_gemm", record("tma-fwd", fwd))
     monkeypatch.setattr(S, "bwd_dx", record("tma-dx", dx))
-    monkeypatch.setattr(L, "_dx_pointer", record("ptr-dx", ptr_dx))
-    monkeypatch.setattr(L, "_launch", launch_recording)
+    monkeypatch.setattr(LB, "_dx_pointer", record("ptr-dx", ptr_dx))
+    monkeypatch.setattr(_common, "_launch", launch_recording)
     return ran
 
 

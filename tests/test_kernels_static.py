@@ -154,9 +154,9 @@ def test_sm90_forward_gemm_and_dx_load_through_tma(op):
 
 
 def test_wgmma_exceptions_name_real_kernels():
-    from fastpeft.kernels import dora, lowrank, lowrank_4bit
+    from fastpeft.kernels import dora, lowrank_4bit, lowrank_bwd
     for name in NOT_WGMMA:
-        assert any(hasattr(m, name) for m in (lowrank, lowrank_4bit, dora)), name
+        assert any(hasattr(m, name) for m in (lowrank_bwd, lowrank_4bit, dora)), name
 
 
 # -- the specialisation is Triton's own --------------------------------------------------------
@@ -166,15 +166,15 @@ _SPECIALISATION_SCRIPT = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
-    from fastpeft.kernels import _aot, lowrank, inspect
+    from fastpeft.kernels import _aot, _common, inspect
     from fastpeft.kernels.inspect import Problem
 
     launches = []
-    original = lowrank._launch
+    original = _common._launch
     def recording(kernel, grid, args, fallback):
         launches.append((kernel, dict(args)))
         return original(kernel, grid, args, fallback)
-    lowrank._launch = recording
+    _common._launch = recording
     out = []
     for shape in ({"k": 4096, "d": 4096, "M": 8192, "r": 16}, {"k": 123, "d": 77, "M": 333, "r": 12}):
         launches.clear()
@@ -330,10 +330,10 @@ def test_autotune_keys_hold_every_argument_the_prune_reads(monkeypatch):
     recorded (not run) and each autotuned kernel's prune function is replayed on them."""
     import torch
     import fastpeft
-    from fastpeft.kernels import lowrank
+    from fastpeft.kernels import _common
 
     launches = []
-    monkeypatch.setattr(lowrank, "_launch", lambda kernel, grid, args, fallback: launches.append((kernel, args)))
+    monkeypatch.setattr(_common, "_launch", lambda kernel, grid, args, fallback: launches.append((kernel, args)))
     x = torch.randn(40, 24, requires_grad=True)
     a, b = torch.randn(8, 24, requires_grad=True), torch.randn(16, 8, requires_grad=True)
     w = torch.randn(16, 24)
@@ -351,8 +351,8 @@ def test_autotune_keys_hold_every_argument_the_prune_reads(monkeypatch):
             read.add(key)
             return super().__getitem__(key)
 
-    monkeypatch.setattr(lowrank, "_prune_args", lambda named, kwargs: Reads({**named, **kwargs}))
-    monkeypatch.setattr(lowrank, "_limits_of", lambda t: (90, _aot.SMEM_LIMIT[90], _aot.SM_COUNT[90]))
+    monkeypatch.setattr(_common, "_prune_args", lambda named, kwargs: Reads({**named, **kwargs}))
+    monkeypatch.setattr(_common, "_limits_of", lambda t: (90, _aot.SMEM_LIMIT[90], _aot.SM_COUNT[90]))
     checked = set()
     for kernel, args in launches:
         prune = getattr(kernel, "early_config_prune", None)
@@ -360,6 +360,7 @@ def test_autotune_keys_hold_every_argument_the_prune_reads(monkeypatch):
             continue
         read = set()
         assert prune(kernel.configs, {}, **args)
+        assert read, f"{kernel.base_fn.__name__}: its prune read nothing through _common._prune_args"
         scalars = {k for k in read if not isinstance(args[k], torch.Tensor)}
         assert scalars <= set(kernel.keys), f"{kernel.base_fn.__name__}: prune reads {scalars - set(kernel.keys)} " \
                                             f"outside its key {kernel.keys}"

@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import fastpeft  # noqa: E402
+from fastpeft.kernels import _common  # noqa: E402
 from fastpeft.kernels import lowrank as L  # noqa: E402
 from helpers import reference_lowrank, rel_err  # noqa: E402
 
@@ -36,9 +37,10 @@ def small_blocks(monkeypatch):
     partials of the others: the interpreter runs programs one after another, in grid order)."""
     if DEVICE == "cuda":
         pytest.skip("block sizes are the autotuner's on a GPU")
-    monkeypatch.setattr(L, "INTERPRET_BLOCK_CAP", CAP)
+    monkeypatch.setattr(_common, "INTERPRET_BLOCK_CAP", CAP)
+    assert _common._interp_block(1 << 20) == CAP       # the launchers read the cap there
     seen = {"dy_rows": [], "da_split": [], "kernels": []}
-    launch = L._launch
+    launch = _common._launch
 
     def recording(kernel, grid, args, fallback):
         name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
@@ -49,9 +51,9 @@ def small_blocks(monkeypatch):
             seen["da_split"].append(grid(fallback)[1])
         return launch(kernel, grid, args, fallback)
 
-    monkeypatch.setattr(L, "_launch", recording)
+    monkeypatch.setattr(_common, "_launch", recording)
     yield seen
-    for buf in L._COUNTERS.values():      # every launch leaves its counters at 0
+    for buf in _common._COUNTERS.values():      # every launch leaves its counters at 0
         assert not buf.any(), "reduction counters left non-zero"
 
 
@@ -226,7 +228,7 @@ def test_counters_are_allocated_once_and_left_at_zero(small_blocks):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     _dense_step(torch.float32, True)
-    before = {k: v.data_ptr() for k, v in L._COUNTERS.items()}
+    before = {k: v.data_ptr() for k, v in _common._COUNTERS.items()}
     ops = []
 
     class Seen(TorchDispatchMode):
@@ -236,6 +238,6 @@ def test_counters_are_allocated_once_and_left_at_zero(small_blocks):
 
     with Seen():
         _dense_step(torch.float32, True)
-    assert {k: v.data_ptr() for k, v in L._COUNTERS.items()} == before and before
+    assert {k: v.data_ptr() for k, v in _common._COUNTERS.items()} == before and before
     assert not {"zeros", "zero_", "fill_", "new_zeros", "zeros_like"} & set(ops), ops
-    assert all(not buf.any() for buf in L._COUNTERS.values())
+    assert all(not buf.any() for buf in _common._COUNTERS.values())

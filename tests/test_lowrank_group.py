@@ -261,7 +261,8 @@ def test_triton_launchers_are_used(monkeypatch):
         pytest.skip("triton is not installed")
     from fastpeft.kernels import lowrank_group as G
     seen = {"t": 0, "gemm": 0, "dx": 0}
-    t_pass, gemm, group_dx = L._t_pass, L._fwd_gemm, G._group_dx
+    from fastpeft.kernels import _common
+    t_pass, gemm, group_dx = _common._t_pass, L._fwd_gemm, G._group_dx
 
     def count(key, fn):
         def wrapped(*args, **kwargs):
@@ -269,7 +270,7 @@ def test_triton_launchers_are_used(monkeypatch):
             return fn(*args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(L, "_t_pass", count("t", t_pass))
+    monkeypatch.setattr(_common, "_t_pass", count("t", t_pass))
     monkeypatch.setattr(L, "_fwd_gemm", count("gemm", gemm))
     monkeypatch.setattr(G, "_group_dx", count("dx", group_dx))
     x, g = make_group((4,), 40, (24, 16, 16), (8, 4, 4), torch.float32, (None, None, None), (False,) * 3)
