@@ -288,21 +288,33 @@ def _inject(model, config, ranks, names):
                 proj = vera_projections(config.seed, r, max(k for *_, (d, k) in found),
                                         max(d for *_, (d, k) in found))
             vera_shared = {}
-            for name, module, factory, _ in _progress(found, f"fastpeft.inject ({config.method})"):
-                kwargs = {}
+            for name, module, factory, _ in found:
                 if proj is not None:
                     weight = module.weight
                     dtype = config.torch_adapter_dtype or _adapter_dtype(module)
                     key = (weight.device, dtype)
                     if key not in vera_shared:
                         vera_shared[key] = tuple(p.to(device=weight.device, dtype=dtype) for p in proj)
-                    kwargs["vera_shared"] = vera_shared[key]
+
+            def build(item):
+                name, module, factory, _ = item
+                kwargs = {}
+                if proj is not None:
+                    dtype = config.torch_adapter_dtype or _adapter_dtype(module)
+                    kwargs["vera_shared"] = vera_shared[(module.weight.device, dtype)]
                 try:
-                    new[name] = factory(module, config, r=layer_ranks[name], **kwargs)
+                    return factory(module, config, r=layer_ranks[name], **kwargs)
                 except (ValueError, TypeError, RuntimeError) as err:
                     raise type(err)(f"layer {name!r}: {err}") from err
+
+            # LaMDA's SVD initialisation is most of the set-up: one layer per worker thread, each
+            # with one torch thread (below)
+            workers = torch.get_num_threads() if spec.init == "svd" else 1
+            layers = _build_layers(build, found, f"fastpeft.inject ({config.method})", workers)
+            for (name, *_), layer in zip(found, layers):
+                new[name] = layer
                 if name in shared:
-                    new[name].weight_shared_with = shared[name]
+                    layer.weight_shared_with = shared[name]
     except BaseException:
         for p, flag in flags.items():
             p.requires_grad_(flag)
@@ -325,6 +337,30 @@ def _inject(model, config, ranks, names):
             model = layer
     model.fastpeft_config = config
     return model
+
+
+def _build_layers(build: Callable, items: list, desc: str, workers: int) -> list:
+    """``[build(item) for item in items]`` behind a progress bar (:func:`_progress`); with
+    ``workers`` > 1, on that many threads, each running torch with one intra-op thread (torch's
+    thread count is restored after). For the SVD initialisation on a CPU this beats one
+    layer at a time on ``workers`` OpenMP threads: skinny products parallelise poorly, and
+    on a loaded machine OpenMP's barriers make two threads several times slower than one
+    (bench/lamda_setup.py). Results in ``items``' order; an error is raised for the first
+    failing item in that order, and the items not started are cancelled."""
+    workers = min(workers, len(items))
+    if workers <= 1:
+        return [build(item) for item in _progress(items, desc)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="fastpeft-inject")
+    try:
+        futures = [pool.submit(build, item) for item in items]
+        return [future.result() for future in _progress(futures, desc)]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
 
 
 def _progress(items: list, desc: str):
