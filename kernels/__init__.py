@@ -18,7 +18,10 @@ launchers on 2-D tensors (the autograd Functions live in ``fastpeft.ops``):
 * :mod:`fastpeft.kernels.lowrank_mixed`: several adapters in one batch, each row tile with its
   own, ``lowrank_mixed_fwd``.
 * :mod:`fastpeft.kernels.lowrank_4bit`: the op over a bitsandbytes 4-bit weight,
-  ``lowrank_4bit_fwd`` / ``lowrank_4bit_bwd``.
+  ``lowrank_4bit_fwd`` / ``lowrank_4bit_bwd``: the W tile loader, the GEMM and dX kernels, the
+  dense-buffer path; :mod:`fastpeft.kernels.lowrank_4bit_decode`, its one-launch forward at
+  M <= 16; :mod:`fastpeft.kernels.lowrank_4bit_format`, the packed weight's select-tree
+  dequantisation and launch arguments.
 * :mod:`fastpeft.kernels.inspect`: ``fastpeft inspect``, the kernels a training step or decode
   call launches, compiled for sm_80 / sm_90 without a GPU exactly as a launch specialises them,
   with registers, shared memory, spills, tensor-core/TMA/cp.async use, the main loop's

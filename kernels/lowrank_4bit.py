@@ -1,10 +1,7 @@
 """Fused Triton kernels of the low-rank op over a 4-bit base weight (``fastpeft.kernels.lowrank_4bit``).
 
-W [d, k] is stored as bitsandbytes packs it: element i = n·k + c of the flattened W is the code
-index in nibble ``i & 1`` (0 = high) of byte ``i >> 1``, scaled by the fp32 ``absmax[i // QBLOCK]``
-(nested statistics are expanded where they are read, in registers: the uint8 code, the
-256-entry second-level table, absmax2 and the offset, bit-exact with bitsandbytes; no launch and
-no expanded copy). Tiles of W are
+W [d, k] is stored as bitsandbytes packs it (:mod:`fastpeft.kernels.lowrank_4bit_format`; nested
+statistics expanded where they are read, in registers, no expanded copy). Tiles of W are
 dequantised in registers (``code[q] · absmax`` in fp32, rounded to the quant state's dtype as
 bitsandbytes does, then fed to ``tl.dot``) and never written to memory. The tile loader has
 three layouts (``LAYOUT``, from k and the blocksize): 2, k a multiple of the blocksize (and the
@@ -13,17 +10,15 @@ of [rows, j] 32-bit words, and each (row, block) forms its 16 possible values on
 permutes (``prmt.b32``, 8 weights per lookup) then pick, bit-exact with bitsandbytes (see
 :func:`lut_lookup_asm`); 1, k even: byte pairs, a scale gathered per byte; 0, k odd: each element
 gathers its byte and its scale. Layouts 1 and 0, other dtypes and the interpreter (which cannot
-run PTX) take ``code[q]`` from a tree of selects on the four index bits (:func:`_code_value`).
+run PTX) take ``code[q]`` from a tree of selects on the four index bits (``_code_value``, with the
+scales' expansion and the weight's launch arguments in the format module).
 
-Names as in :mod:`fastpeft.kernels.lowrank`: T = D(X)Aᵀ, Z = σ(T), U = Z Sᵀ | Z ⊙ S | Z.
-
-Forward, Y = X Wᵀ + b + s·(U Bᵀ) ⊙ o:
+Forward, Y = X Wᵀ + b + s·(U Bᵀ) ⊙ o (names as in :mod:`fastpeft.kernels.lowrank`):
   * M > 16: T and U from the shared T pass (``_t_pass`` of :mod:`fastpeft.kernels._common`),
     then ``_lowrank4_fwd_gemm_kernel``: the adapter term and the bias initialise the
     accumulator, the main loop adds X Wᵀ with W tiles dequantised in registers;
-  * M <= 16 (decode): one launch, ``_lowrank4_decode_kernel``, split over d only: each program
-    reads its rows of packed W once (4 bits per weight), computes T = D(X)Aᵀ in the same loop over
-    k, and adds s·(U Bᵀ) ⊙ o + b in its epilogue; no partial sums in memory.
+  * M <= 16 (decode): one launch, ``_lowrank4_decode_kernel`` of
+    :mod:`fastpeft.kernels.lowrank_4bit_decode` (T and Y in one pass over the packed W).
 
 DoRA (``row_scale`` c [d]): both forward kernels end in the dense GEMM's epilogue
 (``_store_y``, HAS_ROW_SCALE): Y = c ⊙ (X Wᵀ + s·(U Bᵀ) ⊙ o) + b, the unscaled product stored
@@ -33,18 +28,15 @@ Backward:
   * ``_lowrank4_bwd_dx_kernel``: dX = dY W + s·D'(dT A) in one kernel: its main loop over d
     accumulates dY W (W dequantised in registers) and G = (dY ⊙ o) B beside it; the epilogue forms
     H = G S | G ⊙ S | G, dT = H ⊙ σ'(T) and adds s/(1-p)·mask ⊙ (dT A) (the mask regenerated);
-  * dA, dB, dS, d_o, db: the dense module's pass over dY and dA kernel (two launches, no fill;
-    they never read W).
+  * dA, dB, dS, d_o, db: the dense backward's pass over dY and dA kernel (no fill, W never read).
 
-Transient dense buffer: at M > 16 and M >= :func:`buffer_min_m` (by default
-``BUFFER_MIN_M_DEFAULT``, the crossover derived in bench/NOTES.md; ``FASTPEFT_4BIT_BUFFER_MIN_M``
-overrides it, 0 turns it off), forward and dX dequantise the whole W once into a dense buffer
-(``_dequant4_kernel``, bit-exact with bitsandbytes) and run the dense module's fused kernels on
-it; the buffer (d·k elements of x's dtype) lives only inside the launcher call and is never
-saved for backward. Below it, and always with ``row_scale`` (DoRA: nothing as large as W in a
-training step), W is dequantised in registers. ``fastpeft bench`` times both
-(``fastpeft-4bit-triton-registers`` and ``fastpeft-4bit-triton-buffered``) beside the default.
-
+Transient dense buffer: at M > 16 and M >= :func:`buffer_min_m` (``BUFFER_MIN_M_DEFAULT``, the
+crossover derived in bench/NOTES.md, or ``FASTPEFT_4BIT_BUFFER_MIN_M``; 0 turns it off), forward
+and dX dequantise the whole W once into a dense buffer (``_dequant4_kernel``, bit-exact with
+bitsandbytes) and run the dense fused kernels on it; the buffer (d·k elements of x's dtype) lives
+only inside the launcher call, never saved for backward. Below it, and always with ``row_scale``
+(DoRA: nothing as large as W in a training step), W is dequantised in registers. ``fastpeft
+bench`` times both (``fastpeft-4bit-triton-registers`` / ``-buffered``) beside the default.
 Every accumulation is fp32; under the interpreter the operands are upcast to fp32 (its bf16
 arithmetic is wrong).
 """
@@ -58,14 +50,11 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
-# the building blocks shared with the dense op (config choice, launching, the T pass), looked up
-# in that module when called (its replaceable names reach every kernel module)
-from . import _common as _dense
-from ._common import (_act_fwd, _act_grad, _adapter_init, _core_tile, _grouped_pid, _keep_mask, _op,
-                      _store_y, _words)
+from . import _common as _dense    # shared building blocks, looked up there when called
+from ._common import _act_grad, _adapter_init, _core_tile, _grouped_pid, _keep_mask, _op, _store_y, _words
 from .lowrank import lowrank_fwd
+from .lowrank_4bit_format import _QUANT, _W_KIND, _absmax, _code_value, _to_w_dtype, _weight_args  # noqa: F401
 from .lowrank_bwd import lowrank_bwd, lowrank_bwd_da, lowrank_bwd_dy
 
 __all__ = ["lowrank_4bit_fwd", "lowrank_4bit_bwd", "dequantize_4bit_dense", "buffer_min_m",
@@ -80,8 +69,6 @@ BUFFER_MIN_M_ENV = "FASTPEFT_4BIT_BUFFER_MIN_M"
 # crossover". A prediction: to be replaced by the crossover `fastpeft bench --op 4bit` measures
 # on a GPU.
 BUFFER_MIN_M_DEFAULT = 640
-_W_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_QUANT = {"nf4": 0, "fp4": 1}
 _LAYOUTS = ({"layout": 2}, {"layout": 1}, {"layout": 0})
 
 # Tiles, in order of preference, the same on sm_80 and sm_90. Forming a W tile in registers
@@ -102,14 +89,6 @@ _DX_TILES = [(64, 128, 32, 8, 3), (64, 64, 32, 8, 3), (64, 64, 32, 4, 3), (32, 6
 # 16.7, 128x128x128 6.4 / 15.7; dX 64x128x32 14.6, 64x128x64 8.8 (sm_90; it spills on sm_80).
 _GEMM_LUT_TILES = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3)]
 _DX_LUT_TILES = [(64, 128, 64, 8, 3)]
-# decode: (BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_M is 16. Each k-step forms a W tile and
-# loads an Aᵀ tile [BLOCK_K, r] beside it (T is computed in the same loop), so large r takes the
-# short-k tiles.
-_DECODE_TILES = [(32, 128, 8, 3), (64, 64, 8, 3), (16, 128, 4, 3), (32, 64, 4, 3), (32, 64, 8, 3),
-                 (64, 32, 8, 3), (32, 32, 8, 3)]
-# decode tiles that spill (8-byte stack) as launched at M = 16 with the byte-permute decode
-# (fastpeft inspect, bf16, r = 8 and 16)
-_DECODE_SPILLS = {90: {(64, 64, 8, 3)}, 80: {(32, 32, 8, 3)}}
 # dequantisation into a dense buffer: (BLOCK_N, BLOCK_K, num_warps); 16 weights per thread
 _DEQUANT_TILE = (32, 128, 8)
 
@@ -117,8 +96,6 @@ _GEMM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, nu
                  for bm, bn, bk, w, s in _GEMM_LUT_TILES + _GEMM_TILES]
 _DX_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                for bm, bn, bk, w, s in _DX_LUT_TILES + _DX_TILES]
-_DECODE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                   for bn, bk, w, s in _DECODE_TILES]
 # 32-bit registers per thread (an fp32 value counts 2 units, as in the dense module), per layout:
 # 2 (whole blocks per row), 1 (k even), 0 (k odd: a byte and a scale gathered per element).
 # The W tile being formed; the fp32 accumulators (plus G [BLOCK_M, r] in dX). dX forms its W
@@ -176,22 +153,6 @@ def _gemm_keep(configs, arch, smem, M, N, block_r, elem, layout, dx=False, store
     return _dense._keep(configs, tiles, tile_of, ok, size_ok)
 
 
-def _decode_keep(configs, arch, smem, N, K, block_r, elem):
-    def tile_of(c):
-        return (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
-
-    def ok(c):
-        bn, bk, w, s = tile_of(c)
-        main = s * (DECODE_MAX_M * bk * elem + bn * bk // 2 + bk * block_r * elem)
-        return (main <= smem and _words(bn * bk, elem, w) <= _TILE_WORDS
-                and _words(bk * block_r, elem, w) <= _TILE_WORDS)
-
-    def size_ok(c):
-        return c.kwargs["BLOCK_N"] <= max(16, _dense._pow2(N)) and c.kwargs["BLOCK_K"] <= max(32, _dense._pow2(K))
-
-    return _dense._keep(configs, set(_DECODE_TILES) - _DECODE_SPILLS.get(arch, set()), tile_of, ok, size_ok)
-
-
 def _prune_gemm(configs, named_args, **kwargs):
     args = _dense._prune_args(named_args, kwargs)
     arch, smem, _ = _dense._limits_of(args["x_ptr"])
@@ -205,12 +166,6 @@ def _prune_dx(configs, named_args, **kwargs):
     arch, smem, _ = _dense._limits_of(args["dy_ptr"])
     return _gemm_keep(configs, arch, smem, args["M_KEY"], args["N"], args["BLOCK_R"], args["dy_ptr"].element_size(),
                       args["LAYOUT"], dx=True, lut=_uses_lut(args["LAYOUT"], args["W_KIND"], args["dy_ptr"].dtype))
-
-
-def _prune_decode(configs, named_args, **kwargs):
-    args = _dense._prune_args(named_args, kwargs)
-    arch, smem, _ = _dense._limits_of(args["x_ptr"])
-    return _decode_keep(configs, arch, smem, args["N"], args["K"], args["BLOCK_R"], args["x_ptr"].element_size())
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,75 +239,6 @@ _LUT_TABLE_NF4_F16 = tl.constexpr(lut_table_asm(0, True))
 _LUT_TABLE_NF4_BF16 = tl.constexpr(lut_table_asm(0, False))
 _LUT_TABLE_FP4_F16 = tl.constexpr(lut_table_asm(1, True))
 _LUT_TABLE_FP4_BF16 = tl.constexpr(lut_table_asm(1, False))
-
-
-# --------------------------------------------------------------------------------------------
-# Device helpers
-# --------------------------------------------------------------------------------------------
-
-@triton.jit
-def _to_w_dtype(v, W_KIND: tl.constexpr):
-    """Round fp32 values to the quant state's dtype (0 fp32, 1 fp16, 2 bf16), as bitsandbytes'
-    dequantisation does before the compute-dtype cast."""
-    if W_KIND == 1:
-        out = v.to(tl.float16)
-    elif W_KIND == 2:
-        out = v.to(tl.bfloat16)
-    else:
-        out = v
-    return out
-
-
-@triton.jit
-def _pick(q, bit: tl.constexpr, a, b):
-    """b where bit ``bit`` of q is set, else a."""
-    return tl.where((q & bit) != 0, b, a)
-
-
-@triton.jit
-def _code_value(q, QUANT: tl.constexpr):
-    """code[q] (fp32) for 4-bit indexes q, by a tree of selects on the index bits (no table
-    lookups): QUANT 0 = NF4, 1 = FP4 (bit 3 the sign, the low 3 bits the magnitude)."""
-    if QUANT == 0:
-        v = _pick(q, 8,
-                  _pick(q, 4, _pick(q, 2, _pick(q, 1, -1.0, -0.6961928009986877),
-                                    _pick(q, 1, -0.5250730514526367, -0.39491748809814453)),
-                        _pick(q, 2, _pick(q, 1, -0.28444138169288635, -0.18477343022823334),
-                              _pick(q, 1, -0.09105003625154495, 0.0))),
-                  _pick(q, 4, _pick(q, 2, _pick(q, 1, 0.07958029955625534, 0.16093020141124725),
-                                    _pick(q, 1, 0.24611230194568634, 0.33791524171829224)),
-                        _pick(q, 2, _pick(q, 1, 0.44070982933044434, 0.5626170039176941),
-                              _pick(q, 1, 0.7229568362236023, 1.0))))
-    else:
-        mag = _pick(q, 4, _pick(q, 2, _pick(q, 1, 0.0, 0.0052083334885537624),
-                                _pick(q, 1, 0.6666666865348816, 1.0)),
-                    _pick(q, 2, _pick(q, 1, 0.3333333432674408, 0.5),
-                          _pick(q, 1, 0.1666666716337204, 0.25)))
-        v = _pick(q, 8, mag, -mag)
-    return v
-
-
-@triton.jit
-def _absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, idx, mask, NESTED: tl.constexpr,
-            BLOCK2: tl.constexpr, INTERPRETED: tl.constexpr):
-    """The fp32 absmax of blocks ``idx`` (0 where ``mask`` is off): ``absmax[idx]``, or for nested
-    statistics ``code2[q]·absmax2[idx // BLOCK2] + offset`` with the uint8 ``q = absmax[idx]``,
-    formed here in registers (no expanded copy in memory). bitsandbytes rounds the product and the
-    sum to fp32 one after the other; ``mul.rn`` (libdevice ``mul_rn``) is an explicitly rounded
-    multiply that the compiler never contracts with the add into an FMA, so the result is the
-    same bit for bit. The interpreter (``INTERPRETED``, numpy) rounds every operation anyway."""
-    if NESTED:
-        q = tl.load(absmax_ptr + idx, mask=mask, other=0).to(tl.int32)
-        c = tl.load(code2_ptr + q)                                    # q < 256: always in the table
-        a2 = tl.load(absmax2_ptr + idx // BLOCK2, mask=mask, other=0.0)
-        if INTERPRETED:
-            prod = c * a2
-        else:
-            prod = libdevice.mul_rn(c, a2)
-        out = tl.where(mask, prod + tl.load(offset_ptr), 0.0)
-    else:
-        out = tl.load(absmax_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    return out
 
 
 @triton.jit
@@ -521,91 +407,6 @@ def _lowrank4_fwd_gemm_kernel(
              STORE_Z)
 
 
-@triton.autotune(configs=_DECODE_CONFIGS, key=["M", "N", "K", "BLOCK_R", "HAS_DROPOUT", "LAYOUT"],
-                 prune_configs_by={"early_config_prune": _prune_decode})
-@triton.jit(do_not_specialize=["seed"])
-def _lowrank4_decode_kernel(
-    x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, a_ptr, core_ptr, b_ptr, os_ptr, bias_ptr,
-    t_ptr, y_ptr, rs_ptr, z_ptr,
-    M, N, K, R,
-    stride_xm, stride_xk, stride_ym, stride_yn,
-    seed, dropout_p, inv_keep, scale,
-    ACTIVATION: tl.constexpr, CORE: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_OUT_SCALE: tl.constexpr, QBLOCK: tl.constexpr, QUANT: tl.constexpr, W_KIND: tl.constexpr,
-    LAYOUT: tl.constexpr, NESTED: tl.constexpr, BLOCK2: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_ROW_SCALE: tl.constexpr = False,
-    STORE_Z: tl.constexpr = False,
-):
-    """The whole forward for M <= BLOCK_M rows and BLOCK_N columns of Y, in one program:
-
-    * main loop over k: X Wᵀ (every packed byte of these W rows read once, 4 bits per weight)
-      and, beside it, T = D(X) Aᵀ [BLOCK_M, r] (every program computes the whole T: r·k values
-      of A per program, read from L2 after the first);
-    * epilogue: T stored by program 0, U = σ(T)Sᵀ | σ(T) ⊙ S | σ(T) in registers (rounded to x's
-      dtype, as the training path stores it), and Y = X Wᵀ + s·(U Bᵀ) ⊙ o + b written once
-      (with HAS_ROW_SCALE, DoRA: Y = c ⊙ (X Wᵀ + s·(U Bᵀ) ⊙ o) + b and Z beside it with STORE_Z,
-      the GEMM's epilogue ``_store_y``).
-    No partial sums in memory: the grid is split over d only, so the sum order is fixed."""
-    dtype = x_ptr.dtype.element_ty
-    pid_n = tl.program_id(0)
-    rm = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    rr = tl.arange(0, BLOCK_R)
-    mask_m = rm < M
-    mask_n = rn < N
-    mask_r = rr < R
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    # rows past M and past r read wrapped (valid) addresses and are never stored
-    x_rows = x_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm
-    a_cols = a_ptr + (rr % R)[None, :] * K                              # Aᵀ tile [BK, BR]
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        mask_k = kk < K
-        xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_k[None, :], other=0.0)
-        wt = _w4_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rn % N, k0, N, K, BLOCK_N, BLOCK_K,
-                      QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST, dtype)
-        x_op = _op(xt, dtype, UPCAST)
-        acc = tl.dot(x_op, _op(tl.trans(wt), dtype, UPCAST), acc, input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            x_op = _op(tl.where(_keep_mask(seed, rm, kk, tl.to_tensor(dropout_p).to(tl.float32)), xt, 0.0), dtype,
-                       UPCAST)
-        at = tl.load(a_cols + kk[:, None], mask=mask_k[:, None], other=0.0)
-        t = tl.dot(x_op, _op(at, dtype, UPCAST), t, input_precision=DOT_PRECISION)
-    if HAS_DROPOUT:
-        t = t * tl.to_tensor(inv_keep).to(tl.float32)
-    if pid_n == 0:
-        tl.store(t_ptr + rm[:, None] * R + rr[None, :], t.to(t_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_r[None, :])
-    # the adapter term s·(U Bᵀ) ⊙ o, U = σ(T)Sᵀ | σ(T) ⊙ S | σ(T)
-    z = tl.where(mask_r[None, :], _act_fwd(t, ACTIVATION), 0.0)
-    b_cols = b_ptr + rn.to(tl.int64)[None, :] * R
-    adp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if CORE == 2:
-        z_op = _op(z, dtype, UPCAST)
-        for j0 in tl.static_range(0, BLOCK_R, R_CHUNK):
-            rj = j0 + tl.arange(0, R_CHUNK)
-            mask_j = rj < R
-            u = tl.dot(z_op, _op(_core_tile(core_ptr, R, rr, rj, True), dtype, UPCAST), input_precision=DOT_PRECISION)
-            bt = tl.load(b_cols + rj[:, None], mask=mask_j[:, None] & mask_n[None, :], other=0.0)
-            adp = tl.dot(_op(u.to(dtype), dtype, UPCAST), _op(bt, dtype, UPCAST), adp, input_precision=DOT_PRECISION)
-    else:
-        if CORE == 1:
-            z = z * tl.load(core_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
-        bt = tl.load(b_cols + rr[:, None], mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        adp = tl.dot(_op(z.to(dtype), dtype, UPCAST), _op(bt, dtype, UPCAST), adp, input_precision=DOT_PRECISION)
-    col_scale = tl.zeros((BLOCK_N,), dtype=tl.float32) + tl.to_tensor(scale).to(tl.float32)
-    if HAS_OUT_SCALE:
-        col_scale = col_scale * tl.load(os_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)
-    acc += adp * col_scale[None, :]
-    if HAS_BIAS and not HAS_ROW_SCALE:
-        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    _store_y(acc, y_ptr, z_ptr, rs_ptr, bias_ptr, rm, rn, M, N, stride_ym, stride_yn, HAS_BIAS, HAS_ROW_SCALE,
-             STORE_Z)
-
-
 # --------------------------------------------------------------------------------------------
 # Backward: dX
 # --------------------------------------------------------------------------------------------
@@ -716,45 +517,6 @@ def _dequant4_kernel(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
 # Launchers
 # --------------------------------------------------------------------------------------------
 
-def _scale_args(quant_state) -> tuple[dict, dict]:
-    """(the absmax pointers, their constexprs) for :func:`_w4_tile`: nested statistics as
-    bitsandbytes writes them go in as they are (uint8 codes, the 256-entry code2 table, absmax2
-    and the offset) and are expanded in registers, nothing allocated; a plain absmax as it is;
-    any other nested state (a second level in another dtype) is expanded once by
-    ``fastpeft.quant.dequantize_absmax`` for the call."""
-    from fastpeft.quant import dequantize_absmax, nested_fp32
-
-    if nested_fp32(quant_state):
-        s2 = quant_state.state2
-        ptrs = dict(absmax_ptr=quant_state.absmax.reshape(-1), code2_ptr=s2.code.contiguous(),
-                    absmax2_ptr=s2.absmax.reshape(-1), offset_ptr=quant_state.offset.reshape(1))
-        return ptrs, dict(NESTED=True, BLOCK2=int(s2.blocksize))
-    absmax = quant_state.absmax.reshape(-1) if quant_state.state2 is None else dequantize_absmax(quant_state)
-    return (dict(absmax_ptr=absmax, code2_ptr=absmax, absmax2_ptr=absmax, offset_ptr=absmax),
-            dict(NESTED=False, BLOCK2=256))
-
-
-def _weight_args(packed, quant_state, device):
-    """(flat uint8 bytes, the absmax pointers of :func:`_scale_args`, the weight's constexprs,
-    (d, k))."""
-    from fastpeft.quant import _packed_bytes, validate_4bit
-
-    shape, _ = validate_4bit(packed, quant_state)
-    d, k = shape
-    data = _packed_bytes(packed.detach())
-    scales, scale_meta = _scale_args(quant_state)
-    qblock = int(quant_state.blocksize)
-    meta = dict(QBLOCK=qblock, QUANT=_QUANT[quant_state.quant_type], W_KIND=_W_KIND[quant_state.dtype],
-                LAYOUT=_layout(k, qblock, data.data_ptr() % 4 == 0), **scale_meta)
-    return data, scales, meta, (d, k)
-
-
-def _layout(k: int, qblock: int, aligned: bool = True) -> int:
-    """2: every row holds whole blocks (the packed bytes 4-byte aligned: the compiled tile loads
-    32-bit words); 1: rows start on a byte; 0: k odd."""
-    return 2 if k % qblock == 0 and aligned else (1 if k % 2 == 0 else 0)
-
-
 def dequantize_4bit_dense(packed, quant_state, dtype: torch.dtype, weight_args=None) -> torch.Tensor:
     """The dense W [d, k] in ``dtype`` on the packed weight's device, in one kernel: equal bit for
     bit to ``fastpeft.dequantize_4bit(packed, quant_state).to(dtype)`` (on a GPU; under the
@@ -829,6 +591,7 @@ def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_sca
                    HAS_ROW_SCALE=row_scale is not None, STORE_Z=z is not None)
     with _dense._device(x):
         if M <= DECODE_MAX_M:
+            from .lowrank_4bit_decode import _decode       # (it imports this module)
             t = _decode(x, data, scales, wmeta, lora_A, core, y, scale, dropout_p, seed, act, core_kind, adapter)
             return y, t
         a = lora_A.contiguous()
@@ -853,31 +616,6 @@ def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_sca
                        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
                        args, fb)
     return y, t
-
-
-def _decode(x, data, scales, wmeta, lora_A, core, y, scale, dropout_p, seed, act, core_kind, adapter):
-    """The forward at M <= 16 in one launch (``_lowrank4_decode_kernel``): writes y, returns T."""
-    M, K = x.shape
-    N = y.shape[1]
-    R = lora_A.shape[0]
-    p = float(dropout_p)
-    t = torch.empty((M, R), dtype=x.dtype, device=x.device)
-    a = lora_A.contiguous()
-    args = dict(x_ptr=x, packed_ptr=data, **scales, a_ptr=a, core_ptr=core.contiguous() if core is not None else a,
-                t_ptr=t, y_ptr=y, M=M, N=N, K=K, R=R, stride_xm=x.stride(0), stride_xk=x.stride(1),
-                stride_ym=y.stride(0), stride_yn=y.stride(1), seed=int(seed), dropout_p=p,
-                inv_keep=1.0 / (1.0 - p), scale=float(scale), ACTIVATION=act, CORE=core_kind, HAS_DROPOUT=p > 0.0,
-                BLOCK_M=DECODE_MAX_M, **wmeta, **adapter)
-    if _dense._interpreting():
-        fb = dict(BLOCK_N=_dense._interp_block(N), BLOCK_K=max(32, _dense._interp_block(K)), num_warps=4,
-                  num_stages=1)
-    elif not _dense._autotuning():
-        arch, smem, _ = _dense._limits_of(x)
-        fb = _dense._fallback(_decode_keep(_DECODE_CONFIGS, arch, smem, N, K, adapter["BLOCK_R"], x.element_size()))
-    else:
-        fb = {}
-    _dense._launch(_lowrank4_decode_kernel, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),), args, fb)
-    return t
 
 
 def lowrank_4bit_bwd(grad_y, x, packed, quant_state, T, lora_A, lora_B, core, out_scale, scale, dropout_p,
