@@ -25,7 +25,7 @@ from torch import Tensor
 from .config import AdapterConfig
 from .inject import _find_targets, lowrank_layers
 from .nn.linear import LowRankLinear
-from .svd import frobenius_sq, top_singular_values
+from .svd import frobenius_sq, krylov_applies, top_singular_values
 
 __all__ = ["PMBFreezer", "pmb_freeze_step", "pmb_freezer_callback", "energy_curve", "energy_scores",
            "lamda_plus_ranks"]
@@ -341,7 +341,7 @@ def _dense_weight(name: str, module: nn.Module) -> Tensor:
     if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         raise TypeError(f"layer {name!r}: LaMDA++ needs a dense floating-point 2-D weight, got "
                         f"{None if weight is None else (weight.dtype, tuple(weight.shape))}")
-    return weight.detach().to(torch.float64)
+    return weight.detach()
 
 
 def energy_curve(name: str, module: nn.Module, max_rank: Optional[int] = None) -> Tensor:
@@ -350,22 +350,27 @@ def energy_curve(name: str, module: nn.Module, max_rank: Optional[int] = None) -
         e(k) = Σ_{i ≤ k} σ_i² / Σ_i σ_i²          k = 0 … n = min(d, k_in),  e(0) = 0, e(n) = 1
 
     σ_1 ≥ σ_2 ≥ … the singular values of W (a zero W counts as a flat spectrum). The total
-    Σ_i σ_i² is ‖W‖_F², summed from W's entries. With ``max_rank`` < n only e(0 … max_rank)
-    are returned [max_rank + 1], from the top singular values alone
-    (:func:`fastpeft.svd.top_singular_values`, a block Krylov method instead of a full SVD)."""
+    Σ_i σ_i² is ‖W‖_F², summed from W's entries in float64. With ``max_rank`` < n only
+    e(0 … max_rank) are returned [max_rank + 1], from the top singular values alone
+    (:func:`fastpeft.svd.top_singular_values`, a block Krylov method instead of a full SVD, run
+    on W as it is, float32 for 16-bit weights: no float64 copy of W; its values are within
+    1e-4 relative, far below what moves a rank). Where the full SVD is used, it runs in float64."""
     w = _dense_weight(name, module)
     n = min(w.shape)
-    total = frobenius_sq(w)
+    total = frobenius_sq(w, torch.float64)
     if max_rank is not None and not 1 <= max_rank:
         raise ValueError(f"max_rank must be >= 1, got {max_rank!r}")
     if total <= 0:
         m = n if max_rank is None else min(max_rank, n)
-        sq, total = torch.ones(m, dtype=w.dtype), torch.tensor(float(n), dtype=w.dtype)
+        sq, total = torch.ones(m, dtype=torch.float64), torch.tensor(float(n), dtype=torch.float64)
     elif max_rank is None or max_rank >= n:
-        sq = torch.linalg.svdvals(w) ** 2
+        sq = torch.linalg.svdvals(w.double()) ** 2
         total = sq.sum()              # so that e(n) = 1 exactly
+    elif not krylov_applies(tuple(w.shape), max_rank):
+        sq = torch.linalg.svdvals(w.double())[:max_rank] ** 2
     else:
-        sq = top_singular_values(w, max_rank) ** 2
+        work = w if w.dtype in (torch.float32, torch.float64) else w.float()
+        sq = top_singular_values(work, max_rank).double() ** 2
     return torch.cat([sq.new_zeros(1), torch.cumsum(sq, 0) / total]).clamp_(max=1.0)
 
 

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["top_singular_triplets", "top_singular_values", "frobenius_sq", "all_finite"]
+__all__ = ["top_singular_triplets", "top_singular_values", "frobenius_sq", "all_finite", "krylov_applies"]
 
 _SEED = 0x5EED
 
@@ -172,6 +172,12 @@ def _block(r: int) -> int:
     return max(r, 8)
 
 
+def krylov_applies(shape: tuple[int, int], r: int, passes: int = 7) -> bool:
+    """Whether :func:`top_singular_values` / :func:`top_singular_triplets` use the block Krylov
+    method for a weight of ``shape`` and rank ``r`` (else the full SVD, exact to rounding)."""
+    return _small_enough(_block(r), passes, min(shape))
+
+
 def _small_enough(block: int, passes: int, n: int) -> bool:
     return 2 * block * (passes + 1) <= n
 
@@ -224,7 +230,14 @@ def top_singular_values(weight: Tensor, r: int, *, passes: int = 7) -> Tensor:
     return torch.linalg.svdvals(w)[:r] if s is None else s
 
 
-def frobenius_sq(weight: Tensor) -> Tensor:
-    """‖W‖_F² = Σ_i σ_i² (0-dim, in W's dtype): the total energy of the spectrum, from one
-    reduction over W's entries (no temporary of W's size)."""
-    return torch.linalg.vector_norm(weight.detach()).square()
+def frobenius_sq(weight: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """‖W‖_F² = Σ_i σ_i² (0-dim, in ``dtype``, default W's): the total energy of the spectrum,
+    from reductions over W's entries, accumulated in ``dtype`` (rows converted a slab at a time:
+    no temporary of W's size)."""
+    w = weight.detach()
+    dtype = dtype or w.dtype
+    if dtype == w.dtype:
+        return torch.linalg.vector_norm(w).square()
+    rows = max(1, (1 << 20) // max(1, w.shape[-1]))
+    return sum((torch.linalg.vector_norm(s.to(dtype)).square() for s in w.reshape(-1, w.shape[-1]).split(rows)),
+               torch.zeros((), dtype=dtype, device=w.device))

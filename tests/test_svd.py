@@ -96,6 +96,11 @@ def test_small_matrices_use_the_full_svd_and_match_it():
 def test_frobenius_sq_is_the_total_energy():
     w = torch.randn(30, 17, dtype=torch.float64)
     assert torch.allclose(frobenius_sq(w), torch.linalg.svdvals(w).pow(2).sum())
+    big = torch.randn(3000, 700) * 1e3                  # several slabs, accumulated in float64
+    exact = big.double().pow(2).sum()
+    total = frobenius_sq(big, torch.float64)
+    assert total.dtype == torch.float64 and abs(total / exact - 1) < 1e-11   # float32 sums: ~1e-7
+    assert frobenius_sq(big.bfloat16(), torch.float64).dtype == torch.float64
 
 
 @pytest.mark.parametrize("bad,r,err", [
