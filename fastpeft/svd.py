@@ -50,13 +50,13 @@ def all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
 
 
-def _check(weight: Tensor, r: int, name: str = "weight") -> None:
+def _check(weight: Tensor, r: int, name: str = "weight", finite: bool = True) -> None:
     if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         raise TypeError(f"{name} must be a 2-D floating-point tensor, got "
                         f"{type(weight).__name__ if not isinstance(weight, Tensor) else (weight.dtype, tuple(weight.shape))}")
     if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(weight.shape):
         raise ValueError(f"r must be an int in [1, min(d, k) = {min(weight.shape)}], got {r!r}")
-    if not all_finite(weight):
+    if finite and not all_finite(weight):
         raise ValueError(f"{name} has non-finite entries (inf or nan): its singular vectors are undefined")
 
 
@@ -190,13 +190,14 @@ def _fix_signs(u: Tensor, vh: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def top_singular_triplets(weight: Tensor, r: int, *, passes: int = 7,
+def top_singular_triplets(weight: Tensor, r: int, *, passes: int = 7, check_finite: bool = True,
                           _full: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(U [d, r], S [r], Vh [r, k]): the top-r singular triplets of ``weight`` in its dtype
     (pass float32 or float64 to choose the precision), singular values descending, signs
     fixed (module docstring). Block Krylov with a fixed seed (deterministic) unless its space
-    would not be well below min(d, k), then the full SVD."""
-    _check(weight, r)
+    would not be well below min(d, k), then the full SVD. ``check_finite=False`` skips the
+    check for NaN and Inf entries (one pass over W) where the caller has made it."""
+    _check(weight, r, finite=check_finite)
     w = weight.detach()
     d, k = w.shape
     block = _block(r)
@@ -208,7 +209,7 @@ def top_singular_triplets(weight: Tensor, r: int, *, passes: int = 7,
         a = w.t() if transpose else w
         ritz = _ritz(a, block, passes, r, tol=_tol(a.dtype))
         if ritz is None:                # W of rank < r: the full SVD completes the basis
-            return top_singular_triplets(weight, r, passes=passes, _full=True)
+            return top_singular_triplets(weight, r, passes=passes, check_finite=False, _full=True)
         u, s, vh = ritz
         if transpose:
             u, vh = vh.t(), u.t()

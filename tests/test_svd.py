@@ -146,3 +146,17 @@ def test_rank_deficient_weight_falls_back_to_the_full_svd():
     s_ref = torch.linalg.svdvals(w)
     assert torch.allclose(s[:5], s_ref[:5], rtol=1e-9) and bool((s[5:] < 1e-8 * s_ref[0]).all())
     assert torch.allclose((u * s) @ vh, w, atol=1e-9 * s_ref[0].item())
+
+
+def test_check_finite_false_skips_only_the_finiteness_check(monkeypatch):
+    from fastpeft import svd
+
+    calls = []
+    monkeypatch.setattr(svd, "all_finite", lambda t: calls.append(t) or True)
+    w = torch.randn(40, 30, dtype=torch.float64)
+    top_singular_triplets(w, 3, check_finite=False)
+    assert calls == []
+    top_singular_triplets(w, 3)
+    assert len(calls) == 1
+    with pytest.raises(ValueError):
+        top_singular_triplets(w, 31, check_finite=False)

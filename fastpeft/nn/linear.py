@@ -156,7 +156,7 @@ class LowRankLinear(nn.Module):
                                  "a finite weight")
             # only the top r triplets (fastpeft.svd), contiguous tensors of their own: strided
             # parameters break FSDP2 sharding and slow the kernels
-            u, _, vh = top_singular_triplets(weight, r)
+            u, _, vh = top_singular_triplets(weight, r, check_finite=False)   # checked above
             lora_a, lora_b = vh, u
             core = torch.zeros(r, r, device=device)
         elif init == "vera":
