@@ -3,12 +3,13 @@ runs with its own adapter (or none) over one base weight, dense or 4-bit.
 
 The host sorts the rows by adapter (``order``: the rows of adapter 0, then 1, ..., then the rows
 of no adapter) and cuts each adapter's segment into row tiles of BLOCK_M; a tile never spans
-two adapters. A table of tiles (adapter slot or -1, first and end position in ``order``) drives
-both kernels, so every program reads one adapter (as SGMV does). The adapters are packed, rank
-padded with zeros to the largest r (R): A [n, R, k], B [n, d, R], core [n, R] or [n, R, R] (a
-missing core becomes ones or the identity, a diagonal one its diagonal matrix where another
-adapter needs a full core), out_scale [n, d] (ones where missing), s [n]. Zero padding adds
-nothing: padded columns of T are 0, and σ(0) = 0 for every activation.
+two adapters. A table of tiles (adapter slot or -1, first and end position in ``order``; a
+program's entry read by ``_tile_rows``) drives the kernels, so every program reads one adapter
+(as SGMV does). The adapters are packed, rank padded with zeros to the largest r (R): A
+[n, R, k], B [n, d, R], core [n, R] or [n, R, R] (a missing core becomes ones or the identity, a
+diagonal one its diagonal matrix where another adapter needs a full core), out_scale [n, d]
+(ones where missing), s [n]. Zero padding adds nothing: padded columns of T are 0, and σ(0) = 0
+for every activation.
 
   * ``_mixed_t_kernel``: per adapter tile, T = X[rows] A_iᵀ and U = σ(T) S_iᵀ (the dense
     module's ``_store_u``), in ``order``'s positions, [rows with an adapter, R];
@@ -50,6 +51,18 @@ __all__ = ["lowrank_mixed_fwd", "lowrank_mixed_bwd", "pack_adapters", "tile_tabl
 
 
 @triton.jit
+def _tile_rows(tiles_ptr, BLOCK_M: tl.constexpr):
+    """This program's row tile (grid axis 0) of the tile table: (tile, its adapter slot, -1 for
+    none, its BLOCK_M positions in ``order``, which of them it holds, its end position)."""
+    tile = tl.program_id(0)
+    slot = tl.load(tiles_ptr + tile * 3)
+    start = tl.load(tiles_ptr + tile * 3 + 1)
+    end = tl.load(tiles_ptr + tile * 3 + 2)
+    pos = start + tl.arange(0, BLOCK_M)
+    return tile, slot, pos, pos < end, end
+
+
+@triton.jit
 def _mixed_t_kernel(
     x_ptr, order_ptr, tiles_ptr, a_ptr, core_ptr, t_ptr, u_ptr, seed_ptr, p_ptr, first_ptr,
     K, R, stride_xm, stride_xk,
@@ -64,12 +77,8 @@ def _mixed_t_kernel(
     (:func:`_keep_mask`) of the slot's seed and p (``seed_ptr``, ``p_ptr``), regenerated here and
     in backward, never stored; kept values count 1/(1-p), applied to the r-wide accumulator."""
     dtype = x_ptr.dtype.element_ty
-    tile = tl.program_id(0)
-    slot = tl.load(tiles_ptr + tile * 3).to(tl.int64)
-    start = tl.load(tiles_ptr + tile * 3 + 1)
-    end = tl.load(tiles_ptr + tile * 3 + 2)
-    pos = start + tl.arange(0, BLOCK_M)
-    mask_m = pos < end
+    _, slot, pos, mask_m, end = _tile_rows(tiles_ptr, BLOCK_M)
+    slot = slot.to(tl.int64)
     rr = tl.arange(0, BLOCK_R)
     rk = tl.arange(0, BLOCK_K)
     mask_r = rr < R
@@ -121,12 +130,7 @@ def _mixed_gemm_kernel(
     (dX only, no bias): the adapter term is D_i'(·), the slot's Philox mask over the adapter's
     own rows (``seed_ptr``, ``p_ptr``, ``first_ptr`` as in the T pass), kept values 1/(1-p)."""
     dtype = x_ptr.dtype.element_ty
-    tile = tl.program_id(0)
-    slot = tl.load(tiles_ptr + tile * 3)
-    start = tl.load(tiles_ptr + tile * 3 + 1)
-    end = tl.load(tiles_ptr + tile * 3 + 2)
-    pos = start + tl.arange(0, BLOCK_M)
-    mask_m = pos < end
+    _, slot, pos, mask_m, end = _tile_rows(tiles_ptr, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = rn < N
     rk = tl.arange(0, BLOCK_K)
@@ -173,13 +177,10 @@ def _mixed_u_kernel(t_ptr, tiles_ptr, core_ptr, u_ptr, R,
                     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
                     BLOCK_M: tl.constexpr):
     """U = σ(T) S_iᵀ | σ(T) ⊙ S_i from the saved T for one tile of adapter i's rows."""
-    tile = tl.program_id(0)
-    slot = tl.load(tiles_ptr + tile * 3).to(tl.int64)
-    start = tl.load(tiles_ptr + tile * 3 + 1)
-    end = tl.load(tiles_ptr + tile * 3 + 2)
-    pos = start + tl.arange(0, BLOCK_M)
+    _, slot, pos, mask_m, end = _tile_rows(tiles_ptr, BLOCK_M)
+    slot = slot.to(tl.int64)
     rr = tl.arange(0, BLOCK_R)
-    mask = (pos < end)[:, None] & (rr < R)[None, :]
+    mask = mask_m[:, None] & (rr < R)[None, :]
     tt = tl.load(t_ptr + pos.to(tl.int64)[:, None] * R + rr[None, :], mask=mask, other=0.0).to(tl.float32)
     if CORE == 2:
         core_i = core_ptr + slot * R * R
@@ -204,6 +205,8 @@ def _mixed_dy_kernel(
     adapter's tiles in tile order). After the loop: the tile's dS partial (Gᵀ Z, or Σ_rows G ⊙ Z
     for a diagonal core) and dT = (G S_i) ⊙ σ'(T) at the tile's positions."""
     dtype = dy_ptr.dtype.element_ty
+    # the tile's entry read inline, not by _tile_rows: through the call two integer ops of this
+    # kernel's SASS swap places (same registers and instruction mix; the others are unchanged)
     tile = tl.program_id(0)
     slot = tl.load(tiles_ptr + tile * 3).to(tl.int64)
     start = tl.load(tiles_ptr + tile * 3 + 1)
