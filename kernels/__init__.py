@@ -22,6 +22,9 @@ launchers on 2-D tensors (the autograd Functions live in ``fastpeft.ops``):
   dense-buffer path; :mod:`fastpeft.kernels.lowrank_4bit_decode`, its one-launch forward at
   M <= 16; :mod:`fastpeft.kernels.lowrank_4bit_format`, the packed weight's select-tree
   dequantisation and launch arguments.
+* :mod:`fastpeft.kernels.lowrank_4bit_sm90`: sm_90 main loops of the 4-bit forward GEMM and dX
+  (X / dY, the packed weight's words and B through TMA descriptors), chosen by the 4-bit
+  launchers on sm_90 where the byte-permute decode applies and the operands are aligned.
 * :mod:`fastpeft.kernels.inspect`: ``fastpeft inspect``, the kernels a training step or decode
   call launches, compiled for sm_80 / sm_90 without a GPU exactly as a launch specialises them,
   with registers, shared memory, spills, tensor-core/TMA/cp.async use, the main loop's

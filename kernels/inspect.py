@@ -361,9 +361,11 @@ _FLOPS = {
     "_lowrank_bwd_dx_tma_kernel": lambda a: 2 * a["M"] * a["N"] * (a["K"] + a["R"]),
     "_lowrank_bwd_da_kernel": lambda a: 2 * a["M"] * a["K"] * a["R"],
     "_lowrank4_fwd_gemm_kernel": lambda a: 2 * a["M"] * a["N"] * (a["K"] + a["R"]),
+    "_lowrank4_fwd_gemm_tma_kernel": lambda a: 2 * a["M"] * a["N"] * (a["K"] + a["R"]),
     "_lowrank4_decode_kernel": lambda a: 2 * a["M"] * a["N"] * a["K"],
     "_lowrank4_decode_epilogue_kernel": lambda a: 2 * a["M"] * a["N"] * a["R"],
     "_lowrank4_bwd_dx_kernel": lambda a: 2 * a["M"] * a["N"] * (a["K"] + a["R"]),
+    "_lowrank4_bwd_dx_tma_kernel": lambda a: 2 * a["M"] * a["N"] * (a["K"] + a["R"]),
     "_lowrank_group_bwd_dx_kernel": lambda a: 2 * a["M"] * a["N"] * (sum(a.get(f"D{j}", 0) for j in range(8)) + a["R"]),
 }
 

@@ -30,6 +30,10 @@ Backward:
     H = G S | G ⊙ S | G, dT = H ⊙ σ'(T) and adds s/(1-p)·mask ⊙ (dT A) (the mask regenerated);
   * dA, dB, dS, d_o, db: the dense backward's pass over dY and dA kernel (no fill, W never read).
 
+On sm_90, where W is formed by byte permutes and X (dY), the packed bytes (and B) are
+TMA-readable, the GEMM (M >= 64) and dX (r a multiple of 8, no out_scale or row scale) run the
+TMA main loops of :mod:`fastpeft.kernels.lowrank_4bit_sm90` instead (same epilogues).
+
 Transient dense buffer: at M > 16 and M >= :func:`buffer_min_m` (``BUFFER_MIN_M_DEFAULT``, the
 crossover derived in bench/NOTES.md, or ``FASTPEFT_4BIT_BUFFER_MIN_M``; 0 turns it off), forward
 and dX dequantise the whole W once into a dense buffer (``_dequant4_kernel``, bit-exact with
@@ -411,6 +415,53 @@ def _lowrank4_fwd_gemm_kernel(
 # Backward: dX
 # --------------------------------------------------------------------------------------------
 
+@triton.jit
+def _dx4_store(acc, g, t_ptr, core_ptr, a_ptr, dx_ptr, rm, rn, M, N, R, stride_dxm, stride_dxn, seed, dropout_p,
+               adapter_scale, ACTIVATION: tl.constexpr, CORE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The dX kernels' epilogue: acc = dY W [BLOCK_M, BLOCK_N] plus the adapter term from
+    G = (dY ⊙ o) B [BLOCK_M, BLOCK_R]: H = G S (R_CHUNK columns at a time) | G ⊙ S | G,
+    dT = H ⊙ σ'(T), s/(1-p)·mask ⊙ (dT A) with the mask regenerated; written to dX."""
+    dtype = dx_ptr.dtype.element_ty
+    rr = tl.arange(0, BLOCK_R)
+    mask_m = rm < M
+    mask_n = rn < N
+    mask_r = rr < R
+    # the adapter term: dT A, then s/(1-p) and the mask
+    t_rows = t_ptr + rm.to(tl.int64)[:, None] * R
+    adp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if CORE == 2:
+        g_op = _op(g, dtype, UPCAST)
+        for j0 in tl.static_range(0, BLOCK_R, R_CHUNK):
+            rj = j0 + tl.arange(0, R_CHUNK)
+            mask_j = rj < R
+            h = tl.dot(g_op, _op(_core_tile(core_ptr, R, rr, rj, False), dtype, UPCAST),
+                       input_precision=DOT_PRECISION)
+            if ACTIVATION != 0:
+                tj = tl.load(t_rows + rj[None, :], mask=mask_m[:, None] & mask_j[None, :], other=0.0)
+                h = h * _act_grad(tj.to(tl.float32), ACTIVATION)
+            aj = tl.load(a_ptr + rj.to(tl.int64)[:, None] * N + rn[None, :],
+                         mask=mask_j[:, None] & mask_n[None, :], other=0.0)
+            adp = tl.dot(_op(h.to(dtype), dtype, UPCAST), _op(aj, dtype, UPCAST), adp, input_precision=DOT_PRECISION)
+    else:
+        h = g
+        if CORE == 1:
+            h = h * tl.load(core_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
+        if ACTIVATION != 0:
+            tt = tl.load(t_rows + rr[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            h = h * _act_grad(tt.to(tl.float32), ACTIVATION)
+        at = tl.load(a_ptr + rr.to(tl.int64)[:, None] * N + rn[None, :],
+                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        adp = tl.dot(_op(h.to(dtype), dtype, UPCAST), _op(at, dtype, UPCAST), adp, input_precision=DOT_PRECISION)
+    adp = adp * tl.to_tensor(adapter_scale).to(tl.float32)
+    if HAS_DROPOUT:
+        adp = tl.where(_keep_mask(seed, rm, rn, tl.to_tensor(dropout_p).to(tl.float32)), adp, 0.0)
+    acc += adp
+    dx_ptrs = dx_ptr + rm.to(tl.int64)[:, None] * stride_dxm + rn[None, :] * stride_dxn
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
 @triton.autotune(configs=_DX_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R", "LAYOUT", "W_KIND"],
                  prune_configs_by={"early_config_prune": _prune_dx})
 @triton.jit(do_not_specialize=["seed"])
@@ -463,38 +514,8 @@ def _lowrank4_bwd_dx_kernel(
             osv = tl.load(os_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)
             dy_op = _op(dyt.to(tl.float32) * osv[None, :], dtype, UPCAST)
         g = tl.dot(dy_op, _op(bt, dtype, UPCAST), g, input_precision=DOT_PRECISION)
-    # the adapter term: dT A, then s/(1-p) and the mask
-    t_rows = t_ptr + rm.to(tl.int64)[:, None] * R
-    adp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if CORE == 2:
-        g_op = _op(g, dtype, UPCAST)
-        for j0 in tl.static_range(0, BLOCK_R, R_CHUNK):
-            rj = j0 + tl.arange(0, R_CHUNK)
-            mask_j = rj < R
-            h = tl.dot(g_op, _op(_core_tile(core_ptr, R, rr, rj, False), dtype, UPCAST),
-                       input_precision=DOT_PRECISION)
-            if ACTIVATION != 0:
-                tj = tl.load(t_rows + rj[None, :], mask=mask_m[:, None] & mask_j[None, :], other=0.0)
-                h = h * _act_grad(tj.to(tl.float32), ACTIVATION)
-            aj = tl.load(a_ptr + rj.to(tl.int64)[:, None] * N + rn[None, :],
-                         mask=mask_j[:, None] & mask_n[None, :], other=0.0)
-            adp = tl.dot(_op(h.to(dtype), dtype, UPCAST), _op(aj, dtype, UPCAST), adp, input_precision=DOT_PRECISION)
-    else:
-        h = g
-        if CORE == 1:
-            h = h * tl.load(core_ptr + rr, mask=mask_r, other=0.0).to(tl.float32)[None, :]
-        if ACTIVATION != 0:
-            tt = tl.load(t_rows + rr[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            h = h * _act_grad(tt.to(tl.float32), ACTIVATION)
-        at = tl.load(a_ptr + rr.to(tl.int64)[:, None] * N + rn[None, :],
-                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        adp = tl.dot(_op(h.to(dtype), dtype, UPCAST), _op(at, dtype, UPCAST), adp, input_precision=DOT_PRECISION)
-    adp = adp * tl.to_tensor(adapter_scale).to(tl.float32)
-    if HAS_DROPOUT:
-        adp = tl.where(_keep_mask(seed, rm, rn, tl.to_tensor(dropout_p).to(tl.float32)), adp, 0.0)
-    acc += adp
-    dx_ptrs = dx_ptr + rm.to(tl.int64)[:, None] * stride_dxm + rn[None, :] * stride_dxn
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _dx4_store(acc, g, t_ptr, core_ptr, a_ptr, dx_ptr, rm, rn, M, N, R, stride_dxm, stride_dxn, seed, dropout_p,
+               adapter_scale, ACTIVATION, CORE, HAS_DROPOUT, UPCAST, DOT_PRECISION, BLOCK_R, R_CHUNK, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -602,14 +623,18 @@ def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_sca
                     M=M, N=N, K=K, R=R, M_KEY=_dense._pow2(M), stride_xm=x.stride(0), stride_xk=x.stride(1),
                     stride_ym=y.stride(0), stride_yn=y.stride(1), scale=float(scale),
                     GROUP_M=_dense._GROUP_M, **wmeta, **adapter)
+        lut = _uses_lut(wmeta["LAYOUT"], wmeta["W_KIND"], x.dtype)
+        from . import lowrank_4bit_sm90 as _tma4
+        if _tma4.tma_ok(x, data, K, lut):      # sm_90: X and the packed words through TMA
+            _tma4.fwd_gemm(args, x)
+            return y, t
         if interp:
             fb = dict(BLOCK_M=_dense._interp_block(M), BLOCK_N=_dense._interp_block(N),
                       BLOCK_K=max(32, _dense._interp_block(K)), num_warps=4, num_stages=1)
         elif not _dense._autotuning():
             arch, smem, _ = _dense._limits_of(x)
             fb = _dense._fallback(_gemm_keep(_GEMM_CONFIGS, arch, smem, M, N, BR, x.element_size(),
-                                             wmeta["LAYOUT"], store_z=z is not None,
-                                             lut=_uses_lut(wmeta["LAYOUT"], wmeta["W_KIND"], x.dtype)))
+                                             wmeta["LAYOUT"], store_z=z is not None, lut=lut))
         else:
             fb = {}
         _dense._launch(_lowrank4_fwd_gemm_kernel,
@@ -681,15 +706,19 @@ def lowrank_4bit_bwd(grad_y, x, packed, quant_state, T, lora_A, lora_B, core, ou
                     HAS_OUT_SCALE=out_scale is not None and not has_rs, HAS_DROPOUT=p > 0.0, **wmeta, UPCAST=interp,
                     DOT_PRECISION=_dense._dot_precision(grad_y.dtype),
                     BLOCK_R=BR, R_CHUNK=_dense._r_chunk(BR), GROUP_M=_dense._GROUP_M)
+        lut = _uses_lut(wmeta["LAYOUT"], wmeta["W_KIND"], grad_y.dtype)
+        from . import lowrank_4bit_sm90 as _tma4
         with _dense._device(grad_y):
+            if _tma4.tma_dx_ok(grad_y, data, b, K, lut, out_scale is None and not has_rs):
+                _tma4.bwd_dx(args, grad_y)      # sm_90: dY, the packed words and B through TMA
+                return dx, d_a, d_b, d_core, d_os, d_bias
             if interp:
                 fb = dict(BLOCK_M=_dense._interp_block(M), BLOCK_N=max(32, _dense._interp_block(K)),
                           BLOCK_K=_dense._interp_block(N), num_warps=4, num_stages=1)
             elif not _dense._autotuning():
                 arch, smem, _ = _dense._limits_of(grad_y)
                 fb = _dense._fallback(_gemm_keep(_DX_CONFIGS, arch, smem, M, K, BR, grad_y.element_size(),
-                                                 wmeta["LAYOUT"], dx=True,
-                                                 lut=_uses_lut(wmeta["LAYOUT"], wmeta["W_KIND"], grad_y.dtype)))
+                                                 wmeta["LAYOUT"], dx=True, lut=lut))
             else:
                 fb = {}
             _dense._launch(_lowrank4_bwd_dx_kernel,

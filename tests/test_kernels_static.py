@@ -52,7 +52,8 @@ NOT_WGMMA = {
 SMALL_M = "BLOCK_M < 64 is kept only for M < 64 (decode-sized), where a 64-row wgmma tile would be mostly padding"
 # sm_90 GEMMs whose main loop loads its operands through TMA (UTMALDG), without cp.async; at the
 # grid's shapes (all 16-byte aligned) the forward GEMM and dX run them, never the pointer kernels
-TMA_KERNELS = {"_lowrank_fwd_gemm_tma_kernel", "_lowrank_bwd_dx_tma_kernel"}
+TMA_KERNELS = {"_lowrank_fwd_gemm_tma_kernel", "_lowrank_bwd_dx_tma_kernel", "_lowrank4_fwd_gemm_tma_kernel",
+               "_lowrank4_bwd_dx_tma_kernel"}
 POINTER_ON_SM90 = {"_lowrank_fwd_gemm_kernel", "_lowrank_bwd_dx_kernel"}
 
 
@@ -374,7 +375,7 @@ def test_autotune_keys_hold_every_argument_the_prune_reads(monkeypatch):
 # non-MMA instructions per weight per thread in the main loop (fastpeft inspect's measure) of the
 # config autotune prefers (its first), at inspect's default problem (bf16 NF4, k = d = 4096, r = 16,
 # dropout 0.1: decode's loop also draws the Philox mask): the lowest reached, not the <= 4 aimed at
-PRMT_PER_WEIGHT = {90: {"_lowrank4_fwd_gemm_kernel": 7.9, "_lowrank4_bwd_dx_kernel": 8.9,
+PRMT_PER_WEIGHT = {90: {"_lowrank4_fwd_gemm_tma_kernel": 5.1, "_lowrank4_bwd_dx_tma_kernel": 5.8,
                         "_lowrank4_decode_kernel": 41},
                    80: {"_lowrank4_fwd_gemm_kernel": 16.8, "_lowrank4_bwd_dx_kernel": 19.4,
                         "_lowrank4_decode_kernel": 40.6}}
@@ -402,8 +403,8 @@ def _prmt_compiled():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_4bit_main_loops_dequantise_by_prmt(arch):
     """The 4-bit GEMM, dX and decode binaries of sm_80 / sm_90 (k a multiple of the blocksize,
-    every config autotune may choose) dequantise by byte permutes: PRMT in the main loop and no
-    FSEL (the select tree is the interpreter's path), no spills; the preferred config's non-MMA
+    every config autotune may choose) dequantise by byte permutes: PRMT in the main loop and (almost)
+    no FSEL (the select tree is the interpreter's path), no spills; the preferred config's non-MMA
     instructions per weight per thread within PRMT_PER_WEIGHT."""
     from fastpeft.kernels.inspect import _instructions, _record
 
@@ -417,7 +418,9 @@ def test_4bit_main_loops_dequantise_by_prmt(arch):
         assert not result.spills and not result.resources.get("LOCAL", 0), f"{name}: spills"
         loop = main_loop(result.sass)
         body = [op.split(".")[0] for a, op, _ in _instructions(result.sass) if loop["start"] <= a <= loop["end"]]
-        assert "PRMT" in body and "FSEL" not in body, f"{name}: {body.count('PRMT')} PRMT, {body.count('FSEL')} FSEL"
+        # the select tree puts ~160 FSEL in a k-step; the TMA kernels keep <= 4 (the masks of the
+        # nested scales they load a step ahead)
+        assert "PRMT" in body and body.count("FSEL") <= 4, f"{name}: {body.count('PRMT')} PRMT, {body.count('FSEL')} FSEL"
         if preferred:
             per_weight = _record(job, result, "bf16")["non_mma_per_weight"]
             assert per_weight <= PRMT_PER_WEIGHT[arch][job.name], f"{name}: {per_weight} non-MMA per weight"
