@@ -12,7 +12,9 @@ The format (SPEC section 5), for a weight ``W`` with ``n = W.numel()`` elements:
   ``offset = mean(absmax)``, the centred ``absmax - offset`` is quantised in blocks of 256 to
   uint8 indexes into bitsandbytes' signed 8-bit dynamic map ``code2`` with one fp32 ``absmax2``
   per 256 blocks, so that ``absmax[i] = code2[q[i]] * absmax2[i // 256] + offset``;
-* dequantisation is ``w = code[q] * absmax`` computed in fp32, then rounded to the state's dtype.
+* dequantisation is ``w = code[q] * absmax`` computed in fp32, then rounded to the state's dtype;
+  FP4 index 8 (sign bit set, magnitude 0) gives -0, as bitsandbytes' CUDA kernels compute it
+  (``0 · absmax · sign``), although its table holds +0 there.
 
 :func:`dequantize_4bit` equals ``bitsandbytes.functional.dequantize_4bit`` bit for bit and reads
 bitsandbytes' ``QuantState`` and ``Params4bit`` objects as they are (duck-typed on the
@@ -348,8 +350,10 @@ def nested_fp32(quant_state) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _byte_table_cached(quant_type: str, device: torch.device) -> torch.Tensor:
-    # [256, 2]: the two code values of every byte (high nibble first)
-    code = _code_cached(quant_type, device)
+    # [256, 2]: the two values of every byte (high nibble first); FP4 index 8 is -0 (module docstring)
+    code = _code_cached(quant_type, device).clone()
+    if quant_type == "fp4":
+        code[8] = -0.0
     b = torch.arange(256, device=device)
     return torch.stack([code[b >> 4], code[b & 15]], dim=1)
 

@@ -187,13 +187,16 @@ def _prune_dx(configs, named_args, **kwargs):
 # picks between them by bit 3, and two more interleave the planes into 16-bit values. The
 # values are then exactly those of the table: bit for bit bitsandbytes' dequantisation.
 
-# the fp32 code tables in index order (bitsandbytes' get_4bit_type; FP4: raw / 12, index 8 = +0)
+# the fp32 code tables in index order (bitsandbytes' get_4bit_type; FP4: raw / 12, index 8 = +0).
+# bitsandbytes' CUDA kernels (and its scalar CPU kernel) form an FP4 value as mag·absmax·sign, so
+# index 8 (sign set, magnitude 0) dequantises to -0: the byte-permute tables use -0 there too.
 _NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
              -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
              0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
              0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
 _FP4_MAG = (0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 0.5, 0.1666666716337204, 0.25)
 _FP4_CODE = _FP4_MAG + (0.0,) + tuple(-v for v in _FP4_MAG[1:])
+_FP4_SIGNED = _FP4_MAG + tuple(-v for v in _FP4_MAG)            # index 8 = -0
 
 
 def _f32_hex(v: float) -> str:
@@ -204,7 +207,7 @@ def lut_table_asm(quant: int, out_fp16: bool) -> str:
     """PTX: absmax (fp32 bits in ``$8``) -> the 8 table registers ``$0..$7`` (low-byte plane of
     entries 0-3, 4-7, 8-11, 12-15, then the high-byte plane) of v[q] = round(code[q]·absmax) in
     fp16 (``out_fp16``) or bf16; ``quant`` 0 = NF4, 1 = FP4."""
-    code = _FP4_CODE if quant else _NF4_CODE
+    code = _FP4_SIGNED if quant else _NF4_CODE
     kind = "f16x2" if out_fp16 else "bf16x2"
     lines = ["{", ".reg .f32 a, p<16>;", ".reg .b32 w<8>;", "mov.b32 a, $8;"]
     lines += [f"mul.rn.f32 p{q}, a, {_f32_hex(c)};" for q, c in enumerate(code)]
