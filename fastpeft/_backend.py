@@ -179,11 +179,14 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def plain_eager(first) -> bool:
     """True outside any tracing, with a plain tensor (or a list holding one) as first argument."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+    if torch.compiler.is_compiling():   # first: dynamo must not trace the dispatch-stack query
         return False
+    if type(first) in _PLAIN:   # the common case: one tensor
+        return not (first.is_meta or torch._C._len_torch_dispatch_stack())
     if isinstance(first, (list, tuple)):    # a list of tensors (the group op's gradients)
         first = next((t for t in first if t is not None), None)
-    return type(first) in _PLAIN and first.device.type != "meta"
+        return type(first) in _PLAIN and plain_eager(first)
+    return False
 
 
 # -- availability checks shared by the kernel backends ---------------------------------------

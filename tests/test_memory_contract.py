@@ -45,9 +45,9 @@ def test_a_frozen_saves_nothing_of_size_m_by_k(dropout_p, core_kind, activation)
     activations = _activations(saved, p)
     big = [tuple(t.shape) for t in activations if t.numel() >= M * K]
     assert big == [], f"tensors of size M×k saved: {big}"
-    # T [M, r] and the seed; the rest are parameters
-    assert sorted(tuple(t.shape) for t in activations) == [(), (M, R)]
-    assert any(t.dtype == torch.int64 and t.numel() == 1 for t in activations)
+    # T [M, r] alone; the rest are parameters (an eager call's dropout seed is a Python int on
+    # the autograd node, not a saved tensor)
+    assert sorted(tuple(t.shape) for t in activations) == [(M, R)]
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])

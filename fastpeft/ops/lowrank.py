@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from typing import Optional, Sequence
 
 import torch
@@ -111,46 +112,65 @@ def _apply_core_transposed(g: Tensor, core: Optional[Tensor]) -> Tensor:
     return g @ core
 
 
-# The torch backend's dropout draws: 15-bit integers from torch's generator seeded with ``seed``,
-# two per 32-bit word (random_() fills int32 with [0, 2³¹): the high half is 15 random bits, the
-# low half is masked to 15), ⌈k/2⌉ words per row. Half the generator calls of torch.rand and a
-# quarter of bernoulli_'s (CPU generator calls, serial, dominate the mask's cost). p rounds to a
-# multiple of 2⁻¹⁵: the keep-probability is 1 − round(p·2¹⁵)/2¹⁵.
+# The torch backend's dropout draws: 16-bit integers from torch's generator seeded with ``seed``,
+# two per 32-bit word, ⌈k/2⌉ words per row (random_() fills int32 with [0, 2³¹)). Viewed as int16
+# (little-endian), an even column is a word's low half, uniform over all of int16 [-2¹⁵, 2¹⁵),
+# and an odd column its high half, uniform over [0, 2¹⁵). With t = round(p·2¹⁵) (at most 2¹⁵ − 1),
+# an even column is kept when its draw is at least 2t − 2¹⁵ and an odd one when it is at least t:
+# either with probability 1 − t/2¹⁵, decided by one comparison against a per-column threshold
+# row, with no pass to mask the halves to a common range. Half the generator calls of torch.rand
+# and a quarter of bernoulli_'s (CPU generator calls are serial and dominate the mask's cost).
 _DRAW_LEVELS = 1 << 15
 
 
 @functools.lru_cache(maxsize=64)
-def _int16_scalar(value: int) -> Tensor:
-    """A 0-dim int16 CPU tensor (cheaper in elementwise ops than a Python int, on any device)."""
-    return torch.tensor(value, dtype=torch.int16)
+def _keep_thresholds(k: int, dropout_p: float, device) -> Tensor:
+    """int16 [k]: the draw each column must reach to be kept (2t − 2¹⁵ even, t odd)."""
+    threshold = _drop_threshold(dropout_p)
+    pair = torch.tensor([2 * threshold - _DRAW_LEVELS, threshold], dtype=torch.int16)
+    return pair.repeat((k + 1) // 2)[:k].to(device)
+
+
+# Per thread: one generator per device, re-seeded before every use (so it carries nothing from one
+# mask to the next), and the 0-dim tensor that per-call seeds are drawn into. Building either
+# costs as much host time as a small mask's draws.
+_per_thread = threading.local()
+
+
+def _seeded_generator(seed: int, device) -> torch.Generator:
+    gens = _per_thread.__dict__
+    gen = gens.get(device)
+    if gen is None:
+        gen = gens[device] = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
 
 
 def _dropout_draws(seed: int, m: int, k: int, device) -> Tensor:
-    """int16 draws [m, k], uniform on [0, 2¹⁵), from a generator seeded with ``seed``."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed))
-    words = torch.empty(m, (k + 1) // 2, dtype=torch.int32, device=device).random_(generator=gen)
-    draws = words.view(torch.int16)
-    if k % 2:
-        draws = draws[:, :k]
-    return draws.bitwise_and_(_int16_scalar(_DRAW_LEVELS - 1))
+    """int16 draws [m, k] (even columns uniform on int16, odd ones on [0, 2¹⁵)) from a generator
+    seeded with ``seed``."""
+    gen = _seeded_generator(seed, device)
+    draws = torch.empty(m, (k + 1) // 2, dtype=torch.int32, device=device).random_(generator=gen).view(torch.int16)
+    return draws[:, :k] if k % 2 else draws
 
 
 def _drop_threshold(dropout_p: float) -> int:
-    return int(round(dropout_p * _DRAW_LEVELS))
+    return min(int(round(dropout_p * _DRAW_LEVELS)), _DRAW_LEVELS - 1)
 
 
 def dropout_keep_mask_torch(seed: int, m: int, k: int, dropout_p: float, device) -> Tensor:
     """The keep-mask [m, k] (bool) that the torch backend draws for ``seed``: regenerated, never
-    stored. An element is kept when its draw is at least round(p·2¹⁵)."""
-    return _dropout_draws(seed, m, k, device) >= _drop_threshold(dropout_p)
+    stored. Each element is kept with probability 1 − round(p·2¹⁵)/2¹⁵ (see ``_keep_thresholds``)."""
+    device = torch.device(device)
+    return _dropout_draws(int(seed), m, k, device) >= _keep_thresholds(k, float(dropout_p), device)
 
 
 def _keep_factor(seed: int, m: int, k: int, dropout_p: float, dtype, device) -> Tensor:
     """The keep-mask of ``seed`` as 0/1 in ``dtype`` [m, k], written by one comparison (the
     1/(1-p) factor is applied to the r-dim side by the callers)."""
-    draws = _dropout_draws(seed, m, k, device)
-    return torch.ge(draws, _int16_scalar(_drop_threshold(dropout_p)),
+    gen = _seeded_generator(seed, device)        # _dropout_draws, inline (called twice a step)
+    draws = torch.empty(m, (k + 1) // 2, dtype=torch.int32, device=device).random_(generator=gen).view(torch.int16)
+    return torch.ge(draws[:, :k] if k % 2 else draws, _keep_thresholds(k, dropout_p, device),
                     out=torch.empty(m, k, dtype=dtype, device=device))
 
 
@@ -195,12 +215,13 @@ def lowrank_fwd_torch(x, weight, bias, lora_A, lora_B, core, out_scale, scale: f
     the adapter is added inside the last GEMM: Y = X Wᵀ + b, then Y += s·T Bᵀ (addmm)."""
     y = F.linear(x, weight, bias)
     if dropout_p > 0.0:
-        keep = _keep_factor(seed, x.shape[0], x.shape[1], dropout_p, x.dtype, x.device)
+        m, k = x.shape
+        keep = _keep_factor(seed, m, k, dropout_p, x.dtype, x.device)
         t = _mm_scaled(keep.mul_(x), lora_A.t(), 1.0 / (1.0 - dropout_p))      # T = D(X) Aᵀ
         del keep
     else:
-        t = x @ lora_A.t()
-    if _plain(core, out_scale, activation):
+        t = F.linear(x, lora_A)                                                # T = X Aᵀ
+    if core is None and out_scale is None and activation is None:
         return y.addmm_(t, lora_B.t(), alpha=scale), t                       # Y += s·T Bᵀ
     u = apply_core(activation_fn(t, activation), core)       # U = σ(T) Sᵀ
     delta = u @ lora_B.t()                                   # U Bᵀ
@@ -260,12 +281,21 @@ def lowrank_bwd_torch(grad_y, x, weight, t, lora_A, lora_B, core, out_scale, sca
     # dX and dA share the factor c = s/(1-p) of D'(dT A) and dTᵀ D(X): applied once, to dT [M, r]
     # (inside the GEMM dY B on the plain fp32/fp64 path)
     c = scale / (1.0 - dropout_p)
-    lean = need_dt and _plain(core, out_scale, activation) and grad_y.dtype not in (torch.float16, torch.bfloat16)
-    d_t, d_b, d_core, d_out_scale = lowrank_bwd_r_torch(
-        grad_y, t, lora_B, core, out_scale, scale, activation, need_dt and not lean, need_B,
-        need_core, need_out_scale)
+    if core is None and out_scale is None and activation is None \
+            and grad_y.dtype not in (torch.float16, torch.bfloat16):
+        # LoRA / LoRA-FA in fp32/fp64: every r-dim product one scaled GEMM (addmm with beta = 0
+        # ignores its input), no other op
+        d_core = d_out_scale = None
+        zero = _zero_scalar(grad_y.dtype, grad_y.device)
+        d_b = torch.addmm(zero, grad_y.t(), t, beta=0, alpha=scale) if need_B else None  # dB = s·dYᵀ T
+        d_t = torch.addmm(zero, grad_y, lora_B, beta=0, alpha=c) if need_dt else None    # c·dT = c·dY B
+    else:
+        d_t, d_b, d_core, d_out_scale = lowrank_bwd_r_torch(
+            grad_y, t, lora_B, core, out_scale, scale, activation, need_dt, need_B, need_core,
+            need_out_scale)
+        if need_dt:
+            d_t = d_t.mul(c)
     if need_dt:
-        d_t = _mm_scaled(grad_y, lora_B, c) if lean else d_t.mul(c)
         # the 0/1 mask, regenerated once for dX and dA and dropped when backward returns
         keep = None
         if dropout_p > 0.0:
@@ -350,8 +380,13 @@ def _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, core, out_scale, sc
                        seed, activation, backend, t):
     # x is kept only when a gradient needs it (dA = s·dTᵀ D(X), dW = dYᵀ X): the caller's own
     # tensor, never a dropped copy; with A and W frozen nothing of size M×k is kept.
+    # The seed: a CPU int64 tensor when traced (so that it is data, not a constant), saved as a
+    # tensor; a Python int from eager calls, kept on ctx (no tensor to make, save or read back).
     keep_x = lora_A.requires_grad or weight.requires_grad
-    ctx.save_for_backward(x if keep_x else None, weight, lora_A, lora_B, core, out_scale, t, seed)
+    seed_is_int = not isinstance(seed, Tensor)
+    ctx.save_for_backward(x if keep_x else None, weight, lora_A, lora_B, core, out_scale, t,
+                          None if seed_is_int else seed)
+    ctx.seed = seed if seed_is_int else None
     ctx.scale, ctx.dropout_p, ctx.activation, ctx.backend = scale, dropout_p, activation, backend
     ctx.has_bias = bias is not None
 
@@ -360,6 +395,8 @@ def _gradients(ctx, grad_out):
     """(dx, dweight, dbias, dA, dB, dcore, dout_scale) from the saved state, ``None`` where the
     input needs no gradient; x and grad_out may have any leading dims."""
     x, weight, lora_A, lora_B, core, out_scale, t, seed = ctx.saved_tensors
+    if seed is None:
+        seed = ctx.seed
     need = ctx.needs_input_grad
     need_x, need_w, need_bias = need[0], need[1], need[2] and ctx.has_bias
     need_A, need_B = need[3], need[4]
@@ -380,7 +417,7 @@ def _gradients(ctx, grad_out):
         else:
             out = _lowrank_bwd(
                 grad_y, x2d if need_A else None, weight, t, lora_A, lora_B, core, out_scale,
-                ctx.scale, ctx.dropout_p, seed, ctx.activation, list(needs), ctx.backend,
+                ctx.scale, ctx.dropout_p, _seed_as_tensor(seed), ctx.activation, list(needs), ctx.backend,
                 torch.are_deterministic_algorithms_enabled())
             dx, d_a, d_b, d_core, d_os, d_bias = (g if n else None for g, n in zip(out, needs))
         if dx is not None and grad_out.dim() != 2:
@@ -410,7 +447,7 @@ class LowRankLinearFunction(torch.autograd.Function):
                                      dropout_p, int(seed), activation)
         else:
             y, t = _lowrank_fwd(x2d, weight, bias, lora_A, lora_B, core, out_scale, scale, dropout_p,
-                                seed, activation, backend)
+                                _seed_as_tensor(seed), activation, backend)
         _save_for_backward(ctx, x, weight, bias, lora_A, lora_B, core, out_scale, scale,
                            dropout_p, seed, activation, backend, t)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
@@ -449,35 +486,40 @@ def _check_optional(tensor, name: str, shapes, dtype, device) -> None:
 def validate_lowrank_args(x, weight_shape, weight_dtype, weight_device, bias, lora_A, lora_B, core,
                           out_scale, scale, dropout_p, activation, seed, weight_name="weight"):
     """Check every argument of the op; raise a ValueError/TypeError that names the argument and
-    what was expected. ``weight_*`` describe the dense base weight (or the 4-bit one's shape)."""
+    what was expected. ``weight_*`` describe the dense base weight (or the 4-bit one's shape).
+
+    Every call of the op runs this, so each attribute is read once and the common case (plain
+    Python numbers, the optional tensors absent) takes the shortest test."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    if x.dim() < 1:
+    dtype, device, shape = x.dtype, x.device, x.shape
+    if not dtype.is_floating_point:
+        raise TypeError(f"x must be a floating-point tensor, got dtype {dtype}")
+    if not shape:
         raise ValueError("x must have at least one dimension [..., k], got a scalar")
     if len(weight_shape) != 2:
         raise ValueError(f"{weight_name} must be 2-D [d, k], got shape {tuple(weight_shape)}")
     d, k = weight_shape
-    if x.shape[-1] != k:
+    if shape[-1] != k:
         raise ValueError(f"x must have last dimension k={k} to match {weight_name} [d={d}, k={k}], "
-                         f"got x of shape {tuple(x.shape)}")
-    if weight_dtype is not None and weight_dtype != x.dtype:
-        raise TypeError(f"{weight_name} dtype {weight_dtype} must equal x dtype {x.dtype}")
-    if weight_device != x.device:
-        raise ValueError(f"{weight_name} is on {weight_device} but x is on {x.device}; "
+                         f"got x of shape {tuple(shape)}")
+    if weight_dtype is not None and weight_dtype != dtype:
+        raise TypeError(f"{weight_name} dtype {weight_dtype} must equal x dtype {dtype}")
+    if weight_device != device:
+        raise ValueError(f"{weight_name} is on {weight_device} but x is on {device}; "
                          "all tensors must be on one device")
     for name, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if lora_A.dim() != 2 or lora_A.shape[1] != k or lora_A.shape[0] < 1:
+    a_shape = lora_A.shape
+    if len(a_shape) != 2 or a_shape[1] != k or a_shape[0] < 1:
         raise ValueError(f"lora_A must have shape [r, k={k}] with r >= 1, got {_describe(lora_A)}")
-    r = lora_A.shape[0]
+    r = a_shape[0]
     if lora_B.shape != (d, r):
         raise ValueError(f"lora_B must have shape [d={d}, r={r}], got {_describe(lora_B)}")
-    dtype, device = x.dtype, x.device
-    _check_same(lora_A, "lora_A", dtype, device)
-    _check_same(lora_B, "lora_B", dtype, device)
+    if lora_A.dtype != dtype or lora_B.dtype != dtype or lora_A.device != device or lora_B.device != device:
+        _check_same(lora_A, "lora_A", dtype, device)
+        _check_same(lora_B, "lora_B", dtype, device)
     # the optional tensors (None in LoRA's common case: no per-call work for them)
     if bias is not None:
         _check_optional(bias, "bias", ((d,),), dtype, device)
@@ -487,15 +529,35 @@ def validate_lowrank_args(x, weight_shape, weight_dtype, weight_device, bias, lo
         _check_optional(out_scale, "out_scale", ((d,),), dtype, device)
     # torch.compile traces a scale that changed between calls (fastpeft.set_adapter to an adapter
     # of another alpha) as a symbolic float, whose finiteness cannot be asked while tracing
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
-            or not (torch.compiler.is_compiling() or math.isfinite(scale)):
-        raise TypeError(f"scale must be a finite Python number, got {scale!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if activation not in ACTIVATIONS:
+    if not (type(scale) is float and math.isfinite(scale)):
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+                or not (torch.compiler.is_compiling() or math.isfinite(scale)):
+            raise TypeError(f"scale must be a finite Python number, got {scale!r}")
+    if not (type(dropout_p) is float and 0.0 <= dropout_p < 1.0):
+        if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+    if seed is not None and type(seed) is not int and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
+
+
+def _seed_as_tensor(seed) -> Tensor:
+    """The custom ops take the seed as a tensor: an eager call's int becomes one."""
+    return seed if isinstance(seed, Tensor) else torch.tensor(seed, dtype=torch.int64)
+
+
+def seed_int(seed: Optional[int], dropout_p: float) -> int:
+    """The dropout seed as a Python int (eager calls): ``seed`` masked to 31 bits, or drawn from
+    torch's generator when ``None`` and p > 0 (the same draw as :func:`seed_tensor`)."""
+    if seed is None:
+        if dropout_p == 0.0:
+            return 0
+        draw = _per_thread.__dict__.get("seed")
+        if draw is None:
+            draw = _per_thread.seed = torch.empty((), dtype=torch.int64)
+        return draw.random_(0, 2**31 - 1).item()      # torch.randint's draw, without a new tensor
+    return seed & 0x7FFFFFFF
 
 
 def seed_tensor(seed: Optional[int], dropout_p: float) -> Tensor:
@@ -527,6 +589,19 @@ class _NoGraph:
         pass
 
 
+@functools.lru_cache(maxsize=None)
+def _direct_apply(function):
+    """``torch._C._FunctionBase.apply`` bound to ``function`` (an autograd Function whose
+    ``forward`` takes ``ctx``)."""
+    if _has_setup_context(function):
+        return function.apply
+    return super(torch.autograd.Function, function).apply
+
+
+def _has_setup_context(function) -> bool:
+    return function.setup_context is not torch.autograd.Function.setup_context
+
+
 def apply_function(function, x: Tensor, *args):
     """``function.apply(x, *args)`` with autocast off (the caller cast the arguments already, as
     F.linear would under autocast), or, when no autograd graph is wanted (grad mode off, or no
@@ -536,10 +611,22 @@ def apply_function(function, x: Tensor, *args):
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):
-            return apply_function(function, x, *args)
-    if torch.is_grad_enabled() and (x.requires_grad or any(
-            isinstance(a, Tensor) and a.requires_grad for a in args)) or torch.compiler.is_compiling():
+            return _apply_without_autocast(function, x, *args)
+    return _apply_without_autocast(function, x, *args)
+
+
+def _apply_without_autocast(function, x: Tensor, *args):
+    """:func:`apply_function` once autocast is known to be off."""
+    if torch.compiler.is_compiling():
         return function.apply(x, *args)
+    if torch.is_grad_enabled() and (x.requires_grad or any(
+            isinstance(a, Tensor) and a.requires_grad for a in args)):
+        if torch._C._are_functorch_transforms_active():
+            return function.apply(x, *args)
+        # what Function.apply calls once its Python checks pass (no setup_context to bind
+        # arguments for, no functorch transform active): they cost as much host time as the
+        # C++ apply itself
+        return _direct_apply(function)(x, *args)
     return function.forward(_NoGraph(), x, *args)
 
 
@@ -572,17 +659,25 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Te
     """
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    x, weight, bias, lora_A, lora_B, core, out_scale = autocast_args(
-        x, weight, bias, lora_A, lora_B, core, out_scale)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    device_type = x.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:
+        x, weight, bias, lora_A, lora_B, core, out_scale = autocast_args(
+            x, weight, bias, lora_A, lora_B, core, out_scale)
     validate_lowrank_args(x, weight.shape, weight.dtype, weight.device, bias, lora_A, lora_B, core,
                           out_scale, scale, dropout_p, activation, seed)
     problem = None
-    if x.device.type == "cuda":   # what auto's dispatch table is keyed by (fastpeft._dispatch)
+    if device_type == "cuda":   # what auto's dispatch table is keyed by (fastpeft._dispatch)
         grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B, core, out_scale))
         problem = dict(M=math.prod(x.shape[:-1]), k=weight.shape[1], d=weight.shape[0], r=lora_A.shape[0],
                        dropout_p=float(dropout_p), dtype=x.dtype, grad=grad)
     backend = _backend.resolve_backend(OP_NAME, x.device, problem=problem)
-    seed_t = seed_tensor(seed, float(dropout_p))
-    return apply_function(LowRankLinearFunction, x, weight, bias, lora_A, lora_B, core, out_scale, float(scale),
-                          float(dropout_p), seed_t, activation, backend)
+    dropout_p = float(dropout_p)
+    # traced: the seed as a tensor (data, not a constant); eager: a Python int (no tensor op)
+    seed = seed_tensor(seed, dropout_p) if torch.compiler.is_compiling() else seed_int(seed, dropout_p)
+    return (apply_function if autocast else _apply_without_autocast)(
+        LowRankLinearFunction, x, weight, bias, lora_A, lora_B, core, out_scale, float(scale), dropout_p,
+        seed, activation, backend)
