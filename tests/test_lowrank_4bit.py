@@ -71,9 +71,34 @@ def _check_against_reference(p, dtype, scale, dropout_p, activation, train_a=Tru
     for name, leaf in leaves.items():
         if leaf is not None and leaf.requires_grad:
             assert leaf.grad is not None, f"no gradient for {name}"
+            if name == "core" and dtype != torch.float32:
+                _assert_core_grad_close(leaf.grad, ref_leaves, x64, keep, dropout_p, activation, scale, gy,
+                                        tol_grad)
+                continue
             assert_close_rel(leaf.grad, ref_leaves[name].grad, tol_grad, f"d{name}")
         elif leaf is not None:
             assert leaf.grad is None
+
+
+def _assert_core_grad_close(got, ref_leaves, x64, keep, dropout_p, activation, scale, gy, tol):
+    """dS = s·Gᵀ Z (or s·Σ G ⊙ Z) is a sum over M whose terms can cancel: T and dY held in 16 bits
+    leave each term ~2⁻⁸ off, so its error is relative to s·|G|ᵀ|Z|, not to |dS| (at r = 1 a third
+    of random masks put |dS| under a tenth of that)."""
+    from fastpeft.ops.lowrank import activation_fn
+
+    k = x64.shape[-1]
+    xd = x64.detach().reshape(-1, k)
+    if keep is not None:
+        xd = xd * keep.to(torch.float64) / (1 - dropout_p)
+    z = activation_fn(xd @ ref_leaves["lora_A"].detach().t(), activation)
+    gyo = gy.reshape(-1, gy.shape[-1])
+    if ref_leaves["out_scale"] is not None:
+        gyo = gyo * ref_leaves["out_scale"].detach()
+    g = gyo @ ref_leaves["lora_B"].detach()
+    want = ref_leaves["core"].grad
+    bound = scale * (g.abs().t() @ z.abs() if want.dim() == 2 else (g.abs() * z.abs()).sum(0))
+    err = ((got.double() - want).norm() / bound.norm()).item()
+    assert err <= tol, f"dcore: error {err:.3e} of s·|G|ᵀ|Z| > {tol:.1e}"
 
 
 SHAPES = [((1,), 123, 77, 12), ((37,), 123, 77, 12), ((2, 9), 64, 48, 8), ((16,), 33, 130, 1)]
