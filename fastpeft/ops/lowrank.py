@@ -529,7 +529,8 @@ def validate_lowrank_args(x, weight_shape, weight_dtype, weight_device, bias, lo
         _check_optional(out_scale, "out_scale", ((d,),), dtype, device)
     # torch.compile traces a scale that changed between calls (fastpeft.set_adapter to an adapter
     # of another alpha) as a symbolic float, whose finiteness cannot be asked while tracing
-    if not (type(scale) is float and math.isfinite(scale)):
+    # (is_compiling first: a symbolic float passes type() as float, and isfinite would break the graph)
+    if torch.compiler.is_compiling() or not (type(scale) is float and math.isfinite(scale)):
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
                 or not (torch.compiler.is_compiling() or math.isfinite(scale)):
             raise TypeError(f"scale must be a finite Python number, got {scale!r}")
