@@ -10,10 +10,15 @@ with nested statistics, by ``code2[q]·absmax2[i // QBLOCK // BLOCK2] + offset``
   registers bit-exact with bitsandbytes; ``_to_w_dtype``: the rounding to the quant state's
   dtype), used by the tile loader ``_w4_tile`` of :mod:`fastpeft.kernels.lowrank_4bit`;
 * the host side: a packed weight and its quant state as launch arguments (``_weight_args``:
-  the bytes, the absmax pointers, the constexprs QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2).
+  the bytes, the absmax pointers, the constexprs QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2);
+* the byte-permute dequantisation's PTX (``lut_table_asm``: the 16 values of a (row, block) as
+  two byte planes; ``lut_lookup_asm``: one word of 8 nibbles into its 8 values) and the code
+  tables it is built from, used by the byte-permute tile loaders of the 4-bit kernels.
 """
 
 from __future__ import annotations
+
+import struct
 
 import torch
 import triton
@@ -133,3 +138,79 @@ def _layout(k: int, qblock: int, aligned: bool = True) -> int:
     """2: every row holds whole blocks (the packed bytes 4-byte aligned: the compiled tile loads
     32-bit words); 1: rows start on a byte; 0: k odd."""
     return 2 if k % qblock == 0 and aligned else (1 if k % 2 == 0 else 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Dequantisation by byte permutes (PTX, compiled code only; the interpreter takes the select tree)
+# --------------------------------------------------------------------------------------------
+#
+# Where every row of W holds whole quant blocks, all weights of one (row, block) share one
+# absmax a, so the 16 values bitsandbytes can produce there are known up front:
+# v[q] = round(code[q] · a) (the fp32 product rounded to the output dtype, as bitsandbytes rounds
+# it). ``_LUT_TABLE_ASM`` forms them once per (row, block) and splits the 16 16-bit values into
+# a low-byte plane and a high-byte plane, 4 registers each (register j: entries 4j..4j+3).
+# ``_LUT_LOOKUP_ASM`` then turns one 32-bit word of packed W (8 nibbles) into its 8 values with
+# ``prmt.b32``, which picks each byte of its result from 8 bytes by a 4-bit selector: per 4
+# nibbles, two permutes per plane look up entries 0-7 and 8-15 by the low 3 index bits, a third
+# picks between them by bit 3, and two more interleave the planes into 16-bit values. The
+# values are then exactly those of the table: bit for bit bitsandbytes' dequantisation.
+
+# the fp32 code tables in index order (bitsandbytes' get_4bit_type; FP4: raw / 12, index 8 = +0).
+# bitsandbytes' CUDA kernels (and its scalar CPU kernel) form an FP4 value as mag·absmax·sign, so
+# index 8 (sign set, magnitude 0) dequantises to -0: the byte-permute tables use -0 there too.
+_NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+             -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+             0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+             0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+_FP4_MAG = (0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 0.5, 0.1666666716337204, 0.25)
+_FP4_CODE = _FP4_MAG + (0.0,) + tuple(-v for v in _FP4_MAG[1:])
+_FP4_SIGNED = _FP4_MAG + tuple(-v for v in _FP4_MAG)            # index 8 = -0
+
+
+def _f32_hex(v: float) -> str:
+    return "0f%08X" % struct.unpack("<I", struct.pack("<f", v))[0]
+
+
+def lut_table_asm(quant: int, out_fp16: bool) -> str:
+    """PTX: absmax (fp32 bits in ``$8``) -> the 8 table registers ``$0..$7`` (low-byte plane of
+    entries 0-3, 4-7, 8-11, 12-15, then the high-byte plane) of v[q] = round(code[q]·absmax) in
+    fp16 (``out_fp16``) or bf16; ``quant`` 0 = NF4, 1 = FP4."""
+    code = _FP4_SIGNED if quant else _NF4_CODE
+    kind = "f16x2" if out_fp16 else "bf16x2"
+    lines = ["{", ".reg .f32 a, p<16>;", ".reg .b32 w<8>;", "mov.b32 a, $8;"]
+    lines += [f"mul.rn.f32 p{q}, a, {_f32_hex(c)};" for q, c in enumerate(code)]
+    lines += [f"cvt.rn.{kind}.f32 w{j}, p{2 * j + 1}, p{2 * j};" for j in range(8)]
+    lines += [f"prmt.b32 ${j}, w{2 * j}, w{2 * j + 1}, 0x6420;" for j in range(4)]
+    lines += [f"prmt.b32 ${4 + j}, w{2 * j}, w{2 * j + 1}, 0x7531;" for j in range(4)]
+    return "\n".join(lines + ["}"])
+
+
+def lut_lookup_asm() -> str:
+    """PTX: one word of packed W (``$8``; byte j holds elements 2j (high nibble) and 2j+1) and the
+    table registers (``$9..$16``) -> the 8 values as 16-bit outputs, output m holding element
+    m with its 3 bits reversed (0, 4, 2, 6, 1, 5, 3, 7: the order a tree of three ``tl.join``
+    turns back into 0..7)."""
+    lines = ["{", ".reg .b32 s, g, al, bl, l, ah, bh, h, o0, o1;",
+             "and.b32 s, $8, 0x77777777;",              # the low 3 bits of each index
+             "shr.b32 g, $8, 1;",                       # bit 3 of nibble i -> bit 2 of selector i
+             "and.b32 g, g, 0x44444444;",
+             "or.b32 g, g, 0x32103210;"]                # selector i: byte i of the 0-7 or the 8-15 lookup
+    bitrev = (0, 4, 2, 6, 1, 5, 3, 7)
+    out = {e: m for m, e in enumerate(bitrev)}
+    for grp in range(2):                               # nibbles 4·grp .. 4·grp + 3
+        if grp:
+            lines += ["shr.b32 s, s, 16;", "shr.b32 g, g, 16;"]
+        lines += ["prmt.b32 al, $9, $10, s;", "prmt.b32 bl, $11, $12, s;", "prmt.b32 l, al, bl, g;",
+                  "prmt.b32 ah, $13, $14, s;", "prmt.b32 bh, $15, $16, s;", "prmt.b32 h, ah, bh, g;",
+                  # nibble 2j+1 is element 2j, nibble 2j is element 2j+1 (high nibble first)
+                  "prmt.b32 o0, l, h, 0x4051;", "prmt.b32 o1, l, h, 0x6273;"]
+        e = 4 * grp
+        lines += [f"mov.b32 {{${out[e]}, ${out[e + 1]}}}, o0;", f"mov.b32 {{${out[e + 2]}, ${out[e + 3]}}}, o1;"]
+    return "\n".join(lines + ["}"])
+
+
+_LUT_LOOKUP_ASM = tl.constexpr(lut_lookup_asm())
+_LUT_TABLE_NF4_F16 = tl.constexpr(lut_table_asm(0, True))
+_LUT_TABLE_NF4_BF16 = tl.constexpr(lut_table_asm(0, False))
+_LUT_TABLE_FP4_F16 = tl.constexpr(lut_table_asm(1, True))
+_LUT_TABLE_FP4_BF16 = tl.constexpr(lut_table_asm(1, False))
