@@ -168,9 +168,7 @@ def dropout_keep_mask_torch(seed: int, m: int, k: int, dropout_p: float, device)
 def _keep_factor(seed: int, m: int, k: int, dropout_p: float, dtype, device) -> Tensor:
     """The keep-mask of ``seed`` as 0/1 in ``dtype`` [m, k], written by one comparison (the
     1/(1-p) factor is applied to the r-dim side by the callers)."""
-    gen = _seeded_generator(seed, device)        # _dropout_draws, inline (called twice a step)
-    draws = torch.empty(m, (k + 1) // 2, dtype=torch.int32, device=device).random_(generator=gen).view(torch.int16)
-    return torch.ge(draws[:, :k] if k % 2 else draws, _keep_thresholds(k, dropout_p, device),
+    return torch.ge(_dropout_draws(seed, m, k, device), _keep_thresholds(k, dropout_p, device),
                     out=torch.empty(m, k, dtype=dtype, device=device))
 
 
@@ -221,7 +219,7 @@ def lowrank_fwd_torch(x, weight, bias, lora_A, lora_B, core, out_scale, scale: f
         del keep
     else:
         t = F.linear(x, lora_A)                                                # T = X Aᵀ
-    if core is None and out_scale is None and activation is None:
+    if _plain(core, out_scale, activation):
         return y.addmm_(t, lora_B.t(), alpha=scale), t                       # Y += s·T Bᵀ
     u = apply_core(activation_fn(t, activation), core)       # U = σ(T) Sᵀ
     delta = u @ lora_B.t()                                   # U Bᵀ
@@ -281,8 +279,7 @@ def lowrank_bwd_torch(grad_y, x, weight, t, lora_A, lora_B, core, out_scale, sca
     # dX and dA share the factor c = s/(1-p) of D'(dT A) and dTᵀ D(X): applied once, to dT [M, r]
     # (inside the GEMM dY B on the plain fp32/fp64 path)
     c = scale / (1.0 - dropout_p)
-    if core is None and out_scale is None and activation is None \
-            and grad_y.dtype not in (torch.float16, torch.bfloat16):
+    if _plain(core, out_scale, activation) and grad_y.dtype not in (torch.float16, torch.bfloat16):
         # LoRA / LoRA-FA in fp32/fp64: every r-dim product one scaled GEMM (addmm with beta = 0
         # ignores its input), no other op
         d_core = d_out_scale = None
