@@ -287,7 +287,7 @@ def _inject(model, config, ranks, names):
                 r = next(iter(layer_ranks.values()))
                 proj = vera_projections(config.seed, r, max(k for *_, (d, k) in found),
                                         max(d for *_, (d, k) in found))
-            vera_shared = {}
+            vera_shared, vera_of = {}, {}        # VeRA projections per (device, dtype), and per layer
             for name, module, factory, _ in found:
                 if proj is not None:
                     weight = module.weight
@@ -295,13 +295,11 @@ def _inject(model, config, ranks, names):
                     key = (weight.device, dtype)
                     if key not in vera_shared:
                         vera_shared[key] = tuple(p.to(device=weight.device, dtype=dtype) for p in proj)
+                    vera_of[name] = vera_shared[key]
 
             def build(item):
                 name, module, factory, _ = item
-                kwargs = {}
-                if proj is not None:
-                    dtype = config.torch_adapter_dtype or _adapter_dtype(module)
-                    kwargs["vera_shared"] = vera_shared[(module.weight.device, dtype)]
+                kwargs = {"vera_shared": vera_of[name]} if proj is not None else {}
                 try:
                     return factory(module, config, r=layer_ranks[name], **kwargs)
                 except (ValueError, TypeError, RuntimeError) as err:
