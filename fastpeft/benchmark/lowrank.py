@@ -30,10 +30,10 @@ import torch
 
 from .providers import PROVIDERS, Built, Case, Provider, bytes_moved, flops
 from .runner import (SavedBytes, Skip, add_common_arguments, cache_bytes, environment, fits_in_memory, format_table, num_threads,
-                     progress, resolve_device, time_fn, validate_common, write_results)
+                     progress, resolve_device, time_side_by_side, validate_common, write_results)
 
 __all__ = ["LLAMA_SHAPES", "MODES", "DECODE_MODES", "add_arguments", "validate", "make_cases", "input_sets",
-           "step_function", "decode_function", "measure", "run", "main_table", "case_bytes"]
+           "step_function", "decode_function", "measure", "measure_side_by_side", "run", "main_table", "case_bytes"]
 
 LLAMA_SHAPES = [(4096, 4096), (4096, 1024), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096)]
 CPU_SHAPES = [(512, 512), (512, 128), (512, 1376), (1376, 512)]
@@ -147,16 +147,19 @@ def validate(args) -> Optional[str]:
     if problem or "mixed" in args.op or args.update_dispatch:   # a results file: nothing runs
         return problem
     device = resolve_device(args.device, "fastpeft bench")
+    # a CPU run builds every provider of a case at once (timed side by side), a GPU run one
+    held = 1 if device.type == "cuda" else len(_providers(args))
     largest = max(make_cases(args, device), key=case_bytes)
-    return fits_in_memory(case_bytes(largest), device, f"the case M={largest.M}, k->d={largest.k}x{largest.d}",
+    return fits_in_memory(case_bytes(largest, held), device, f"the case M={largest.M}, k->d={largest.k}x{largest.d}",
                           "--shapes or --M")
 
 
-def case_bytes(case: Case) -> int:
-    """An estimate of the memory one case holds: two copies of W (a provider's own and the
-    floor's), up to 8 rotated input sets, and a step's activations and gradients (y, dx, mask)."""
+def case_bytes(case: Case, held: int = 1) -> int:
+    """An estimate of the memory one case holds with ``held`` providers built at once: their
+    copies of W and the floor's, up to 8 rotated input sets each, and a step's activations and
+    gradients (y, dx, mask)."""
     e = torch.finfo(case.dtype).bits // 8
-    return e * (2 * case.k * case.d + case.M * (case.k + case.d) * (8 + 4))
+    return e * ((held + 1) * case.k * case.d + case.M * (case.k + case.d) * (8 * held + 4))
 
 
 def _validate_dispatch(args) -> Optional[str]:
@@ -210,10 +213,26 @@ def measure(provider: Provider, case: Case, device: torch.device, modes=MODES,
             quick: bool = False) -> list[dict]:
     """Rows for one provider and case, one per mode (skipped rows carry the reason); the decode
     modes only at M <= 16."""
+    return measure_side_by_side([provider], case, device, modes, quick)
+
+
+def measure_side_by_side(providers: list[Provider], case: Case, device: torch.device, modes=MODES,
+                         quick: bool = False) -> list[dict]:
+    """Rows for several providers of one case, provider by provider and mode by mode as
+    :func:`measure` gives them; each mode times the providers against each other
+    (:func:`time_side_by_side`: on a CPU their blocks interleaved, so that they share the
+    machine's load; all of them built at once). On a GPU they are built and timed one after
+    another, so that only one provider's weights and inputs are in device memory at a time."""
+    if device.type == "cuda" and len(providers) > 1:   # one at a time: only one provider's tensors held
+        return [row for p in providers for row in measure_side_by_side([p], case, device, modes, quick)]
     train = [m for m in modes if m in MODES]
     decode = [m for m in modes if m in DECODE_MODES] if case.M <= DECODE_MAX_M else []
-    rows = _measure_training(provider, case, device, train, quick) if train else []
-    return rows + (_measure_decode(provider, case, device, decode, quick) if decode else [])
+    rows = {p.name: [] for p in providers}
+    if train:
+        _measure_modes(providers, case, device, train, quick, rows, decode=False)
+    if decode:
+        _measure_modes(providers, dataclasses.replace(case, dropout=0.0), device, decode, quick, rows, decode=True)
+    return [row for p in providers for row in rows[p.name]]
 
 
 def _row(base: dict, mode: str, status: str, reason: str) -> dict:
@@ -225,32 +244,69 @@ def _reason(err: Exception) -> str:
     return f"{type(err).__name__}: {err}"[:300]
 
 
-def _measure_training(provider: Provider, case: Case, device: torch.device, modes, quick: bool) -> list[dict]:
-    base = measure_stub(provider, case)
-    try:
-        built = provider.build(case, device)
-        sets = input_sets(case, device)
-        with built.scope():
-            extra = _memory_probe(built, sets[0], device)
-    except Skip as reason:
-        return [_row(base, m, "skipped", str(reason)) for m in modes]
-    except Exception as err:  # a provider that breaks is reported, not fatal
-        _release(device)
-        return [_row(base, m, "error", _reason(err)) for m in modes]
-    rows = []
-    for mode in modes:
+def _measure_modes(providers: list[Provider], case: Case, device: torch.device, modes, quick: bool,
+                   rows: dict, decode: bool) -> None:
+    """Append to ``rows[name]`` each provider's rows for ``modes``: training modes (with the
+    bytes saved for backward) or, with ``decode``, the decode modes (the providers built without
+    dropout and called without grad)."""
+    ready = []   # (provider, built, sets, base row)
+    for provider in providers:
+        base = measure_stub(provider, case)
+        if decode:
+            base = {**base, "saved_bytes": None, "peak_mb": None}
         try:
-            with built.scope():
-                timing = time_fn(step_function(built, sets, mode), device, quick=quick,
-                                 grad_to_none=built.grads + [x for x, _ in sets])
-        except Exception as err:
-            rows.append(_row(base, mode, "error", _reason(err)))
-            _release(device)
+            built = provider.build(case, device)
+            sets = input_sets(case, device)
+            if not decode:
+                with built.scope():
+                    base = {**base, **_memory_probe(built, sets[0], device)}
+        except Skip as reason:
+            rows[provider.name] += [_row(base, m, "skipped", str(reason)) for m in modes]
             continue
-        rows.append({**base, "mode": mode, **_timing_fields(provider, case, mode, timing), **extra})
-    del built, sets
+        except Exception as err:  # a provider that breaks is reported, not fatal
+            _release(device)
+            rows[provider.name] += [_row(base, m, "error", _reason(err)) for m in modes]
+            continue
+        ready.append((provider, built, sets, base))
+    for mode in modes:
+        timed, fns = [], []
+        for provider, built, sets, base in ready:
+            try:
+                with built.scope():
+                    fns.append(decode_function(built, sets, mode, device) if decode
+                               else step_function(built, sets, mode))
+                timed.append((provider, built, sets, base))
+            except Skip as reason:
+                rows[provider.name].append(_row(base, mode, "skipped", str(reason)))
+            except Exception as err:
+                rows[provider.name].append(_row(base, mode, "error", _reason(err)))
+                _release(device)
+        for (provider, built, sets, base), timing in zip(timed, _time_all(timed, fns, device, quick, decode)):
+            if isinstance(timing, Exception):
+                rows[provider.name].append(_row(base, mode, "error", _reason(timing)))
+            else:
+                rows[provider.name].append({**base, "mode": mode, **_timing_fields(provider, case, mode, timing)})
+    del ready
     _release(device)
-    return rows
+
+
+def _time_all(timed: list, fns: list, device: torch.device, quick: bool, decode: bool) -> list:
+    """The timings of ``fns`` side by side; if that fails, each alone, a failing one giving its
+    exception (so that one broken provider does not cost the others their rows)."""
+    grads = [None if decode else built.grads + [x for x, _ in sets] for _, built, sets, _ in timed]
+    scopes = [built.scope for _, built, _, _ in timed]
+    try:
+        return time_side_by_side(fns, device, quick=quick, grads_to_none=grads, scopes=scopes)
+    except Exception:
+        _release(device)
+    timings = []
+    for fn, clear, scope in zip(fns, grads, scopes):
+        try:
+            timings.append(time_side_by_side([fn], device, quick=quick, grads_to_none=[clear], scopes=[scope])[0])
+        except Exception as err:
+            timings.append(err)
+            _release(device)
+    return timings
 
 
 def _timing_fields(provider: Provider, case: Case, mode: str, timing) -> dict:
@@ -260,36 +316,6 @@ def _timing_fields(provider: Provider, case: Case, mode: str, timing) -> dict:
             "samples": timing.samples, "tflops": flops(provider, case, work) / seconds / 1e12,
             "gbps": bytes_moved(provider, case, work) / seconds / 1e9,
             "cpu_ms": timing.cpu_ms, "cpu_q20": timing.cpu_q20, "cpu_q80": timing.cpu_q80}
-
-
-def _measure_decode(provider: Provider, case: Case, device: torch.device, modes, quick: bool) -> list[dict]:
-    """Decode rows: the provider built without dropout, called without grad."""
-    case = dataclasses.replace(case, dropout=0.0)
-    base = {**measure_stub(provider, case), "saved_bytes": None, "peak_mb": None}
-    try:
-        built = provider.build(case, device)
-        sets = input_sets(case, device)
-    except Skip as reason:
-        return [_row(base, m, "skipped", str(reason)) for m in modes]
-    except Exception as err:
-        _release(device)
-        return [_row(base, m, "error", _reason(err)) for m in modes]
-    rows = []
-    for mode in modes:
-        try:
-            with built.scope():
-                timing = time_fn(decode_function(built, sets, mode, device), device, quick=quick)
-        except Skip as reason:
-            rows.append(_row(base, mode, "skipped", str(reason)))
-            continue
-        except Exception as err:
-            rows.append(_row(base, mode, "error", _reason(err)))
-            _release(device)
-            continue
-        rows.append({**base, "mode": mode, **_timing_fields(provider, case, mode, timing)})
-    del built, sets
-    _release(device)
-    return rows
 
 
 def decode_function(built: Built, sets, mode: str, device: torch.device):
@@ -418,6 +444,14 @@ def run(args) -> int:
         return _run(args)
 
 
+def _providers(args) -> list[Provider]:
+    """The providers ``args`` selects for its ops, the floor always among them."""
+    providers = [p for p in PROVIDERS if p.op in args.op or p.floor]
+    if args.providers:
+        providers = [p for p in providers if p.name in args.providers or p.floor]
+    return providers
+
+
 def _run(args) -> int:
     """Run ``fastpeft bench`` with parsed ``args``; prints the table, writes the files."""
     device = resolve_device(args.device, "fastpeft bench")
@@ -427,9 +461,7 @@ def _run(args) -> int:
         return 1
     torch.manual_seed(args.seed)
     cases = make_cases(args, device)
-    providers = [p for p in PROVIDERS if p.op in args.op or p.floor]
-    if args.providers:
-        providers = [p for p in providers if p.name in args.providers or p.floor]
+    providers = _providers(args)
     jobs, seen = [], set()
     for case in cases:
         for provider in providers:
@@ -443,15 +475,17 @@ def _run(args) -> int:
     rows: list[dict] = []
     start = time.monotonic()
     bar = progress(len(jobs), "fastpeft bench", enabled=not args.no_progress)
-    for provider, case in jobs:
-        bar.set_postfix_str(f"{provider.name} {case.label}")
+    # the providers of one case are measured together (side by side on a CPU)
+    for case, group in itertools.groupby(jobs, key=lambda job: job[1]):
+        group = [provider for provider, _ in group]
+        bar.set_postfix_str(f"{','.join(p.name for p in group)} {case.label}")
         if args.max_minutes is not None and time.monotonic() - start > 60 * args.max_minutes:
             rows += [{**measure_stub(provider, case), "mode": m, "status": "skipped",
                       "reason": f"time budget exhausted (--max-minutes {args.max_minutes:g})"}
-                     for m in args.modes if m in MODES or case.M <= DECODE_MAX_M]
+                     for provider in group for m in args.modes if m in MODES or case.M <= DECODE_MAX_M]
         else:
-            rows += measure(provider, case, device, args.modes, quick=args.quick)
-        bar.update(1)
+            rows += measure_side_by_side(group, case, device, args.modes, quick=args.quick)
+        bar.update(len(group))
     bar.close()
     _add_ratios(rows)
     cpu_note = "" if device.type == "cuda" else " (CPU timings: not kernel speed)"

@@ -25,7 +25,6 @@ timings, never kernel speed.
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -35,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .runner import Skip, environment, format_table, optional_import, progress, resolve_device, time_fn, \
-    write_results
+    time_side_by_side, write_results
 
 __all__ = ["ADAPTER_COUNTS", "MixedCase", "PROVIDERS", "make_cases", "measure", "run"]
 
@@ -178,11 +177,15 @@ def measure(case: MixedCase, device, providers, quick: bool = False) -> list[dic
             rows.append({**row, "status": "error", "reason": f"{type(err).__name__}: {err}"[:300]})
             continue
         rows.append({**row, "status": "ok", "reason": None})
-    if ready:                      # CPU: providers interleaved round by round (a shared CPU's load drifts)
-        timings = _interleaved(ready, x, rounds=15 if quick else 60)
+    if ready:                      # CPU: providers interleaved block by block (a shared CPU's load drifts)
+        with torch.no_grad():
+            timings = time_side_by_side([lambda fn=fn: fn(x) for fn in ready.values()], device, quick=quick)
+        by_name = dict(zip(ready, timings))
         for row in rows:
-            if row["provider"] in timings:
-                row.update(timings[row["provider"]])
+            timing = by_name.get(row["provider"])
+            if timing is not None:
+                row.update(ms=timing.ms, ms_q20=timing.q20, ms_q80=timing.q80, cpu_ms=timing.cpu_ms,
+                           cpu_q20=timing.cpu_q20, cpu_q80=timing.cpu_q80)
     rows = [r for r in rows if r["provider"] in providers]
     ms = {r["provider"]: r.get("ms") for r in rows if r["status"] == "ok"}
     cpu = {r["provider"]: r.get("cpu_ms") for r in rows if r["status"] == "ok"}
@@ -193,29 +196,6 @@ def measure(case: MixedCase, device, providers, quick: bool = False) -> list[dic
             if r.get("cpu_ms"):
                 r["vs_peft_cpu"] = cpu["peft-mixed"] / r["cpu_ms"] if cpu.get("peft-mixed") else None
     return rows
-
-
-def _interleaved(fns: dict, x, rounds: int) -> dict:
-    """{provider: ms, ms_q20, ms_q80, cpu_ms, cpu_q20, cpu_q80} (wall and process CPU time) from
-    ``rounds`` rounds that call every provider once each, in turn: load that drifts during the
-    run falls on all providers alike."""
-    wall: dict = {name: [] for name in fns}
-    cpu: dict = {name: [] for name in fns}
-    with torch.no_grad():
-        for fn in fns.values():
-            fn(x)                                          # warm-up
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                start, start_cpu = time.perf_counter(), time.process_time()
-                fn(x)
-                cpu[name].append((time.process_time() - start_cpu) * 1e3)
-                wall[name].append((time.perf_counter() - start) * 1e3)
-    out = {}
-    for name in fns:
-        q, qc = (statistics.quantiles(v, n=5, method="inclusive") for v in (wall[name], cpu[name]))
-        out[name] = {"ms": statistics.median(wall[name]), "ms_q20": q[0], "ms_q80": q[3],
-                     "cpu_ms": statistics.median(cpu[name]), "cpu_q20": qc[0], "cpu_q80": qc[3]}
-    return out
 
 
 def run(args) -> int:

@@ -7,7 +7,8 @@ results carry the same fields and are measured the same way:
 - on a GPU, :func:`time_fn` is ``triton.testing.do_bench`` (which flushes L2 before every
   repetition) reporting the median and the 20/80 % quantiles in ms;
 - on a CPU, blocks of calls timed with ``time.perf_counter`` (at least 10 blocks for ``--quick``,
-  20 otherwise, and 0.05 / 0.3 s), the median and quantiles taken over the blocks, and the same
+  20 otherwise, and 0.05 / 0.3 s), the providers of one case in interleaved blocks
+  (:func:`time_side_by_side`), the median and quantiles taken over the blocks, and the same
   for the process's CPU time (``time.process_time``: the time it computed, without the time
   other jobs held the cores; with one thread the steadier measure on a shared machine). CPU
   timings are CPU timings, never kernel speed.
@@ -41,6 +42,7 @@ __all__ = [
     "Skip",
     "Timing",
     "time_fn",
+    "time_side_by_side",
     "env_vars",
     "add_common_arguments",
     "validate_common",
@@ -116,7 +118,8 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, quick: bool = Fal
             grad_to_none: Optional[Sequence[torch.Tensor]] = None) -> Timing:
     """Time ``fn()`` on ``device``. On a GPU: ``triton.testing.do_bench`` (median, 20/80 %
     quantiles; ``grad_to_none`` cleared between calls outside the timed region). On a CPU:
-    ``torch.utils.benchmark`` blocked autorange; ``grad_to_none`` cleared inside the call."""
+    blocks of calls (:func:`time_side_by_side` with one callable); ``grad_to_none`` cleared
+    inside the call."""
     if device.type == "cuda":
         import triton.testing
         warmup, rep = (10, 40) if quick else (25, 100)
@@ -124,30 +127,75 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, quick: bool = Fal
                                                 grad_to_none=list(grad_to_none or []),
                                                 quantiles=[0.5, 0.2, 0.8])
         return Timing(float(q50), float(q20), float(q80))
-    clear = list(grad_to_none or [])
+    return time_side_by_side([fn], device, quick=quick, grads_to_none=[grad_to_none])[0]
+
+
+def time_side_by_side(fns: Sequence[Callable[[], object]], device: torch.device, *, quick: bool = False,
+                      grads_to_none: Optional[Sequence[Optional[Sequence[torch.Tensor]]]] = None,
+                      scopes: Optional[Sequence[Callable[[], contextlib.AbstractContextManager]]] = None,
+                      ) -> list[Timing]:
+    """Time several callables (the providers of one case) against each other.
+
+    On a CPU their blocks of calls are interleaved: each round times one block of every callable,
+    in reversed order every other round, so that a change of load on a shared machine falls on
+    all of them alike instead of on whichever ran during it. At least CPU_MIN_SAMPLES rounds,
+    and rounds until each callable has run about 0.05 s (quick) / 0.3 s. On a GPU, one
+    :func:`time_fn` after another (``do_bench`` times on the device, where host load does not
+    enter). ``grads_to_none[i]``: tensors whose ``.grad`` is cleared before each call of
+    ``fns[i]``; ``scopes[i]``: a context entered around each block of ``fns[i]`` (outside the
+    timed region; e.g. the backend a provider runs under)."""
+    grads_to_none = list(grads_to_none or [None] * len(fns))
+    scopes = list(scopes or [contextlib.nullcontext] * len(fns))
+    if device.type == "cuda":
+        timings = []
+        for fn, clear, scope in zip(fns, grads_to_none, scopes):
+            with scope():
+                timings.append(time_fn(fn, device, quick=quick, grad_to_none=clear))
+        return timings
+    calls = [_clearing(fn, clear) for fn, clear in zip(fns, grads_to_none)]
+    min_samples, min_time = CPU_MIN_SAMPLES[bool(quick)], 0.05 if quick else 0.3
+    numbers = []
+    for call, scope in zip(calls, scopes):
+        with scope():
+            numbers.append(_block_size(call, min_time / min_samples))
+    times: list[list[float]] = [[] for _ in calls]
+    cpu: list[list[float]] = [[] for _ in calls]
+    start, rounds = time.perf_counter(), 0
+    while rounds < min_samples or (time.perf_counter() - start < min_time * len(calls) and rounds < 1000):
+        order = range(len(calls)) if rounds % 2 == 0 else range(len(calls) - 1, -1, -1)
+        for i in order:
+            with scopes[i]():
+                t0, c0 = time.perf_counter(), time.process_time()
+                for _ in range(numbers[i]):
+                    calls[i]()
+                cpu[i].append((time.process_time() - c0) / numbers[i])
+                times[i].append((time.perf_counter() - t0) / numbers[i])
+        rounds += 1
+    return [_cpu_timing(t, c) for t, c in zip(times, cpu)]
+
+
+def _clearing(fn: Callable[[], object], clear: Optional[Sequence[torch.Tensor]]) -> Callable[[], None]:
+    """``fn`` preceded by clearing the ``.grad`` of ``clear``."""
+    clear = list(clear or [])
 
     def call():
         for t in clear:
             t.grad = None
         fn()
+    return call
 
-    call()  # warm-up
+
+def _block_size(call: Callable[[], None], block_time: float) -> int:
+    """Calls per timed block: about ``block_time`` seconds of them, at least one (after a warm-up
+    call)."""
+    call()
     start = time.perf_counter()
     call()
     once = time.perf_counter() - start
-    # blocks of several calls for fast cases; at least CPU_MIN_SAMPLES blocks however slow the
-    # case, so that the quantiles are quantiles
-    min_samples, min_time = CPU_MIN_SAMPLES[bool(quick)], 0.05 if quick else 0.3
-    number = max(1, int((min_time / min_samples) / max(once, 1e-9)))
-    times: list[float] = []
-    cpu: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_samples or (time.perf_counter() - start < min_time and len(times) < 1000):
-        t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(number):
-            call()
-        cpu.append((time.process_time() - c0) / number)
-        times.append((time.perf_counter() - t0) / number)
+    return max(1, int(block_time / max(once, 1e-9)))
+
+
+def _cpu_timing(times: list[float], cpu: list[float]) -> Timing:
     q, qc = (statistics.quantiles(v, n=5, method="inclusive") for v in (times, cpu))
     return Timing(statistics.median(times) * 1e3, q[0] * 1e3, q[3] * 1e3, len(times),
                   statistics.median(cpu) * 1e3, qc[0] * 1e3, qc[3] * 1e3)
