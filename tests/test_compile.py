@@ -76,6 +76,34 @@ def test_inductor_matches_eager_lowrank_stack():
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_compiled_autograd_regenerates_each_steps_dropout_mask():
+    """Eager forward, backward traced by compiled autograd: the seed an eager call keeps on its
+    autograd node (a Python int) must not be baked into the traced backward. Each step draws a
+    new seed; every gradient equals plain eager autograd's, step after step."""
+    model = _stack(dict(method="lora", dropout=0.3)).train()
+    x0 = torch.randn(6, 24)
+
+    def grads(seed, compiled):
+        model.zero_grad()
+        x = x0.clone().requires_grad_()
+        torch.manual_seed(seed)
+        loss = model(x).square().sum()
+        if compiled:
+            with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")):
+                loss.backward()
+        else:
+            loss.backward()
+        return [x.grad.clone()] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    per_seed = []
+    for seed in (1, 2, 3):
+        expected, got = grads(seed, False), grads(seed, True)
+        for e, g in zip(expected, got):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+        per_seed.append(expected[0])
+    assert not torch.equal(per_seed[0], per_seed[1])   # the masks did change from step to step
+
+
 def test_transformers_model_compiles_fullgraph():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
