@@ -210,8 +210,11 @@ def lowrank_fwd_torch(x, weight, bias, lora_A, lora_B, core, out_scale, scale: f
 
     T = (X ⊙ keep) Aᵀ / (1-p): the 0/1 mask multiplies x (one pass over [M, k], in the mask's
     buffer) and the 1/(1-p) factor the r-dim product. Without core, output scale and activation
-    the adapter is added inside the last GEMM: Y = X Wᵀ + b, then Y += s·T Bᵀ (addmm)."""
-    y = F.linear(x, weight, bias)
+    the adapter is added inside the last GEMM: Y = X Wᵀ + b, then Y += s·T Bᵀ (addmm).
+
+    T comes before the base GEMM: the large GEMM evicts the CPU's caches, and the first ops
+    after it run slower (~100 µs on a small layer), so the mask's draws run before it and only
+    the addmm after it."""
     if dropout_p > 0.0:
         m, k = x.shape
         keep = _keep_factor(seed, m, k, dropout_p, x.dtype, x.device)
@@ -219,6 +222,7 @@ def lowrank_fwd_torch(x, weight, bias, lora_A, lora_B, core, out_scale, scale: f
         del keep
     else:
         t = F.linear(x, lora_A)                                                # T = X Aᵀ
+    y = F.linear(x, weight, bias)
     if _plain(core, out_scale, activation):
         return y.addmm_(t, lora_B.t(), alpha=scale), t                       # Y += s·T Bᵀ
     u = apply_core(activation_fn(t, activation), core)       # U = σ(T) Sᵀ
@@ -301,10 +305,11 @@ def lowrank_bwd_torch(grad_y, x, weight, t, lora_A, lora_B, core, out_scale, sca
             adapter = torch.mm(d_t, lora_A)                             # c·dT A
             if keep is not None:
                 adapter.mul_(keep)
-            dx = adapter.addmm_(grad_y, weight)                         # dX = dY W + s·D'(dT A)
         if need_A:
             x_dropped = x if keep is None else keep.mul_(x)             # X ⊙ keep, in the mask's buffer
             d_a = torch.mm(d_t.t(), x_dropped)                          # dA = s·dTᵀ D(X)
+        if need_x:   # the large GEMM last (see lowrank_fwd_torch)
+            dx = adapter.addmm_(grad_y, weight)                         # dX = dY W + s·D'(dT A)
     if need_bias:
         d_bias = grad_y.sum(0)                                          # db = Σ dY
     return dx, d_a, d_b, d_core, d_out_scale, d_bias
