@@ -114,7 +114,10 @@ def _bench_section(data: dict, readme_dir: str, noisy: Optional[list] = None) ->
     method = args.get("method", "lora")
     dropout = args.get("dropout")
     lines += ["", f"Training {mode.replace('fwd', 'forward').replace('bwd', 'backward').replace('+', ' + ')} "
-                  f"of one `k -> d` layer on `M` tokens: median ms over repetitions and, in brackets, "
+                  f"of one `k -> d` layer on `M` tokens: median ms over repetitions "
+                  + ("(the providers of a shape timed in interleaved blocks, so that they share the "
+                     "machine's load) " if meta.get("device") == "cpu" else "")
+                  + "and, in brackets, "
                   f"the ratio to the floor (the base `F.linear` alone). fastpeft runs the `{method}` "
                   f"preset, HF PEFT its LoRA layer" + (f", adapter dropout {dropout:g}" if dropout else "")
               + ("; quick set" if args.get("quick") else "") + "."]
