@@ -90,17 +90,18 @@ _DX_TILES = [(64, 128, 32, 8, 3), (64, 64, 32, 8, 3), (64, 64, 32, 4, 3), (32, 6
 # lookup needs a few registers per 8 weights, so a thread can form 32-64 weights per k-step and
 # the loop's fixed cost (addresses, barriers, the activation loads) and the table of each (row,
 # block) spread over more weights. Non-MMA instructions per weight per thread at k = d = 4096,
-# bf16 NF4 (fastpeft inspect): GEMM 128x128x32 11.9 (sm_90) / 19.0 (sm_80), 128x128x64 7.8 /
-# 16.7, 128x128x128 6.4 / 15.7; dX 64x128x32 14.6, 64x128x64 8.8 (sm_90; it spills on sm_80).
-_GEMM_LUT_TILES = [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3)]
-_DX_LUT_TILES = [(64, 128, 64, 8, 3)]
+# bf16 NF4 (fastpeft inspect, sm_90 / sm_80): GEMM 128x128x32 11.9 / 11.2, 128x128x64 7.4 / 8.0,
+# 128x128x128 6.4 / 7.3 (sm_80: 255 registers and spills); dX 64x128x32 14.6 / 13.5,
+# 64x128x64 8.8 / 9.6. Per architecture: {arch: tiles}.
+_GEMM_LUT_TILES = {80: [(128, 128, 64, 8, 3)], 90: [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3)]}
+_DX_LUT_TILES = {80: [(64, 128, 64, 8, 3)], 90: [(64, 128, 64, 8, 3)]}
 # dequantisation into a dense buffer: (BLOCK_N, BLOCK_K, num_warps); 16 weights per thread
 _DEQUANT_TILE = (32, 128, 8)
 
 _GEMM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                 for bm, bn, bk, w, s in _GEMM_LUT_TILES + _GEMM_TILES]
+                 for bm, bn, bk, w, s in dict.fromkeys(_GEMM_LUT_TILES[90] + _GEMM_LUT_TILES[80] + _GEMM_TILES)]
 _DX_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-               for bm, bn, bk, w, s in _DX_LUT_TILES + _DX_TILES]
+               for bm, bn, bk, w, s in dict.fromkeys(_DX_LUT_TILES[90] + _DX_LUT_TILES[80] + _DX_TILES)]
 # 32-bit registers per thread (an fp32 value counts 2 units, as in the dense module), per layout:
 # 2 (whole blocks per row), 1 (k even), 0 (k odd: a byte and a scale gathered per element).
 # The W tile being formed; the fp32 accumulators (plus G [BLOCK_M, r] in dX). dX forms its W
@@ -124,11 +125,12 @@ def _uses_lut(layout: int, w_kind: int, dtype: torch.dtype) -> bool:
     return layout == 2 and kind != 0 and w_kind in (0, kind)
 
 
-def _gemm_keep(configs, arch, smem, M, N, block_r, elem, layout, dx=False, store_z=False, lut=False):
+def _gemm_keep(configs, arch, smem, M, N, block_r, elem, layout, dx=False, store_z=False, lut=False,
+               row_scale=False):
     """Y GEMM (``dx=False``; M, N = d) and dX (M, N = k) over the tiles that fit for ``layout``;
     ``store_z``: the DoRA epilogue writes Z beside Y (the dense module's limit on the tile);
     ``lut``: W formed by byte permutes, where the larger tiles of ``_GEMM_LUT_TILES`` fit."""
-    lut_tiles = (_DX_LUT_TILES if arch == 90 else []) if dx else _GEMM_LUT_TILES
+    lut_tiles = (_DX_LUT_TILES if dx else _GEMM_LUT_TILES)[90 if arch >= 90 else 80]
     tiles = (_DX_TILES if dx else _GEMM_TILES) + (lut_tiles if lut else [])
 
     def tile_of(c):
@@ -139,7 +141,11 @@ def _gemm_keep(configs, arch, smem, M, N, block_r, elem, layout, dx=False, store
         # pipelined operands: the activation tile and the packed bytes (W is formed in registers)
         main = s * (bm * bk * elem + bn * bk // 2) + bn * bk * elem
         if (bm, bn, bk, w, s) in lut_tiles:    # checked for spills at every r by the static tests
-            return main <= smem and _dense._z_fits(store_z, bm, bn, w)
+            # sm_80's dX keeps G [BLOCK_M, r] in registers beside the mma.sync accumulators: its
+            # 64x128x64 tile takes 186 registers at r <= 16, 250 at r = 32, spills at r = 64 and
+            # with DoRA's row scale (the dY tile scaled in fp32)
+            r_ok = not (dx and arch < 90 and (block_r > 16 or row_scale))
+            return main <= smem and r_ok and _dense._z_fits(store_z, bm, bn, w)
         if dx:  # G [BM, r] lives beside the accumulator through the main loop
             live_ok = _words(bm * bn + bm * block_r, elem, w) <= _DX_LIVE_WORDS[layout]
             tile_ok = _words(bn * bk, elem, w) <= _DX_TILE_WORDS[layout]
@@ -170,7 +176,8 @@ def _prune_dx(configs, named_args, **kwargs):
     args = _dense._prune_args(named_args, kwargs)
     arch, smem, _ = _dense._limits_of(args["dy_ptr"])
     return _gemm_keep(configs, arch, smem, args["M_KEY"], args["N"], args["BLOCK_R"], args["dy_ptr"].element_size(),
-                      args["LAYOUT"], dx=True, lut=_uses_lut(args["LAYOUT"], args["W_KIND"], args["dy_ptr"].dtype))
+                      args["LAYOUT"], dx=True, lut=_uses_lut(args["LAYOUT"], args["W_KIND"], args["dy_ptr"].dtype),
+                      row_scale=bool(args.get("HAS_ROW_SCALE", False)))
 
 
 
@@ -250,6 +257,28 @@ def _w4_tile_lut(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, row
 
 
 @triton.jit
+def _mma_operand(w, MMA_V2: tl.constexpr):
+    """w unchanged, as the W operand of ``tl.dot``; with MMA_V2 (sm_80's mma.sync) behind an
+    opaque copy. Triton lays out both mma.sync operands by the narrowest load behind them, halved
+    past a ``tl.join`` (AccelerateMatmul's ``computeOrigBitWidth``): the uint8 codes and the
+    lookup's joins gave kWidth 8, which ``ldmatrix`` cannot load, so X came through 128-bit
+    shared loads and ~4 register moves per mma. A non-pure PTX copy ends that walk (kWidth 2,
+    ``ldmatrix``); ptxas drops the copy. wgmma (sm_90) reads shared memory and skips it."""
+    if MMA_V2:
+        if w.dtype.primitive_bitwidth == 16:
+            bits = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [w.to(tl.int16, bitcast=True)],
+                                             dtype=tl.int16, is_pure=False, pack=2)
+            out = bits.to(w.dtype, bitcast=True)
+        else:
+            bits = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [w.to(tl.int32, bitcast=True)],
+                                             dtype=tl.int32, is_pure=False, pack=1)
+            out = bits.to(w.dtype, bitcast=True)
+    else:
+        out = w
+    return out
+
+
+@triton.jit
 def _w4_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows, col0, n_rows, n_cols,
              ROWS: tl.constexpr, COLS: tl.constexpr, QBLOCK: tl.constexpr, QUANT: tl.constexpr,
              W_KIND: tl.constexpr, LAYOUT: tl.constexpr, NESTED: tl.constexpr, BLOCK2: tl.constexpr,
@@ -303,7 +332,7 @@ def _w4_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rows, c
 # Forward kernels
 # --------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R", "LAYOUT", "STORE_Z", "W_KIND"],
+@triton.autotune(configs=_GEMM_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R", "LAYOUT", "STORE_Z", "W_KIND", "MMA_V2"],
                  prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _lowrank4_fwd_gemm_kernel(
@@ -317,6 +346,7 @@ def _lowrank4_fwd_gemm_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, HAS_ROW_SCALE: tl.constexpr = False, STORE_Z: tl.constexpr = False,
+    MMA_V2: tl.constexpr = False,
 ):
     """Y = s·(U Bᵀ) ⊙ o + b + X Wᵀ, W [N, K] dequantised tile by tile in registers.
 
@@ -336,7 +366,8 @@ def _lowrank4_fwd_gemm_kernel(
         xt = tl.load(x_rows + kk[None, :] * stride_xk, mask=(kk < K)[None, :], other=0.0)
         wt = _w4_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, rn % N, k0, N, K, BLOCK_N, BLOCK_K,
                       QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST, dtype)
-        acc = tl.dot(_op(xt, dtype, UPCAST), _op(tl.trans(wt), dtype, UPCAST), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(_op(xt, dtype, UPCAST), _op(tl.trans(_mma_operand(wt, MMA_V2)), dtype, UPCAST), acc,
+                     input_precision=DOT_PRECISION)
     _store_y(acc, y_ptr, z_ptr, rs_ptr, bias_ptr, rm, rn, M, N, stride_ym, stride_yn, HAS_BIAS, HAS_ROW_SCALE,
              STORE_Z)
 
@@ -392,7 +423,7 @@ def _dx4_store(acc, g, t_ptr, core_ptr, a_ptr, dx_ptr, rm, rn, M, N, R, stride_d
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.autotune(configs=_DX_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R", "LAYOUT", "W_KIND"],
+@triton.autotune(configs=_DX_CONFIGS, key=["M_KEY", "N", "K", "BLOCK_R", "LAYOUT", "W_KIND", "MMA_V2", "HAS_ROW_SCALE"],
                  prune_configs_by={"early_config_prune": _prune_dx})
 @triton.jit(do_not_specialize=["seed"])
 def _lowrank4_bwd_dx_kernel(
@@ -406,6 +437,7 @@ def _lowrank4_bwd_dx_kernel(
     NESTED: tl.constexpr, BLOCK2: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, R_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_ROW_SCALE: tl.constexpr = False,
+    MMA_V2: tl.constexpr = False,
 ):
     """dX [M, N=k] = dY W + s/(1-p)·mask ⊙ (dT A), reduction over K = d.
 
@@ -438,7 +470,7 @@ def _lowrank4_bwd_dx_kernel(
         wt = _w4_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, kk, pid_n * BLOCK_N, K, N, BLOCK_K,
                       BLOCK_N, QBLOCK, QUANT, W_KIND, LAYOUT, NESTED, BLOCK2, UPCAST, dtype)
         dy_op = _op(dyt, dtype, UPCAST)
-        acc = tl.dot(dy_op, _op(wt, dtype, UPCAST), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(dy_op, _op(_mma_operand(wt, MMA_V2), dtype, UPCAST), acc, input_precision=DOT_PRECISION)
         bt = tl.load(b_cols + kk.to(tl.int64)[:, None] * R, mask=mask_k[:, None], other=0.0)
         if HAS_OUT_SCALE:
             osv = tl.load(os_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)
@@ -501,6 +533,14 @@ def buffer_min_m() -> Optional[int]:
         raise ValueError(f"{BUFFER_MIN_M_ENV} must be a whole number >= 1, 0 (never) or unset (the default "
                          f"{BUFFER_MIN_M_DEFAULT}), got {value!r}")
     return int(value) or None
+
+
+def _mma_v2(t) -> bool:
+    """Whether the pointer kernels run on mma.sync (sm_80), where the W operand goes through
+    :func:`_mma_operand`'s opaque copy; never under the interpreter (no PTX there). DoRA's dX
+    (the dY tile scaled in fp32) keeps the plain operand: with the copy its 32x64x32 tile
+    spilled 8 bytes on sm_80."""
+    return not _dense._interpreting() and _dense._limits_of(t)[0] < 90
 
 
 def _buffered(M: int) -> bool:
@@ -569,7 +609,7 @@ def lowrank_4bit_fwd(x, packed, quant_state, bias, lora_A, lora_B, core, out_sca
             fb = {}
         _dense._launch(_lowrank4_fwd_gemm_kernel,
                        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
-                       args, fb)
+                       dict(args, MMA_V2=_mma_v2(x)), fb)
     return y, t
 
 
@@ -648,11 +688,11 @@ def lowrank_4bit_bwd(grad_y, x, packed, quant_state, T, lora_A, lora_B, core, ou
             elif not _dense._autotuning():
                 arch, smem, _ = _dense._limits_of(grad_y)
                 fb = _dense._fallback(_gemm_keep(_DX_CONFIGS, arch, smem, M, K, BR, grad_y.element_size(),
-                                                 wmeta["LAYOUT"], dx=True, lut=lut))
+                                                 wmeta["LAYOUT"], dx=True, lut=lut, row_scale=has_rs))
             else:
                 fb = {}
             _dense._launch(_lowrank4_bwd_dx_kernel,
                            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),),
-                           args, fb)
+                           dict(args, MMA_V2=_mma_v2(grad_y) and not has_rs), fb)
     return dx, d_a, d_b, d_core, d_os, d_bias
 

@@ -273,6 +273,26 @@ json.dump(jobs, sys.stdout)
 """
 
 
+def test_byte_permute_tiles_per_architecture():
+    """The larger byte-permute tiles are offered per architecture (the static tests check each for
+    spills): sm_80's GEMM leaves out 128x128x128 (255 registers and spills there); its dX offers
+    64x128x64 only at r <= 16 without DoRA's row scale (G [BLOCK_M, r] and, with the row scale,
+    the fp32 dY tile live beside the mma.sync accumulators); sm_90 keeps them all."""
+    from fastpeft.kernels import _aot
+
+    def tiles(arch, dx, block_r=16, row_scale=False):
+        kept = L4._gemm_keep(L4._DX_CONFIGS if dx else L4._GEMM_CONFIGS, arch, _aot.SMEM_LIMIT[arch], 8192, 4096,
+                             block_r, 2, 2, dx=dx, lut=True, row_scale=row_scale)
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept]
+
+    assert tiles(80, False)[0] == (128, 128, 64) and (128, 128, 128) not in tiles(80, False)
+    assert tiles(90, False)[:2] == [(128, 128, 64), (128, 128, 128)]
+    assert tiles(80, True)[0] == (64, 128, 64)
+    assert (64, 128, 64) not in tiles(80, True, block_r=32)
+    assert (64, 128, 64) not in tiles(80, True, row_scale=True)
+    assert tiles(90, True, block_r=64)[0] == (64, 128, 64)
+
+
 @pytest.mark.slow
 def test_nested_absmax_is_not_contracted_into_an_fma_on_the_gpu():
     """On a GPU the nested absmax code2[q]·absmax2 + offset must round the product before the add
