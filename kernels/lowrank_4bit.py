@@ -92,16 +92,17 @@ _DX_TILES = [(64, 128, 32, 8, 3), (64, 64, 32, 8, 3), (64, 64, 32, 4, 3), (32, 6
 # block) spread over more weights. Non-MMA instructions per weight per thread at k = d = 4096,
 # bf16 NF4 (fastpeft inspect, sm_90 / sm_80): GEMM 128x128x32 11.9 / 11.2, 128x128x64 7.4 / 8.0,
 # 128x128x128 6.4 / 7.3 (sm_80: 255 registers and spills); dX 64x128x32 14.6 / 13.5,
-# 64x128x64 8.8 / 9.6. Per architecture: {arch: tiles}.
+# 64x128x64 8.8 / 9.6, 128x128x64 - / 9.3 (sm_80: half the dequantisation per row of dY, 190
+# registers). Per architecture: {arch: tiles}.
 _GEMM_LUT_TILES = {80: [(128, 128, 64, 8, 3)], 90: [(128, 128, 64, 8, 3), (128, 128, 128, 8, 3)]}
-_DX_LUT_TILES = {80: [(64, 128, 64, 8, 3)], 90: [(64, 128, 64, 8, 3)]}
+_DX_LUT_TILES = {80: [(128, 128, 64, 8, 3), (64, 128, 64, 8, 3)], 90: [(64, 128, 64, 8, 3)]}
 # dequantisation into a dense buffer: (BLOCK_N, BLOCK_K, num_warps); 16 weights per thread
 _DEQUANT_TILE = (32, 128, 8)
 
 _GEMM_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                  for bm, bn, bk, w, s in dict.fromkeys(_GEMM_LUT_TILES[90] + _GEMM_LUT_TILES[80] + _GEMM_TILES)]
 _DX_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-               for bm, bn, bk, w, s in dict.fromkeys(_DX_LUT_TILES[90] + _DX_LUT_TILES[80] + _DX_TILES)]
+               for bm, bn, bk, w, s in dict.fromkeys(_DX_LUT_TILES[80] + _DX_LUT_TILES[90] + _DX_TILES)]
 # 32-bit registers per thread (an fp32 value counts 2 units, as in the dense module), per layout:
 # 2 (whole blocks per row), 1 (k even), 0 (k odd: a byte and a scale gathered per element).
 # The W tile being formed; the fp32 accumulators (plus G [BLOCK_M, r] in dX). dX forms its W
@@ -143,7 +144,7 @@ def _gemm_keep(configs, arch, smem, M, N, block_r, elem, layout, dx=False, store
         if (bm, bn, bk, w, s) in lut_tiles:    # checked for spills at every r by the static tests
             # sm_80's dX keeps G [BLOCK_M, r] in registers beside the mma.sync accumulators: its
             # 64x128x64 tile takes 186 registers at r <= 16, 250 at r = 32, spills at r = 64 and
-            # with DoRA's row scale (the dY tile scaled in fp32)
+            # with DoRA's row scale (the dY tile scaled in fp32); 128x128x64 190 / 254 / spills
             r_ok = not (dx and arch < 90 and (block_r > 16 or row_scale))
             return main <= smem and r_ok and _dense._z_fits(store_z, bm, bn, w)
         if dx:  # G [BM, r] lives beside the accumulator through the main loop
